@@ -1,0 +1,567 @@
+//! The one event type that flows through Spur, in Prefect's wire shape.
+//!
+//! An [`Event`] is what every source produces and every stage consumes: `occurred`, `event`
+//! (the name), `resource` (labels, with `prefect.resource.id` required), `related` resources
+//! (each with a `prefect.resource.role`), a free-form `payload`, an `id` and an optional
+//! `follows` link to a causally preceding event. `received` is stamped by Spur on arrival.
+//!
+//! [`Event::from_json`] is the single entry point for untrusted input: it applies Prefect's
+//! defaults (a fresh UUIDv7 `id`, `occurred` = arrival time), ignores unknown fields (as Prefect's
+//! server does), and enforces Prefect's limits, naming the offending field in the error.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::ser::{SerializeMap, SerializeStruct};
+use serde::{Serialize, Serializer};
+use serde_json::{Map, Value};
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::time::{format_timestamp, parse_timestamp};
+
+/// The label every resource must carry.
+pub const RESOURCE_ID: &str = "prefect.resource.id";
+/// The label every related resource must carry.
+pub const RESOURCE_ROLE: &str = "prefect.resource.role";
+/// The human-readable name label.
+pub const RESOURCE_NAME: &str = "prefect.resource.name";
+
+/// Prefect's event limits (`PREFECT_SERVER_EVENTS_MAXIMUM_*`), with Prefect's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventLimits {
+    /// Longest accepted event name, in characters.
+    pub max_name_length: usize,
+    /// Most labels one resource may carry.
+    pub max_labels_per_resource: usize,
+    /// Most related resources one event may carry.
+    pub max_related_resources: usize,
+    /// Largest serialized event, in bytes.
+    pub max_size_bytes: usize,
+}
+
+impl Default for EventLimits {
+    fn default() -> Self {
+        EventLimits {
+            max_name_length: 1024,
+            max_labels_per_resource: 500,
+            max_related_resources: 100,
+            max_size_bytes: 1_500_000,
+        }
+    }
+}
+
+/// Why an event was refused. `field` is a dotted path into the submitted JSON.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct EventError {
+    /// Where the problem is, e.g. `related[2].prefect.resource.role`.
+    pub field: String,
+    /// What is wrong, in words a sender can act on.
+    pub reason: String,
+}
+
+impl EventError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> EventError {
+        EventError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A set of string labels describing one resource, in the order they were given.
+///
+/// Prefect models this as a `dict[str, str]`; a small vector keeps insertion order, is compact,
+/// and is faster than hashing for the handful of labels real resources carry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resource {
+    labels: Vec<(String, String)>,
+}
+
+impl Resource {
+    /// Builds a resource from label pairs; later duplicates replace earlier ones.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Resource {
+        let mut resource = Resource::default();
+        for (k, v) in pairs {
+            resource.insert(k.into(), v.into());
+        }
+        resource
+    }
+
+    /// A resource with just an id.
+    pub fn with_id(id: impl Into<String>) -> Resource {
+        Resource::from_pairs([(RESOURCE_ID.to_owned(), id.into())])
+    }
+
+    /// Sets a label, replacing any previous value.
+    pub fn insert(&mut self, key: String, value: String) {
+        match self.labels.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.labels.push((key, value)),
+        }
+    }
+
+    /// The value of one label.
+    pub fn get(&self, label: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == label)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `prefect.resource.id` (empty only for a resource that was never validated).
+    pub fn id(&self) -> &str {
+        self.get(RESOURCE_ID).unwrap_or("")
+    }
+
+    /// `prefect.resource.role`, for related resources.
+    pub fn role(&self) -> Option<&str> {
+        self.get(RESOURCE_ROLE)
+    }
+
+    /// `prefect.resource.name`, if given.
+    pub fn name(&self) -> Option<&str> {
+        self.get(RESOURCE_NAME)
+    }
+
+    /// All labels in order.
+    pub fn labels(&self) -> impl ExactSizeIterator<Item = (&str, &str)> {
+        self.labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Number of labels.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no labels.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The labels as a JSON object.
+    pub fn to_json(&self) -> Value {
+        Value::Object(
+            self.labels
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect(),
+        )
+    }
+
+    /// Parses and validates a resource object. `field` names it in errors.
+    fn from_json(
+        value: &Value,
+        field: &str,
+        require_role: bool,
+        limits: &EventLimits,
+    ) -> Result<Resource, EventError> {
+        let Value::Object(map) = value else {
+            return Err(EventError::new(
+                field,
+                format!(
+                    "must be an object of string labels, got {}",
+                    json_type_name(value)
+                ),
+            ));
+        };
+        if map.len() > limits.max_labels_per_resource {
+            return Err(EventError::new(
+                field,
+                format!(
+                    "has {} labels; at most {} are allowed",
+                    map.len(),
+                    limits.max_labels_per_resource
+                ),
+            ));
+        }
+        let mut labels = Vec::with_capacity(map.len());
+        for (key, value) in map {
+            match value {
+                Value::String(s) => labels.push((key.clone(), s.clone())),
+                other => {
+                    return Err(EventError::new(
+                        format!("{field}.{key}"),
+                        format!(
+                            "label values must be strings, got {}",
+                            json_type_name(other)
+                        ),
+                    ));
+                }
+            }
+        }
+        let resource = Resource { labels };
+        match resource.get(RESOURCE_ID) {
+            None => {
+                return Err(EventError::new(
+                    field,
+                    "resources must include the prefect.resource.id label",
+                ));
+            }
+            Some("") => {
+                return Err(EventError::new(
+                    format!("{field}.{RESOURCE_ID}"),
+                    "the prefect.resource.id label must be non-empty",
+                ));
+            }
+            Some(_) => {}
+        }
+        if require_role {
+            match resource.get(RESOURCE_ROLE) {
+                None => {
+                    return Err(EventError::new(
+                        field,
+                        "related resources must include the prefect.resource.role label",
+                    ));
+                }
+                Some("") => {
+                    return Err(EventError::new(
+                        format!("{field}.{RESOURCE_ROLE}"),
+                        "the prefect.resource.role label must be non-empty",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(resource)
+    }
+}
+
+impl Serialize for Resource {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.labels.len()))?;
+        for (k, v) in &self.labels {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+/// An event as Spur stores and evaluates it (Prefect's `ReceivedEvent`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// Unique id; duplicates are dropped.
+    pub id: Uuid,
+    /// When it happened, by the sender's clock.
+    pub occurred: DateTime<Utc>,
+    /// The event name, e.g. `prefect.flow-run.Completed`.
+    pub event: String,
+    /// The primary resource.
+    pub resource: Resource,
+    /// Related resources, each with a role.
+    pub related: Vec<Resource>,
+    /// Free-form JSON object.
+    pub payload: Value,
+    /// The id of an event that must be processed before this one.
+    pub follows: Option<Uuid>,
+    /// When Spur received it.
+    pub received: DateTime<Utc>,
+}
+
+impl Event {
+    /// Parses an untrusted JSON event, applying Prefect's defaults and limits.
+    ///
+    /// `received` is the arrival time: it becomes `received`, and `occurred` when the sender
+    /// gave none. A `received` field in the input is ignored, as Prefect's server does.
+    pub fn from_json(
+        value: &Value,
+        received: DateTime<Utc>,
+        limits: &EventLimits,
+    ) -> Result<Event, EventError> {
+        let Value::Object(map) = value else {
+            return Err(EventError::new(
+                "event",
+                format!("an event must be a JSON object, got {}", json_type_name(value)),
+            ));
+        };
+        let name = match map.get("event") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(EventError::new(
+                    "event",
+                    format!("must be a string, got {}", json_type_name(other)),
+                ));
+            }
+            None => return Err(EventError::new("event", "is required")),
+        };
+        let name_chars = name.chars().count();
+        if name_chars > limits.max_name_length {
+            return Err(EventError::new(
+                "event",
+                format!(
+                    "name is {name_chars} characters long; at most {} are allowed",
+                    limits.max_name_length
+                ),
+            ));
+        }
+        let resource = match map.get("resource") {
+            Some(v) => Resource::from_json(v, "resource", false, limits)?,
+            None => return Err(EventError::new("resource", "is required")),
+        };
+        let related = match map.get("related") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => {
+                if items.len() > limits.max_related_resources {
+                    return Err(EventError::new(
+                        "related",
+                        format!(
+                            "has {} resources; at most {} are allowed",
+                            items.len(),
+                            limits.max_related_resources
+                        ),
+                    ));
+                }
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| Resource::from_json(v, &format!("related[{i}]"), true, limits))
+                    .collect::<Result<_, _>>()?
+            }
+            Some(other) => {
+                return Err(EventError::new(
+                    "related",
+                    format!("must be a list of resources, got {}", json_type_name(other)),
+                ));
+            }
+        };
+        let payload = match map.get("payload") {
+            None | Some(Value::Null) => Value::Object(Map::new()),
+            Some(v @ Value::Object(_)) => v.clone(),
+            Some(other) => {
+                return Err(EventError::new(
+                    "payload",
+                    format!("must be an object, got {}", json_type_name(other)),
+                ));
+            }
+        };
+        let id = match map.get("id") {
+            None | Some(Value::Null) => Uuid::now_v7(),
+            Some(v) => parse_uuid(v, "id")?,
+        };
+        let follows = match map.get("follows") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_uuid(v, "follows")?),
+        };
+        let occurred = match map.get("occurred") {
+            None | Some(Value::Null) => received,
+            Some(v) => parse_timestamp(v).map_err(|reason| EventError::new("occurred", reason))?,
+        };
+        Ok(Event {
+            id,
+            occurred,
+            event: name,
+            resource,
+            related,
+            payload,
+            follows,
+            received,
+        })
+    }
+
+    /// Parses a JSON text event (see [`Event::from_json`]).
+    pub fn from_json_str(
+        text: &str,
+        received: DateTime<Utc>,
+        limits: &EventLimits,
+    ) -> Result<Event, EventError> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| EventError::new("event", format!("not valid JSON: {e}")))?;
+        Event::from_json(&value, received, limits)
+    }
+
+    /// Checks the serialized size against `limits.max_size_bytes`.
+    pub fn check_size(&self, limits: &EventLimits) -> Result<(), EventError> {
+        let size = serde_json::to_vec(self).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > limits.max_size_bytes {
+            return Err(EventError::new(
+                "event",
+                format!(
+                    "is {size} bytes serialized; at most {} are allowed",
+                    limits.max_size_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The primary resource followed by the related ones (Prefect's `involved_resources`).
+    pub fn involved_resources(&self) -> impl Iterator<Item = &Resource> {
+        std::iter::once(&self.resource).chain(self.related.iter())
+    }
+
+    /// The first related resource with `role` (Prefect's `resource_in_role[role]`).
+    pub fn resource_in_role(&self, role: &str) -> Option<&Resource> {
+        self.related.iter().find(|r| r.role() == Some(role))
+    }
+
+    /// Prefect's `find_resource_label`: `related:<role>:<label>` looks into the first related
+    /// resource with that role; anything else is a label of the primary resource.
+    pub fn find_resource_label(&self, label: &str) -> Option<&str> {
+        if let Some(rest) = label.strip_prefix("related:")
+            && let Some((role, name)) = rest.split_once(':')
+        {
+            // Python splits the whole string at the last ':' then the first ':', so the label
+            // name is what follows the last colon and the role may contain colons.
+            let (role, name) = match rest.rsplit_once(':') {
+                Some((r, n)) => (r, n),
+                None => (role, name),
+            };
+            if let Some(resource) = self.resource_in_role(role) {
+                return resource.get(name);
+            }
+        }
+        self.resource.get(label)
+    }
+
+    /// The event as Prefect's JSON (`ReceivedEvent`, `received` included).
+    pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("Event", 8)?;
+        s.serialize_field("occurred", &format_timestamp(self.occurred))?;
+        s.serialize_field("event", &self.event)?;
+        s.serialize_field("resource", &self.resource)?;
+        s.serialize_field("related", &self.related)?;
+        s.serialize_field("payload", &self.payload)?;
+        s.serialize_field("id", &self.id)?;
+        s.serialize_field("follows", &self.follows)?;
+        s.serialize_field("received", &format_timestamp(self.received))?;
+        s.end()
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}) on {}", self.event, self.id, self.resource.id())
+    }
+}
+
+fn parse_uuid(value: &Value, field: &str) -> Result<Uuid, EventError> {
+    match value {
+        Value::String(s) => Uuid::parse_str(s)
+            .map_err(|e| EventError::new(field, format!("is not a valid UUID ({e})"))),
+        other => Err(EventError::new(
+            field,
+            format!("must be a UUID string, got {}", json_type_name(other)),
+        )),
+    }
+}
+
+/// A JSON type's name for error messages.
+pub fn json_type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        "2024-01-01T00:00:00Z".parse().expect("valid timestamp")
+    }
+
+    #[test]
+    fn defaults_fill_id_and_occurred() {
+        let ev = Event::from_json(
+            &json!({"event": "x", "resource": {"prefect.resource.id": "r"}, "received": "1999-01-01T00:00:00Z", "extra": 1}),
+            now(),
+            &EventLimits::default(),
+        )
+        .expect("valid");
+        assert_eq!(ev.occurred, now());
+        assert_eq!(ev.received, now());
+        assert_eq!(ev.id.get_version_num(), 7);
+        assert_eq!(ev.payload, json!({}));
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let limits = EventLimits::default();
+        let cases = [
+            (json!({"resource": {"prefect.resource.id": "r"}}), "event"),
+            (json!({"event": "x"}), "resource"),
+            (json!({"event": "x", "resource": {}}), "resource"),
+            (
+                json!({"event": "x", "resource": {"prefect.resource.id": ""}}),
+                "resource.prefect.resource.id",
+            ),
+            (
+                json!({"event": "x", "resource": {"prefect.resource.id": "r", "n": 1}}),
+                "resource.n",
+            ),
+            (
+                json!({"event": "x", "resource": {"prefect.resource.id": "r"}, "related": [{"prefect.resource.id": "a"}]}),
+                "related[0]",
+            ),
+            (
+                json!({"event": "x", "resource": {"prefect.resource.id": "r"}, "id": "nope"}),
+                "id",
+            ),
+            (
+                json!({"event": "x", "resource": {"prefect.resource.id": "r"}, "occurred": "yesterday"}),
+                "occurred",
+            ),
+            (
+                json!({"event": "x", "resource": {"prefect.resource.id": "r"}, "payload": [1]}),
+                "payload",
+            ),
+        ];
+        for (value, field) in cases {
+            let err = Event::from_json(&value, now(), &limits).expect_err("must be refused");
+            assert_eq!(err.field, field, "{value}");
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = EventLimits::default();
+        let long = "x".repeat(1025);
+        let err = Event::from_json(
+            &json!({"event": long, "resource": {"prefect.resource.id": "r"}}),
+            now(),
+            &limits,
+        )
+        .expect_err("too long");
+        assert_eq!(err.field, "event");
+        let related: Vec<Value> = (0..101)
+            .map(|i| json!({"prefect.resource.id": format!("r{i}"), "prefect.resource.role": "x"}))
+            .collect();
+        let err = Event::from_json(
+            &json!({"event": "x", "resource": {"prefect.resource.id": "r"}, "related": related}),
+            now(),
+            &limits,
+        )
+        .expect_err("too many related");
+        assert_eq!(err.field, "related");
+    }
+
+    #[test]
+    fn find_resource_label_follows_prefect() {
+        let ev = Event::from_json(
+            &json!({"event": "x", "resource": {"prefect.resource.id": "r", "a": "1"},
+                    "related": [{"prefect.resource.id": "f1", "prefect.resource.role": "flow", "n": "first"},
+                                {"prefect.resource.id": "f2", "prefect.resource.role": "flow", "n": "second"}]}),
+            now(),
+            &EventLimits::default(),
+        )
+        .expect("valid");
+        assert_eq!(ev.find_resource_label("a"), Some("1"));
+        assert_eq!(ev.find_resource_label("related:flow:n"), Some("first"));
+        assert_eq!(ev.find_resource_label("related:tag:n"), None);
+    }
+}
