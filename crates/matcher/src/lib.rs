@@ -1,1 +1,18 @@
-//! placeholder
+//! `spur-matcher`: decides when automations fire. Pure and deterministic.
+//!
+//! * [`engine`] — the [`Engine`]: Prefect's bucket algorithm (reactive and proactive event
+//!   triggers, `after`, `for_each`, thresholds and windows), compound and sequence triggers,
+//!   causal ordering via `follows`, and de-duplication by event id.
+//! * [`index`] — the [`TriggerIndex`] that keeps the cost of an event flat as automations grow.
+//! * [`firing`] — the [`Firing`]s the engine produces.
+//!
+//! No I/O and no clock of its own: callers pass the time in, so the daemon, `spur replay` and
+//! the tests all run this same code.
+
+pub mod engine;
+pub mod firing;
+pub mod index;
+
+pub use engine::{Bucket, Engine, EngineConfig, EngineStats};
+pub use firing::{Firing, FiringState};
+pub use index::TriggerIndex;

@@ -1,1 +1,11 @@
-//! placeholder
+//! `spur-replay`: the matcher on a virtual clock, for `spur replay` and `spur test`.
+//!
+//! * [`replay`] — feed a recorded stream through the [`spur_matcher::Engine`] and render each
+//!   firing's actions with [`spur_template`], exactly as the daemon would.
+//! * [`scenario`] — load scenario files and judge the firings against their expectations.
+
+pub mod replay;
+pub mod scenario;
+
+pub use replay::{ActionRecord, FiringRecord, Replay, ReplayError, load_automations, read_events};
+pub use scenario::{Outcome, Scenario, load_scenario, run_scenario};

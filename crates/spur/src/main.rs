@@ -1,1 +1,206 @@
-fn main(){}
+//! The `spur` command. A thin layer: argument parsing and printing; the work lives in the
+//! library crates (`spur-core`, `spur-matcher`, `spur-template`, `spur-replay`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use spur_core::Severity;
+use spur_core::time::parse_timestamp_str;
+use spur_replay::{Replay, load_automations, load_scenario, read_events, run_scenario};
+use spur_template::TemplateEngine;
+
+/// Spur: an event-driven automation engine that speaks Prefect's events and triggers.
+#[derive(Parser, Debug)]
+#[command(name = "spur", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate automation and deployment files; print a summary line per automation.
+    Check {
+        /// Files or folders of YAML/JSON automations and deployments.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run automations over a recorded event stream on a virtual clock; print each firing as
+    /// a JSON line.
+    Replay {
+        /// A YAML/JSON file or a folder of them.
+        #[arg(long)]
+        automations: PathBuf,
+        /// Events as JSON Lines or a JSON array, processed in file order.
+        #[arg(long)]
+        events: PathBuf,
+        /// After the last event, advance the clock to this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Run trigger scenario files (or folders of them); exit 1 if any fails.
+    Test {
+        /// Scenario files or folders.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print every firing of every scenario, not just failures.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { paths } => check(&paths),
+        Command::Replay {
+            automations,
+            events,
+            until,
+        } => replay(&automations, &events, until.as_deref()),
+        Command::Test { files, verbose } => test(&files, verbose),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(paths: &[PathBuf]) -> Result<ExitCode> {
+    let templates = TemplateEngine::new();
+    let mut errors = 0usize;
+    let mut automations = 0usize;
+    for path in paths {
+        let outcome = load_automations(path, &templates);
+        for d in &outcome.diagnostics {
+            if d.severity == Severity::Error {
+                errors += 1;
+            }
+            eprintln!("{d}");
+        }
+        for loaded in &outcome.automations {
+            automations += 1;
+            println!("ok  {}", loaded.automation.summary());
+        }
+    }
+    if errors > 0 {
+        eprintln!("{automations} automation(s) valid, {errors} error(s)");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("{automations} automation(s) valid");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn replay(automations: &Path, events: &Path, until: Option<&str>) -> Result<ExitCode> {
+    let until = until
+        .map(parse_timestamp_str)
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("--until")?;
+    let templates = TemplateEngine::new();
+    let outcome = load_automations(automations, &templates);
+    let mut failed = false;
+    for d in &outcome.diagnostics {
+        failed |= d.severity == Severity::Error;
+        eprintln!("{d}");
+    }
+    if failed {
+        return Ok(ExitCode::FAILURE);
+    }
+    let events = match read_events(events) {
+        Ok(events) => events,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let automations = outcome
+        .automations
+        .into_iter()
+        .map(|l| Arc::new(l.automation))
+        .collect();
+    let mut session = Replay::new(automations);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    for (line, raw) in &events {
+        match session.feed(raw, &format!("line {line}")) {
+            Ok(records) => {
+                for r in records {
+                    writeln!(out, "{}", serde_json::to_string(&r)?)?;
+                }
+            }
+            Err(e) => {
+                out.flush()?;
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    for r in session.finish(until) {
+        writeln!(out, "{}", serde_json::to_string(&r)?)?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn test(files: &[PathBuf], verbose: bool) -> Result<ExitCode> {
+    let templates = TemplateEngine::new();
+    let mut scenario_files = Vec::new();
+    for f in files {
+        if f.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(f)
+                .with_context(|| format!("cannot list {}", f.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect();
+            found.sort();
+            scenario_files.extend(found);
+        } else {
+            scenario_files.push(f.clone());
+        }
+    }
+    let (mut passed, mut failed) = (0usize, 0usize);
+    for file in &scenario_files {
+        match load_scenario(file, &templates) {
+            Err(errors) => {
+                failed += 1;
+                println!("FAIL {} (invalid scenario)", file.display());
+                for e in errors {
+                    println!("     {e}");
+                }
+            }
+            Ok(scenario) => {
+                let outcome = run_scenario(&scenario);
+                if outcome.passed {
+                    passed += 1;
+                    println!("ok   {} — {}", file.display(), outcome.name);
+                } else {
+                    failed += 1;
+                    println!("FAIL {} — {}", file.display(), outcome.name);
+                    for d in &outcome.details {
+                        println!("     {d}");
+                    }
+                }
+                if verbose || !outcome.passed {
+                    for f in &outcome.actual {
+                        println!("     fired: {}", serde_json::to_string(f)?);
+                    }
+                }
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

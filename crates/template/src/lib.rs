@@ -1,1 +1,664 @@
-//! placeholder
+//! `spur-template`: the one Jinja environment every Spur component renders with.
+//!
+//! Prefect renders action fields with Jinja2 in a sandbox where missing names render as `""`
+//! (`ChainableUndefined`). Spur does the same with minijinja, plus:
+//!
+//! * `<< expr >>` is accepted as a spelling of `{{ expr }}` (an unquoted `{{` in YAML starts a
+//!   mapping). The rewrite is quote-aware and length-preserving, so error positions stay right,
+//!   and it only applies when `<<` is followed by a space or `-` (so `cat <<EOF` is left alone).
+//! * Prefect's limits: `range()` yields at most 100 items; at most 10 `for` loops per template,
+//!   nested at most 2 deep (checked when a file loads); plus a fuel budget and an output cap
+//!   that Prefect lacks, so a runaway template fails its action instead of the daemon.
+//! * Prefect's run-deployment parameter rules ([`render_parameters`]): a string that is one lone
+//!   `{{ expr }}` keeps the JSON type of its value; `__prefect_kind: json | jinja | none` objects
+//!   are hydrated; everything else with `{{`/`{%` renders to a string.
+
+mod context;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use minijinja::value::Serde;
+use minijinja::{Environment, Error, ErrorKind, UndefinedBehavior, Value};
+use serde_json::{Map, Value as Json};
+use spur_core::{Automation, Event, FieldPath, Problems};
+use thiserror::Error as ThisError;
+
+pub use context::{EventView, LabelDiver, ResourceView, resource_value};
+
+/// Prefect's `MAX_TEMPLATE_RANGE`.
+pub const MAX_RANGE: usize = 100;
+/// Prefect's `MAX_LOOP_COUNT`.
+pub const MAX_LOOPS: usize = 10;
+/// Prefect's `MAX_NESTED_LOOP_DEPTH`.
+pub const MAX_LOOP_DEPTH: usize = 2;
+/// Spur's render budget (minijinja fuel); a typical parameter template uses under 100.
+pub const FUEL: u64 = 1_000_000;
+/// Spur's cap on one rendered template, in bytes.
+pub const MAX_OUTPUT_BYTES: usize = 1_048_576;
+
+/// Why a template could not be validated or rendered.
+#[derive(Clone, Debug, ThisError, PartialEq, Eq)]
+pub enum TemplateError {
+    /// The template does not parse, or breaks a load-time limit.
+    #[error("invalid template: {0}")]
+    Invalid(String),
+    /// Rendering failed (undefined filter, fuel exhausted, output too large, …).
+    #[error("template rendering failed: {0}")]
+    Render(String),
+    /// A `__prefect_kind` object is malformed, or JSON output does not parse.
+    #[error("{0}")]
+    Hydration(String),
+}
+
+/// Rewrites `<< expr >>` to `{{ expr }}` (same length). Returns the input when there is none.
+pub fn rewrite_angle_syntax(source: &str) -> Cow<'_, str> {
+    if !source.contains("<<") {
+        return Cow::Borrowed(source);
+    }
+    let bytes = source.as_bytes();
+    let mut out = bytes.to_vec();
+    let mut i = 0;
+    let mut changed = false;
+    while i + 2 < bytes.len() {
+        if bytes[i] == b'<' && bytes[i + 1] == b'<' && matches!(bytes[i + 2], b' ' | b'-') {
+            if let Some(close) = find_closing(bytes, i + 2) {
+                out[i] = b'{';
+                out[i + 1] = b'{';
+                out[close] = b'}';
+                out[close + 1] = b'}';
+                changed = true;
+                i = close + 2;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if !changed {
+        return Cow::Borrowed(source);
+    }
+    // Only ASCII bytes were replaced by ASCII bytes, so this stays valid UTF-8.
+    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| source.to_owned()))
+}
+
+/// Finds the `>>` closing an expression that starts at `from`, skipping quoted strings.
+fn find_closing(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    let mut quote: Option<u8> = None;
+    while i + 1 < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(q) => {
+                if b == b'\\' {
+                    i += 1;
+                } else if b == q {
+                    quote = None;
+                }
+            }
+            None => match b {
+                b'\'' | b'"' => quote = Some(b),
+                b'\n' => return None,
+                b'>' if bytes[i + 1] == b'>' => return Some(i),
+                _ => {}
+            },
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Prefect's `maybe_template`: only strings with `{{` or `{%` (after the `<< >>` rewrite) are
+/// templates; anything else is used verbatim.
+pub fn maybe_template(source: &str) -> bool {
+    let s = rewrite_angle_syntax(source);
+    s.contains("{{") || s.contains("{%")
+}
+
+/// Counts `for` loops and their nesting in a template (Prefect's validation-time limits).
+fn check_loop_limits(source: &str) -> Result<(), TemplateError> {
+    let mut loops = 0;
+    let mut depth = 0usize;
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let after = &rest[open + 2..];
+        let Some(close) = after.find("%}") else { break };
+        let tag = after[..close].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        let word = tag.split_whitespace().next().unwrap_or("");
+        match word {
+            "for" => {
+                loops += 1;
+                depth += 1;
+                if loops > MAX_LOOPS {
+                    return Err(TemplateError::Invalid(format!(
+                        "contains more than {MAX_LOOPS} for loops"
+                    )));
+                }
+                if depth > MAX_LOOP_DEPTH {
+                    return Err(TemplateError::Invalid(format!(
+                        "for loops are nested deeper than {MAX_LOOP_DEPTH}"
+                    )));
+                }
+            }
+            "endfor" => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        rest = &after[close + 2..];
+    }
+    Ok(())
+}
+
+/// The sandboxed environment, configured like Prefect's.
+pub struct TemplateEngine {
+    env: Environment<'static>,
+}
+
+impl Default for TemplateEngine {
+    fn default() -> Self {
+        TemplateEngine::new()
+    }
+}
+
+impl std::fmt::Debug for TemplateEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TemplateEngine")
+    }
+}
+
+fn capped_range(lower: i64, upper: Option<i64>, step: Option<i64>) -> Result<Value, Error> {
+    let (start, end) = match upper {
+        Some(u) => (lower, u),
+        None => (0, lower),
+    };
+    let step = step.unwrap_or(1);
+    if step == 0 {
+        return Err(Error::new(ErrorKind::InvalidOperation, "range() step must not be zero"));
+    }
+    let mut items = Vec::new();
+    let mut i = start;
+    while (step > 0 && i < end) || (step < 0 && i > end) {
+        if items.len() == MAX_RANGE {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("range too big (the limit is {MAX_RANGE} items)"),
+            ));
+        }
+        items.push(Value::from(i));
+        i += step;
+    }
+    Ok(Value::from(items))
+}
+
+fn fromjson(text: &str) -> Result<Value, Error> {
+    serde_json::from_str::<Json>(text)
+        .map(|v| Value::from(Serde(v)))
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("fromjson: {e}")))
+}
+
+impl TemplateEngine {
+    /// A new environment with Prefect's behaviour and Spur's limits.
+    pub fn new() -> TemplateEngine {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(100);
+        env.add_function("range", capped_range);
+        env.add_filter("fromjson", fromjson);
+        TemplateEngine { env }
+    }
+
+    /// Checks syntax and loop limits without rendering.
+    pub fn validate(&self, source: &str) -> Result<(), TemplateError> {
+        let source = rewrite_angle_syntax(source);
+        check_loop_limits(&source)?;
+        self.env
+            .template_from_str(&source)
+            .map(|_| ())
+            .map_err(|e| TemplateError::Invalid(describe(&e)))
+    }
+
+    /// Renders `source` (a template, `<< >>` allowed) with `context`.
+    pub fn render(&self, source: &str, context: &Value) -> Result<String, TemplateError> {
+        let source = rewrite_angle_syntax(source);
+        check_loop_limits(&source)?;
+        let template = self
+            .env
+            .template_from_str(&source)
+            .map_err(|e| TemplateError::Invalid(describe(&e)))?;
+        let output = template
+            .render(context)
+            .map_err(|e| TemplateError::Render(describe(&e)))?;
+        if output.len() > MAX_OUTPUT_BYTES {
+            return Err(TemplateError::Render(format!(
+                "output is {} bytes; the limit is {MAX_OUTPUT_BYTES}",
+                output.len()
+            )));
+        }
+        Ok(output)
+    }
+
+    /// Renders a string field the way Prefect renders action text: verbatim unless it looks
+    /// like a template.
+    pub fn render_text(&self, source: &str, context: &Value) -> Result<String, TemplateError> {
+        if maybe_template(source) {
+            self.render(source, context)
+        } else {
+            Ok(source.to_owned())
+        }
+    }
+}
+
+fn describe(error: &Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// What a template can see (Prefect's `_template_context`).
+#[derive(Clone, Debug, Default)]
+pub struct TemplateContext {
+    /// The automation, as JSON.
+    pub automation: Option<Arc<Automation>>,
+    /// The triggering event (may be absent for proactive firings).
+    pub event: Option<Arc<Event>>,
+    /// The firing's `for_each` labels.
+    pub labels: Vec<(String, String)>,
+    /// The firing, as JSON (`id`, `trigger`, `triggered`, `triggering_labels`, …).
+    pub firing: Json,
+    /// Every firing in the tree, as JSON.
+    pub firings: Vec<Json>,
+    /// Every event of those firings.
+    pub events: Vec<Arc<Event>>,
+}
+
+impl TemplateContext {
+    /// The context as a minijinja value.
+    pub fn to_value(&self) -> Value {
+        let event = self
+            .event
+            .as_ref()
+            .map_or(Value::from(()), |e| Value::from_object(EventView(e.clone())));
+        let automation = self
+            .automation
+            .as_ref()
+            .map_or(Value::from(()), |a| Value::from(Serde(&**a)));
+        let events: Vec<Value> = self
+            .events
+            .iter()
+            .map(|e| Value::from_object(EventView(e.clone())))
+            .collect();
+        minijinja::context! {
+            automation => automation,
+            event => event,
+            labels => Value::from_object(LabelDiver::new(self.labels.clone(), String::new())),
+            firing => Value::from(Serde(&self.firing)),
+            firings => Value::from(Serde(&self.firings)),
+            events => Value::from(events),
+        }
+    }
+}
+
+/// Renders run-deployment `parameters` with Prefect's rules (§6.4 of prefect-semantics.md).
+pub fn render_parameters(
+    engine: &TemplateEngine,
+    parameters: Option<&Json>,
+    context: &Value,
+) -> Result<Json, TemplateError> {
+    let mut upgraded = parameters.cloned().unwrap_or_else(|| Json::Object(Map::new()));
+    if let Json::Object(map) = &mut upgraded {
+        upgrade_v1_templates(map);
+    }
+    Ok(hydrate(engine, &upgraded, Some(context))?.unwrap_or(Json::Null))
+}
+
+/// Checks run-deployment `parameters` without rendering: templates parse and obey the limits,
+/// `__prefect_kind` objects are well formed. Problems are relative to `parameters`.
+pub fn validate_parameters(engine: &TemplateEngine, parameters: &Json, problems: &mut Problems) {
+    let mut upgraded = parameters.clone();
+    if let Json::Object(map) = &mut upgraded {
+        upgrade_v1_templates(map);
+    }
+    validate_hydration(engine, &upgraded, &FieldPath::root(), problems);
+}
+
+/// Prefect's `_upgrade_v1_templates`: plain strings with template syntax become
+/// `__prefect_kind` objects (typed `json` for a lone expression, `jinja` otherwise).
+fn upgrade_v1_templates(map: &mut Map<String, Json>) {
+    for value in map.values_mut() {
+        match value {
+            Json::Object(inner) => {
+                if !inner.contains_key("__prefect_kind") {
+                    upgrade_v1_templates(inner);
+                }
+            }
+            Json::Array(items) => {
+                for item in items.iter_mut() {
+                    match item {
+                        Json::Object(inner) => upgrade_v1_templates(inner),
+                        Json::String(s) if maybe_template(s) => *item = wrap_v1_template(s),
+                        _ => {}
+                    }
+                }
+            }
+            Json::String(s) if maybe_template(s) => *value = wrap_v1_template(s),
+            _ => {}
+        }
+    }
+}
+
+fn wrap_v1_template(template: &str) -> Json {
+    let rewritten = rewrite_angle_syntax(template);
+    let stripped = rewritten.trim();
+    if stripped.starts_with("{{") && stripped.ends_with("}}") && stripped.matches("{{").count() == 1
+    {
+        let inner = stripped[2..stripped.len() - 2].trim();
+        let mut jinja = Map::new();
+        jinja.insert("__prefect_kind".into(), "jinja".into());
+        jinja.insert("template".into(), format!("{{{{ {inner} | tojson }}}}").into());
+        let mut json = Map::new();
+        json.insert("__prefect_kind".into(), "json".into());
+        json.insert("value".into(), Json::Object(jinja));
+        return Json::Object(json);
+    }
+    let mut jinja = Map::new();
+    jinja.insert("__prefect_kind".into(), "jinja".into());
+    jinja.insert("template".into(), template.into());
+    Json::Object(jinja)
+}
+
+/// Prefect's `hydrate`. `Ok(None)` means "remove this key" (a `json` kind without `value`).
+/// With `context: None` templates are not rendered (validation only).
+fn hydrate(engine: &TemplateEngine, value: &Json, context: Option<&Value>) -> Result<Option<Json>, TemplateError> {
+    match value {
+        Json::Object(map) => match map.get("__prefect_kind") {
+            Some(kind) => hydrate_kind(engine, kind.as_str().unwrap_or(""), map, context),
+            None => {
+                let mut out = Map::new();
+                for (k, v) in map {
+                    if let Some(h) = hydrate(engine, v, context)? {
+                        out.insert(k.clone(), h);
+                    }
+                }
+                Ok(Some(Json::Object(out)))
+            }
+        },
+        Json::Array(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                if let Some(h) = hydrate(engine, item, context)? {
+                    out.push(h);
+                }
+            }
+            Ok(Some(Json::Array(out)))
+        }
+        other => Ok(Some(other.clone())),
+    }
+}
+
+fn hydrate_kind(
+    engine: &TemplateEngine,
+    kind: &str,
+    map: &Map<String, Json>,
+    context: Option<&Value>,
+) -> Result<Option<Json>, TemplateError> {
+    match kind {
+        "jinja" => {
+            let template = match map.get("template") {
+                Some(t) => hydrate(engine, t, context)?,
+                None => {
+                    return Err(TemplateError::Hydration(
+                        "Missing 'template' key in __prefect object".into(),
+                    ));
+                }
+            };
+            let Some(Json::String(template)) = template else {
+                return Err(TemplateError::Hydration(
+                    "the 'template' of a jinja __prefect object must be a string".into(),
+                ));
+            };
+            engine.validate(&template)?;
+            match context {
+                Some(ctx) => engine.render(&template, ctx).map(|s| Some(Json::String(s))),
+                None => Ok(Some(Json::String(template))),
+            }
+        }
+        "json" => {
+            let Some(value) = map.get("value") else {
+                return Ok(None);
+            };
+            let value = match value {
+                Json::Object(_) => match hydrate(engine, value, context)? {
+                    Some(v) => v,
+                    None => return Ok(None),
+                },
+                other => other.clone(),
+            };
+            match value {
+                Json::String(text) if context.is_some() => serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| TemplateError::Hydration(format!("Invalid JSON: {e}"))),
+                other => Ok(Some(other)),
+            }
+        }
+        "none" => match map.get("value") {
+            Some(v) => hydrate(engine, v, context),
+            None => Err(TemplateError::Hydration("Missing 'value' key in __prefect object".into())),
+        },
+        "workspace_variable" => Err(TemplateError::Hydration(
+            "workspace variables are not supported by Spur; put the value in the parameters".into(),
+        )),
+        _ => Ok(Some(map.get("value").cloned().unwrap_or(Json::Null))),
+    }
+}
+
+fn validate_hydration(engine: &TemplateEngine, value: &Json, path: &FieldPath, problems: &mut Problems) {
+    match value {
+        Json::Object(map) if map.contains_key("__prefect_kind") => {
+            if let Err(e) = hydrate(engine, value, None) {
+                problems.error(path, format!("Invalid parameters: {e}"));
+            }
+        }
+        Json::Object(map) => {
+            for (k, v) in map {
+                validate_hydration(engine, v, &path.key(k), problems);
+            }
+        }
+        Json::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                validate_hydration(engine, v, &path.index(i), problems);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Load-time template checks for every templated field of an automation's actions. Problems
+/// are relative to the automation.
+pub fn validate_automation(engine: &TemplateEngine, automation: &Automation) -> Vec<spur_core::Problem> {
+    let mut problems = Problems::new();
+    let root = FieldPath::root();
+    let lists = [
+        ("actions", &automation.actions),
+        ("actions_on_trigger", &automation.actions_on_trigger),
+        ("actions_on_resolve", &automation.actions_on_resolve),
+    ];
+    for (key, actions) in lists {
+        for (i, action) in actions.iter().enumerate() {
+            let path = root.key(key).index(i);
+            match action.action_type.as_str() {
+                "run-deployment" => {
+                    if let Some(p) = action.parameters() {
+                        validate_parameters(engine, p, &mut problems_at(&mut problems, &path.key("parameters")));
+                    }
+                }
+                "send-notification" | "call-webhook" => {
+                    for field in ["subject", "body", "payload"] {
+                        if let Some(Json::String(s)) = action.field(field)
+                            && let Err(e) = engine.validate(s)
+                        {
+                            problems.error(&path.key(field), format!("{field:?} is not a valid template: {e}"));
+                        }
+                    }
+                }
+                "emit-event" => {
+                    if let Some(event) = action.field("event") {
+                        validate_strings(engine, event, &path.key("event"), &mut problems);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    problems.into_vec()
+}
+
+fn validate_strings(engine: &TemplateEngine, value: &Json, path: &FieldPath, problems: &mut Problems) {
+    match value {
+        Json::String(s) if maybe_template(s) => {
+            if let Err(e) = engine.validate(s) {
+                problems.error(path, e.to_string());
+            }
+        }
+        Json::Object(map) => map
+            .iter()
+            .for_each(|(k, v)| validate_strings(engine, v, &path.key(k), problems)),
+        Json::Array(items) => items
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| validate_strings(engine, v, &path.index(i), problems)),
+        _ => {}
+    }
+}
+
+/// A view of `problems` that prefixes paths with `base`.
+struct ProblemsAt<'a> {
+    inner: &'a mut Problems,
+    base: FieldPath,
+    local: Problems,
+}
+
+impl std::ops::Deref for ProblemsAt<'_> {
+    type Target = Problems;
+    fn deref(&self) -> &Problems {
+        &self.local
+    }
+}
+
+impl std::ops::DerefMut for ProblemsAt<'_> {
+    fn deref_mut(&mut self) -> &mut Problems {
+        &mut self.local
+    }
+}
+
+impl Drop for ProblemsAt<'_> {
+    fn drop(&mut self) {
+        let local = std::mem::take(&mut self.local);
+        self.inner.extend_under(&self.base, local.into_vec());
+    }
+}
+
+fn problems_at<'a>(inner: &'a mut Problems, base: &FieldPath) -> ProblemsAt<'a> {
+    ProblemsAt {
+        inner,
+        base: base.clone(),
+        local: Problems::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use serde_json::json;
+    use spur_core::EventLimits;
+
+    fn event() -> Arc<Event> {
+        Arc::new(
+            Event::from_json(
+                &json!({
+                    "event": "prefect.flow-run.Completed",
+                    "resource": {"prefect.resource.id": "prefect.flow-run.1", "prefect.resource.name": "run-1"},
+                    "related": [{"prefect.resource.id": "prefect.flow.9", "prefect.resource.role": "flow", "prefect.resource.name": "etl"}],
+                    "payload": {"result": "foobar", "n": 12, "ok": true, "items": [1, 2], "nested": {"a": 1.5}},
+                }),
+                Utc::now(),
+                &EventLimits::default(),
+            )
+            .expect("valid event"),
+        )
+    }
+
+    fn ctx() -> Value {
+        TemplateContext {
+            event: Some(event()),
+            labels: vec![("prefect.resource.id".into(), "x.1".into())],
+            ..TemplateContext::default()
+        }
+        .to_value()
+    }
+
+    #[test]
+    fn angle_syntax_rewrites_only_expressions() {
+        assert_eq!(rewrite_angle_syntax("<< a >>"), "{{ a }}");
+        assert_eq!(rewrite_angle_syntax("x << 'q >> r' >> y"), "x {{ 'q >> r' }} y");
+        assert_eq!(rewrite_angle_syntax("cat <<EOF"), "cat <<EOF");
+        assert_eq!(rewrite_angle_syntax("<<- a ->>"), "{{- a -}}");
+        assert_eq!(rewrite_angle_syntax("<< a"), "<< a");
+    }
+
+    #[test]
+    fn parameters_keep_types_for_lone_expressions() {
+        let engine = TemplateEngine::new();
+        let params = json!({
+            "result": "<< event.payload.result >>",
+            "n": "{{ event.payload.n }}",
+            "ok": "{{ event.payload.ok }}",
+            "items": "{{ event.payload.items }}",
+            "nested": {"a": "{{ event.payload.nested.a }}"},
+            "list": ["{{ event.payload.n }}", "x"],
+            "mixed": "run {{ event.resource.name }} of {{ event.resource_in_role['flow'].name }}",
+            "plain": "no template",
+            "label": "{{ labels.prefect.resource.id }}",
+            "label2": "{{ labels['prefect.resource.id'] }}",
+            "rid": "{{ event.resource['prefect.resource.id'] }}",
+            "explicit": {"__prefect_kind": "json", "value": "[1, 2]"},
+            "jinja": {"__prefect_kind": "jinja", "template": "{{ event.payload.n }}"},
+            "other": {"__prefect_kind": "whatever", "value": 7},
+            "dropped": {"__prefect_kind": "json"},
+        });
+        let out = render_parameters(&engine, Some(&params), &ctx()).expect("renders");
+        assert_eq!(
+            out,
+            json!({
+                "result": "foobar", "n": 12, "ok": true, "items": [1, 2], "nested": {"a": 1.5},
+                "list": [12, "x"], "mixed": "run run-1 of etl", "plain": "no template",
+                "label": "x.1", "label2": "x.1", "rid": "prefect.flow-run.1",
+                "explicit": [1, 2], "jinja": "12", "other": 7,
+            })
+        );
+    }
+
+    #[test]
+    fn whole_event_serializes_as_wire_json() {
+        let engine = TemplateEngine::new();
+        let out = render_parameters(&engine, Some(&json!({"e": "{{ event }}"})), &ctx()).expect("renders");
+        assert_eq!(out["e"]["event"], json!("prefect.flow-run.Completed"));
+        assert_eq!(out["e"]["resource"]["prefect.resource.id"], json!("prefect.flow-run.1"));
+        assert!(out["e"].get("resource_in_role").is_none());
+    }
+
+    #[test]
+    fn limits() {
+        let engine = TemplateEngine::new();
+        let err = engine.render("{% for i in range(1000) %}{% endfor %}", &ctx());
+        assert!(matches!(err, Err(TemplateError::Render(_))), "{err:?}");
+        let nested = "{% for a in [1] %}{% for b in [1] %}{% for c in [1] %}{% endfor %}{% endfor %}{% endfor %}";
+        assert!(matches!(engine.validate(nested), Err(TemplateError::Invalid(_))));
+        assert!(matches!(engine.validate("{{ oops("), Err(TemplateError::Invalid(_))));
+        assert_eq!(engine.render("{{ missing.deeper }}", &ctx()).as_deref(), Ok(""));
+    }
+}

@@ -1,0 +1,905 @@
+//! The trigger engine: Prefect's evaluation algorithm, deterministic and I/O-free.
+//!
+//! The engine owns all trigger state — buckets, composite child firings, the de-duplication
+//! memory, parked followers and proactive schedules — and changes it only in response to two
+//! calls, both given the time explicitly:
+//!
+//! * [`Engine::handle`] — one event has arrived at `now`;
+//! * [`Engine::advance_to`] — time has passed (proactive deadlines, lost followers, sweeps).
+//!
+//! The daemon passes the wall clock; `spur replay` passes each event's `occurred`. Everything
+//! else follows Prefect's server (`triggers.py`), step for step; the comments cite the steps of
+//! prefect-semantics.md §4. Where Prefect polls every 5 s, the engine keeps exact deadlines
+//! (a min-heap), so a proactive window ending at `D` is evaluated at exactly `D`.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use spur_core::{Automation, CompositeKind, CompositeTrigger, Event, EventTrigger, Posture, Trigger};
+use uuid::Uuid;
+
+use crate::firing::{Firing, FiringState};
+use crate::index::{CandidateScratch, FxHashMap, TriggerIndex};
+
+/// Events Prefect's trigger service ignores entirely.
+const IGNORED_EVENT: &str = "prefect.log.write";
+
+/// Tunables, with Prefect's defaults.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// How long processed event ids are remembered for de-duplication (`None`: forever).
+    pub dedupe_window: Option<TimeDelta>,
+    /// How long a follower waits for its leader (Prefect: 15 min).
+    pub follower_lookback: TimeDelta,
+    /// How deep a chain of parked followers is processed at once (Prefect: 20).
+    pub max_follower_depth: usize,
+    /// Buckets whose window ended this long ago are dropped (Prefect: 60 s).
+    pub expired_bucket_buffer: TimeDelta,
+    /// How often that sweep runs, in engine time (Prefect: 5 s).
+    pub sweep_interval: TimeDelta,
+    /// Use the trigger index (true) or check every trigger (false; for tests).
+    pub use_index: bool,
+    /// Emit `resolved` firings when a fired proactive trigger's silence ends.
+    pub resolve: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            dedupe_window: Some(TimeDelta::minutes(30)),
+            follower_lookback: TimeDelta::minutes(15),
+            max_follower_depth: 20,
+            expired_bucket_buffer: TimeDelta::seconds(60),
+            sweep_interval: TimeDelta::seconds(5),
+            use_index: true,
+            resolve: true,
+        }
+    }
+}
+
+/// A bucket key: the values of the trigger's sorted `for_each` labels.
+pub type BucketKey = Box<[Box<str>]>;
+
+/// One counting window (Prefect's `AutomationBucket`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bucket {
+    /// Window start (inclusive).
+    pub start: DateTime<Utc>,
+    /// Window end (exclusive).
+    pub end: DateTime<Utc>,
+    /// Events counted (may start at −1, see §4.3 step 2).
+    pub count: i64,
+    /// The most recent event that touched the bucket.
+    pub last_event: Option<Arc<Event>>,
+}
+
+/// A leaf event trigger in the loaded plan.
+#[derive(Debug)]
+struct Leaf {
+    trigger: EventTrigger,
+    automation: usize,
+    parent: Option<(usize, usize)>,
+}
+
+/// A composite trigger in the loaded plan.
+#[derive(Debug)]
+struct Composite {
+    id: Uuid,
+    kind: CompositeKind,
+    within: Option<TimeDelta>,
+    expected: usize,
+    children: usize,
+    automation: usize,
+    parent: Option<(usize, usize)>,
+}
+
+/// The immutable part: automations, their triggers flattened, and the index.
+#[derive(Debug, Default)]
+struct Plan {
+    automations: Vec<Arc<Automation>>,
+    fingerprints: Vec<String>,
+    leaves: Vec<Leaf>,
+    composites: Vec<Composite>,
+    index: TriggerIndex,
+    proactive: Vec<usize>,
+}
+
+#[derive(Debug, Default)]
+struct LeafState {
+    buckets: FxHashMap<BucketKey, Bucket>,
+    next_run: Option<DateTime<Utc>>,
+    /// Keys whose proactive firing has not been resolved yet → that firing's id.
+    unresolved: FxHashMap<BucketKey, Uuid>,
+}
+
+#[derive(Debug)]
+struct ChildFiring {
+    firing: Arc<Firing>,
+    at: DateTime<Utc>,
+    sequence: u64,
+}
+
+#[derive(Debug, Default)]
+struct CompositeState {
+    children: Vec<Option<ChildFiring>>,
+}
+
+/// Summary counts for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Automations loaded (enabled or not).
+    pub automations: usize,
+    /// Leaf event triggers indexed.
+    pub leaves: usize,
+    /// Open buckets.
+    pub buckets: usize,
+    /// Events parked waiting for their leader.
+    pub held_events: usize,
+    /// Event ids remembered for de-duplication.
+    pub remembered_ids: usize,
+}
+
+/// The trigger engine. See the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    plan: Plan,
+    leaf_states: Vec<LeafState>,
+    composite_states: Vec<CompositeState>,
+    clock: Option<DateTime<Utc>>,
+    timers: BinaryHeap<Reverse<(DateTime<Utc>, usize)>>,
+    first_pass_pending: Vec<usize>,
+    seen: HashSet<Uuid>,
+    seen_order: VecDeque<(DateTime<Utc>, Uuid)>,
+    held: HashMap<Uuid, Vec<Arc<Event>>>,
+    held_ids: HashSet<Uuid>,
+    release_timers: BinaryHeap<Reverse<(DateTime<Utc>, Uuid)>>,
+    next_sweep: Option<DateTime<Utc>>,
+    sequence: u64,
+    scratch: CandidateScratch,
+}
+
+impl Engine {
+    /// An engine with no automations.
+    pub fn new(config: EngineConfig) -> Engine {
+        Engine {
+            config,
+            plan: Plan::default(),
+            leaf_states: Vec::new(),
+            composite_states: Vec::new(),
+            clock: None,
+            timers: BinaryHeap::new(),
+            first_pass_pending: Vec::new(),
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            held: HashMap::new(),
+            held_ids: HashSet::new(),
+            release_timers: BinaryHeap::new(),
+            next_sweep: None,
+            sequence: 0,
+            scratch: CandidateScratch::default(),
+        }
+    }
+
+    /// Replaces the loaded automations. Disabled automations are kept but never evaluated.
+    ///
+    /// An automation that is unchanged (same id and same definition) keeps its trigger state;
+    /// a changed or new one starts fresh (as Prefect resets state on every update).
+    pub fn load(&mut self, automations: Vec<Arc<Automation>>) {
+        let old_plan = std::mem::take(&mut self.plan);
+        let mut old_leaf_states: HashMap<(Uuid, Uuid), LeafState> = HashMap::new();
+        let mut old_composite_states: HashMap<(Uuid, Uuid), CompositeState> = HashMap::new();
+        let old_fingerprints: HashMap<Uuid, &String> = old_plan
+            .automations
+            .iter()
+            .zip(&old_plan.fingerprints)
+            .map(|(a, f)| (a.id, f))
+            .collect();
+        let mut plan = Plan::default();
+        for automation in automations {
+            let fingerprint = serde_json::to_string(&*automation).unwrap_or_default();
+            let index = plan.automations.len();
+            if automation.enabled {
+                flatten(&mut plan, index, &automation.trigger, None);
+            }
+            plan.fingerprints.push(fingerprint);
+            plan.automations.push(automation);
+        }
+        // Carry state over for unchanged automations.
+        let leaf_states = std::mem::take(&mut self.leaf_states);
+        for (leaf, state) in old_plan.leaves.iter().zip(leaf_states) {
+            let automation = &old_plan.automations[leaf.automation];
+            old_leaf_states.insert((automation.id, leaf.trigger.id), state);
+        }
+        let composite_states = std::mem::take(&mut self.composite_states);
+        for (composite, state) in old_plan.composites.iter().zip(composite_states) {
+            let automation = &old_plan.automations[composite.automation];
+            old_composite_states.insert((automation.id, composite.id), state);
+        }
+        let unchanged = |plan: &Plan, automation: usize| {
+            let a = &plan.automations[automation];
+            old_fingerprints.get(&a.id).map(|f| f.as_str()) == Some(plan.fingerprints[automation].as_str())
+        };
+        self.leaf_states = plan
+            .leaves
+            .iter()
+            .map(|leaf| {
+                let id = plan.automations[leaf.automation].id;
+                if unchanged(&plan, leaf.automation) {
+                    old_leaf_states.remove(&(id, leaf.trigger.id)).unwrap_or_default()
+                } else {
+                    LeafState::default()
+                }
+            })
+            .collect();
+        self.composite_states = plan
+            .composites
+            .iter()
+            .map(|c| {
+                let id = plan.automations[c.automation].id;
+                let kept = unchanged(&plan, c.automation)
+                    .then(|| old_composite_states.remove(&(id, c.id)))
+                    .flatten();
+                kept.unwrap_or_else(|| CompositeState {
+                    children: (0..c.children).map(|_| None).collect(),
+                })
+            })
+            .collect();
+        plan.index = TriggerIndex::build(plan.leaves.iter().map(|l| &l.trigger));
+        plan.proactive = (0..plan.leaves.len())
+            .filter(|&i| plan.leaves[i].trigger.posture == Posture::Proactive)
+            .collect();
+        // Rebuild the proactive schedule: kept leaves keep their next run, new ones run at once.
+        self.timers.clear();
+        self.first_pass_pending.clear();
+        for &leaf in &plan.proactive {
+            match self.leaf_states[leaf].next_run {
+                Some(at) => self.timers.push(Reverse((at, leaf))),
+                None => self.first_pass_pending.push(leaf),
+            }
+        }
+        self.plan = plan;
+    }
+
+    /// The loaded automations, in load order.
+    pub fn automations(&self) -> &[Arc<Automation>] {
+        &self.plan.automations
+    }
+
+    /// The engine clock: the latest time it has been given.
+    pub fn clock(&self) -> Option<DateTime<Utc>> {
+        self.clock
+    }
+
+    /// When the engine next needs [`Engine::advance_to`] to be called, if ever.
+    pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
+        if !self.first_pass_pending.is_empty() {
+            return self.clock.or(Some(DateTime::<Utc>::MIN_UTC));
+        }
+        let timer = self.peek_timer();
+        let release = self.release_timers.peek().map(|Reverse((t, _))| *t);
+        match (timer, release) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Counts of live state.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            automations: self.plan.automations.len(),
+            leaves: self.plan.leaves.len(),
+            buckets: self.leaf_states.iter().map(|s| s.buckets.len()).sum(),
+            held_events: self.held_ids.len(),
+            remembered_ids: self.seen.len(),
+        }
+    }
+
+    /// The open buckets of one automation's leaf triggers: `(trigger id, key, bucket)`.
+    pub fn buckets_of(&self, automation: Uuid) -> Vec<(Uuid, Vec<String>, Bucket)> {
+        let mut out = Vec::new();
+        for (leaf, state) in self.plan.leaves.iter().zip(&self.leaf_states) {
+            if self.plan.automations[leaf.automation].id != automation {
+                continue;
+            }
+            for (key, bucket) in &state.buckets {
+                out.push((
+                    leaf.trigger.id,
+                    key.iter().map(|s| s.to_string()).collect(),
+                    bucket.clone(),
+                ));
+            }
+        }
+        out.sort_by(|a, b| (a.2.start, &a.1).cmp(&(b.2.start, &b.1)));
+        out
+    }
+
+    /// Processes everything due up to `now`: proactive deadlines (each at its exact time),
+    /// followers whose leader never came, and the bucket sweep. Returns the firings in order.
+    pub fn advance_to(&mut self, now: DateTime<Utc>) -> Vec<Firing> {
+        let mut out = Vec::new();
+        self.advance(now, &mut out);
+        out
+    }
+
+    /// Handles one event arriving at `now` (after first advancing time to `now`).
+    ///
+    /// Events named `prefect.log.write` and already-seen ids are ignored; an event whose
+    /// `follows` leader has not been processed is parked (Prefect's causal ordering).
+    pub fn handle(&mut self, event: Arc<Event>, now: DateTime<Utc>) -> Vec<Firing> {
+        let mut out = Vec::new();
+        self.advance(now, &mut out);
+        if event.event == IGNORED_EVENT {
+            return out;
+        }
+        if self.seen.contains(&event.id) || self.held_ids.contains(&event.id) {
+            return out;
+        }
+        if let Some(leader) = event.follows
+            && leader != event.id
+            && !self.seen.contains(&leader)
+            && now - event.received < self.config.follower_lookback
+        {
+            let release_at = event.received + self.config.follower_lookback;
+            self.held_ids.insert(event.id);
+            self.release_timers.push(Reverse((release_at, event.id)));
+            self.held.entry(leader).or_default().push(event);
+            return out;
+        }
+        self.process(event, 0, &mut out);
+        out
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    fn set_clock(&mut self, t: DateTime<Utc>) {
+        if self.clock.is_none_or(|c| t > c) {
+            self.clock = Some(t);
+        }
+    }
+
+    fn peek_timer(&self) -> Option<DateTime<Utc>> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn advance(&mut self, now: DateTime<Utc>, out: &mut Vec<Firing>) {
+        // Proactive triggers not evaluated yet run their first pass at `now` (Prefect runs
+        // every proactive trigger once on start; the replay starts at the first event).
+        if !self.first_pass_pending.is_empty() {
+            let start = self.clock.map_or(now, |c| c.max(now));
+            self.set_clock(start);
+            let mut pending = std::mem::take(&mut self.first_pass_pending);
+            pending.sort_unstable();
+            for leaf in pending {
+                self.proactive_pass(leaf, start, out);
+            }
+        }
+        loop {
+            let timer = self.peek_timer().filter(|t| *t <= now);
+            let release = self
+                .release_timers
+                .peek()
+                .map(|Reverse((t, _))| *t)
+                .filter(|t| *t <= now);
+            match (timer, release) {
+                (None, None) => break,
+                (Some(t), r) if r.is_none_or(|r| t <= r) => {
+                    let Some(Reverse((at, leaf))) = self.timers.pop() else {
+                        break;
+                    };
+                    if self.leaf_states[leaf].next_run != Some(at) {
+                        continue; // superseded
+                    }
+                    self.set_clock(at);
+                    self.maybe_sweep(at);
+                    self.proactive_pass(leaf, at, out);
+                }
+                (_, Some(t)) => {
+                    self.set_clock(t);
+                    self.maybe_sweep(t);
+                    self.release_lost_followers(t, out);
+                }
+                _ => break,
+            }
+        }
+        self.set_clock(now);
+        self.maybe_sweep(self.now());
+        self.forget_old_ids();
+    }
+
+    /// Releases every parked follower due at `t`, in `occurred` order (§1.5).
+    fn release_lost_followers(&mut self, t: DateTime<Utc>, out: &mut Vec<Firing>) {
+        let mut due = Vec::new();
+        while let Some(Reverse((at, id))) = self.release_timers.peek().copied() {
+            if at > t {
+                break;
+            }
+            self.release_timers.pop();
+            if self.held_ids.contains(&id) {
+                due.push(id);
+            }
+        }
+        if due.is_empty() {
+            return;
+        }
+        let mut released: Vec<Arc<Event>> = Vec::new();
+        for list in self.held.values_mut() {
+            list.retain(|e| {
+                if due.contains(&e.id) {
+                    released.push(e.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.held.retain(|_, list| !list.is_empty());
+        released.sort_by_key(|e| (e.occurred, e.received));
+        for event in released {
+            self.held_ids.remove(&event.id);
+            if !self.seen.contains(&event.id) {
+                self.process(event, 0, out);
+            }
+        }
+    }
+
+    fn remember(&mut self, event: &Event) {
+        if self.seen.insert(event.id) && self.config.dedupe_window.is_some() {
+            self.seen_order.push_back((self.now(), event.id));
+        }
+    }
+
+    fn forget_old_ids(&mut self) {
+        let Some(window) = self.config.dedupe_window else {
+            return;
+        };
+        let horizon = self.now() - window;
+        while let Some(&(at, id)) = self.seen_order.front() {
+            if at > horizon {
+                break;
+            }
+            self.seen_order.pop_front();
+            self.seen.remove(&id);
+        }
+    }
+
+    /// Drops buckets whose window ended `expired_bucket_buffer` ago (Prefect's sweep).
+    fn maybe_sweep(&mut self, now: DateTime<Utc>) {
+        if self.next_sweep.is_some_and(|next| now < next) {
+            return;
+        }
+        self.next_sweep = Some(now + self.config.sweep_interval);
+        let horizon = now - self.config.expired_bucket_buffer;
+        for state in &mut self.leaf_states {
+            if !state.buckets.is_empty() {
+                state.buckets.retain(|_, b| b.end > horizon);
+            }
+        }
+    }
+
+    /// Evaluates one event now that its leader (if any) has been processed, then any parked
+    /// followers of it.
+    fn process(&mut self, event: Arc<Event>, depth: usize, out: &mut Vec<Firing>) {
+        self.remember(&event);
+        self.reactive_evaluation(&event, out);
+        if let Some(mut followers) = self.held.remove(&event.id) {
+            followers.sort_by_key(|e| (e.occurred, e.received));
+            for follower in followers {
+                self.held_ids.remove(&follower.id);
+                if self.seen.contains(&follower.id) {
+                    continue;
+                }
+                if depth + 1 <= self.config.max_follower_depth {
+                    self.process(follower, depth + 1, out);
+                } else {
+                    // Too deep to process now: park it again for the lost-follower release.
+                    self.held_ids.insert(follower.id);
+                    self.held.entry(event.id).or_default().push(follower);
+                }
+            }
+        }
+    }
+
+    /// §4.3: for each interested trigger, open or find the bucket and evaluate.
+    fn reactive_evaluation(&mut self, event: &Arc<Event>, out: &mut Vec<Firing>) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if self.config.use_index {
+            self.plan.index.candidates(event, &mut scratch);
+        } else {
+            scratch.leaves.clear();
+            scratch.leaves.extend(0..self.plan.leaves.len() as u32);
+        }
+        let name = event.event.as_str();
+        for &leaf in &scratch.leaves {
+            let leaf = leaf as usize;
+            let trigger = &self.plan.leaves[leaf].trigger;
+            if !trigger.prefilter(name) || !trigger.covers(event) {
+                continue;
+            }
+            let key: BucketKey = trigger
+                .bucketing_key(event)
+                .into_iter()
+                .map(String::into_boxed_str)
+                .collect();
+            let starts_after = !trigger.after.is_empty() && trigger.starts_after(name);
+            let expects = trigger.expects(name);
+            let within = trigger.within;
+            let has_after = !trigger.after.is_empty();
+            if expects {
+                self.maybe_resolve(leaf, &key, event, out);
+            }
+            let state = &mut self.leaf_states[leaf];
+            let mut have_bucket = false;
+            if starts_after {
+                // Step 2: ensure a window starting at this event.
+                let initial = if expects { -1 } else { 0 };
+                ensure_bucket(state, &key, event.occurred, event.occurred + within, Some(event), initial);
+                have_bucket = true;
+            }
+            if !have_bucket && !has_after && expects {
+                // Step 3: first expected event opens a window reaching 15 min back.
+                let start = event.occurred - self.config.follower_lookback;
+                ensure_bucket(state, &key, start, event.occurred + within, Some(event), 0);
+                have_bucket = true;
+            }
+            if !expects {
+                continue;
+            }
+            if !have_bucket && !state.buckets.contains_key(&key) {
+                continue; // step 4: an expected event with no open window is ignored
+            }
+            self.evaluate(leaf, &key, event.occurred, Some(event), out);
+        }
+        self.scratch = scratch;
+    }
+
+    /// §4.6: one proactive pass over a trigger at `as_of`; schedules the next one.
+    fn proactive_pass(&mut self, leaf: usize, as_of: DateTime<Utc>, out: &mut Vec<Firing>) {
+        let trigger = &self.plan.leaves[leaf].trigger;
+        let within = trigger.within;
+        let threshold = trigger.threshold;
+        let mut run_again_at = as_of + within;
+        let state = &mut self.leaf_states[leaf];
+        if trigger.for_each.is_empty() {
+            ensure_bucket(state, &BucketKey::default(), as_of, as_of + within, None, 0);
+        }
+        state.buckets.retain(|_, b| b.count < threshold);
+        let mut keys: Vec<(DateTime<Utc>, BucketKey)> = state
+            .buckets
+            .iter()
+            .map(|(k, b)| (b.start, k.clone()))
+            .collect();
+        keys.sort();
+        for (_, key) in keys {
+            if let Some(next_end) = self.evaluate(leaf, &key, as_of, None, out)
+                && as_of < next_end
+                && next_end < run_again_at
+            {
+                run_again_at = next_end;
+            }
+        }
+        self.leaf_states[leaf].next_run = Some(run_again_at);
+        self.timers.push(Reverse((run_again_at, leaf)));
+    }
+
+    /// §4.4 `evaluate`. Returns the end of the bucket left behind, if any.
+    fn evaluate(
+        &mut self,
+        leaf: usize,
+        key: &BucketKey,
+        now: DateTime<Utc>,
+        event: Option<&Arc<Event>>,
+        out: &mut Vec<Firing>,
+    ) -> Option<DateTime<Utc>> {
+        let trigger = &self.plan.leaves[leaf].trigger;
+        let state = &mut self.leaf_states[leaf];
+        let bucket = state.buckets.get_mut(key)?;
+        let mut count: i64 = i64::from(event.is_some());
+        // Step 2: late or redundant event.
+        if now < bucket.start {
+            return Some(bucket.end);
+        }
+        // Step 3: count it in this window.
+        if count > 0 && (trigger.immediate() || (bucket.start <= now && now < bucket.end)) {
+            bucket.count += count;
+            bucket.last_event = event.cloned();
+            count = 0;
+        }
+        let ready = trigger.posture == Posture::Reactive || bucket.end <= now;
+        let meets = trigger.meets_threshold(bucket.count);
+        let (old_start, old_end) = (bucket.start, bucket.end);
+        if ready && meets {
+            // Step 5: fire, and drop the bucket.
+            let triggering = event.cloned().or_else(|| bucket.last_event.clone());
+            state.buckets.remove(key);
+            let firing_id = leaf_firing_id(
+                &self.plan.automations[self.plan.leaves[leaf].automation],
+                trigger,
+                key,
+                old_start,
+                old_end,
+                triggering.as_deref(),
+            );
+            let labels = trigger
+                .for_each
+                .iter()
+                .cloned()
+                .zip(key.iter().map(|v| v.to_string()))
+                .collect();
+            if trigger.posture == Posture::Proactive {
+                state.unresolved.insert(key.clone(), firing_id);
+            }
+            let firing = Firing {
+                id: firing_id,
+                automation: self.plan.automations[self.plan.leaves[leaf].automation].clone(),
+                trigger_id: trigger.id,
+                state: FiringState::Triggered,
+                at: self.now(),
+                event: triggering,
+                labels,
+                children: Vec::new(),
+            };
+            let parent = self.plan.leaves[leaf].parent;
+            self.fire(parent, firing, out);
+        } else if now < old_end {
+            // Step 6: not yet; the heartbeat special case restarts the window at this event.
+            if let Some(ev) = event
+                && trigger.posture == Posture::Proactive
+                && !meets
+                && trigger.starts_after(&ev.event)
+                && trigger.expects(&ev.event)
+            {
+                let end = ev.occurred + trigger.within;
+                state.buckets.insert(
+                    key.clone(),
+                    Bucket {
+                        start: ev.occurred,
+                        end,
+                        count: 0,
+                        last_event: Some(ev.clone()),
+                    },
+                );
+                return Some(end);
+            }
+            return Some(old_end);
+        }
+        // Steps 7–9: the window is over (or fired): what comes next?
+        let trigger = &self.plan.leaves[leaf].trigger;
+        let state = &mut self.leaf_states[leaf];
+        if !trigger.after.is_empty() {
+            state.buckets.remove(key);
+            return None;
+        }
+        if trigger.within.is_zero() {
+            return None;
+        }
+        let start = old_end.max(now);
+        let end = start + trigger.within;
+        if trigger.posture == Posture::Reactive && count > 0 {
+            state.buckets.insert(
+                key.clone(),
+                Bucket {
+                    start,
+                    end,
+                    count: 0,
+                    last_event: None,
+                },
+            );
+            return self.evaluate(leaf, key, now, event, out);
+        }
+        state.buckets.insert(
+            key.clone(),
+            Bucket {
+                start,
+                end,
+                count,
+                last_event: None,
+            },
+        );
+        Some(end)
+    }
+
+    /// Spur's resolve rule: a top-level proactive trigger that fired for a key resolves when
+    /// the next expected event for that key arrives.
+    fn maybe_resolve(&mut self, leaf: usize, key: &BucketKey, event: &Arc<Event>, out: &mut Vec<Firing>) {
+        if !self.config.resolve {
+            return;
+        }
+        let info = &self.plan.leaves[leaf];
+        if info.parent.is_some() || info.trigger.posture != Posture::Proactive {
+            return;
+        }
+        let Some(fired) = self.leaf_states[leaf].unresolved.remove(key) else {
+            return;
+        };
+        let automation = self.plan.automations[info.automation].clone();
+        let id = Uuid::new_v5(&spur_core::SPUR_NAMESPACE, format!("resolved:{fired}").as_bytes());
+        out.push(Firing {
+            id,
+            automation,
+            trigger_id: info.trigger.id,
+            state: FiringState::Resolved,
+            at: self.now(),
+            event: Some(event.clone()),
+            labels: info
+                .trigger
+                .for_each
+                .iter()
+                .cloned()
+                .zip(key.iter().map(|v| v.to_string()))
+                .collect(),
+            children: Vec::new(),
+        });
+    }
+
+    /// §4.7: a firing goes to the automation, or up into its composite parent.
+    fn fire(&mut self, parent: Option<(usize, usize)>, firing: Firing, out: &mut Vec<Firing>) {
+        let Some((composite, position)) = parent else {
+            out.push(firing);
+            return;
+        };
+        let info = &self.plan.composites[composite];
+        let (id, kind, within, expected, grandparent) =
+            (info.id, info.kind, info.within, info.expected, info.parent);
+        let automation = self.plan.automations[info.automation].clone();
+        let now = self.now();
+        let firing = Arc::new(firing);
+        if expected == 1 {
+            let parent_firing = Firing {
+                id: Uuid::new_v5(
+                    &spur_core::SPUR_NAMESPACE,
+                    format!("{id}:{}", firing.id).as_bytes(),
+                ),
+                automation,
+                trigger_id: id,
+                state: FiringState::Triggered,
+                at: now,
+                event: firing.event.clone(),
+                labels: Vec::new(),
+                children: vec![firing],
+            };
+            self.fire(grandparent, parent_firing, out);
+            return;
+        }
+        let state = &mut self.composite_states[composite];
+        if let Some(within) = within {
+            let horizon = now - within;
+            for slot in &mut state.children {
+                if slot.as_ref().is_some_and(|c| c.at < horizon) {
+                    *slot = None;
+                }
+            }
+        }
+        self.sequence += 1;
+        state.children[position] = Some(ChildFiring {
+            firing: firing.clone(),
+            at: now,
+            sequence: self.sequence,
+        });
+        let present: Vec<(usize, &ChildFiring)> = state
+            .children
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+            .collect();
+        let ready = match kind {
+            CompositeKind::Compound(_) => present.len() >= expected,
+            CompositeKind::Sequence => {
+                let mut order = present.clone();
+                order.sort_by_key(|(_, c)| (c.at, c.sequence));
+                order.len() == state.children.len()
+                    && order.iter().enumerate().all(|(want, (got, _))| want == *got)
+            }
+        };
+        if !ready {
+            return;
+        }
+        let mut children: Vec<(DateTime<Utc>, u64, Arc<Firing>)> = present
+            .iter()
+            .map(|(_, c)| (c.at, c.sequence, c.firing.clone()))
+            .collect();
+        children.sort_by_key(|(at, seq, _)| (*at, *seq));
+        let seed: Vec<String> = children.iter().map(|(_, _, f)| f.id.to_string()).collect();
+        for slot in &mut state.children {
+            *slot = None;
+        }
+        let parent_firing = Firing {
+            id: Uuid::new_v5(
+                &spur_core::SPUR_NAMESPACE,
+                format!("{id}:{}", seed.join(",")).as_bytes(),
+            ),
+            automation,
+            trigger_id: id,
+            state: FiringState::Triggered,
+            at: now,
+            event: firing.event.clone(),
+            labels: Vec::new(),
+            children: children.into_iter().map(|(_, _, f)| f).collect(),
+        };
+        self.fire(grandparent, parent_firing, out);
+    }
+}
+
+/// `ensure_bucket`: insert if absent; if present only refresh `last_event` (when given).
+fn ensure_bucket(
+    state: &mut LeafState,
+    key: &BucketKey,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    last_event: Option<&Arc<Event>>,
+    initial_count: i64,
+) {
+    match state.buckets.get_mut(key) {
+        Some(bucket) => {
+            if let Some(event) = last_event {
+                bucket.last_event = Some(event.clone());
+            }
+        }
+        None => {
+            state.buckets.insert(
+                key.clone(),
+                Bucket {
+                    start,
+                    end,
+                    count: initial_count,
+                    last_event: last_event.cloned(),
+                },
+            );
+        }
+    }
+}
+
+/// A leaf firing's id: stable for the same automation, trigger, bucket, window and event.
+fn leaf_firing_id(
+    automation: &Automation,
+    trigger: &EventTrigger,
+    key: &BucketKey,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    event: Option<&Event>,
+) -> Uuid {
+    let seed = format!(
+        "{}:{}:{}:{}:{}:{}",
+        automation.id,
+        trigger.id,
+        key.join("\u{1f}"),
+        start.timestamp_micros(),
+        end.timestamp_micros(),
+        event.map(|e| e.id.to_string()).unwrap_or_default()
+    );
+    Uuid::new_v5(&spur_core::SPUR_NAMESPACE, seed.as_bytes())
+}
+
+/// Flattens an automation's trigger tree into leaves and composites.
+fn flatten(plan: &mut Plan, automation: usize, trigger: &Trigger, parent: Option<(usize, usize)>) {
+    match trigger {
+        Trigger::Event(t) => plan.leaves.push(Leaf {
+            trigger: t.clone(),
+            automation,
+            parent,
+        }),
+        Trigger::Composite(c) => {
+            let index = plan.composites.len();
+            plan.composites.push(composite_info(c, automation, parent));
+            for (position, child) in c.triggers.iter().enumerate() {
+                flatten(plan, automation, child, Some((index, position)));
+            }
+        }
+    }
+}
+
+fn composite_info(c: &CompositeTrigger, automation: usize, parent: Option<(usize, usize)>) -> Composite {
+    Composite {
+        id: c.id,
+        kind: c.kind,
+        within: c.within,
+        expected: c.expected_firings(),
+        children: c.triggers.len(),
+        automation,
+        parent,
+    }
+}

@@ -1,0 +1,252 @@
+//! The trigger index: which leaf triggers could possibly care about an event?
+//!
+//! Evaluating every trigger for every event would make cost grow with the number of
+//! automations. Instead each leaf [`EventTrigger`] is filed under the event-name patterns of
+//! its `expect ∪ after` (Prefect's own index keys), split by shape so lookup stays cheap:
+//!
+//! | pattern shape              | structure                       | lookup per event              |
+//! |----------------------------|---------------------------------|-------------------------------|
+//! | literal `a.b.c`            | hash map name → leaves          | one hash probe                |
+//! | `prefix*`                  | hash map prefix → leaves        | one probe per distinct length |
+//! | other `*` patterns         | one `globset::GlobSet`          | one automaton pass            |
+//! | `?`/`[` patterns           | always-checked list             | linear (rare, and lint-warned)|
+//! | empty `expect` (any event) | by literal `prefect.resource.id` in `match`, else always |
+//!
+//! **Invariant:** the index only ever returns a *superset* of the leaves whose exact
+//! pre-filter accepts the event; the engine re-checks every candidate with the exact rules.
+//! So the index can change speed, never results — a property test checks exactly that.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use spur_core::event::RESOURCE_ID;
+use spur_core::{Event, EventTrigger};
+
+/// A small, fast, non-cryptographic hasher (FxHash) for keys Spur controls the shape of.
+/// Event names and resource ids come from senders, but a slow path here only costs time,
+/// never correctness, and per-process randomisation is not needed for bounded maps.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word) ^ (rest.len() as u64) << 56);
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+/// `HashMap` with [`FxHasher`].
+pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// Leaf triggers filed by the event names (and resource ids) they can match.
+#[derive(Debug, Default)]
+pub struct TriggerIndex {
+    literal: FxHashMap<Box<str>, Vec<u32>>,
+    prefixes: FxHashMap<Box<str>, Vec<u32>>,
+    prefix_lengths: Vec<usize>,
+    globs: Option<GlobSet>,
+    glob_owners: Vec<u32>,
+    always: Vec<u32>,
+    any_name_by_resource: FxHashMap<Box<str>, Vec<u32>>,
+    leaf_count: usize,
+}
+
+/// Reusable buffers for [`TriggerIndex::candidates`], so lookups do not allocate.
+#[derive(Debug, Default)]
+pub struct CandidateScratch {
+    stamps: Vec<u32>,
+    generation: u32,
+    glob_hits: Vec<usize>,
+    /// The candidates of the last lookup, sorted by leaf number.
+    pub leaves: Vec<u32>,
+}
+
+impl TriggerIndex {
+    /// Builds the index over `leaves` (leaf number = position).
+    pub fn build<'a>(leaves: impl IntoIterator<Item = &'a EventTrigger>) -> TriggerIndex {
+        let mut index = TriggerIndex::default();
+        let mut glob_builder = GlobSetBuilder::new();
+        let mut glob_count = 0usize;
+        for (n, trigger) in leaves.into_iter().enumerate() {
+            let leaf = n as u32;
+            index.leaf_count = n + 1;
+            let patterns = trigger.index_patterns();
+            if patterns.is_empty() {
+                // Any event name: narrow by a literal resource id when the trigger pins one.
+                match trigger.match_resource.literal_values(RESOURCE_ID) {
+                    Some(ids) if !ids.is_empty() => {
+                        for id in ids {
+                            push_unique(index.any_name_by_resource.entry(id.into()).or_default(), leaf);
+                        }
+                    }
+                    _ => index.always.push(leaf),
+                }
+                continue;
+            }
+            for glob in patterns {
+                if glob.is_literal() {
+                    push_unique(index.literal.entry(glob.as_str().into()).or_default(), leaf);
+                } else if let Some(prefix) = glob.trailing_star_prefix() {
+                    push_unique(index.prefixes.entry(prefix.into()).or_default(), leaf);
+                } else if let Some(compiled) = glob.only_stars().then(|| to_globset(glob.as_str())).flatten() {
+                    glob_builder.add(compiled);
+                    index.glob_owners.push(leaf);
+                    glob_count += 1;
+                } else {
+                    push_unique(&mut index.always, leaf);
+                }
+            }
+        }
+        let mut lengths: Vec<usize> = index.prefixes.keys().map(|p| p.len()).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        index.prefix_lengths = lengths;
+        if glob_count > 0 {
+            match glob_builder.build() {
+                Ok(set) => index.globs = Some(set),
+                Err(_) => {
+                    // Cannot happen for escaped star-only patterns; stay correct regardless.
+                    index.always.extend(index.glob_owners.drain(..));
+                }
+            }
+        }
+        index.always.sort_unstable();
+        index.always.dedup();
+        index
+    }
+
+    /// Number of leaves indexed.
+    pub fn len(&self) -> usize {
+        self.leaf_count
+    }
+
+    /// True when nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.leaf_count == 0
+    }
+
+    /// Fills `scratch.leaves` with every leaf that might match `event`, sorted, no duplicates.
+    pub fn candidates(&self, event: &Event, scratch: &mut CandidateScratch) {
+        scratch.leaves.clear();
+        if scratch.stamps.len() < self.leaf_count {
+            scratch.stamps.resize(self.leaf_count, 0);
+        }
+        scratch.generation = scratch.generation.wrapping_add(1);
+        if scratch.generation == 0 {
+            scratch.stamps.iter_mut().for_each(|s| *s = 0);
+            scratch.generation = 1;
+        }
+        let generation = scratch.generation;
+        let CandidateScratch {
+            stamps,
+            leaves,
+            glob_hits,
+            ..
+        } = scratch;
+        let mut add = |list: &[u32]| {
+            for &leaf in list {
+                let slot = &mut stamps[leaf as usize];
+                if *slot != generation {
+                    *slot = generation;
+                    leaves.push(leaf);
+                }
+            }
+        };
+        let name = event.event.as_str();
+        if let Some(list) = self.literal.get(name) {
+            add(list);
+        }
+        for &len in &self.prefix_lengths {
+            if len > name.len() {
+                break;
+            }
+            if let Some(prefix) = name.get(..len)
+                && let Some(list) = self.prefixes.get(prefix)
+            {
+                add(list);
+            }
+        }
+        if let Some(globs) = &self.globs {
+            glob_hits.clear();
+            globs.matches_into(name, glob_hits);
+            for &hit in glob_hits.iter() {
+                add(std::slice::from_ref(&self.glob_owners[hit]));
+            }
+        }
+        if let Some(list) = self.any_name_by_resource.get(event.resource.id()) {
+            add(list);
+        }
+        add(&self.always);
+        leaves.sort_unstable();
+    }
+}
+
+fn push_unique(list: &mut Vec<u32>, leaf: u32) {
+    if list.last() != Some(&leaf) {
+        list.push(leaf);
+    }
+}
+
+/// A star-only fnmatch pattern as a `globset` glob: escape everything globset treats as
+/// special except `*`, and let `*` cross every character (no path separators here).
+fn to_globset(pattern: &str) -> Option<globset::Glob> {
+    let mut escaped = String::with_capacity(pattern.len() + 8);
+    let mut previous = None;
+    for c in pattern.chars() {
+        if c == '*' && previous == Some('*') {
+            continue; // `**` means something else to globset; one star is the same match
+        }
+        previous = Some(c);
+        match c {
+            '?' | '[' | ']' | '{' | '}' | '\\' | '!' | ',' => {
+                escaped.push('\\');
+                escaped.push(c);
+            }
+            _ => escaped.push(c),
+        }
+    }
+    GlobBuilder::new(&escaped)
+        .literal_separator(false)
+        .backslash_escape(true)
+        .empty_alternates(false)
+        .build()
+        .ok()
+}

@@ -1,0 +1,244 @@
+//! Template-facing views of Spur's model, shaped like Prefect's pydantic objects.
+//!
+//! Prefect templates reach into events with attribute syntax: `event.resource.id`,
+//! `event.resource['prefect.resource.name']`, `event.resource_in_role['flow'].name`,
+//! `labels.prefect.resource.id`. These [`Object`] impls answer exactly those lookups while
+//! serializing (for `tojson`) to the plain JSON an event has on the wire.
+
+use std::sync::Arc;
+
+use minijinja::value::{Enumerator, Object, ObjectRepr, Serde};
+use minijinja::{Error, ErrorKind, State, Value};
+use spur_core::time::format_timestamp;
+use spur_core::{Event, Resource};
+
+/// An event: enumerates its wire fields; also answers Prefect's helper properties.
+#[derive(Debug)]
+pub struct EventView(pub Arc<Event>);
+
+const EVENT_FIELDS: &[&str] = &[
+    "occurred", "event", "resource", "related", "payload", "id", "follows", "received",
+];
+
+impl Object for EventView {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let event = &self.0;
+        Some(match key.as_str()? {
+            "occurred" => Value::from(format_timestamp(event.occurred)),
+            "received" => Value::from(format_timestamp(event.received)),
+            "event" => Value::from(event.event.as_str()),
+            "id" => Value::from(event.id.to_string()),
+            "follows" => event
+                .follows
+                .map_or(Value::from(()), |f| Value::from(f.to_string())),
+            "payload" => Value::from(Serde(&event.payload)),
+            "resource" => resource_value(&event.resource),
+            "related" => Value::from(event.related.iter().map(resource_value).collect::<Vec<_>>()),
+            "involved_resources" => Value::from(
+                event
+                    .involved_resources()
+                    .map(resource_value)
+                    .collect::<Vec<_>>(),
+            ),
+            "resource_in_role" => Value::from_object(RoleLookup {
+                event: event.clone(),
+                all: false,
+            }),
+            "resources_in_role" => Value::from_object(RoleLookup {
+                event: event.clone(),
+                all: true,
+            }),
+            // Spur has no UI link for events yet; Prefect's `url` is None without a UI too.
+            "url" => Value::from(()),
+            _ => return None,
+        })
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(EVENT_FIELDS)
+    }
+}
+
+/// A resource value for templates.
+pub fn resource_value(resource: &Resource) -> Value {
+    Value::from_object(ResourceView(resource.clone()))
+}
+
+/// A resource: a mapping of labels, plus `.id`, `.name`, `.role`, `.labels` and the methods
+/// `get`, `items`, `keys`, `values`.
+#[derive(Debug)]
+pub struct ResourceView(pub Resource);
+
+impl Object for ResourceView {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let key = key.as_str()?;
+        match key {
+            "id" => Some(Value::from(self.0.id())),
+            "name" => Some(self.0.name().map_or(Value::from(()), Value::from)),
+            "role" => Some(self.0.role().map_or(Value::from(()), Value::from)),
+            "labels" => Some(Value::from_object(LabelDiver::new(
+                self.0.labels().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+                String::new(),
+            ))),
+            label => self.0.get(label).map(Value::from),
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let keys: Vec<Value> = self.0.labels().map(|(k, _)| Value::from(k)).collect();
+        Enumerator::Values(keys)
+    }
+
+    fn call_method(
+        self: &Arc<Self>,
+        _state: &mut State<'_, '_>,
+        method: &str,
+        args: &[Value],
+    ) -> Result<Value, Error> {
+        match method {
+            "get" => {
+                let label = args.first().and_then(Value::as_str).unwrap_or("");
+                let fallback = args.get(1).cloned().unwrap_or(Value::from(()));
+                Ok(self.0.get(label).map_or(fallback, Value::from))
+            }
+            "items" => Ok(Value::from(
+                self.0
+                    .labels()
+                    .map(|(k, v)| Value::from(vec![Value::from(k), Value::from(v)]))
+                    .collect::<Vec<_>>(),
+            )),
+            "keys" => Ok(Value::from(
+                self.0.labels().map(|(k, _)| Value::from(k)).collect::<Vec<_>>(),
+            )),
+            "values" => Ok(Value::from(
+                self.0.labels().map(|(_, v)| Value::from(v)).collect::<Vec<_>>(),
+            )),
+            _ => Err(Error::from(ErrorKind::UnknownMethod)),
+        }
+    }
+}
+
+/// `event.resource_in_role[role]` (first match) and `event.resources_in_role[role]` (all).
+#[derive(Debug)]
+struct RoleLookup {
+    event: Arc<Event>,
+    all: bool,
+}
+
+impl Object for RoleLookup {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let role = key.as_str()?;
+        let mut matching = self.event.related.iter().filter(|r| r.role() == Some(role));
+        if self.all {
+            Some(Value::from(matching.map(resource_value).collect::<Vec<_>>()))
+        } else {
+            matching.next().map(resource_value)
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let mut roles: Vec<Value> = Vec::new();
+        for r in &self.event.related {
+            if let Some(role) = r.role()
+                && !roles.iter().any(|v| v.as_str() == Some(role))
+            {
+                roles.push(Value::from(role));
+            }
+        }
+        Enumerator::Values(roles)
+    }
+}
+
+/// Prefect's `LabelDiver`: dotted attribute access over flat dotted label names, so that
+/// `labels.prefect.resource.id` finds the label `prefect.resource.id`.
+#[derive(Debug)]
+pub struct LabelDiver {
+    labels: Arc<Vec<(String, String)>>,
+    prefix: String,
+}
+
+impl LabelDiver {
+    /// A diver over `labels`, positioned at `prefix` (empty = the root).
+    pub fn new(labels: Vec<(String, String)>, prefix: String) -> LabelDiver {
+        LabelDiver {
+            labels: Arc::new(labels),
+            prefix,
+        }
+    }
+
+    fn exact(&self) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| *k == self.prefix)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Object for LabelDiver {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        if self.prefix.is_empty() {
+            ObjectRepr::Map
+        } else {
+            ObjectRepr::Plain
+        }
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let part = key.as_str()?;
+        // A full label name asked by index (`labels['prefect.resource.id']`) at the root.
+        if self.prefix.is_empty()
+            && let Some((_, v)) = self.labels.iter().find(|(k, _)| k == part)
+            && !self.labels.iter().any(|(k, _)| k.len() > part.len() && k.starts_with(part) && k.as_bytes()[part.len()] == b'.')
+        {
+            return Some(Value::from(v.as_str()));
+        }
+        let path = if self.prefix.is_empty() {
+            part.to_owned()
+        } else {
+            format!("{}.{part}", self.prefix)
+        };
+        let deeper = self
+            .labels
+            .iter()
+            .any(|(k, _)| k.len() > path.len() && k.starts_with(&path) && k.as_bytes()[path.len()] == b'.');
+        let exact = self.labels.iter().find(|(k, _)| *k == path);
+        match (exact, deeper) {
+            (Some((_, v)), false) => Some(Value::from(v.as_str())),
+            (None, false) => None,
+            _ => Some(Value::from_object(LabelDiver {
+                labels: self.labels.clone(),
+                prefix: path,
+            })),
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        if self.prefix.is_empty() {
+            let keys: Vec<Value> = self.labels.iter().map(|(k, _)| Value::from(k.as_str())).collect();
+            Enumerator::Values(keys)
+        } else {
+            Enumerator::NonEnumerable
+        }
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.prefix.is_empty() {
+            let map: serde_json::Map<String, serde_json::Value> = self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+                .collect();
+            write!(f, "{}", serde_json::Value::Object(map))
+        } else {
+            f.write_str(self.exact().unwrap_or(""))
+        }
+    }
+}
