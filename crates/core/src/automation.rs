@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::event::json_type_name;
 use crate::problem::{FieldPath, Problems};
 use crate::time::parse_duration;
-use crate::trigger::{is_flow_run_loop_risk, matches_every_flow_run, Dialect, Trigger};
+use crate::trigger::{Dialect, Trigger, is_flow_run_loop_risk, matches_every_flow_run};
 
 /// An automation as loaded from a file.
 #[derive(Clone, Debug, Serialize)]
@@ -143,7 +143,13 @@ impl Action {
         let errors_before = problems.error_count();
         match action_type.as_str() {
             "run-deployment" => {
-                check_source(&mut fields, "deployment_id", Some("deployment"), path, problems);
+                check_source(
+                    &mut fields,
+                    "deployment_id",
+                    Some("deployment"),
+                    path,
+                    problems,
+                );
                 for key in ["parameters", "job_variables"] {
                     match fields.get(key) {
                         None => {
@@ -170,18 +176,26 @@ impl Action {
                     },
                 }
             }
-            "pause-deployment" | "resume-deployment" => {
-                check_source(&mut fields, "deployment_id", Some("deployment"), path, problems)
-            }
+            "pause-deployment" | "resume-deployment" => check_source(
+                &mut fields,
+                "deployment_id",
+                Some("deployment"),
+                path,
+                problems,
+            ),
             "pause-work-queue" | "resume-work-queue" => {
                 check_source(&mut fields, "work_queue_id", None, path, problems)
             }
             "pause-work-pool" | "resume-work-pool" => {
                 check_source(&mut fields, "work_pool_id", None, path, problems)
             }
-            "pause-automation" | "resume-automation" => {
-                check_source(&mut fields, "automation_id", Some("automation"), path, problems)
-            }
+            "pause-automation" | "resume-automation" => check_source(
+                &mut fields,
+                "automation_id",
+                Some("automation"),
+                path,
+                problems,
+            ),
             "change-flow-run-state" => match fields.get("state") {
                 Some(Value::String(s)) if FLOW_RUN_STATES.contains(&s.as_str()) => {}
                 Some(other) => problems.error(
@@ -364,7 +378,10 @@ impl Automation {
                 Uuid::nil()
             }),
             Some(other) => {
-                problems.error(&root.key("id"), format!("must be a UUID string, got {other}"));
+                problems.error(
+                    &root.key("id"),
+                    format!("must be a UUID string, got {other}"),
+                );
                 Uuid::nil()
             }
         };

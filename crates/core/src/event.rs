@@ -274,7 +274,10 @@ impl Event {
         let Value::Object(map) = value else {
             return Err(EventError::new(
                 "event",
-                format!("an event must be a JSON object, got {}", json_type_name(value)),
+                format!(
+                    "an event must be a JSON object, got {}",
+                    json_type_name(value)
+                ),
             ));
         };
         let name = match map.get("event") {
@@ -374,7 +377,9 @@ impl Event {
 
     /// Checks the serialized size against `limits.max_size_bytes`.
     pub fn check_size(&self, limits: &EventLimits) -> Result<(), EventError> {
-        let size = serde_json::to_vec(self).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(self)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size > limits.max_size_bytes {
             return Err(EventError::new(
                 "event",

@@ -27,7 +27,10 @@ enum Token {
     /// `*`: any run of characters, possibly empty.
     AnyRun,
     /// `[...]` / `[!...]`: one character in (or not in) the class.
-    Class { negated: bool, items: Vec<ClassItem> },
+    Class {
+        negated: bool,
+        items: Vec<ClassItem>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,7 +194,7 @@ fn match_tokens(tokens: &[Token], text: &str) -> bool {
     loop {
         if t < tokens.len() {
             let step = match &tokens[t] {
-                Token::Literal(lit) => text[pos..].starts_with(lit.as_str()).then(|| lit.len()),
+                Token::Literal(lit) => text[pos..].starts_with(lit.as_str()).then_some(lit.len()),
                 Token::AnyChar => text[pos..].chars().next().map(char::len_utf8),
                 Token::Class { negated, items } => text[pos..]
                     .chars()
@@ -300,7 +303,9 @@ impl PrefixRegex {
 
     /// True if some alternative matches a prefix of `text`.
     pub fn matches(&self, text: &str) -> bool {
-        self.alternatives.iter().any(|parts| prefix_match(parts, text))
+        self.alternatives
+            .iter()
+            .any(|parts| prefix_match(parts, text))
     }
 }
 

@@ -24,4 +24,5 @@ pub use trigger::{CompositeKind, CompositeTrigger, EventTrigger, Posture, Requir
 
 /// The namespace for Spur's name-derived UUIDv5 ids (automations, triggers, deployments,
 /// firings). Fixed forever: changing it would change every derived id.
-pub const SPUR_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5b0f_7c1e_94d2_4a57_8e21_3c6d_a9f0_1b42);
+pub const SPUR_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x5b0f_7c1e_94d2_4a57_8e21_3c6d_a9f0_1b42);

@@ -153,7 +153,10 @@ impl LoadOutcome {
 
 /// The stable id of a deployment that declares none: UUIDv5 of its name in Spur's namespace.
 pub fn deployment_id_for_name(name: &str) -> Uuid {
-    Uuid::new_v5(&crate::SPUR_NAMESPACE, format!("deployment:{name}").as_bytes())
+    Uuid::new_v5(
+        &crate::SPUR_NAMESPACE,
+        format!("deployment:{name}").as_bytes(),
+    )
 }
 
 /// Loads a file, or every `.yaml`/`.yml`/`.json` file under a folder (recursively, sorted).
@@ -187,7 +190,57 @@ pub fn load_path(path: &Path) -> LoadOutcome {
         }
     }
     check_unique_names(&mut outcome);
+    check_deployment_references(&mut outcome);
     outcome
+}
+
+/// A `run-deployment`/`pause-deployment`/`resume-deployment` action may name a deployment
+/// (`deployment: NAME`, Spur's alternative to `deployment_id`); the name must be declared in
+/// the loaded files. Ids are not checked: they may refer to a real Prefect server's deployments.
+fn check_deployment_references(outcome: &mut LoadOutcome) {
+    let declared: Vec<&str> = outcome
+        .deployments
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    let mut failures: Vec<(usize, Problem)> = Vec::new();
+    for (i, loaded) in outcome.automations.iter().enumerate() {
+        let a = &loaded.automation;
+        let lists = [
+            ("actions", &a.actions),
+            ("actions_on_trigger", &a.actions_on_trigger),
+            ("actions_on_resolve", &a.actions_on_resolve),
+        ];
+        for (key, actions) in lists {
+            for (n, action) in actions.iter().enumerate() {
+                if let Some(name) = action.field("deployment").and_then(Value::as_str)
+                    && !declared.contains(&name)
+                {
+                    let mut p = Problems::new();
+                    let known = if declared.is_empty() {
+                        "none are declared".to_owned()
+                    } else {
+                        format!("declared: {}", declared.join(", "))
+                    };
+                    p.error(
+                        &FieldPath::root().key(key).index(n).key("deployment"),
+                        format!("unknown deployment {name:?} ({known})"),
+                    );
+                    failures.extend(p.into_vec().into_iter().map(|p| (i, p)));
+                }
+            }
+        }
+    }
+    let mut remove: Vec<usize> = failures.iter().map(|(i, _)| *i).collect();
+    for (i, problem) in failures {
+        let d = outcome.diagnose(&outcome.automations[i].origin, problem);
+        outcome.diagnostics.push(d);
+    }
+    remove.sort_unstable();
+    remove.dedup();
+    for i in remove.into_iter().rev() {
+        outcome.automations.remove(i);
+    }
 }
 
 /// Loads automations from in-memory text (used for scenario files and tests).
@@ -206,9 +259,7 @@ pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPa
         .and_then(|t| parse_documents(t).ok())
         .and_then(|mut docs| (!docs.is_empty()).then(|| docs.swap_remove(0).1))
         .unwrap_or_default();
-    outcome
-        .source_maps
-        .insert((file.to_owned(), 0), map);
+    outcome.source_maps.insert((file.to_owned(), 0), map);
     load_document(&mut outcome, file, 0, value, base);
     check_unique_names(&mut outcome);
     outcome
@@ -290,13 +341,22 @@ fn load_document(
         Value::Null => {} // an empty file or document holds nothing
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                load_automation(outcome, file, document, item, &base.index(i), Dialect::Server);
+                load_automation(
+                    outcome,
+                    file,
+                    document,
+                    item,
+                    &base.index(i),
+                    Dialect::Server,
+                );
             }
         }
         Value::Object(map) if map.contains_key("trigger") => {
             load_automation(outcome, file, document, value, base, Dialect::Server);
         }
-        Value::Object(map) if map.contains_key("automations") || map.contains_key("deployments") => {
+        Value::Object(map)
+            if map.contains_key("automations") || map.contains_key("deployments") =>
+        {
             match map.get("automations") {
                 None | Some(Value::Null) => {}
                 Some(Value::Array(items)) => {
@@ -315,7 +375,13 @@ fn load_document(
                 None | Some(Value::Null) => {}
                 Some(Value::Array(items)) => {
                     for (i, item) in items.iter().enumerate() {
-                        load_deployment(outcome, file, document, item, &base.key("deployments").index(i));
+                        load_deployment(
+                            outcome,
+                            file,
+                            document,
+                            item,
+                            &base.key("deployments").index(i),
+                        );
                     }
                 }
                 Some(_) => push(
@@ -403,7 +469,10 @@ fn load_deployment(
             Uuid::nil()
         }),
         Some(other) => {
-            problems.error(&root.key("id"), format!("must be a UUID string, got {other}"));
+            problems.error(
+                &root.key("id"),
+                format!("must be a UUID string, got {other}"),
+            );
             Uuid::nil()
         }
     };
@@ -589,10 +658,8 @@ fn convert(
             Scalar::Integer(i) => Value::from(*i),
             Scalar::FloatingPoint(f) => {
                 let f = f.into_inner();
-                serde_json::Number::from_f64(f).map_or_else(
-                    || Value::String(f.to_string()),
-                    Value::Number,
-                )
+                serde_json::Number::from_f64(f)
+                    .map_or_else(|| Value::String(f.to_string()), Value::Number)
             }
             Scalar::String(s) => Value::String(s.to_string()),
         }),

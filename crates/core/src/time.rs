@@ -13,7 +13,9 @@ pub fn parse_timestamp(value: &Value) -> Result<DateTime<Utc>, String> {
     match value {
         Value::String(s) => parse_timestamp_str(s),
         Value::Number(n) => {
-            let secs = n.as_f64().ok_or_else(|| "is not a finite number".to_owned())?;
+            let secs = n
+                .as_f64()
+                .ok_or_else(|| "is not a finite number".to_owned())?;
             let micros = (secs * 1_000_000.0).round();
             if !micros.is_finite() || micros.abs() > 1e17 {
                 return Err(format!("{secs} is out of range"));
@@ -189,7 +191,10 @@ mod tests {
             Ok(TimeDelta::seconds(93_600))
         );
         assert_eq!(parse_duration(&json!("PT1.5M")), Ok(TimeDelta::seconds(90)));
-        assert_eq!(parse_duration(&json!("00:01:00")), Ok(TimeDelta::seconds(60)));
+        assert_eq!(
+            parse_duration(&json!("00:01:00")),
+            Ok(TimeDelta::seconds(60))
+        );
         assert_eq!(parse_duration(&json!("-PT5S")), Ok(TimeDelta::seconds(-5)));
         assert!(parse_duration(&json!(null)).is_err());
         assert!(parse_duration(&json!("soon")).is_err());

@@ -7,12 +7,12 @@
 //! inside a trigger are ignored, as Prefect does, but reported as warnings.
 
 use chrono::TimeDelta;
-use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::event::{json_type_name, Event, Resource};
+use crate::event::{Event, Resource, json_type_name};
 use crate::glob::{Glob, LabelPattern, PrefixRegex};
 use crate::problem::{FieldPath, Problems};
 use crate::time::{delta_seconds, parse_duration};
@@ -779,7 +779,10 @@ fn parse_composite(
         CompositeKind::Sequence
     };
     if count == 0 && map.get("triggers").is_some_and(Value::is_array) {
-        problems.warn(&triggers_path, "no child triggers: this trigger can never fire");
+        problems.warn(
+            &triggers_path,
+            "no child triggers: this trigger can never fire",
+        );
     }
     (problems.error_count() == errors_before).then_some(CompositeTrigger {
         id,
@@ -826,9 +829,11 @@ fn parse_name_set(
 /// An integer as pydantic's lax mode reads one: ints, and floats with no fractional part.
 pub(crate) fn as_integer(value: &Value) -> Option<i64> {
     match value {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64)),
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
+                .map(|f| f as i64)
+        }),
         _ => None,
     }
 }
@@ -843,7 +848,10 @@ fn sorted_set(mut items: Vec<String>) -> Vec<String> {
 /// early flow-run states could launch runs that trigger it again.
 pub(crate) fn is_flow_run_loop_risk(trigger: &EventTrigger) -> bool {
     trigger.posture == Posture::Reactive
-        && trigger.expect.iter().any(|e| e.starts_with("prefect.flow-run."))
+        && trigger
+            .expect
+            .iter()
+            .any(|e| e.starts_with("prefect.flow-run."))
         && trigger.expect.iter().any(|e| {
             matches!(
                 e.as_str(),
@@ -893,7 +901,10 @@ mod tests {
 
     #[test]
     fn proactive_within_rules() {
-        let (t, _) = parse(json!({"posture": "Proactive", "expect": ["a"]}), Dialect::Server);
+        let (t, _) = parse(
+            json!({"posture": "Proactive", "expect": ["a"]}),
+            Dialect::Server,
+        );
         let Some(Trigger::Event(t)) = t else {
             panic!("expected an event trigger")
         };

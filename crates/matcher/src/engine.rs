@@ -17,7 +17,9 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use spur_core::{Automation, CompositeKind, CompositeTrigger, Event, EventTrigger, Posture, Trigger};
+use spur_core::{
+    Automation, CompositeKind, CompositeTrigger, Event, EventTrigger, Posture, Trigger,
+};
 use uuid::Uuid;
 
 use crate::firing::{Firing, FiringState};
@@ -220,7 +222,8 @@ impl Engine {
         }
         let unchanged = |plan: &Plan, automation: usize| {
             let a = &plan.automations[automation];
-            old_fingerprints.get(&a.id).map(|f| f.as_str()) == Some(plan.fingerprints[automation].as_str())
+            old_fingerprints.get(&a.id).map(|f| f.as_str())
+                == Some(plan.fingerprints[automation].as_str())
         };
         self.leaf_states = plan
             .leaves
@@ -228,7 +231,9 @@ impl Engine {
             .map(|leaf| {
                 let id = plan.automations[leaf.automation].id;
                 if unchanged(&plan, leaf.automation) {
-                    old_leaf_states.remove(&(id, leaf.trigger.id)).unwrap_or_default()
+                    old_leaf_states
+                        .remove(&(id, leaf.trigger.id))
+                        .unwrap_or_default()
                 } else {
                     LeafState::default()
                 }
@@ -493,7 +498,7 @@ impl Engine {
                 if self.seen.contains(&follower.id) {
                     continue;
                 }
-                if depth + 1 <= self.config.max_follower_depth {
+                if depth < self.config.max_follower_depth {
                     self.process(follower, depth + 1, out);
                 } else {
                     // Too deep to process now: park it again for the lost-follower release.
@@ -537,7 +542,14 @@ impl Engine {
             if starts_after {
                 // Step 2: ensure a window starting at this event.
                 let initial = if expects { -1 } else { 0 };
-                ensure_bucket(state, &key, event.occurred, event.occurred + within, Some(event), initial);
+                ensure_bucket(
+                    state,
+                    &key,
+                    event.occurred,
+                    event.occurred + within,
+                    Some(event),
+                    initial,
+                );
                 have_bucket = true;
             }
             if !have_bucket && !has_after && expects {
@@ -705,7 +717,13 @@ impl Engine {
 
     /// Spur's resolve rule: a top-level proactive trigger that fired for a key resolves when
     /// the next expected event for that key arrives.
-    fn maybe_resolve(&mut self, leaf: usize, key: &BucketKey, event: &Arc<Event>, out: &mut Vec<Firing>) {
+    fn maybe_resolve(
+        &mut self,
+        leaf: usize,
+        key: &BucketKey,
+        event: &Arc<Event>,
+        out: &mut Vec<Firing>,
+    ) {
         if !self.config.resolve {
             return;
         }
@@ -717,7 +735,10 @@ impl Engine {
             return;
         };
         let automation = self.plan.automations[info.automation].clone();
-        let id = Uuid::new_v5(&spur_core::SPUR_NAMESPACE, format!("resolved:{fired}").as_bytes());
+        let id = Uuid::new_v5(
+            &spur_core::SPUR_NAMESPACE,
+            format!("resolved:{fired}").as_bytes(),
+        );
         out.push(Firing {
             id,
             automation,
@@ -792,7 +813,10 @@ impl Engine {
                 let mut order = present.clone();
                 order.sort_by_key(|(_, c)| (c.at, c.sequence));
                 order.len() == state.children.len()
-                    && order.iter().enumerate().all(|(want, (got, _))| want == *got)
+                    && order
+                        .iter()
+                        .enumerate()
+                        .all(|(want, (got, _))| want == *got)
             }
         };
         if !ready {
@@ -892,7 +916,11 @@ fn flatten(plan: &mut Plan, automation: usize, trigger: &Trigger, parent: Option
     }
 }
 
-fn composite_info(c: &CompositeTrigger, automation: usize, parent: Option<(usize, usize)>) -> Composite {
+fn composite_info(
+    c: &CompositeTrigger,
+    automation: usize,
+    parent: Option<(usize, usize)>,
+) -> Composite {
     Composite {
         id: c.id,
         kind: c.kind,

@@ -94,8 +94,14 @@ impl Firing {
     pub fn state_change_event(&self) -> Event {
         let automation = &self.automation;
         let mut resource = spur_core::Resource::from_pairs([
-            (spur_core::event::RESOURCE_ID.to_owned(), format!("prefect.automation.{}", automation.id)),
-            (spur_core::event::RESOURCE_NAME.to_owned(), automation.name.clone()),
+            (
+                spur_core::event::RESOURCE_ID.to_owned(),
+                format!("prefect.automation.{}", automation.id),
+            ),
+            (
+                spur_core::event::RESOURCE_NAME.to_owned(),
+                automation.name.clone(),
+            ),
         ]);
         if let spur_core::Trigger::Event(t) = &automation.trigger
             && t.id == self.trigger_id
@@ -111,12 +117,21 @@ impl Firing {
             .iter()
             .map(|e| {
                 spur_core::Resource::from_pairs([
-                    (spur_core::event::RESOURCE_ID.to_owned(), format!("prefect.event.{}", e.id)),
-                    (spur_core::event::RESOURCE_ROLE.to_owned(), "triggering-event".to_owned()),
+                    (
+                        spur_core::event::RESOURCE_ID.to_owned(),
+                        format!("prefect.event.{}", e.id),
+                    ),
+                    (
+                        spur_core::event::RESOURCE_ROLE.to_owned(),
+                        "triggering-event".to_owned(),
+                    ),
                 ])
             })
             .collect();
-        let id = Uuid::new_v5(&spur_core::SPUR_NAMESPACE, format!("state-change:{}", self.id).as_bytes());
+        let id = Uuid::new_v5(
+            &spur_core::SPUR_NAMESPACE,
+            format!("state-change:{}", self.id).as_bytes(),
+        );
         Event {
             id,
             occurred: self.at,

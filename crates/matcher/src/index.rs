@@ -114,7 +114,10 @@ impl TriggerIndex {
                 match trigger.match_resource.literal_values(RESOURCE_ID) {
                     Some(ids) if !ids.is_empty() => {
                         for id in ids {
-                            push_unique(index.any_name_by_resource.entry(id.into()).or_default(), leaf);
+                            push_unique(
+                                index.any_name_by_resource.entry(id.into()).or_default(),
+                                leaf,
+                            );
                         }
                     }
                     _ => index.always.push(leaf),
@@ -126,7 +129,11 @@ impl TriggerIndex {
                     push_unique(index.literal.entry(glob.as_str().into()).or_default(), leaf);
                 } else if let Some(prefix) = glob.trailing_star_prefix() {
                     push_unique(index.prefixes.entry(prefix.into()).or_default(), leaf);
-                } else if let Some(compiled) = glob.only_stars().then(|| to_globset(glob.as_str())).flatten() {
+                } else if let Some(compiled) = glob
+                    .only_stars()
+                    .then(|| to_globset(glob.as_str()))
+                    .flatten()
+                {
                     glob_builder.add(compiled);
                     index.glob_owners.push(leaf);
                     glob_count += 1;
@@ -144,7 +151,7 @@ impl TriggerIndex {
                 Ok(set) => index.globs = Some(set),
                 Err(_) => {
                     // Cannot happen for escaped star-only patterns; stay correct regardless.
-                    index.always.extend(index.glob_owners.drain(..));
+                    index.always.append(&mut index.glob_owners);
                 }
             }
         }

@@ -95,8 +95,13 @@ pub fn read_events(path: &Path) -> Result<Vec<(usize, Value)>, ReplayError> {
 pub fn parse_events_text(text: &str) -> Result<Vec<(usize, Value)>, String> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        let raw: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)
-            .map_err(|e| format!("{}:{}: not a JSON array of events: {e}", e.line(), e.column()))?;
+        let raw: Vec<&serde_json::value::RawValue> = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "{}:{}: not a JSON array of events: {e}",
+                e.line(),
+                e.column()
+            )
+        })?;
         return raw
             .into_iter()
             .map(|r| {
@@ -122,7 +127,9 @@ pub fn parse_events_text(text: &str) -> Result<Vec<(usize, Value)>, String> {
 
 /// The (line, column) where `part` (a slice of `text`) starts.
 pub(crate) fn line_of(text: &str, part: &str) -> (usize, usize) {
-    let offset = (part.as_ptr() as usize).saturating_sub(text.as_ptr() as usize).min(text.len());
+    let offset = (part.as_ptr() as usize)
+        .saturating_sub(text.as_ptr() as usize)
+        .min(text.len());
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
@@ -222,9 +229,15 @@ impl Replay {
             FiringState::Triggered => (&automation.actions, &automation.actions_on_trigger),
             FiringState::Resolved => (&automation.actions_on_resolve, &Vec::new()),
         };
-        for (list, use_state_event) in [(main, firing.state == FiringState::Resolved), (extra, true)] {
+        for (list, use_state_event) in
+            [(main, firing.state == FiringState::Resolved), (extra, true)]
+        {
             for action in list {
-                let ctx = if use_state_event { state_value() } else { base_value.clone() };
+                let ctx = if use_state_event {
+                    state_value()
+                } else {
+                    base_value.clone()
+                };
                 actions.push(self.render_action(action, &ctx));
             }
         }

@@ -77,7 +77,12 @@ pub fn load_scenario(path: &Path, templates: &TemplateEngine) -> Result<Scenario
     let at = |msg: String| vec![format!("{}: {msg}", path.display())];
     let text = std::fs::read_to_string(path).map_err(|e| at(format!("cannot read: {e}")))?;
     let value: Value = serde_json::from_str(&text).map_err(|e| {
-        vec![format!("{}:{}:{}: not valid JSON: {e}", path.display(), e.line(), e.column())]
+        vec![format!(
+            "{}:{}:{}: not valid JSON: {e}",
+            path.display(),
+            e.line(),
+            e.column()
+        )]
     })?;
     let Value::Object(map) = &value else {
         return Err(at("a scenario must be a JSON object".into()));
@@ -86,11 +91,23 @@ pub fn load_scenario(path: &Path, templates: &TemplateEngine) -> Result<Scenario
         .get("name")
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        .unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
     let mut errors = Vec::new();
 
-    let automations_value = map.get("automations").cloned().unwrap_or(Value::Array(Vec::new()));
-    let mut outcome = load_value(path, Some(&text), &automations_value, &FieldPath::root().key("automations"));
+    let automations_value = map
+        .get("automations")
+        .cloned()
+        .unwrap_or(Value::Array(Vec::new()));
+    let mut outcome = load_value(
+        path,
+        Some(&text),
+        &automations_value,
+        &FieldPath::root().key("automations"),
+    );
     check_templates(&mut outcome, templates);
     for d in &outcome.diagnostics {
         if d.severity == Severity::Error {
@@ -103,7 +120,8 @@ pub fn load_scenario(path: &Path, templates: &TemplateEngine) -> Result<Scenario
         .map(|l| Arc::new(l.automation))
         .collect();
 
-    let raw: RawScenario<'_> = serde_json::from_str(&text).map_err(|e| at(format!("events: {e}")))?;
+    let raw: RawScenario<'_> =
+        serde_json::from_str(&text).map_err(|e| at(format!("events: {e}")))?;
     let mut events = Vec::new();
     for r in raw.events {
         let (line, _) = line_of(&text, r.get());
@@ -123,14 +141,20 @@ pub fn load_scenario(path: &Path, templates: &TemplateEngine) -> Result<Scenario
             }
         },
         Some(other) => {
-            errors.push(format!("{}: until: must be a timestamp, got {other}", path.display()));
+            errors.push(format!(
+                "{}: until: must be a timestamp, got {other}",
+                path.display()
+            ));
             None
         }
     };
 
     let mut expect = Vec::new();
     match map.get("expect") {
-        None => errors.push(format!("{}: expect: is required (a list of firings; [] for none)", path.display())),
+        None => errors.push(format!(
+            "{}: expect: is required (a list of firings; [] for none)",
+            path.display()
+        )),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 match parse_expectation(item) {
@@ -169,7 +193,9 @@ fn parse_expectation(item: &Value) -> Result<Expectation, String> {
         .ok_or("state: is required")?
         .to_owned();
     if state != "triggered" && state != "resolved" {
-        return Err(format!("state: must be \"triggered\" or \"resolved\", got {state:?}"));
+        return Err(format!(
+            "state: must be \"triggered\" or \"resolved\", got {state:?}"
+        ));
     }
     let at = match map.get("at") {
         None | Some(Value::Null) => None,
@@ -260,7 +286,9 @@ fn describe_expectation(e: &Expectation) -> String {
 }
 
 fn describe_firing(f: &FiringRecord) -> String {
-    let params = first_run_deployment(f).map(|a| format!(" parameters {}", a)).unwrap_or_default();
+    let params = first_run_deployment(f)
+        .map(|a| format!(" parameters {}", a))
+        .unwrap_or_default();
     format!(
         "{} {} at {} event {}{}",
         f.automation,
@@ -308,9 +336,13 @@ pub fn json_equal(a: &Value, b: &Value) -> bool {
             (Some(i), Some(j)) => i == j,
             _ => x.as_f64() == y.as_f64(),
         },
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_equal(p, q)),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_equal(p, q))
+        }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_equal(v, w)))
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_equal(v, w)))
         }
         _ => a == b,
     }
@@ -320,10 +352,19 @@ pub fn json_equal(a: &Value, b: &Value) -> bool {
 fn match_firings(expect: &[Expectation], actual: &[&FiringRecord]) -> Vec<(usize, usize)> {
     let edges: Vec<Vec<usize>> = expect
         .iter()
-        .map(|e| (0..actual.len()).filter(|&j| compatible(e, actual[j])).collect())
+        .map(|e| {
+            (0..actual.len())
+                .filter(|&j| compatible(e, actual[j]))
+                .collect()
+        })
         .collect();
     let mut owner: Vec<Option<usize>> = vec![None; actual.len()];
-    fn augment(i: usize, edges: &[Vec<usize>], owner: &mut [Option<usize>], seen: &mut [bool]) -> bool {
+    fn augment(
+        i: usize,
+        edges: &[Vec<usize>],
+        owner: &mut [Option<usize>],
+        seen: &mut [bool],
+    ) -> bool {
         for &j in &edges[i] {
             if seen[j] {
                 continue;

@@ -85,7 +85,10 @@ impl Object for ResourceView {
             "name" => Some(self.0.name().map_or(Value::from(()), Value::from)),
             "role" => Some(self.0.role().map_or(Value::from(()), Value::from)),
             "labels" => Some(Value::from_object(LabelDiver::new(
-                self.0.labels().map(|(k, v)| (k.to_owned(), v.to_owned())).collect(),
+                self.0
+                    .labels()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
                 String::new(),
             ))),
             label => self.0.get(label).map(Value::from),
@@ -116,10 +119,16 @@ impl Object for ResourceView {
                     .collect::<Vec<_>>(),
             )),
             "keys" => Ok(Value::from(
-                self.0.labels().map(|(k, _)| Value::from(k)).collect::<Vec<_>>(),
+                self.0
+                    .labels()
+                    .map(|(k, _)| Value::from(k))
+                    .collect::<Vec<_>>(),
             )),
             "values" => Ok(Value::from(
-                self.0.labels().map(|(_, v)| Value::from(v)).collect::<Vec<_>>(),
+                self.0
+                    .labels()
+                    .map(|(_, v)| Value::from(v))
+                    .collect::<Vec<_>>(),
             )),
             _ => Err(Error::from(ErrorKind::UnknownMethod)),
         }
@@ -138,7 +147,9 @@ impl Object for RoleLookup {
         let role = key.as_str()?;
         let mut matching = self.event.related.iter().filter(|r| r.role() == Some(role));
         if self.all {
-            Some(Value::from(matching.map(resource_value).collect::<Vec<_>>()))
+            Some(Value::from(
+                matching.map(resource_value).collect::<Vec<_>>(),
+            ))
         } else {
             matching.next().map(resource_value)
         }
@@ -196,7 +207,9 @@ impl Object for LabelDiver {
         // A full label name asked by index (`labels['prefect.resource.id']`) at the root.
         if self.prefix.is_empty()
             && let Some((_, v)) = self.labels.iter().find(|(k, _)| k == part)
-            && !self.labels.iter().any(|(k, _)| k.len() > part.len() && k.starts_with(part) && k.as_bytes()[part.len()] == b'.')
+            && !self.labels.iter().any(|(k, _)| {
+                k.len() > part.len() && k.starts_with(part) && k.as_bytes()[part.len()] == b'.'
+            })
         {
             return Some(Value::from(v.as_str()));
         }
@@ -205,10 +218,9 @@ impl Object for LabelDiver {
         } else {
             format!("{}.{part}", self.prefix)
         };
-        let deeper = self
-            .labels
-            .iter()
-            .any(|(k, _)| k.len() > path.len() && k.starts_with(&path) && k.as_bytes()[path.len()] == b'.');
+        let deeper = self.labels.iter().any(|(k, _)| {
+            k.len() > path.len() && k.starts_with(&path) && k.as_bytes()[path.len()] == b'.'
+        });
         let exact = self.labels.iter().find(|(k, _)| *k == path);
         match (exact, deeper) {
             (Some((_, v)), false) => Some(Value::from(v.as_str())),
@@ -222,7 +234,11 @@ impl Object for LabelDiver {
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
         if self.prefix.is_empty() {
-            let keys: Vec<Value> = self.labels.iter().map(|(k, _)| Value::from(k.as_str())).collect();
+            let keys: Vec<Value> = self
+                .labels
+                .iter()
+                .map(|(k, _)| Value::from(k.as_str()))
+                .collect();
             Enumerator::Values(keys)
         } else {
             Enumerator::NonEnumerable

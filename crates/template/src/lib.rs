@@ -61,16 +61,18 @@ pub fn rewrite_angle_syntax(source: &str) -> Cow<'_, str> {
     let mut i = 0;
     let mut changed = false;
     while i + 2 < bytes.len() {
-        if bytes[i] == b'<' && bytes[i + 1] == b'<' && matches!(bytes[i + 2], b' ' | b'-') {
-            if let Some(close) = find_closing(bytes, i + 2) {
-                out[i] = b'{';
-                out[i + 1] = b'{';
-                out[close] = b'}';
-                out[close + 1] = b'}';
-                changed = true;
-                i = close + 2;
-                continue;
-            }
+        if bytes[i] == b'<'
+            && bytes[i + 1] == b'<'
+            && matches!(bytes[i + 2], b' ' | b'-')
+            && let Some(close) = find_closing(bytes, i + 2)
+        {
+            out[i] = b'{';
+            out[i + 1] = b'{';
+            out[close] = b'}';
+            out[close + 1] = b'}';
+            changed = true;
+            i = close + 2;
+            continue;
         }
         i += 1;
     }
@@ -171,7 +173,10 @@ fn capped_range(lower: i64, upper: Option<i64>, step: Option<i64>) -> Result<Val
     };
     let step = step.unwrap_or(1);
     if step == 0 {
-        return Err(Error::new(ErrorKind::InvalidOperation, "range() step must not be zero"));
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "range() step must not be zero",
+        ));
     }
     let mut items = Vec::new();
     let mut i = start;
@@ -278,10 +283,9 @@ pub struct TemplateContext {
 impl TemplateContext {
     /// The context as a minijinja value.
     pub fn to_value(&self) -> Value {
-        let event = self
-            .event
-            .as_ref()
-            .map_or(Value::from(()), |e| Value::from_object(EventView(e.clone())));
+        let event = self.event.as_ref().map_or(Value::from(()), |e| {
+            Value::from_object(EventView(e.clone()))
+        });
         let automation = self
             .automation
             .as_ref()
@@ -308,7 +312,9 @@ pub fn render_parameters(
     parameters: Option<&Json>,
     context: &Value,
 ) -> Result<Json, TemplateError> {
-    let mut upgraded = parameters.cloned().unwrap_or_else(|| Json::Object(Map::new()));
+    let mut upgraded = parameters
+        .cloned()
+        .unwrap_or_else(|| Json::Object(Map::new()));
     if let Json::Object(map) = &mut upgraded {
         upgrade_v1_templates(map);
     }
@@ -330,10 +336,8 @@ pub fn validate_parameters(engine: &TemplateEngine, parameters: &Json, problems:
 fn upgrade_v1_templates(map: &mut Map<String, Json>) {
     for value in map.values_mut() {
         match value {
-            Json::Object(inner) => {
-                if !inner.contains_key("__prefect_kind") {
-                    upgrade_v1_templates(inner);
-                }
+            Json::Object(inner) if !inner.contains_key("__prefect_kind") => {
+                upgrade_v1_templates(inner);
             }
             Json::Array(items) => {
                 for item in items.iter_mut() {
@@ -358,7 +362,10 @@ fn wrap_v1_template(template: &str) -> Json {
         let inner = stripped[2..stripped.len() - 2].trim();
         let mut jinja = Map::new();
         jinja.insert("__prefect_kind".into(), "jinja".into());
-        jinja.insert("template".into(), format!("{{{{ {inner} | tojson }}}}").into());
+        jinja.insert(
+            "template".into(),
+            format!("{{{{ {inner} | tojson }}}}").into(),
+        );
         let mut json = Map::new();
         json.insert("__prefect_kind".into(), "json".into());
         json.insert("value".into(), Json::Object(jinja));
@@ -372,7 +379,11 @@ fn wrap_v1_template(template: &str) -> Json {
 
 /// Prefect's `hydrate`. `Ok(None)` means "remove this key" (a `json` kind without `value`).
 /// With `context: None` templates are not rendered (validation only).
-fn hydrate(engine: &TemplateEngine, value: &Json, context: Option<&Value>) -> Result<Option<Json>, TemplateError> {
+fn hydrate(
+    engine: &TemplateEngine,
+    value: &Json,
+    context: Option<&Value>,
+) -> Result<Option<Json>, TemplateError> {
     match value {
         Json::Object(map) => match map.get("__prefect_kind") {
             Some(kind) => hydrate_kind(engine, kind.as_str().unwrap_or(""), map, context),
@@ -446,7 +457,9 @@ fn hydrate_kind(
         }
         "none" => match map.get("value") {
             Some(v) => hydrate(engine, v, context),
-            None => Err(TemplateError::Hydration("Missing 'value' key in __prefect object".into())),
+            None => Err(TemplateError::Hydration(
+                "Missing 'value' key in __prefect object".into(),
+            )),
         },
         "workspace_variable" => Err(TemplateError::Hydration(
             "workspace variables are not supported by Spur; put the value in the parameters".into(),
@@ -455,7 +468,12 @@ fn hydrate_kind(
     }
 }
 
-fn validate_hydration(engine: &TemplateEngine, value: &Json, path: &FieldPath, problems: &mut Problems) {
+fn validate_hydration(
+    engine: &TemplateEngine,
+    value: &Json,
+    path: &FieldPath,
+    problems: &mut Problems,
+) {
     match value {
         Json::Object(map) if map.contains_key("__prefect_kind") => {
             if let Err(e) = hydrate(engine, value, None) {
@@ -478,7 +496,10 @@ fn validate_hydration(engine: &TemplateEngine, value: &Json, path: &FieldPath, p
 
 /// Load-time template checks for every templated field of an automation's actions. Problems
 /// are relative to the automation.
-pub fn validate_automation(engine: &TemplateEngine, automation: &Automation) -> Vec<spur_core::Problem> {
+pub fn validate_automation(
+    engine: &TemplateEngine,
+    automation: &Automation,
+) -> Vec<spur_core::Problem> {
     let mut problems = Problems::new();
     let root = FieldPath::root();
     let lists = [
@@ -492,7 +513,11 @@ pub fn validate_automation(engine: &TemplateEngine, automation: &Automation) -> 
             match action.action_type.as_str() {
                 "run-deployment" => {
                     if let Some(p) = action.parameters() {
-                        validate_parameters(engine, p, &mut problems_at(&mut problems, &path.key("parameters")));
+                        validate_parameters(
+                            engine,
+                            p,
+                            &mut problems_at(&mut problems, &path.key("parameters")),
+                        );
                     }
                 }
                 "send-notification" | "call-webhook" => {
@@ -500,7 +525,10 @@ pub fn validate_automation(engine: &TemplateEngine, automation: &Automation) -> 
                         if let Some(Json::String(s)) = action.field(field)
                             && let Err(e) = engine.validate(s)
                         {
-                            problems.error(&path.key(field), format!("{field:?} is not a valid template: {e}"));
+                            problems.error(
+                                &path.key(field),
+                                format!("{field:?} is not a valid template: {e}"),
+                            );
                         }
                     }
                 }
@@ -516,7 +544,12 @@ pub fn validate_automation(engine: &TemplateEngine, automation: &Automation) -> 
     problems.into_vec()
 }
 
-fn validate_strings(engine: &TemplateEngine, value: &Json, path: &FieldPath, problems: &mut Problems) {
+fn validate_strings(
+    engine: &TemplateEngine,
+    value: &Json,
+    path: &FieldPath,
+    problems: &mut Problems,
+) {
     match value {
         Json::String(s) if maybe_template(s) => {
             if let Err(e) = engine.validate(s) {
@@ -604,7 +637,10 @@ mod tests {
     #[test]
     fn angle_syntax_rewrites_only_expressions() {
         assert_eq!(rewrite_angle_syntax("<< a >>"), "{{ a }}");
-        assert_eq!(rewrite_angle_syntax("x << 'q >> r' >> y"), "x {{ 'q >> r' }} y");
+        assert_eq!(
+            rewrite_angle_syntax("x << 'q >> r' >> y"),
+            "x {{ 'q >> r' }} y"
+        );
         assert_eq!(rewrite_angle_syntax("cat <<EOF"), "cat <<EOF");
         assert_eq!(rewrite_angle_syntax("<<- a ->>"), "{{- a -}}");
         assert_eq!(rewrite_angle_syntax("<< a"), "<< a");
@@ -645,9 +681,13 @@ mod tests {
     #[test]
     fn whole_event_serializes_as_wire_json() {
         let engine = TemplateEngine::new();
-        let out = render_parameters(&engine, Some(&json!({"e": "{{ event }}"})), &ctx()).expect("renders");
+        let out = render_parameters(&engine, Some(&json!({"e": "{{ event }}"})), &ctx())
+            .expect("renders");
         assert_eq!(out["e"]["event"], json!("prefect.flow-run.Completed"));
-        assert_eq!(out["e"]["resource"]["prefect.resource.id"], json!("prefect.flow-run.1"));
+        assert_eq!(
+            out["e"]["resource"]["prefect.resource.id"],
+            json!("prefect.flow-run.1")
+        );
         assert!(out["e"].get("resource_in_role").is_none());
     }
 
@@ -657,8 +697,17 @@ mod tests {
         let err = engine.render("{% for i in range(1000) %}{% endfor %}", &ctx());
         assert!(matches!(err, Err(TemplateError::Render(_))), "{err:?}");
         let nested = "{% for a in [1] %}{% for b in [1] %}{% for c in [1] %}{% endfor %}{% endfor %}{% endfor %}";
-        assert!(matches!(engine.validate(nested), Err(TemplateError::Invalid(_))));
-        assert!(matches!(engine.validate("{{ oops("), Err(TemplateError::Invalid(_))));
-        assert_eq!(engine.render("{{ missing.deeper }}", &ctx()).as_deref(), Ok(""));
+        assert!(matches!(
+            engine.validate(nested),
+            Err(TemplateError::Invalid(_))
+        ));
+        assert!(matches!(
+            engine.validate("{{ oops("),
+            Err(TemplateError::Invalid(_))
+        ));
+        assert_eq!(
+            engine.render("{{ missing.deeper }}", &ctx()).as_deref(),
+            Ok("")
+        );
     }
 }
