@@ -125,6 +125,15 @@ impl Glob {
         }
     }
 
+    /// The literal text every match must start with (empty when the pattern starts with a
+    /// special character).
+    pub fn literal_prefix(&self) -> &str {
+        match self.tokens.first() {
+            Some(Token::Literal(p)) => p,
+            _ => "",
+        }
+    }
+
     /// True when the only special character is `*` (no `?` and no classes).
     pub fn only_stars(&self) -> bool {
         self.tokens

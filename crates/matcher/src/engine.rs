@@ -33,6 +33,10 @@ const IGNORED_EVENT: &str = "prefect.log.write";
 pub struct EngineConfig {
     /// How long processed event ids are remembered for de-duplication (`None`: forever).
     pub dedupe_window: Option<TimeDelta>,
+    /// At most this many ids are remembered; the oldest are forgotten first (`None`: no cap).
+    /// Prefect's trigger service remembers 10 000; durable, longer-range de-duplication
+    /// belongs to the event log, in front of the engine.
+    pub dedupe_capacity: Option<usize>,
     /// How long a follower waits for its leader (Prefect: 15 min).
     pub follower_lookback: TimeDelta,
     /// How deep a chain of parked followers is processed at once (Prefect: 20).
@@ -51,6 +55,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             dedupe_window: Some(TimeDelta::minutes(30)),
+            dedupe_capacity: Some(10_000),
             follower_lookback: TimeDelta::minutes(15),
             max_follower_depth: 20,
             expired_bucket_buffer: TimeDelta::seconds(60),
@@ -453,8 +458,16 @@ impl Engine {
     }
 
     fn remember(&mut self, event: &Event) {
-        if self.seen.insert(event.id) && self.config.dedupe_window.is_some() {
+        let bounded = self.config.dedupe_window.is_some() || self.config.dedupe_capacity.is_some();
+        if self.seen.insert(event.id) && bounded {
             self.seen_order.push_back((self.now(), event.id));
+            if let Some(capacity) = self.config.dedupe_capacity {
+                while self.seen_order.len() > capacity {
+                    if let Some((_, old)) = self.seen_order.pop_front() {
+                        self.seen.remove(&old);
+                    }
+                }
+            }
         }
     }
 
@@ -491,6 +504,9 @@ impl Engine {
     fn process(&mut self, event: Arc<Event>, depth: usize, out: &mut Vec<Firing>) {
         self.remember(&event);
         self.reactive_evaluation(&event, out);
+        if self.held.is_empty() {
+            return;
+        }
         if let Some(mut followers) = self.held.remove(&event.id) {
             followers.sort_by_key(|e| (e.occurred, e.received));
             for follower in followers {

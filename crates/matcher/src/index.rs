@@ -7,9 +7,9 @@
 //! | pattern shape              | structure                       | lookup per event              |
 //! |----------------------------|---------------------------------|-------------------------------|
 //! | literal `a.b.c`            | hash map name → leaves          | one hash probe                |
-//! | `prefix*`                  | hash map prefix → leaves        | one probe per distinct length |
-//! | other `*` patterns         | one `globset::GlobSet`          | one automaton pass            |
-//! | `?`/`[` patterns           | always-checked list             | linear (rare, and lint-warned)|
+//! | `prefix…` (any pattern that starts with literal text: `a.*`, `a.*.b`, `a.?`) | byte trie of literal prefixes | one step per agreeing byte |
+//! | `*…` star-only patterns    | one `globset::GlobSet`          | one automaton pass            |
+//! | other leading `?`/`[`      | always-checked list             | linear (rare, and lint-warned)|
 //! | empty `expect` (any event) | by literal `prefect.resource.id` in `match`, else always |
 //!
 //! **Invariant:** the index only ever returns a *superset* of the leaves whose exact
@@ -80,8 +80,7 @@ pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 #[derive(Debug, Default)]
 pub struct TriggerIndex {
     literal: FxHashMap<Box<str>, Vec<u32>>,
-    prefixes: FxHashMap<Box<str>, Vec<u32>>,
-    prefix_lengths: Vec<usize>,
+    prefixes: PrefixTrie,
     globs: Option<GlobSet>,
     glob_owners: Vec<u32>,
     always: Vec<u32>,
@@ -127,8 +126,13 @@ impl TriggerIndex {
             for glob in patterns {
                 if glob.is_literal() {
                     push_unique(index.literal.entry(glob.as_str().into()).or_default(), leaf);
-                } else if let Some(prefix) = glob.trailing_star_prefix() {
-                    push_unique(index.prefixes.entry(prefix.into()).or_default(), leaf);
+                } else if !glob.literal_prefix().is_empty() || glob.trailing_star_prefix().is_some()
+                {
+                    // Every match starts with the literal prefix (for `prefix*` that is the
+                    // whole test; for `a*b` or `a?` the engine's exact check does the rest).
+                    index
+                        .prefixes
+                        .insert(glob.literal_prefix().as_bytes(), leaf);
                 } else if let Some(compiled) = glob
                     .only_stars()
                     .then(|| to_globset(glob.as_str()))
@@ -142,10 +146,6 @@ impl TriggerIndex {
                 }
             }
         }
-        let mut lengths: Vec<usize> = index.prefixes.keys().map(|p| p.len()).collect();
-        lengths.sort_unstable();
-        lengths.dedup();
-        index.prefix_lengths = lengths;
         if glob_count > 0 {
             match glob_builder.build() {
                 Ok(set) => index.globs = Some(set),
@@ -201,16 +201,8 @@ impl TriggerIndex {
         if let Some(list) = self.literal.get(name) {
             add(list);
         }
-        for &len in &self.prefix_lengths {
-            if len > name.len() {
-                break;
-            }
-            if let Some(prefix) = name.get(..len)
-                && let Some(list) = self.prefixes.get(prefix)
-            {
-                add(list);
-            }
-        }
+        self.prefixes
+            .for_each_prefix_of(name.as_bytes(), |list| add(list));
         if let Some(globs) = &self.globs {
             glob_hits.clear();
             globs.matches_into(name, glob_hits);
@@ -223,6 +215,68 @@ impl TriggerIndex {
         }
         add(&self.always);
         leaves.sort_unstable();
+    }
+}
+
+/// A byte trie of literal prefixes. Walking it costs one step per byte of the event name that
+/// still agrees with some prefix, so a name unlike every pattern stops at its first byte.
+#[derive(Debug)]
+struct PrefixTrie {
+    nodes: Vec<TrieNode>,
+}
+
+#[derive(Debug, Default)]
+struct TrieNode {
+    /// Children sorted by byte.
+    children: Vec<(u8, u32)>,
+    /// Leaves whose prefix ends here.
+    leaves: Vec<u32>,
+}
+
+impl Default for PrefixTrie {
+    fn default() -> Self {
+        PrefixTrie {
+            nodes: vec![TrieNode::default()],
+        }
+    }
+}
+
+impl PrefixTrie {
+    fn insert(&mut self, prefix: &[u8], leaf: u32) {
+        let mut node = 0usize;
+        for &byte in prefix {
+            node = match self.nodes[node]
+                .children
+                .binary_search_by_key(&byte, |&(b, _)| b)
+            {
+                Ok(i) => self.nodes[node].children[i].1 as usize,
+                Err(i) => {
+                    let next = self.nodes.len();
+                    self.nodes.push(TrieNode::default());
+                    self.nodes[node].children.insert(i, (byte, next as u32));
+                    next
+                }
+            };
+        }
+        push_unique(&mut self.nodes[node].leaves, leaf);
+    }
+
+    /// Calls `visit` with the leaves of every stored prefix of `name` (shortest first).
+    #[inline]
+    fn for_each_prefix_of(&self, name: &[u8], mut visit: impl FnMut(&[u32])) {
+        let mut node = &self.nodes[0];
+        for &byte in name {
+            if !node.leaves.is_empty() {
+                visit(&node.leaves);
+            }
+            match node.children.binary_search_by_key(&byte, |&(b, _)| b) {
+                Ok(i) => node = &self.nodes[node.children[i].1 as usize],
+                Err(_) => return,
+            }
+        }
+        if !node.leaves.is_empty() {
+            visit(&node.leaves);
+        }
     }
 }
 

@@ -195,6 +195,7 @@ fn run(
     let mut engine = Engine::new(EngineConfig {
         use_index,
         dedupe_window: None,
+        dedupe_capacity: None,
         ..EngineConfig::default()
     });
     engine.load(automations.to_vec());

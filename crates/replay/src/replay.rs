@@ -149,6 +149,7 @@ impl Replay {
     pub fn new(automations: Vec<Arc<Automation>>) -> Replay {
         let config = EngineConfig {
             dedupe_window: None,
+            dedupe_capacity: None,
             ..EngineConfig::default()
         };
         Replay::with_config(automations, config)
