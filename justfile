@@ -1,0 +1,31 @@
+# Everyday recipes. `just --list` shows them all.
+
+# Run the daemon on embedded defaults (no NATS needed).
+run *ARGS:
+    cargo run --release -- serve {{ARGS}}
+
+# The whole suite, exactly as CI runs it (provisions what the tests need).
+test:
+    ./scripts/test.sh
+
+# Fast loop: tests only, no lints.
+quick:
+    SPUR_SKIP_LINT=1 ./scripts/test.sh
+
+# Format and lint.
+lint:
+    cargo fmt --all
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Benchmarks (see docs/benchmarks.md for the figures and how to read them).
+bench:
+    cargo bench -p spur-matcher --bench matcher
+    cargo bench -p spur-matcher --bench memory
+
+# Validate the shipped automations.
+check PATH="config/automations":
+    cargo run --release -- check {{PATH}}
+
+# Run the trigger scenarios and the public conformance examples.
+scenarios:
+    cargo run --release -- test tests/scenarios ../shared/conformance/examples

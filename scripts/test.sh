@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs Spur's whole test suite on a fresh machine: provisions what the tests need, checks
+# formatting and lints, runs every crate's unit, property and end-to-end tests, then the
+# trigger scenario suite and the public conformance examples through the real binary.
+#
+#   ./scripts/test.sh            # everything
+#   SPUR_SKIP_LINT=1 ./scripts/test.sh   # tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "provisioning"
+# shellcheck source=scripts/provision.sh
+source scripts/provision.sh
+
+if [ "${SPUR_SKIP_LINT:-0}" != "1" ]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy -D warnings"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+step "cargo test (unit, property and end-to-end tests)"
+cargo test --workspace --locked
+
+step "spur test: trigger scenarios and public conformance examples"
+cargo build --release --locked -p spur
+suites=(tests/scenarios)
+if [ -d ../shared/conformance/examples ]; then
+  suites+=(../shared/conformance/examples)
+fi
+./target/release/spur test "${suites[@]}"
