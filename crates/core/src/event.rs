@@ -364,6 +364,23 @@ impl Event {
         })
     }
 
+    /// Parses an event Spur stored itself (its own `received` is kept, not re-stamped).
+    pub fn from_stored_json(value: &Value) -> Result<Event, EventError> {
+        let received = value
+            .get("received")
+            .map(parse_timestamp)
+            .transpose()
+            .map_err(|reason| EventError::new("received", reason))?
+            .ok_or_else(|| EventError::new("received", "is required in stored events"))?;
+        let limits = EventLimits {
+            max_name_length: usize::MAX,
+            max_labels_per_resource: usize::MAX,
+            max_related_resources: usize::MAX,
+            max_size_bytes: usize::MAX,
+        };
+        Event::from_json(value, received, &limits)
+    }
+
     /// Parses a JSON text event (see [`Event::from_json`]).
     pub fn from_json_str(
         text: &str,

@@ -24,6 +24,9 @@ use uuid::Uuid;
 
 use crate::firing::{Firing, FiringState};
 use crate::index::{CandidateScratch, FxHashMap, TriggerIndex};
+use crate::snapshot::{
+    BucketSnapshot, ChildSnapshot, CompositeSnapshot, EngineSnapshot, FiringSnapshot, LeafSnapshot,
+};
 
 /// Events Prefect's trigger service ignores entirely.
 const IGNORED_EVENT: &str = "prefect.log.write";
@@ -106,7 +109,7 @@ struct Composite {
 #[derive(Debug, Default)]
 struct Plan {
     automations: Vec<Arc<Automation>>,
-    fingerprints: Vec<String>,
+    fingerprints: Vec<u64>,
     leaves: Vec<Leaf>,
     composites: Vec<Composite>,
     index: TriggerIndex,
@@ -198,15 +201,15 @@ impl Engine {
         let old_plan = std::mem::take(&mut self.plan);
         let mut old_leaf_states: HashMap<(Uuid, Uuid), LeafState> = HashMap::new();
         let mut old_composite_states: HashMap<(Uuid, Uuid), CompositeState> = HashMap::new();
-        let old_fingerprints: HashMap<Uuid, &String> = old_plan
+        let old_fingerprints: HashMap<Uuid, u64> = old_plan
             .automations
             .iter()
             .zip(&old_plan.fingerprints)
-            .map(|(a, f)| (a.id, f))
+            .map(|(a, f)| (a.id, *f))
             .collect();
         let mut plan = Plan::default();
         for automation in automations {
-            let fingerprint = serde_json::to_string(&*automation).unwrap_or_default();
+            let fingerprint = fingerprint(&automation);
             let index = plan.automations.len();
             if automation.enabled {
                 flatten(&mut plan, index, &automation.trigger, None);
@@ -227,8 +230,7 @@ impl Engine {
         }
         let unchanged = |plan: &Plan, automation: usize| {
             let a = &plan.automations[automation];
-            old_fingerprints.get(&a.id).map(|f| f.as_str())
-                == Some(plan.fingerprints[automation].as_str())
+            old_fingerprints.get(&a.id) == Some(&plan.fingerprints[automation])
         };
         self.leaf_states = plan
             .leaves
@@ -324,6 +326,183 @@ impl Engine {
         }
         out.sort_by(|a, b| (a.2.start, &a.1).cmp(&(b.2.start, &b.1)));
         out
+    }
+
+    /// The complete trigger state, for a checkpoint.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let leaves = self
+            .plan
+            .leaves
+            .iter()
+            .zip(&self.leaf_states)
+            .map(|(leaf, state)| LeafSnapshot {
+                automation: self.plan.automations[leaf.automation].id,
+                fingerprint: self.plan.fingerprints[leaf.automation],
+                trigger: leaf.trigger.id,
+                buckets: state
+                    .buckets
+                    .iter()
+                    .map(|(key, b)| BucketSnapshot {
+                        key: key.iter().map(|k| k.to_string()).collect(),
+                        start: b.start,
+                        end: b.end,
+                        count: b.count,
+                        last_event: b.last_event.as_ref().map(|e| e.to_json()),
+                    })
+                    .collect(),
+                next_run: state.next_run,
+                unresolved: state
+                    .unresolved
+                    .iter()
+                    .map(|(key, id)| (key.iter().map(|k| k.to_string()).collect(), *id))
+                    .collect(),
+            })
+            .collect();
+        let composites = self
+            .plan
+            .composites
+            .iter()
+            .zip(&self.composite_states)
+            .map(|(c, state)| CompositeSnapshot {
+                automation: self.plan.automations[c.automation].id,
+                fingerprint: self.plan.fingerprints[c.automation],
+                trigger: c.id,
+                children: state
+                    .children
+                    .iter()
+                    .map(|slot| {
+                        slot.as_ref().map(|child| ChildSnapshot {
+                            firing: firing_snapshot(&child.firing),
+                            at: child.at,
+                            sequence: child.sequence,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        let seen = if self.seen_order.is_empty() && !self.seen.is_empty() {
+            let at = self.now();
+            self.seen.iter().map(|id| (at, *id)).collect()
+        } else {
+            self.seen_order.iter().copied().collect()
+        };
+        EngineSnapshot {
+            clock: self.clock,
+            leaves,
+            composites,
+            seen,
+            held: self.held.values().flatten().map(|e| e.to_json()).collect(),
+            next_sweep: self.next_sweep,
+            sequence: self.sequence,
+        }
+    }
+
+    /// Restores a checkpoint into the currently loaded automations. State of automations that
+    /// changed (or no longer exist) is dropped; everything else resumes where it was.
+    pub fn restore(&mut self, snapshot: &EngineSnapshot) {
+        self.clock = snapshot.clock;
+        self.next_sweep = snapshot.next_sweep;
+        self.sequence = snapshot.sequence;
+        for (leaf, state) in self.plan.leaves.iter().zip(self.leaf_states.iter_mut()) {
+            let automation = &self.plan.automations[leaf.automation];
+            let fingerprint = self.plan.fingerprints[leaf.automation];
+            let Some(saved) = snapshot.leaves.iter().find(|s| {
+                s.automation == automation.id
+                    && s.trigger == leaf.trigger.id
+                    && s.fingerprint == fingerprint
+            }) else {
+                continue;
+            };
+            state.buckets = saved
+                .buckets
+                .iter()
+                .map(|b| {
+                    let key: BucketKey = b.key.iter().map(|k| k.clone().into_boxed_str()).collect();
+                    let bucket = Bucket {
+                        start: b.start,
+                        end: b.end,
+                        count: b.count,
+                        last_event: b
+                            .last_event
+                            .as_ref()
+                            .and_then(|v| Event::from_stored_json(v).ok())
+                            .map(Arc::new),
+                    };
+                    (key, bucket)
+                })
+                .collect();
+            state.next_run = saved.next_run;
+            state.unresolved = saved
+                .unresolved
+                .iter()
+                .map(|(key, id)| {
+                    (
+                        key.iter().map(|k| k.clone().into_boxed_str()).collect(),
+                        *id,
+                    )
+                })
+                .collect();
+        }
+        for (c, state) in self
+            .plan
+            .composites
+            .iter()
+            .zip(self.composite_states.iter_mut())
+        {
+            let automation = &self.plan.automations[c.automation];
+            let fingerprint = self.plan.fingerprints[c.automation];
+            let Some(saved) = snapshot.composites.iter().find(|s| {
+                s.automation == automation.id && s.trigger == c.id && s.fingerprint == fingerprint
+            }) else {
+                continue;
+            };
+            if saved.children.len() != state.children.len() {
+                continue;
+            }
+            state.children = saved
+                .children
+                .iter()
+                .map(|slot| {
+                    slot.as_ref().map(|child| ChildFiring {
+                        firing: Arc::new(restore_firing(&child.firing, automation)),
+                        at: child.at,
+                        sequence: child.sequence,
+                    })
+                })
+                .collect();
+        }
+        self.seen.clear();
+        self.seen_order.clear();
+        for (at, id) in &snapshot.seen {
+            if self.seen.insert(*id) {
+                self.seen_order.push_back((*at, *id));
+            }
+        }
+        self.held.clear();
+        self.held_ids.clear();
+        self.release_timers.clear();
+        for value in &snapshot.held {
+            let Ok(event) = Event::from_stored_json(value) else {
+                continue;
+            };
+            let Some(leader) = event.follows else {
+                continue;
+            };
+            self.held_ids.insert(event.id);
+            self.release_timers.push(Reverse((
+                event.received + self.config.follower_lookback,
+                event.id,
+            )));
+            self.held.entry(leader).or_default().push(Arc::new(event));
+        }
+        self.timers.clear();
+        self.first_pass_pending.clear();
+        for &leaf in &self.plan.proactive {
+            match self.leaf_states[leaf].next_run {
+                Some(at) => self.timers.push(Reverse((at, leaf))),
+                None => self.first_pass_pending.push(leaf),
+            }
+        }
     }
 
     /// Processes everything due up to `now`: proactive deadlines (each at its exact time),
@@ -862,6 +1041,55 @@ impl Engine {
         };
         self.fire(grandparent, parent_firing, out);
     }
+}
+
+fn firing_snapshot(f: &Firing) -> FiringSnapshot {
+    FiringSnapshot {
+        id: f.id,
+        trigger_id: f.trigger_id,
+        state: f.state.as_str().to_owned(),
+        at: f.at,
+        event: f.event.as_ref().map(|e| e.to_json()),
+        labels: f.labels.clone(),
+        children: f.children.iter().map(|c| firing_snapshot(c)).collect(),
+    }
+}
+
+fn restore_firing(f: &FiringSnapshot, automation: &Arc<Automation>) -> Firing {
+    Firing {
+        id: f.id,
+        automation: automation.clone(),
+        trigger_id: f.trigger_id,
+        state: if f.state == "resolved" {
+            FiringState::Resolved
+        } else {
+            FiringState::Triggered
+        },
+        at: f.at,
+        event: f
+            .event
+            .as_ref()
+            .and_then(|v| Event::from_stored_json(v).ok())
+            .map(Arc::new),
+        labels: f.labels.clone(),
+        children: f
+            .children
+            .iter()
+            .map(|c| Arc::new(restore_firing(c, automation)))
+            .collect(),
+    }
+}
+
+/// A stable hash of an automation's definition (its canonical JSON).
+pub fn fingerprint(automation: &Automation) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = crate::index::FxHasher::default();
+    hasher.write(
+        serde_json::to_string(automation)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    hasher.finish()
 }
 
 /// `ensure_bucket`: insert if absent; if present only refresh `last_event` (when given).

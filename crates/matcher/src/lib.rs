@@ -5,6 +5,7 @@
 //!   causal ordering via `follows`, and de-duplication by event id.
 //! * [`index`] — the [`TriggerIndex`] that keeps the cost of an event flat as automations grow.
 //! * [`firing`] — the [`Firing`]s the engine produces.
+//! * [`snapshot`] — checkpoints of the whole trigger state ([`EngineSnapshot`]).
 //!
 //! No I/O and no clock of its own: callers pass the time in, so the daemon, `spur replay` and
 //! the tests all run this same code.
@@ -12,7 +13,9 @@
 pub mod engine;
 pub mod firing;
 pub mod index;
+pub mod snapshot;
 
-pub use engine::{Bucket, Engine, EngineConfig, EngineStats};
+pub use engine::{Bucket, Engine, EngineConfig, EngineStats, fingerprint};
 pub use firing::{Firing, FiringState};
 pub use index::TriggerIndex;
+pub use snapshot::EngineSnapshot;

@@ -215,6 +215,41 @@ fn run(
     observe(&out)
 }
 
+/// Runs the stream, but stops after `split` events, checkpoints through JSON text, restores
+/// into a fresh engine and carries on: what a daemon restart does.
+fn run_with_restart(
+    automations: &[Arc<Automation>],
+    events: &[Arc<Event>],
+    split: usize,
+) -> Observed {
+    let config = EngineConfig {
+        dedupe_window: None,
+        dedupe_capacity: None,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(config.clone());
+    engine.load(automations.to_vec());
+    let mut clock: Option<DateTime<Utc>> = None;
+    let mut out = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        if i == split {
+            let text = serde_json::to_string(&engine.snapshot()).expect("snapshot serializes");
+            let snapshot: spur_matcher::EngineSnapshot =
+                serde_json::from_str(&text).expect("snapshot parses");
+            engine = Engine::new(config.clone());
+            engine.load(automations.to_vec());
+            engine.restore(&snapshot);
+        }
+        let now = clock.map_or(event.occurred, |c| c.max(event.occurred));
+        clock = Some(now);
+        out.extend(engine.handle(event.clone(), now));
+    }
+    if let Some(c) = clock {
+        out.extend(engine.advance_to(c + TimeDelta::minutes(20)));
+    }
+    observe(&out)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
@@ -230,6 +265,13 @@ proptest! {
     fn duplicate_delivery_fires_nothing_extra(automations in automations(), raw in events()) {
         let events = build_events(&raw);
         prop_assert_eq!(run(&automations, &events, true, false), run(&automations, &events, true, true));
+    }
+
+    #[test]
+    fn a_checkpoint_and_restore_changes_nothing(automations in automations(), raw in events(), split in 0usize..40) {
+        let events = build_events(&raw);
+        let split = split.min(events.len());
+        prop_assert_eq!(run(&automations, &events, true, false), run_with_restart(&automations, &events, split));
     }
 
     #[test]
