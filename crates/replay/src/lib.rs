@@ -7,5 +7,8 @@
 pub mod replay;
 pub mod scenario;
 
-pub use replay::{ActionRecord, FiringRecord, Replay, ReplayError, load_automations, read_events};
+pub use replay::{
+    ActionRecord, FiringRecord, Replay, ReplayError, check_templates, load_automations,
+    read_events, render_firing,
+};
 pub use scenario::{Outcome, Scenario, load_scenario, run_scenario};

@@ -198,79 +198,86 @@ impl Replay {
     }
 
     fn records(&self, firings: &[Firing]) -> Vec<FiringRecord> {
-        firings.iter().map(|f| self.record(f)).collect()
+        firings
+            .iter()
+            .map(|f| render_firing(&self.templates, f))
+            .collect()
     }
+}
 
-    /// Renders a firing's actions the way the action layer will.
-    pub fn record(&self, firing: &Firing) -> FiringRecord {
-        let automation = &firing.automation;
-        let base = TemplateContext {
-            automation: Some(automation.clone()),
-            event: firing.event.clone(),
-            labels: firing.labels.clone(),
-            firing: firing.to_json(),
-            firings: all_firings(firing),
-            events: firing.events(),
-        };
-        let base_value = base.to_value();
-        let state_event_value = std::cell::OnceCell::new();
-        let state_value = || {
-            state_event_value
-                .get_or_init(|| {
-                    TemplateContext {
-                        event: Some(Arc::new(firing.state_change_event())),
-                        ..base.clone()
-                    }
-                    .to_value()
-                })
-                .clone()
-        };
-        let mut actions = Vec::new();
-        let (main, extra) = match firing.state {
-            FiringState::Triggered => (&automation.actions, &automation.actions_on_trigger),
-            FiringState::Resolved => (&automation.actions_on_resolve, &Vec::new()),
-        };
-        for (list, use_state_event) in
-            [(main, firing.state == FiringState::Resolved), (extra, true)]
-        {
-            for action in list {
-                let ctx = if use_state_event {
-                    state_value()
-                } else {
-                    base_value.clone()
-                };
-                actions.push(self.render_action(action, &ctx));
-            }
-        }
-        FiringRecord {
-            automation: automation.name.clone(),
-            state: firing.state.as_str(),
-            at: format_timestamp(firing.at),
-            event: firing.event.as_ref().map(|e| e.id.to_string()),
-            actions,
-        }
-    }
-
-    fn render_action(&self, action: &spur_core::Action, ctx: &minijinja::Value) -> ActionRecord {
-        if action.action_type != "run-deployment" {
-            return ActionRecord {
-                action_type: action.action_type.clone(),
-                parameters: Value::Null,
-                error: None,
+/// Renders a firing's actions the way the action layer will: `actions` then
+/// `actions_on_trigger` for a triggered firing (the latter seeing the
+/// `prefect.automation.triggered` event as `event`), `actions_on_resolve` for a resolved one.
+pub fn render_firing(templates: &TemplateEngine, firing: &Firing) -> FiringRecord {
+    let automation = &firing.automation;
+    let base = TemplateContext {
+        automation: Some(automation.clone()),
+        event: firing.event.clone(),
+        labels: firing.labels.clone(),
+        firing: firing.to_json(),
+        firings: all_firings(firing),
+        events: firing.events(),
+    };
+    let base_value = base.to_value();
+    let state_event_value = std::cell::OnceCell::new();
+    let state_value = || {
+        state_event_value
+            .get_or_init(|| {
+                TemplateContext {
+                    event: Some(Arc::new(firing.state_change_event())),
+                    ..base.clone()
+                }
+                .to_value()
+            })
+            .clone()
+    };
+    let mut actions = Vec::new();
+    let (main, extra) = match firing.state {
+        FiringState::Triggered => (&automation.actions, &automation.actions_on_trigger),
+        FiringState::Resolved => (&automation.actions_on_resolve, &Vec::new()),
+    };
+    for (list, use_state_event) in [(main, firing.state == FiringState::Resolved), (extra, true)] {
+        for action in list {
+            let ctx = if use_state_event {
+                state_value()
+            } else {
+                base_value.clone()
             };
+            actions.push(render_action(templates, action, &ctx));
         }
-        match render_parameters(&self.templates, action.parameters(), ctx) {
-            Ok(parameters) => ActionRecord {
-                action_type: action.action_type.clone(),
-                parameters,
-                error: None,
-            },
-            Err(e) => ActionRecord {
-                action_type: action.action_type.clone(),
-                parameters: Value::Null,
-                error: Some(format!("Unable to create flow run from deployment: {e}")),
-            },
-        }
+    }
+    FiringRecord {
+        automation: automation.name.clone(),
+        state: firing.state.as_str(),
+        at: format_timestamp(firing.at),
+        event: firing.event.as_ref().map(|e| e.id.to_string()),
+        actions,
+    }
+}
+
+fn render_action(
+    templates: &TemplateEngine,
+    action: &spur_core::Action,
+    ctx: &minijinja::Value,
+) -> ActionRecord {
+    if action.action_type != "run-deployment" {
+        return ActionRecord {
+            action_type: action.action_type.clone(),
+            parameters: Value::Null,
+            error: None,
+        };
+    }
+    match render_parameters(templates, action.parameters(), ctx) {
+        Ok(parameters) => ActionRecord {
+            action_type: action.action_type.clone(),
+            parameters,
+            error: None,
+        },
+        Err(e) => ActionRecord {
+            action_type: action.action_type.clone(),
+            parameters: Value::Null,
+            error: Some(format!("Unable to create flow run from deployment: {e}")),
+        },
     }
 }
 

@@ -1,5 +1,8 @@
 //! The `spur` command. A thin layer: argument parsing and printing; the work lives in the
-//! library crates (`spur-core`, `spur-matcher`, `spur-template`, `spur-replay`).
+//! library crates (`spur-daemon` for `serve`, `spur-replay` for `replay`/`test`, …).
+
+mod client;
+mod serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,59 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the daemon: HTTP/websocket (and NATS) ingest, triggers, durable state, hot reload.
+    Serve(serve::ServeArgs),
+    /// Send one event to the daemon (or publish it to NATS); prints its id.
+    Emit {
+        /// Event name, e.g. `backup.completed`.
+        name: String,
+        /// The resource id, or a JSON object of labels.
+        #[arg(long)]
+        resource: String,
+        /// Related resources: a JSON list of label objects (each with prefect.resource.role).
+        #[arg(long)]
+        related: Option<String>,
+        /// Payload: a JSON object.
+        #[arg(long)]
+        payload: Option<String>,
+        /// Event id (default: a new UUIDv7).
+        #[arg(long)]
+        id: Option<String>,
+        /// When it happened (RFC 3339; default: now).
+        #[arg(long)]
+        occurred: Option<String>,
+        /// Id of the event this one follows.
+        #[arg(long)]
+        follows: Option<String>,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+        /// Publish to this NATS server instead of the daemon's HTTP API.
+        #[arg(long)]
+        nats: Option<String>,
+        /// Subject prefix for --nats (the subject is PREFIX.<event name>).
+        #[arg(long, default_value = "events")]
+        subject_prefix: String,
+    },
+    /// Query the daemon's event log.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Inspect the daemon's loaded automations.
+    Automations {
+        #[command(subcommand)]
+        command: AutomationsCommand,
+    },
+    /// Recent firings recorded by the daemon, newest first (JSON lines).
+    Firings {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
     /// Validate automation and deployment files; print a summary line per automation.
     Check {
         /// Files or folders of YAML/JSON automations and deployments.
@@ -53,9 +109,99 @@ enum Command {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum EventsCommand {
+    /// Events matching a filter, newest first.
+    Query {
+        /// Only events from this long ago (1h, 30m, 2d) or since this RFC 3339 time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events up to this RFC 3339 time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Event name; a trailing `*` matches a prefix. Repeatable.
+        #[arg(long)]
+        name: Vec<String>,
+        /// Resource id; a trailing `*` matches a prefix.
+        #[arg(long)]
+        resource: Option<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print whole events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AutomationsCommand {
+    /// One line per automation with its open buckets; load errors on stderr.
+    Ls {
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => serve::serve(&args).map(|()| ExitCode::SUCCESS),
+        Command::Emit {
+            name,
+            resource,
+            related,
+            payload,
+            id,
+            occurred,
+            follows,
+            api,
+            nats,
+            subject_prefix,
+        } => client::emit(&client::EmitOptions {
+            name: &name,
+            resource: &resource,
+            related: related.as_deref(),
+            payload: payload.as_deref(),
+            id: id.as_deref(),
+            occurred: occurred.as_deref(),
+            follows: follows.as_deref(),
+            api: api.as_deref(),
+            nats: nats.as_deref(),
+            subject_prefix: &subject_prefix,
+        })
+        .map(|()| ExitCode::SUCCESS),
+        Command::Events {
+            command:
+                EventsCommand::Query {
+                    since,
+                    until,
+                    name,
+                    resource,
+                    limit,
+                    json,
+                    api,
+                },
+        } => client::query(
+            api.as_deref(),
+            since.as_deref(),
+            until.as_deref(),
+            &name,
+            resource.as_deref(),
+            limit,
+            json,
+        )
+        .map(|()| ExitCode::SUCCESS),
+        Command::Automations {
+            command: AutomationsCommand::Ls { api },
+        } => client::automations(api.as_deref()).map(|()| ExitCode::SUCCESS),
+        Command::Firings { limit, api } => {
+            client::firings(api.as_deref(), limit).map(|()| ExitCode::SUCCESS)
+        }
         Command::Check { paths } => check(&paths),
         Command::Replay {
             automations,

@@ -1,0 +1,424 @@
+//! The daemon's read API and operations endpoints.
+//!
+//! * `POST /api/events/filter` (+ `GET /api/events/filter/next?page-token=`) — Prefect's
+//!   event query shape, newest first, pages of at most 50.
+//! * `GET /api/events/out` — websocket live feed: send `{"type": "filter", "filter": …,
+//!   "backfill": true}`, receive the last 15 minutes that match, then every new match.
+//! * `GET /api/automations` — loaded automations with their live trigger state and any
+//!   load errors; `GET /api/firings` — recent firings.
+//! * `GET /healthz`, `GET /api/health`, `GET /metrics` (Prometheus text).
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use chrono::{TimeDelta, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use spur_core::Event;
+use spur_core::time::{format_timestamp, parse_timestamp};
+use spur_store::{EventQuery, Store};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::pipeline::{Control, Description};
+use crate::reload::LoadStatus;
+
+/// Shared state of the read API.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    /// The store (MVCC reads run beside the pipeline's writes).
+    pub store: Arc<Store>,
+    /// To ask the pipeline for live state.
+    pub control: mpsc::Sender<Control>,
+    /// Current automation load errors.
+    pub status: Arc<RwLock<LoadStatus>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Live events, for `/api/events/out`.
+    pub live: broadcast::Sender<Arc<Event>>,
+    /// Prefect auth string for websocket clients.
+    pub auth_string: Option<String>,
+}
+
+/// The read and operations routes.
+pub fn routes(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/health", get(|| async { axum::Json(true) }))
+        .route("/api/ready", get(|| async { axum::Json(true) }))
+        .route("/metrics", get(metrics))
+        .route("/api/automations", get(automations))
+        .route("/api/firings", get(firings))
+        .route("/api/events/filter", post(filter_events))
+        .route("/api/events/filter/next", get(filter_next))
+        .route("/api/events/out", get(events_out))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, detail: impl Into<String>) -> Response {
+    (status, axum::Json(json!({"detail": detail.into()}))).into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn describe(state: &ApiState) -> Option<Description> {
+    let (tx, rx) = oneshot::channel();
+    state.control.send(Control::Describe(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+async fn automations(State(state): State<ApiState>) -> Response {
+    let Some(description) = describe(&state).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        );
+    };
+    let status = state.status.read().map(|s| s.clone()).unwrap_or_default();
+    let automations: Vec<Value> = description
+        .automations
+        .iter()
+        .map(|a| {
+            json!({
+                "id": a.automation.id,
+                "name": a.automation.name,
+                "enabled": a.automation.enabled,
+                "description": a.automation.description,
+                "summary": a.automation.summary(),
+                "trigger": a.automation.trigger,
+                "actions": a.automation.actions,
+                "actions_on_trigger": a.automation.actions_on_trigger,
+                "actions_on_resolve": a.automation.actions_on_resolve,
+                "state": {
+                    "buckets": a.buckets.iter().map(|(trigger, key, b)| json!({
+                        "trigger_id": trigger,
+                        "key": key,
+                        "start": format_timestamp(b.start),
+                        "end": format_timestamp(b.end),
+                        "count": b.count,
+                        "last_event": b.last_event.as_ref().map(|e| e.id),
+                    })).collect::<Vec<_>>(),
+                },
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "automations": automations,
+        "errors": status.errors,
+        "warnings": status.warnings,
+        "next_deadline": description.next_deadline.map(format_timestamp),
+        "clock": description.clock.map(format_timestamp),
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct Limit {
+    limit: Option<usize>,
+}
+
+async fn firings(State(state): State<ApiState>, Query(q): Query<Limit>) -> Response {
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.recent_firings(limit)).await {
+        Ok(Ok(firings)) => axum::Json(json!({"firings": firings})).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Reads Prefect's `EventFilter` shape (the parts Spur supports) into a store query.
+pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
+    let mut q = EventQuery::default();
+    let Value::Object(map) = filter else {
+        return if filter.is_null() {
+            Ok(q)
+        } else {
+            Err("filter must be an object".into())
+        };
+    };
+    let strings = |v: Option<&Value>, field: &str| -> Result<Vec<String>, String> {
+        match v {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| format!("{field}: must be a list of strings"))
+                })
+                .collect(),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(_) => Err(format!("{field}: must be a list of strings")),
+        }
+    };
+    for key in map.keys() {
+        if ![
+            "occurred",
+            "event",
+            "resource",
+            "order",
+            "any_resource",
+            "related",
+            "id",
+        ]
+        .contains(&key.as_str())
+        {
+            return Err(format!("unknown filter field {key:?}"));
+        }
+    }
+    if let Some(occurred) = map.get("occurred") {
+        if let Some(since) = occurred.get("since").filter(|v| !v.is_null()) {
+            q.since = Some(parse_timestamp(since).map_err(|e| format!("occurred.since: {e}"))?);
+        }
+        if let Some(until) = occurred.get("until").filter(|v| !v.is_null()) {
+            q.until = Some(parse_timestamp(until).map_err(|e| format!("occurred.until: {e}"))?);
+        }
+    }
+    if let Some(event) = map.get("event") {
+        q.names = strings(event.get("name"), "event.name")?;
+        q.name_prefixes = strings(event.get("prefix"), "event.prefix")?;
+    }
+    if let Some(resource) = map.get("resource") {
+        q.resource_ids = strings(resource.get("id"), "resource.id")?;
+        q.resource_prefixes = strings(resource.get("id_prefix"), "resource.id_prefix")?;
+    }
+    Ok(q)
+}
+
+fn query_to_json(q: &EventQuery) -> Value {
+    json!({
+        "occurred": {"since": q.since.map(format_timestamp), "until": q.until.map(format_timestamp)},
+        "event": {"name": q.names, "prefix": q.name_prefixes},
+        "resource": {"id": q.resource_ids, "id_prefix": q.resource_prefixes},
+    })
+}
+
+async fn run_query(
+    state: &ApiState,
+    query: EventQuery,
+    limit: usize,
+    before: Option<u64>,
+) -> Response {
+    let store = state.store.clone();
+    let q = query.clone();
+    let page =
+        match tokio::task::spawn_blocking(move || store.query(&q, limit, before, 200_000)).await {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+    let next_page = page.next_before.map(|before| {
+        let token = json!({"filter": query_to_json(&query), "before": before, "limit": limit});
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string());
+        format!("/api/events/filter/next?page-token={token}")
+    });
+    axum::Json(json!({
+        "events": page.events.iter().map(|(_, e)| e.to_json()).collect::<Vec<_>>(),
+        "total": page.total,
+        "next_page": next_page,
+    }))
+    .into_response()
+}
+
+async fn filter_events(State(state): State<ApiState>, body: Option<axum::Json<Value>>) -> Response {
+    let body = body.map(|b| b.0).unwrap_or(Value::Null);
+    let limit = body
+        .get("limit")
+        .and_then(Value::as_u64)
+        .unwrap_or(50)
+        .clamp(1, 50) as usize;
+    let query = match parse_filter(body.get("filter").unwrap_or(&Value::Null)) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    run_query(&state, query, limit, None).await
+}
+
+#[derive(Deserialize)]
+struct PageToken {
+    #[serde(rename = "page-token")]
+    page_token: String,
+}
+
+async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToken>) -> Response {
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.page_token.as_bytes())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    let Some(token) = decoded else {
+        return error(StatusCode::FORBIDDEN, "invalid page token");
+    };
+    let (Ok(query), Some(before)) = (
+        parse_filter(token.get("filter").unwrap_or(&Value::Null)),
+        token.get("before").and_then(Value::as_u64),
+    ) else {
+        return error(StatusCode::FORBIDDEN, "invalid page token");
+    };
+    let limit = token
+        .get("limit")
+        .and_then(Value::as_u64)
+        .unwrap_or(50)
+        .clamp(1, 50) as usize;
+    run_query(&state, query, limit, Some(before)).await
+}
+
+fn offers_prefect_protocol(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "prefect")
+}
+
+async fn events_out(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let handshake = offers_prefect_protocol(&headers);
+    ws.protocols(["prefect"])
+        .on_upgrade(move |socket| stream_out(socket, handshake, state))
+}
+
+async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+async fn next_text(socket: &mut WebSocket) -> Option<String> {
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Text(t))) => return Some(t.to_string()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return None,
+        }
+    }
+}
+
+async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
+    if handshake {
+        let auth = next_text(&mut socket)
+            .await
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+        let ok_type = auth
+            .as_ref()
+            .and_then(|a| a.get("type"))
+            .and_then(Value::as_str)
+            == Some("auth");
+        let token_ok = match &state.auth_string {
+            None => true,
+            Some(expected) => {
+                auth.as_ref()
+                    .and_then(|a| a.get("token"))
+                    .and_then(Value::as_str)
+                    == Some(expected.as_str())
+            }
+        };
+        if !ok_type || !token_ok {
+            close(
+                socket,
+                1008,
+                if ok_type {
+                    "Invalid token"
+                } else {
+                    "Expected 'auth' message"
+                },
+            )
+            .await;
+            return;
+        }
+        if socket
+            .send(Message::Text(
+                json!({"type": "auth_success"}).to_string().into(),
+            ))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    // Subscribe before the backfill so nothing falls between the two.
+    let mut live = state.live.subscribe();
+    let Some(first) = next_text(&mut socket).await else {
+        return;
+    };
+    let message: Value = serde_json::from_str(&first).unwrap_or(Value::Null);
+    if message.get("type").and_then(Value::as_str) != Some("filter") {
+        close(socket, 1002, "Expected 'filter' message").await;
+        return;
+    }
+    let mut query = match parse_filter(message.get("filter").unwrap_or(&Value::Null)) {
+        Ok(q) => q,
+        Err(e) => {
+            close(socket, 1002, &format!("Invalid filter: {e}")).await;
+            return;
+        }
+    };
+    let mut sent: HashSet<uuid::Uuid> = HashSet::new();
+    if message
+        .get("backfill")
+        .and_then(Value::as_bool)
+        .unwrap_or(true)
+    {
+        let horizon = Utc::now() - TimeDelta::minutes(15);
+        let mut backfill_query = query.clone();
+        backfill_query.since = Some(query.since.map_or(horizon, |s| s.max(horizon)));
+        let store = state.store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            store.query(&backfill_query, 10_000, None, 200_000)
+        })
+        .await;
+        if let Ok(Ok(page)) = page {
+            for (_, event) in page.events.into_iter().rev() {
+                sent.insert(event.id);
+                let frame = json!({"type": "event", "event": event.to_json()}).to_string();
+                if socket.send(Message::Text(frame.into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    query.until = None;
+    loop {
+        tokio::select! {
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => {}
+            },
+            event = live.recv() => match event {
+                Ok(event) => {
+                    if !query.matches(&event) || sent.remove(&event.id) {
+                        continue;
+                    }
+                    let frame = json!({"type": "event", "event": event.to_json()}).to_string();
+                    if socket.send(Message::Text(frame.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(skipped = n, "events/out: a slow subscriber missed events");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! The daemon's settings, with the defaults a laptop needs (no NATS, data in `.spur/`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use spur_ingest::nats::NatsConfig;
+
+/// Everything `spur serve` can be told.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// Where the HTTP API listens (`127.0.0.1:0` picks a free port).
+    pub http: SocketAddr,
+    /// Folder (or file) of automation and deployment YAML/JSON, watched for changes.
+    pub automations: PathBuf,
+    /// Data folder: the embedded store lives here.
+    pub data: PathBuf,
+    /// NATS source, when configured.
+    pub nats: Option<NatsConfig>,
+    /// How long events are kept in the log.
+    pub retention: Duration,
+    /// Prefect's API auth string; when set, websocket clients must present it.
+    pub auth_string: Option<String>,
+    /// Submissions that may wait for the pipeline before HTTP callers get 429.
+    pub queue_capacity: usize,
+    /// A checkpoint is written after this many events…
+    pub checkpoint_events: u64,
+    /// …or this much time, whichever comes first.
+    pub checkpoint_interval: Duration,
+    /// How often the automations folder is checked for changes.
+    pub reload_interval: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            http: SocketAddr::from(([127, 0, 0, 1], 4200)),
+            automations: PathBuf::from("config/automations"),
+            data: PathBuf::from(".spur"),
+            nats: None,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            auth_string: None,
+            queue_capacity: 1024,
+            checkpoint_events: 1000,
+            checkpoint_interval: Duration::from_secs(5),
+            reload_interval: Duration::from_millis(500),
+        }
+    }
+}

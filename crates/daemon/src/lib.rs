@@ -1,0 +1,191 @@
+//! `spur-daemon`: a whole running Spur, as a library.
+//!
+//! [`Daemon::start`] wires the parts and returns a handle; the `spur serve` binary, the
+//! end-to-end tests and load drivers all start it the same way.
+//!
+//! ```text
+//!  HTTP /api/events ─┐                         ┌─ event log (redb) ─┐
+//!  WS /api/events/in ├─► Intake ─► pipeline ───┤                    ├─► firings (recorded once)
+//!  NATS JetStream  ──┘   (bounded)  thread      └─ trigger engine ───┘        │
+//!                                     ▲  sleeps until the next deadline        ▼
+//!        automations folder ─ reload ─┘                               log + /api/firings
+//! ```
+//!
+//! * [`config`] — [`DaemonConfig`] and its defaults.
+//! * [`pipeline`] — the single writer: log, engine, firings, checkpoints, recovery.
+//! * [`reload`] — the automations folder watcher.
+//! * [`api`] — read API, live feed, health and metrics.
+//! * [`metrics`] — Prometheus counters and histograms.
+//!
+//! Shutdown order: stop accepting HTTP, stop the NATS source, drain the pipeline's queue,
+//! checkpoint, return.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod pipeline;
+pub mod reload;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use spur_core::EventLimits;
+use spur_ingest::Intake;
+use spur_ingest::http::HttpIngest;
+use spur_ingest::nats::NatsCounters;
+use spur_store::Store;
+use spur_template::TemplateEngine;
+use thiserror::Error;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+pub use config::DaemonConfig;
+
+/// Why the daemon could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The store could not be opened or recovered.
+    #[error("{0}")]
+    Store(#[from] spur_store::StoreError),
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The address the HTTP API actually listens on.
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
+    pipeline: pipeline::PipelineHandle,
+}
+
+impl Daemon {
+    /// Opens the store, recovers state, loads automations and starts every part.
+    pub async fn start(config: DaemonConfig) -> Result<Daemon, StartError> {
+        let store = Arc::new(Store::open(&config.data.join("spur.redb"))?);
+        let templates = TemplateEngine::new();
+        let initial = reload::load(&config.automations, &templates, &[]);
+        for e in &initial.status.errors {
+            error!(diagnostic = %e, "automation file refused");
+        }
+        for w in &initial.status.warnings {
+            warn!(diagnostic = %w, "automation warning");
+        }
+        info!(
+            automations = initial.automations.len(),
+            folder = %config.automations.display(),
+            "automations loaded"
+        );
+        let status = Arc::new(RwLock::new(initial.status.clone()));
+
+        let (submit_tx, submit_rx) = mpsc::channel(config.queue_capacity);
+        let intake = Intake::new(submit_tx, EventLimits::default());
+        let nats_counters = Arc::new(NatsCounters::default());
+        let metrics = Arc::new(metrics::Metrics::new(
+            intake.counters().clone(),
+            nats_counters.clone(),
+        ));
+        metrics.load_errors.store(
+            initial.status.errors.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let (live, _) = broadcast::channel(4096);
+        let pipeline = pipeline::start(
+            store.clone(),
+            reload::runnable(&initial.automations),
+            submit_rx,
+            metrics.clone(),
+            live.clone(),
+            pipeline::PipelineConfig {
+                checkpoint_events: config.checkpoint_events,
+                checkpoint_interval: config.checkpoint_interval,
+                retention: config.retention,
+            },
+        )?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(reload::watch_folder(
+            config.automations.clone(),
+            config.reload_interval,
+            initial.automations,
+            status.clone(),
+            pipeline.control.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+        )));
+        if let Some(nats) = config.nats.clone() {
+            info!(url = %nats.url, subjects = ?nats.subjects, jetstream = nats.jetstream, "NATS source enabled");
+            tasks.push(tokio::spawn(spur_ingest::nats::run(
+                nats,
+                intake.clone(),
+                nats_counters,
+                shutdown_rx.clone(),
+            )));
+        }
+
+        let router = spur_ingest::http::routes(HttpIngest {
+            intake: intake.clone(),
+            auth_string: config.auth_string.clone(),
+        })
+        .merge(api::routes(api::ApiState {
+            store,
+            control: pipeline.control.clone(),
+            status,
+            metrics,
+            live,
+            auth_string: config.auth_string.clone(),
+        }));
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.http,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.http,
+            source,
+        })?;
+        let mut server_shutdown = shutdown_rx.clone();
+        let server = tokio::spawn(async move {
+            let result = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = server_shutdown.changed().await;
+                })
+                .await;
+            if let Err(e) = result {
+                error!(error = %e, "HTTP server stopped");
+            }
+        });
+        drop(intake);
+        info!(%addr, "spur listening on http://{addr}");
+        Ok(Daemon {
+            addr,
+            shutdown,
+            server,
+            tasks,
+            pipeline,
+        })
+    }
+
+    /// Stops intake, finishes in-flight work, checkpoints, and returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.pipeline.shutdown().await;
+        info!("spur stopped");
+    }
+}

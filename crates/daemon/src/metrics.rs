@@ -1,0 +1,207 @@
+//! Prometheus metrics, hand-rolled: a few atomics and one histogram need no exporter crate.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use spur_ingest::IngestCounters;
+use spur_ingest::nats::NatsCounters;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+];
+
+/// A cumulative histogram with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram {
+            counts: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    /// Records one observation, in seconds.
+    pub fn observe(&self, seconds: f64) {
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add((seconds.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+/// The daemon's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Ingest counters (shared with the sources).
+    pub ingest: Arc<IngestCounters>,
+    /// NATS counters.
+    pub nats: Arc<NatsCounters>,
+    /// Events the engine evaluated.
+    pub evaluated: AtomicU64,
+    /// Triggered firings.
+    pub triggered: AtomicU64,
+    /// Resolved firings.
+    pub resolved: AtomicU64,
+    /// Live buckets (gauge).
+    pub buckets: AtomicU64,
+    /// Loaded automations (gauge).
+    pub automations: AtomicU64,
+    /// Automation files currently failing to load (gauge).
+    pub load_errors: AtomicU64,
+    /// Per-event evaluation time.
+    pub evaluation: Histogram,
+    /// How late proactive deadlines were processed.
+    pub timer_lag: Histogram,
+}
+
+impl Metrics {
+    /// Metrics sharing the given source counters.
+    pub fn new(ingest: Arc<IngestCounters>, nats: Arc<NatsCounters>) -> Metrics {
+        Metrics {
+            ingest,
+            nats,
+            ..Metrics::default()
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "spur_events_in_total",
+            "Events accepted into the event log.",
+            load(&self.ingest.accepted),
+        );
+        counter(
+            &mut out,
+            "spur_events_duplicate_total",
+            "Redelivered events dropped by id.",
+            load(&self.ingest.duplicates),
+        );
+        counter(
+            &mut out,
+            "spur_events_rejected_total",
+            "Malformed events refused.",
+            load(&self.ingest.rejected),
+        );
+        counter(
+            &mut out,
+            "spur_events_throttled_total",
+            "Submissions refused for back-pressure (HTTP 429).",
+            load(&self.ingest.throttled),
+        );
+        counter(
+            &mut out,
+            "spur_events_evaluated_total",
+            "Events evaluated by the trigger engine.",
+            load(&self.evaluated),
+        );
+        counter(
+            &mut out,
+            "spur_firings_triggered_total",
+            "Automation firings (triggered).",
+            load(&self.triggered),
+        );
+        counter(
+            &mut out,
+            "spur_firings_resolved_total",
+            "Automation firings (resolved).",
+            load(&self.resolved),
+        );
+        counter(
+            &mut out,
+            "spur_nats_terminated_total",
+            "NATS messages terminated as malformed.",
+            load(&self.nats.terminated),
+        );
+        counter(
+            &mut out,
+            "spur_nats_slow_consumer_total",
+            "NATS slow-consumer notices.",
+            load(&self.nats.slow_consumer),
+        );
+        counter(
+            &mut out,
+            "spur_nats_reattached_total",
+            "Times the NATS consumer re-attached after an error.",
+            load(&self.nats.reattached),
+        );
+        gauge(
+            &mut out,
+            "spur_buckets",
+            "Live trigger buckets.",
+            load(&self.buckets),
+        );
+        gauge(
+            &mut out,
+            "spur_automations",
+            "Loaded automations.",
+            load(&self.automations),
+        );
+        gauge(
+            &mut out,
+            "spur_automation_load_errors",
+            "Automation files failing to load.",
+            load(&self.load_errors),
+        );
+        self.evaluation.render(
+            "spur_evaluation_seconds",
+            "Time to evaluate one event.",
+            &mut out,
+        );
+        self.timer_lag.render(
+            "spur_timer_lag_seconds",
+            "Delay between a proactive deadline and its evaluation.",
+            &mut out,
+        );
+        out
+    }
+}

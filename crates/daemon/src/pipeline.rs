@@ -1,0 +1,422 @@
+//! The pipeline: the single owner of the trigger engine and the writer of the event log.
+//!
+//! It runs on its own thread (the engine is synchronous, and store commits block), fed by
+//! two channels: event submissions from the sources, and control messages (reload, describe,
+//! shutdown). Between messages it sleeps until the engine's next deadline, so proactive
+//! triggers fire on the wall clock with millisecond precision.
+//!
+//! For each batch of submissions: append to the log in one durable transaction (dropping ids
+//! already stored), evaluate each new event at its `received` time, record the firings
+//! (each firing id at most once), then tell the sources the events are safe.
+//!
+//! **Recovery.** On start the last checkpoint is restored and the log after it is replayed
+//! through the engine. The engine is deterministic and every event carries its `received`
+//! time, so this rebuilds the exact state — including buckets half-counted before a crash — and
+//! re-derives the same firing ids, which the store refuses to record twice.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use spur_core::{Automation, Event};
+use spur_ingest::{Receipt, Submission};
+use spur_matcher::{Bucket, Engine, EngineConfig, Firing, FiringState};
+use spur_replay::render_firing;
+use spur_store::{Appended, Checkpoint, Store, StoreError};
+use spur_template::TemplateEngine;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{error, info, warn};
+use uuid::Uuid;
+
+use crate::metrics::Metrics;
+
+/// Messages other than events.
+#[derive(Debug)]
+pub enum Control {
+    /// Swap in a new set of automations (unchanged ones keep their state).
+    Reload(Vec<Arc<Automation>>),
+    /// Report automations and their live state.
+    Describe(oneshot::Sender<Description>),
+    /// Drain submissions, checkpoint, stop.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// One automation with its live trigger state.
+#[derive(Debug, Clone)]
+pub struct AutomationState {
+    /// The automation.
+    pub automation: Arc<Automation>,
+    /// Open buckets: (trigger id, key, bucket).
+    pub buckets: Vec<(Uuid, Vec<String>, Bucket)>,
+}
+
+/// What `Describe` returns.
+#[derive(Debug, Clone)]
+pub struct Description {
+    /// Every loaded automation.
+    pub automations: Vec<AutomationState>,
+    /// The engine's next deadline.
+    pub next_deadline: Option<DateTime<Utc>>,
+    /// The engine clock.
+    pub clock: Option<DateTime<Utc>>,
+}
+
+/// Pipeline tunables.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Checkpoint after this many events…
+    pub checkpoint_events: u64,
+    /// …or this much time.
+    pub checkpoint_interval: Duration,
+    /// Event-log retention.
+    pub retention: Duration,
+}
+
+/// A running pipeline.
+#[derive(Debug)]
+pub struct PipelineHandle {
+    /// Control channel.
+    pub control: mpsc::Sender<Control>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PipelineHandle {
+    /// Asks the pipeline to drain and stop, and waits for its thread.
+    pub async fn shutdown(mut self) {
+        let (tx, rx) = oneshot::channel();
+        if self.control.send(Control::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+struct Pipeline {
+    store: Arc<Store>,
+    engine: Engine,
+    templates: TemplateEngine,
+    metrics: Arc<Metrics>,
+    live: broadcast::Sender<Arc<Event>>,
+    config: PipelineConfig,
+    applied: u64,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    last_prune: Option<Instant>,
+}
+
+/// Recovers state and starts the pipeline thread.
+pub fn start(
+    store: Arc<Store>,
+    automations: Vec<Arc<Automation>>,
+    submissions: mpsc::Receiver<Submission>,
+    metrics: Arc<Metrics>,
+    live: broadcast::Sender<Arc<Event>>,
+    config: PipelineConfig,
+) -> Result<PipelineHandle, StoreError> {
+    let mut engine = Engine::new(EngineConfig::default());
+    metrics
+        .automations
+        .store(automations.len() as u64, Ordering::Relaxed);
+    engine.load(automations);
+    let mut pipeline = Pipeline {
+        store,
+        engine,
+        templates: TemplateEngine::new(),
+        metrics,
+        live,
+        config,
+        applied: 0,
+        since_checkpoint: 0,
+        last_checkpoint: Instant::now(),
+        last_prune: None,
+    };
+    pipeline.recover()?;
+    let (control_tx, control_rx) = mpsc::channel(64);
+    let thread = std::thread::Builder::new()
+        .name("spur-pipeline".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, "cannot start the pipeline runtime");
+                    return;
+                }
+            };
+            runtime.block_on(pipeline.run(submissions, control_rx));
+        })
+        .map_err(|e| StoreError::Corrupt(format!("cannot start the pipeline thread: {e}")))?;
+    Ok(PipelineHandle {
+        control: control_tx,
+        thread: Some(thread),
+    })
+}
+
+impl Pipeline {
+    /// Restores the checkpoint and replays the log after it.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        if let Some(checkpoint) = self.store.load_checkpoint()? {
+            self.engine.restore(&checkpoint.snapshot);
+            self.applied = checkpoint.seq;
+        }
+        let mut replayed = 0usize;
+        loop {
+            let chunk = self.store.events_after(self.applied, 4096)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (seq, event) in chunk {
+                let received = event.received;
+                let firings = self.engine.handle(Arc::new(event), received);
+                self.on_firings(firings);
+                self.applied = seq;
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            info!(
+                replayed,
+                last_seq = self.applied,
+                "replayed the event log after the last checkpoint"
+            );
+        }
+        let now = Utc::now();
+        let firings = self.engine.advance_to(now);
+        self.on_firings(firings);
+        self.checkpoint();
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut submissions: mpsc::Receiver<Submission>,
+        mut control: mpsc::Receiver<Control>,
+    ) {
+        let mut intake_open = true;
+        loop {
+            let sleep = self
+                .engine
+                .next_deadline()
+                .map(|d| (d - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                message = control.recv() => match message {
+                    Some(Control::Shutdown(done)) => {
+                        // Drain what the sources already handed over, then stop.
+                        submissions.close();
+                        while let Some(s) = submissions.recv().await {
+                            self.process(vec![s]);
+                        }
+                        self.checkpoint();
+                        info!(last_seq = self.applied, "pipeline stopped; state checkpointed");
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(Control::Reload(automations)) => {
+                        self.metrics.automations.store(automations.len() as u64, Ordering::Relaxed);
+                        self.engine.load(automations);
+                        let firings = self.engine.advance_to(Utc::now());
+                        self.on_firings(firings);
+                        self.checkpoint();
+                    }
+                    Some(Control::Describe(reply)) => {
+                        let _ = reply.send(self.describe());
+                    }
+                    None => return,
+                },
+                first = submissions.recv(), if intake_open => match first {
+                    Some(first) => {
+                        let mut batch = vec![first];
+                        let mut events = batch[0].events.len();
+                        while events < 4096 {
+                            match submissions.try_recv() {
+                                Ok(more) => {
+                                    events += more.events.len();
+                                    batch.push(more);
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.process(batch);
+                    }
+                    None => intake_open = false,
+                },
+                _ = tokio::time::sleep(sleep) => self.tick(),
+            }
+            self.maybe_checkpoint();
+        }
+    }
+
+    fn describe(&self) -> Description {
+        Description {
+            automations: self
+                .engine
+                .automations()
+                .iter()
+                .map(|a| AutomationState {
+                    automation: a.clone(),
+                    buckets: self.engine.buckets_of(a.id),
+                })
+                .collect(),
+            next_deadline: self.engine.next_deadline(),
+            clock: self.engine.clock(),
+        }
+    }
+
+    /// Proactive deadlines and other timers due now.
+    fn tick(&mut self) {
+        let now = Utc::now();
+        if let Some(due) = self.engine.next_deadline()
+            && due > DateTime::<Utc>::MIN_UTC
+        {
+            let lag = (now - due).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+            self.metrics.timer_lag.observe(lag);
+        }
+        let firings = self.engine.advance_to(now);
+        self.on_firings(firings);
+        self.prune_if_due();
+    }
+
+    fn process(&mut self, batch: Vec<Submission>) {
+        let events: Vec<Event> = batch
+            .iter()
+            .flat_map(|s| s.events.iter().cloned())
+            .collect();
+        let appended = match self.store.append(&events) {
+            Ok(a) => a,
+            Err(e) => {
+                error!(error = %e, "cannot append to the event log");
+                for s in batch {
+                    let _ = s.done.send(Err(e.to_string()));
+                }
+                return;
+            }
+        };
+        let mut results = appended.into_iter();
+        let mut events = events.into_iter();
+        for submission in batch {
+            let mut receipt = Receipt::default();
+            for _ in 0..submission.events.len() {
+                let (Some(event), Some(result)) = (events.next(), results.next()) else {
+                    break;
+                };
+                match result {
+                    Appended::Duplicate => receipt.duplicates += 1,
+                    Appended::New(seq) => {
+                        receipt.accepted += 1;
+                        let event = Arc::new(event);
+                        let started = Instant::now();
+                        let firings = self.engine.handle(event.clone(), event.received);
+                        self.metrics
+                            .evaluation
+                            .observe(started.elapsed().as_secs_f64());
+                        self.metrics.evaluated.fetch_add(1, Ordering::Relaxed);
+                        self.on_firings(firings);
+                        self.applied = seq;
+                        self.since_checkpoint += 1;
+                        let _ = self.live.send(event);
+                    }
+                }
+            }
+            let _ = submission.done.send(Ok(receipt));
+        }
+        self.metrics
+            .buckets
+            .store(self.engine.stats().buckets as u64, Ordering::Relaxed);
+    }
+
+    /// Records firings (each id once) and logs the new ones.
+    fn on_firings(&mut self, firings: Vec<Firing>) {
+        if firings.is_empty() {
+            return;
+        }
+        let records: Vec<(Uuid, Value)> = firings
+            .iter()
+            .map(|f| {
+                let rendered = render_firing(&self.templates, f);
+                let mut record = serde_json::to_value(&rendered).unwrap_or(Value::Null);
+                if let Value::Object(map) = &mut record {
+                    map.insert("id".into(), json!(f.id));
+                    map.insert("automation_id".into(), json!(f.automation.id));
+                    map.insert("trigger_id".into(), json!(f.trigger_id));
+                    map.insert("labels".into(), f.labels_json());
+                }
+                (f.id, record)
+            })
+            .collect();
+        let fresh = match self.store.record_firings(&records) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                error!(error = %e, "cannot record firings");
+                return;
+            }
+        };
+        for ((firing, (_, record)), is_new) in firings.iter().zip(&records).zip(fresh) {
+            if !is_new {
+                continue;
+            }
+            match firing.state {
+                FiringState::Triggered => self.metrics.triggered.fetch_add(1, Ordering::Relaxed),
+                FiringState::Resolved => self.metrics.resolved.fetch_add(1, Ordering::Relaxed),
+            };
+            info!(
+                automation = %firing.automation.name,
+                state = firing.state.as_str(),
+                at = %spur_core::time::format_timestamp(firing.at),
+                event = ?firing.event.as_ref().map(|e| e.id),
+                firing = %firing.id,
+                actions = %record.get("actions").unwrap_or(&serde_json::Value::Null),
+                "automation fired"
+            );
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        if self.since_checkpoint >= self.config.checkpoint_events
+            || (self.since_checkpoint > 0
+                && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval)
+        {
+            self.checkpoint();
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        let checkpoint = Checkpoint {
+            seq: self.applied,
+            snapshot: self.engine.snapshot(),
+        };
+        if let Err(e) = self.store.save_checkpoint(&checkpoint) {
+            warn!(error = %e, "cannot write a checkpoint; the log still has every event");
+            return;
+        }
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+    }
+
+    fn prune_if_due(&mut self) {
+        if self
+            .last_prune
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(600))
+        {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        let Ok(retention) = chrono::TimeDelta::from_std(self.config.retention) else {
+            return;
+        };
+        let cutoff = Utc::now() - retention;
+        match self.store.prune(cutoff, 10_000) {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "pruned events older than the retention period"),
+            Err(e) => warn!(error = %e, "cannot prune the event log"),
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Hot reload of the automations folder.
+//!
+//! The folder is polled (default every 500 ms) for a change in its YAML/JSON files' names,
+//! sizes and modification times — simple, portable, and well inside the one-second promise.
+//! On a change everything is re-validated. A file that fails keeps contributing the
+//! automations it had before (so a typo never stops what was running) and its errors are
+//! published for `/api/automations` and the log; files that load replace their previous
+//! automations. Unchanged automations keep their trigger state (the engine matches them by
+//! id and definition).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use spur_core::Automation;
+use spur_core::Severity;
+use spur_core::load::LoadedAutomation;
+use spur_replay::load_automations;
+use spur_template::TemplateEngine;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::pipeline::Control;
+
+/// The current load status, shared with the API.
+#[derive(Debug, Default, Clone)]
+pub struct LoadStatus {
+    /// `file:line:column: field: reason` for every current error.
+    pub errors: Vec<String>,
+    /// Warnings, same form.
+    pub warnings: Vec<String>,
+}
+
+/// What a folder scan found: the automations to run and the diagnostics.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Automations with their origin.
+    pub automations: Vec<LoadedAutomation>,
+    /// Status for the API.
+    pub status: LoadStatus,
+}
+
+type Fingerprint = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if matches!(
+            p.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            out.insert(p, (meta.len(), meta.modified().ok()));
+        }
+    }
+    out
+}
+
+/// Loads the folder; for files with errors, keeps the automations `previous` had from them.
+pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomation]) -> Loaded {
+    let outcome = load_automations(path, templates);
+    let mut status = LoadStatus::default();
+    let mut failed_files: Vec<PathBuf> = Vec::new();
+    for d in &outcome.diagnostics {
+        match d.severity {
+            Severity::Error => {
+                status.errors.push(d.to_string());
+                if !failed_files.contains(&d.file) {
+                    failed_files.push(d.file.clone());
+                }
+            }
+            Severity::Warning => status.warnings.push(d.to_string()),
+        }
+    }
+    let mut automations: Vec<LoadedAutomation> = outcome
+        .automations
+        .into_iter()
+        .filter(|a| !failed_files.contains(&a.origin.file))
+        .collect();
+    for kept in previous
+        .iter()
+        .filter(|a| failed_files.contains(&a.origin.file))
+    {
+        if !automations
+            .iter()
+            .any(|a| a.automation.name == kept.automation.name)
+        {
+            automations.push(kept.clone());
+        }
+    }
+    Loaded {
+        automations,
+        status,
+    }
+}
+
+/// The automations to hand to the engine.
+pub fn runnable(loaded: &[LoadedAutomation]) -> Vec<Arc<Automation>> {
+    loaded
+        .iter()
+        .map(|l| Arc::new(l.automation.clone()))
+        .collect()
+}
+
+/// Watches `path` until `shutdown`, sending reloads to the pipeline.
+pub async fn watch_folder(
+    path: PathBuf,
+    interval: Duration,
+    mut current: Vec<LoadedAutomation>,
+    status: Arc<RwLock<LoadStatus>>,
+    control: mpsc::Sender<Control>,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let templates = TemplateEngine::new();
+    let mut seen = fingerprint(&path);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = fingerprint(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded = load(&path, &templates, &current);
+        for e in &loaded.status.errors {
+            error!(diagnostic = %e, "automation file refused; its previous automations keep running");
+        }
+        for w in &loaded.status.warnings {
+            warn!(diagnostic = %w, "automation warning");
+        }
+        let error_files = loaded.status.errors.len() as u64;
+        metrics
+            .load_errors
+            .store(error_files, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            automations = loaded.automations.len(),
+            errors = loaded.status.errors.len(),
+            "automations reloaded"
+        );
+        current = loaded.automations;
+        if let Ok(mut s) = status.write() {
+            *s = loaded.status;
+        }
+        if control
+            .send(Control::Reload(runnable(&current)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! Prefect's events API over HTTP and websocket, as the stock Prefect client uses it.
+//!
+//! * `POST /api/events` — a JSON list of events (a single object is accepted too). Valid events
+//!   land even when others in the batch are refused: 204 when all landed, else 422 with one
+//!   reason per refused event. 400 for a body that is not JSON, 413 over the body limit, 429
+//!   when the pipeline is saturated (with `Retry-After`).
+//! * `GET /api/events/in` — the websocket `emit_event` streams to: subprotocol `prefect`, an
+//!   `auth` message answered with `auth_success`, then one event per text frame. Each frame is
+//!   made durable before the next is read, so by the time the client's ping is answered every
+//!   earlier event is stored (that ping/pong is how the client confirms delivery). A malformed
+//!   frame is logged and skipped instead of killing the socket (Prefect closes it, and the
+//!   client then re-sends the bad event forever).
+//! * `GET /api/admin/version` — the Prefect version string the client checks before connecting.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use crate::intake::{Intake, SubmitError, normalize};
+
+/// The Prefect server version Spur reports. The stock client requires major version 3 and
+/// warns when the server is older than itself, so this is a 3.x newer than today's clients.
+pub const PREFECT_COMPATIBLE_VERSION: &str = "3.99.0";
+
+/// Largest accepted request body (a batch of events).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Shared state of the ingest routes.
+#[derive(Clone, Debug)]
+pub struct HttpIngest {
+    /// Where events go.
+    pub intake: Intake,
+    /// Prefect's `PREFECT_SERVER_API_AUTH_STRING`: when set, websocket clients must send it.
+    pub auth_string: Option<String>,
+}
+
+/// The ingest routes, ready to merge into the daemon's router.
+pub fn routes(state: HttpIngest) -> Router {
+    Router::new()
+        .route("/api/events", post(post_events))
+        .route("/api/events/in", get(events_in))
+        .route("/api/admin/version", get(version))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn version() -> impl IntoResponse {
+    axum::Json(PREFECT_COMPATIBLE_VERSION)
+}
+
+fn detail(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+async fn post_events(State(state): State<HttpIngest>, body: Bytes) -> Response {
+    let now = Utc::now();
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            state.intake.count_rejected(1);
+            return detail(
+                StatusCode::BAD_REQUEST,
+                json!({"detail": format!("the body is not valid JSON: {e}")}),
+            );
+        }
+    };
+    let items = match value {
+        Value::Array(items) => items,
+        v @ Value::Object(_) => vec![v],
+        other => {
+            state.intake.count_rejected(1);
+            return detail(
+                StatusCode::BAD_REQUEST,
+                json!({"detail": format!("expected a JSON list of events, got {}", spur_core::event::json_type_name(&other))}),
+            );
+        }
+    };
+    let total = items.len();
+    let mut events = Vec::with_capacity(total);
+    let mut rejected = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match normalize(item, now, state.intake.limits()) {
+            Ok(event) => events.push(event),
+            Err(e) => rejected.push(json!({"index": index, "field": e.field, "reason": e.reason})),
+        }
+    }
+    if !rejected.is_empty() {
+        state.intake.count_rejected(rejected.len() as u64);
+    }
+    let accepted = events.len();
+    match state.intake.try_submit(events).await {
+        Ok(_) => {}
+        Err(SubmitError::Busy) => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, "1")],
+                axum::Json(json!({"detail": SubmitError::Busy.to_string()})),
+            )
+                .into_response();
+        }
+        Err(e @ SubmitError::Closed) => {
+            return detail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"detail": e.to_string()}),
+            );
+        }
+        Err(e) => {
+            return detail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"detail": e.to_string()}),
+            );
+        }
+    }
+    if rejected.is_empty() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        detail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({
+                "detail": format!("{} of {total} events were refused; the other {accepted} were accepted", rejected.len()),
+                "accepted": accepted,
+                "rejected": rejected,
+            }),
+        )
+    }
+}
+
+fn offers_prefect_protocol(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "prefect")
+}
+
+async fn events_in(
+    State(state): State<HttpIngest>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let handshake = offers_prefect_protocol(&headers);
+    ws.protocols(["prefect"])
+        .on_upgrade(move |socket| stream_events_in(socket, handshake, state))
+}
+
+async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+/// Prefect's in-band auth: `{"type": "auth", "token": …}` → `{"type": "auth_success"}`.
+async fn authenticate(
+    socket: &mut WebSocket,
+    auth_string: Option<&str>,
+) -> Result<(), (u16, String)> {
+    let first = loop {
+        match socket.recv().await {
+            Some(Ok(Message::Text(t))) => break t.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return Err((1008, "Expected 'auth' message".into())),
+        }
+    };
+    let message: Value =
+        serde_json::from_str(&first).map_err(|_| (1008, "Expected 'auth' message".to_owned()))?;
+    if message.get("type").and_then(Value::as_str) != Some("auth") {
+        return Err((1008, "Expected 'auth' message".into()));
+    }
+    if let Some(expected) = auth_string {
+        match message.get("token").and_then(Value::as_str) {
+            None => return Err((1008, "Auth required but no token provided".into())),
+            Some(token) if !constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+                return Err((1008, "Invalid token".into()));
+            }
+            Some(_) => {}
+        }
+    }
+    socket
+        .send(Message::Text(
+            json!({"type": "auth_success"}).to_string().into(),
+        ))
+        .await
+        .map_err(|_| (1011, "send failed".to_owned()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIngest) {
+    if handshake {
+        if let Err((code, reason)) = authenticate(&mut socket, state.auth_string.as_deref()).await {
+            debug!(code, reason, "websocket auth refused");
+            close(socket, code, &reason).await;
+            return;
+        }
+    } else if state.auth_string.is_some() {
+        close(socket, 1002, "Authentication required").await;
+        return;
+    }
+    while let Some(message) = socket.recv().await {
+        let text = match message {
+            Ok(Message::Text(t)) => t.to_string(),
+            Ok(Message::Binary(b)) => match String::from_utf8(b.to_vec()) {
+                Ok(t) => t,
+                Err(_) => {
+                    state.intake.count_rejected(1);
+                    warn!("events/in: refused a binary frame that is not UTF-8");
+                    continue;
+                }
+            },
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue, // pings are answered by the websocket layer
+        };
+        let now = Utc::now();
+        let event = serde_json::from_str::<Value>(&text)
+            .map_err(|e| format!("not valid JSON: {e}"))
+            .and_then(|v| normalize(&v, now, state.intake.limits()).map_err(|e| e.to_string()));
+        match event {
+            Ok(event) => {
+                if let Err(e) = state.intake.submit(vec![event]).await {
+                    warn!(error = %e, "events/in: could not store an event; closing so the client re-sends");
+                    close(socket, 1011, "could not store event").await;
+                    return;
+                }
+            }
+            Err(reason) => {
+                state.intake.count_rejected(1);
+                warn!(%reason, "events/in: refused a malformed event");
+            }
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The one door into the pipeline.
+//!
+//! Every source turns what it receives into [`Event`]s with [`normalize`] and hands them to an
+//! [`Intake`]. `submit` resolves only when the pipeline has made the events durable (written
+//! to the event log and applied to the trigger engine), so a source can acknowledge its sender
+//! — an HTTP 204, a websocket pong, a JetStream ack — knowing nothing will be lost.
+//! The channel is bounded: when the pipeline falls behind, `try_submit` says so at once
+//! (HTTP answers 429) and `submit` waits (NATS and websockets slow down instead).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use spur_core::{Event, EventError, EventLimits};
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cloudevents;
+
+/// What the pipeline reports back for a submission.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Receipt {
+    /// Events newly stored.
+    pub accepted: usize,
+    /// Events whose id was already in the log.
+    pub duplicates: usize,
+}
+
+/// A batch on its way to the pipeline, with the channel to report back on.
+#[derive(Debug)]
+pub struct Submission {
+    /// The events, already normalized and validated.
+    pub events: Vec<Event>,
+    /// Resolved once the events are durable.
+    pub done: oneshot::Sender<Result<Receipt, String>>,
+}
+
+/// Why a submission failed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The pipeline is at capacity (back-pressure): retry later.
+    #[error("the event pipeline is busy; retry shortly")]
+    Busy,
+    /// The daemon is shutting down.
+    #[error("the daemon is shutting down")]
+    Closed,
+    /// The pipeline could not store the events.
+    #[error("the events could not be stored: {0}")]
+    Failed(String),
+}
+
+/// Counters every source updates (exported on `/metrics`).
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    /// Events accepted into the log.
+    pub accepted: AtomicU64,
+    /// Redeliveries dropped by id.
+    pub duplicates: AtomicU64,
+    /// Events refused as malformed.
+    pub rejected: AtomicU64,
+    /// Submissions refused for back-pressure.
+    pub throttled: AtomicU64,
+}
+
+/// A cloneable handle to the pipeline's intake.
+#[derive(Clone, Debug)]
+pub struct Intake {
+    tx: mpsc::Sender<Submission>,
+    limits: EventLimits,
+    counters: Arc<IngestCounters>,
+}
+
+impl Intake {
+    /// An intake feeding `tx`.
+    pub fn new(tx: mpsc::Sender<Submission>, limits: EventLimits) -> Intake {
+        Intake {
+            tx,
+            limits,
+            counters: Arc::new(IngestCounters::default()),
+        }
+    }
+
+    /// The limits events are validated against.
+    pub fn limits(&self) -> &EventLimits {
+        &self.limits
+    }
+
+    /// The shared counters.
+    pub fn counters(&self) -> &Arc<IngestCounters> {
+        &self.counters
+    }
+
+    /// Records a malformed event (for metrics).
+    pub fn count_rejected(&self, n: u64) {
+        self.counters.rejected.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Submits and waits for durability; waits for room if the pipeline is busy.
+    pub async fn submit(&self, events: Vec<Event>) -> Result<Receipt, SubmitError> {
+        if events.is_empty() {
+            return Ok(Receipt::default());
+        }
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Submission { events, done })
+            .await
+            .map_err(|_| SubmitError::Closed)?;
+        self.finish(wait).await
+    }
+
+    /// Submits and waits for durability, or fails at once with [`SubmitError::Busy`].
+    pub async fn try_submit(&self, events: Vec<Event>) -> Result<Receipt, SubmitError> {
+        if events.is_empty() {
+            return Ok(Receipt::default());
+        }
+        let (done, wait) = oneshot::channel();
+        match self.tx.try_send(Submission { events, done }) {
+            Ok(()) => self.finish(wait).await,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                Err(SubmitError::Busy)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SubmitError::Closed),
+        }
+    }
+
+    async fn finish(
+        &self,
+        wait: oneshot::Receiver<Result<Receipt, String>>,
+    ) -> Result<Receipt, SubmitError> {
+        match wait.await {
+            Ok(Ok(receipt)) => {
+                self.counters
+                    .accepted
+                    .fetch_add(receipt.accepted as u64, Ordering::Relaxed);
+                self.counters
+                    .duplicates
+                    .fetch_add(receipt.duplicates as u64, Ordering::Relaxed);
+                Ok(receipt)
+            }
+            Ok(Err(reason)) => Err(SubmitError::Failed(reason)),
+            Err(_) => Err(SubmitError::Closed),
+        }
+    }
+}
+
+/// Turns one received JSON document into an event: a Prefect event (partial allowed) or a
+/// structured-mode CloudEvent. `received` is now.
+pub fn normalize(
+    value: &Value,
+    received: DateTime<Utc>,
+    limits: &EventLimits,
+) -> Result<Event, EventError> {
+    // Microseconds, like Prefect's timestamps (and so they survive every JSON round trip).
+    let received = chrono::SubsecRound::trunc_subsecs(received, 6);
+    let event = if cloudevents::is_cloud_event(value) {
+        cloudevents::to_event(value, received, limits)?
+    } else {
+        Event::from_json(value, received, limits)?
+    };
+    event.check_size(limits)?;
+    Ok(event)
+}

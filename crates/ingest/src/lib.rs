@@ -1,0 +1,15 @@
+//! `spur-ingest`: the sources that bring events into Spur.
+//!
+//! * [`intake`] — the [`Intake`] every source submits to, and [`normalize`], the one way raw
+//!   JSON becomes an event (Prefect event or CloudEvent, validated, size-checked).
+//! * [`http`] — Prefect's events API: `POST /api/events`, the `/api/events/in` websocket the
+//!   stock `emit_event` uses, `/api/admin/version`.
+//! * [`nats`] — NATS subjects through a JetStream durable consumer (or core NATS).
+//! * [`cloudevents`] — CloudEvents structured mode mapping.
+
+pub mod cloudevents;
+pub mod http;
+pub mod intake;
+pub mod nats;
+
+pub use intake::{IngestCounters, Intake, Receipt, Submission, SubmitError, normalize};

@@ -1,0 +1,267 @@
+//! NATS as an event source, durable by default.
+//!
+//! With JetStream (the default) Spur keeps a stream (`SPUR_EVENTS`) over the configured
+//! subjects (default `events.>`) and reads it through a durable pull consumer. Messages are
+//! taken in ready batches, made durable by the pipeline (event log + trigger state), and only
+//! then acknowledged; a message that cannot be an event is terminated with a logged reason, so
+//! it is never redelivered. Redeliveries after a crash are de-duplicated by event id; publishers
+//! should set `Nats-Msg-Id` to the event id so JetStream drops duplicates on its side too.
+//!
+//! Without JetStream (`jetstream: false`) Spur subscribes with core NATS: fast but lossy if
+//! Spur is down. Slow-consumer notices are logged and counted, never silently dropped.
+//!
+//! Lost connections and server restarts are survived: the client reconnects on its own, and
+//! the consume loop re-attaches to the stream and consumer with a bounded backoff.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::intake::{Intake, normalize};
+
+/// NATS source settings.
+#[derive(Clone, Debug)]
+pub struct NatsConfig {
+    /// Server URL, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Subjects to consume.
+    pub subjects: Vec<String>,
+    /// Use a JetStream stream and durable consumer (at-least-once) instead of core NATS.
+    pub jetstream: bool,
+    /// JetStream stream name.
+    pub stream: String,
+    /// Durable consumer name.
+    pub consumer: String,
+    /// How long the stream keeps messages.
+    pub max_age: Duration,
+}
+
+impl NatsConfig {
+    /// Defaults for `url`: subjects `events.>`, JetStream on, stream `SPUR_EVENTS`.
+    pub fn new(url: impl Into<String>) -> NatsConfig {
+        NatsConfig {
+            url: url.into(),
+            subjects: vec!["events.>".to_owned()],
+            jetstream: true,
+            stream: "SPUR_EVENTS".to_owned(),
+            consumer: "spur".to_owned(),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct NatsCounters {
+    /// Messages terminated as malformed.
+    pub terminated: AtomicU64,
+    /// Slow-consumer notices from the client.
+    pub slow_consumer: AtomicU64,
+    /// Times the consume loop re-attached after an error.
+    pub reattached: AtomicU64,
+}
+
+/// Connects with reconnects enabled and events logged.
+pub async fn connect(
+    url: &str,
+    counters: Arc<NatsCounters>,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name("spur")
+        .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let counters = counters.clone();
+            async move {
+                match event {
+                    async_nats::Event::SlowConsumer(sid) => {
+                        counters.slow_consumer.fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            subscription = sid,
+                            "NATS slow consumer: the server is dropping messages for Spur"
+                        );
+                    }
+                    async_nats::Event::Connected => info!("NATS connected"),
+                    other => warn!(event = %other, "NATS connection event"),
+                }
+            }
+        })
+        .connect(url)
+        .await
+}
+
+/// Runs the source until `shutdown` turns true.
+pub async fn run(
+    config: NatsConfig,
+    intake: Intake,
+    counters: Arc<NatsCounters>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let client = match connect(&config.url, counters.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, url = %config.url, "cannot connect to NATS");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = tokio::select! {
+            r = consume(&client, &config, &intake, &counters) => r,
+            _ = shutdown.changed() => return,
+        };
+        if *shutdown.borrow() {
+            return;
+        }
+        if let Err(e) = result {
+            counters.reattached.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "NATS consume loop interrupted; re-attaching");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn consume(
+    client: &async_nats::Client,
+    config: &NatsConfig,
+    intake: &Intake,
+    counters: &NatsCounters,
+) -> Result<(), BoxError> {
+    if !config.jetstream {
+        let mut subscriptions = futures_util::stream::SelectAll::new();
+        for subject in &config.subjects {
+            subscriptions.push(client.subscribe(subject.clone()).await?);
+        }
+        let mut batches = subscriptions.ready_chunks(512);
+        while let Some(batch) = batches.next().await {
+            let events = batch
+                .iter()
+                .filter_map(|m| parse(&m.payload, intake).map_err(|reason| {
+                    counters.terminated.fetch_add(1, Ordering::Relaxed);
+                    warn!(subject = %m.subject, %reason, "NATS: dropped a message that is not an event");
+                }).ok())
+                .collect();
+            intake.submit(events).await?;
+        }
+        return Err("NATS subscription ended".into());
+    }
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: config.stream.clone(),
+            subjects: config.subjects.clone(),
+            max_age: config.max_age,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &config.consumer,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(config.consumer.clone()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 10_000,
+                ..Default::default()
+            },
+        )
+        .await?;
+    info!(stream = %config.stream, consumer = %config.consumer, subjects = ?config.subjects, "consuming NATS JetStream");
+    let mut batches = consumer.messages().await?.ready_chunks(512);
+    while let Some(batch) = batches.next().await {
+        let mut good = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        for message in batch {
+            let message = message?;
+            match parse(&message.payload, intake) {
+                Ok(event) => {
+                    events.push(event);
+                    good.push(message);
+                }
+                Err(reason) => {
+                    counters.terminated.fetch_add(1, Ordering::Relaxed);
+                    warn!(subject = %message.subject, %reason, "NATS: terminated a message that is not an event");
+                    message.ack_with(AckKind::Term).await?;
+                }
+            }
+        }
+        // Durable first (log + trigger state), then acknowledge.
+        intake.submit(events).await?;
+        for message in good {
+            message.ack().await?;
+        }
+    }
+    Err("JetStream consumer stream ended".into())
+}
+
+fn parse(payload: &[u8], intake: &Intake) -> Result<spur_core::Event, String> {
+    let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    normalize(&value, Utc::now(), intake.limits()).map_err(|e| {
+        intake.count_rejected(1);
+        e.to_string()
+    })
+}
+
+/// The subject an event is published on: `<prefix>.<event name>` with characters NATS
+/// reserves (space, `*`, `>`) replaced by `_`.
+pub fn subject_for(prefix: &str, event_name: &str) -> String {
+    let clean: String = event_name
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() || c == '*' || c == '>' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let clean = clean.trim_matches('.');
+    if clean.is_empty() {
+        format!("{prefix}.unnamed")
+    } else {
+        format!("{prefix}.{clean}")
+    }
+}
+
+/// Publishes one event with `Nats-Msg-Id` = its id, waiting for JetStream's ack when a
+/// stream captures the subject (else a plain publish, flushed).
+pub async fn publish(
+    client: &async_nats::Client,
+    subject: String,
+    event: &spur_core::Event,
+) -> Result<(), BoxError> {
+    let body = serde_json::to_vec(event)?;
+    let js = jetstream::new(client.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+    match js
+        .publish_with_headers(subject.clone(), headers.clone(), body.clone().into())
+        .await
+    {
+        Ok(ack) => match ack.await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                client
+                    .publish_with_headers(subject, headers, body.into())
+                    .await?;
+                client.flush().await?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}

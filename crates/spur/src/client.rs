@@ -1,0 +1,236 @@
+//! The client commands: `emit`, `events query`, `automations ls`, `firings`. They talk to a
+//! running daemon over HTTP (or publish to NATS for `emit --nats`).
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use chrono::Utc;
+use serde_json::{Value, json};
+use spur_core::{Event, EventLimits};
+
+/// The daemon's base URL from `--api`, `SPUR_API_URL`, or the default. A Prefect-style URL
+/// ending in `/api` is accepted too.
+pub fn base_url(api: Option<&str>) -> String {
+    let url = api
+        .map(str::to_owned)
+        .unwrap_or_else(|| "http://127.0.0.1:4200".to_owned());
+    let url = url.trim_end_matches('/');
+    url.strip_suffix("/api").unwrap_or(url).to_owned()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn parse_json_arg(text: Option<&str>, what: &str) -> Result<Option<Value>> {
+    text.map(|t| serde_json::from_str(t).with_context(|| format!("{what} is not valid JSON")))
+        .transpose()
+}
+
+/// Options of `spur emit`.
+#[derive(Debug)]
+pub struct EmitOptions<'a> {
+    pub name: &'a str,
+    pub resource: &'a str,
+    pub related: Option<&'a str>,
+    pub payload: Option<&'a str>,
+    pub id: Option<&'a str>,
+    pub occurred: Option<&'a str>,
+    pub follows: Option<&'a str>,
+    pub api: Option<&'a str>,
+    pub nats: Option<&'a str>,
+    pub subject_prefix: &'a str,
+}
+
+/// `spur emit`: builds one event, validates it locally, sends it, prints its id.
+pub fn emit(o: &EmitOptions<'_>) -> Result<()> {
+    let resource: Value = if o.resource.trim_start().starts_with('{') {
+        serde_json::from_str(o.resource).context("--resource is not valid JSON")?
+    } else {
+        json!({"prefect.resource.id": o.resource})
+    };
+    let related = parse_json_arg(o.related, "--related")?.unwrap_or(json!([]));
+    let payload = parse_json_arg(o.payload, "--payload")?.unwrap_or(json!({}));
+    let mut raw =
+        json!({"event": o.name, "resource": resource, "related": related, "payload": payload});
+    if let Some(id) = o.id {
+        raw["id"] = json!(id);
+    }
+    if let Some(at) = o.occurred {
+        raw["occurred"] = json!(at);
+    }
+    if let Some(f) = o.follows {
+        raw["follows"] = json!(f);
+    }
+    let event = Event::from_json(&raw, Utc::now(), &EventLimits::default())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        if let Some(url) = o.nats {
+            let client = spur_ingest::nats::connect(url, Arc::default())
+                .await
+                .context("cannot connect to NATS")?;
+            let subject = spur_ingest::nats::subject_for(o.subject_prefix, &event.event);
+            spur_ingest::nats::publish(&client, subject.clone(), &event)
+                .await
+                .map_err(|e| anyhow::anyhow!("publishing to {subject}: {e}"))?;
+        } else {
+            let url = format!("{}/api/events", base_url(o.api));
+            let body = json!([{
+                "id": event.id, "occurred": spur_core::time::format_timestamp(event.occurred),
+                "event": event.event, "resource": event.resource, "related": event.related,
+                "payload": event.payload, "follows": event.follows,
+            }]);
+            let response = reqwest::Client::new()
+                .post(&url)
+                .json(&body)
+                .send()
+                .await
+                .with_context(|| {
+                    format!("cannot reach the daemon at {url} (is `spur serve` running?)")
+                })?;
+            let status = response.status();
+            if !status.is_success() {
+                let text = response.text().await.unwrap_or_default();
+                bail!("the daemon refused the event ({status}): {text}");
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    println!("{}", event.id);
+    Ok(())
+}
+
+/// `spur events query`.
+pub fn query(
+    api: Option<&str>,
+    since: Option<&str>,
+    until: Option<&str>,
+    names: &[String],
+    resource: Option<&str>,
+    limit: usize,
+    as_json: bool,
+) -> Result<()> {
+    let mut filter = json!({});
+    let now = Utc::now();
+    if let Some(s) = since {
+        let since = match crate::serve::parse_duration(s) {
+            Ok(d) => now - chrono::TimeDelta::from_std(d).context("--since is too large")?,
+            Err(_) => spur_core::time::parse_timestamp_str(s)
+                .map_err(anyhow::Error::msg)
+                .context("--since")?,
+        };
+        filter["occurred"]["since"] = json!(spur_core::time::format_timestamp(since));
+    }
+    if let Some(u) = until {
+        let until = spur_core::time::parse_timestamp_str(u)
+            .map_err(anyhow::Error::msg)
+            .context("--until")?;
+        filter["occurred"]["until"] = json!(spur_core::time::format_timestamp(until));
+    }
+    let (prefixes, exact): (Vec<&String>, Vec<&String>) =
+        names.iter().partition(|n| n.ends_with('*'));
+    if !names.is_empty() {
+        filter["event"] = json!({
+            "name": exact,
+            "prefix": prefixes.iter().map(|p| p.trim_end_matches('*')).collect::<Vec<_>>(),
+        });
+    }
+    if let Some(r) = resource {
+        filter["resource"] = if let Some(p) = r.strip_suffix('*') {
+            json!({"id_prefix": [p]})
+        } else {
+            json!({"id": [r]})
+        };
+    }
+    let base = base_url(api);
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut printed = 0usize;
+        let mut response: Value = client
+            .post(format!("{base}/api/events/filter"))
+            .json(&json!({"filter": filter, "limit": limit.min(50)}))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the daemon at {base}"))?
+            .error_for_status()?
+            .json()
+            .await?;
+        loop {
+            for e in response["events"].as_array().cloned().unwrap_or_default() {
+                if printed >= limit {
+                    return Ok(());
+                }
+                printed += 1;
+                if as_json {
+                    println!("{e}");
+                } else {
+                    println!(
+                        "{}  {}  {}",
+                        e["occurred"].as_str().unwrap_or(""),
+                        e["event"].as_str().unwrap_or(""),
+                        e["resource"]["prefect.resource.id"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            let Some(next) = response["next_page"].as_str().map(str::to_owned) else {
+                break;
+            };
+            if printed >= limit {
+                break;
+            }
+            response = client
+                .get(format!("{base}{next}"))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+        }
+        eprintln!("{printed} event(s)");
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+fn get_json(api: Option<&str>, path: &str) -> Result<Value> {
+    let base = base_url(api);
+    runtime()?.block_on(async {
+        let response = reqwest::get(format!("{base}{path}"))
+            .await
+            .with_context(|| {
+                format!("cannot reach the daemon at {base} (is `spur serve` running?)")
+            })?
+            .error_for_status()?;
+        Ok(response.json().await?)
+    })
+}
+
+/// `spur automations ls`.
+pub fn automations(api: Option<&str>) -> Result<()> {
+    let body = get_json(api, "/api/automations")?;
+    for a in body["automations"].as_array().cloned().unwrap_or_default() {
+        let buckets = a["state"]["buckets"].as_array().map_or(0, Vec::len);
+        println!(
+            "{}  [{} open bucket(s)]",
+            a["summary"].as_str().unwrap_or(""),
+            buckets
+        );
+    }
+    for e in body["errors"].as_array().cloned().unwrap_or_default() {
+        eprintln!("error: {}", e.as_str().unwrap_or(""));
+    }
+    Ok(())
+}
+
+/// `spur firings`.
+pub fn firings(api: Option<&str>, limit: usize) -> Result<()> {
+    let body = get_json(api, &format!("/api/firings?limit={limit}"))?;
+    for f in body["firings"].as_array().cloned().unwrap_or_default() {
+        println!("{f}");
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! `spur serve`: settings from flags, `SPUR_*` environment variables, the config file and
+//! defaults (in that order of precedence), logging, signals.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::Value;
+use spur_daemon::{Daemon, DaemonConfig};
+use spur_ingest::nats::NatsConfig;
+
+/// Flags of `spur serve`. Each one can also be set with its `SPUR_*` variable or in the
+/// config file (same name, `-` → `_`).
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Config file (YAML). Default: config/spur.yaml when it exists.
+    #[arg(long, env = "SPUR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Folder (or file) of automations and deployments, watched for changes.
+    #[arg(long, env = "SPUR_AUTOMATIONS")]
+    pub automations: Option<PathBuf>,
+    /// Address for the HTTP API [default: 127.0.0.1:4200].
+    #[arg(long, env = "SPUR_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Data folder for the embedded store [default: .spur].
+    #[arg(long, env = "SPUR_DATA")]
+    pub data: Option<PathBuf>,
+    /// NATS server URL; enables the NATS source (off by default).
+    #[arg(long, env = "SPUR_NATS")]
+    pub nats: Option<String>,
+    /// NATS subjects to consume, comma separated [default: events.>].
+    #[arg(long, env = "SPUR_NATS_SUBJECTS", value_delimiter = ',')]
+    pub nats_subjects: Option<Vec<String>>,
+    /// Use core NATS subscriptions instead of a JetStream durable consumer (lossy).
+    #[arg(long, env = "SPUR_NATS_CORE")]
+    pub nats_core: bool,
+    /// How long events are kept: seconds, or 30m / 12h / 7d, or ISO-8601 [default: 7d].
+    #[arg(long, env = "SPUR_RETENTION")]
+    pub retention: Option<String>,
+    /// Prefect API auth string websocket clients must present.
+    #[arg(long, env = "SPUR_AUTH_STRING")]
+    pub auth_string: Option<String>,
+    /// Log format.
+    #[arg(long, env = "SPUR_LOG_FORMAT", value_parser = ["pretty", "json"])]
+    pub log_format: Option<String>,
+}
+
+/// Parses `45`, `45s`, `30m`, `12h`, `7d`, or an ISO-8601 duration.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let t = text.trim();
+    let (number, unit) = t.split_at(
+        t.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len()),
+    );
+    let factor = match unit {
+        "" | "s" => Some(1.0),
+        "m" => Some(60.0),
+        "h" => Some(3600.0),
+        "d" => Some(86_400.0),
+        _ => None,
+    };
+    if let (Some(f), Ok(n)) = (factor, number.parse::<f64>()) {
+        return Ok(Duration::from_secs_f64(n * f));
+    }
+    let delta = spur_core::time::parse_duration(&Value::String(t.to_owned()))
+        .map_err(anyhow::Error::msg)?;
+    delta.to_std().context("a duration must not be negative")
+}
+
+fn file_settings(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match spur_core::load::parse_yaml(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Null) => Ok(Default::default()),
+        Ok(_) => bail!("{}: expected a mapping of settings", path.display()),
+        Err((line, column, reason)) => bail!("{}:{line}:{column}: {reason}", path.display()),
+    }
+}
+
+/// Merges flags, environment, file and defaults into the daemon config.
+pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
+    let config_path = args.config.clone().or_else(|| {
+        let default = PathBuf::from("config/spur.yaml");
+        default.exists().then_some(default)
+    });
+    let file = match &config_path {
+        Some(p) => file_settings(p)?,
+        None => Default::default(),
+    };
+    const KNOWN: &[&str] = &[
+        "automations",
+        "http",
+        "data",
+        "nats",
+        "retention",
+        "auth_string",
+        "log_format",
+    ];
+    for key in file.keys() {
+        if !KNOWN.contains(&key.as_str()) {
+            bail!(
+                "{}: unknown setting {key:?} (known: {})",
+                config_path
+                    .as_deref()
+                    .unwrap_or(Path::new("config"))
+                    .display(),
+                KNOWN.join(", ")
+            );
+        }
+    }
+    let text = |key: &str| file.get(key).and_then(Value::as_str).map(str::to_owned);
+    let mut config = DaemonConfig::default();
+    if let Some(a) = args
+        .automations
+        .clone()
+        .or_else(|| text("automations").map(PathBuf::from))
+    {
+        config.automations = a;
+    }
+    if let Some(h) = args.http {
+        config.http = h;
+    } else if let Some(h) = text("http") {
+        config.http = h
+            .parse()
+            .with_context(|| format!("http: {h:?} is not an address like 127.0.0.1:4200"))?;
+    }
+    if let Some(d) = args
+        .data
+        .clone()
+        .or_else(|| text("data").map(PathBuf::from))
+    {
+        config.data = d;
+    }
+    if let Some(r) = args.retention.clone().or_else(|| {
+        file.get("retention").map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    }) {
+        config.retention = parse_duration(&r).with_context(|| format!("retention: {r:?}"))?;
+    }
+    config.auth_string = args.auth_string.clone().or_else(|| text("auth_string"));
+    let nats_file = file.get("nats");
+    let nats_url = args.nats.clone().or_else(|| match nats_file {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Object(m)) => m.get("url").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    });
+    if let Some(url) = nats_url {
+        let mut nats = NatsConfig::new(url);
+        if let Some(subjects) = args.nats_subjects.clone() {
+            nats.subjects = subjects;
+        } else if let Some(Value::Array(list)) = nats_file.and_then(|n| n.get("subjects")) {
+            nats.subjects = list
+                .iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect();
+        }
+        let core_in_file = nats_file
+            .and_then(|n| n.get("jetstream"))
+            .and_then(Value::as_bool)
+            .map(|js| !js)
+            .unwrap_or(false);
+        nats.jetstream = !(args.nats_core || core_in_file);
+        config.nats = Some(nats);
+    }
+    let log_format = args
+        .log_format
+        .clone()
+        .or_else(|| text("log_format"))
+        .unwrap_or_else(|| "pretty".to_owned());
+    Ok((config, log_format))
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SPUR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM, then shuts down gracefully.
+pub fn serve(args: &ServeArgs) -> Result<()> {
+    let (config, log_format) = resolve(args)?;
+    init_logging(&log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let daemon = Daemon::start(config).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down: stopping intake, draining, checkpointing");
+        daemon.shutdown().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,495 @@
+//! End-to-end tests of `spur serve`: the real binary on a free loopback port with a temp data
+//! folder, real HTTP and websockets, and (when `nats-server` is available) a real NATS server.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{NatsServer, SpurDaemon, eventually, nats_server_bin};
+
+fn http(method: &str, url: &str, body: Option<Value>) -> (u16, String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let request = match method {
+            "POST" => client.post(url),
+            _ => client.get(url),
+        };
+        let request = match body {
+            Some(b) => request
+                .header("content-type", "application/json")
+                .body(b.to_string()),
+            None => request,
+        };
+        let response = request.send().await.expect("daemon answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    })
+}
+
+fn post_events(daemon: &SpurDaemon, events: Value) -> (u16, String) {
+    http("POST", &format!("{}/api/events", daemon.url), Some(events))
+}
+
+fn firings(daemon: &SpurDaemon) -> Vec<Value> {
+    let (status, text) = http(
+        "GET",
+        &format!("{}/api/firings?limit=100", daemon.url),
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str::<Value>(&text).expect("JSON")["firings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn event(name: &str, resource: &str, id: u128) -> Value {
+    json!({"id": uuid::Uuid::from_u128(id).to_string(), "event": name, "resource": {"prefect.resource.id": resource}})
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write file");
+}
+
+const THRESHOLD: &str = r#"
+name: two-failures
+trigger:
+  type: event
+  posture: Reactive
+  expect: ["job.failed"]
+  for_each: ["prefect.resource.id"]
+  threshold: 2
+  within: 3600
+actions:
+  - type: run-deployment
+    deployment_id: 5e1ec7ed-0000-4000-8000-000000000001
+    parameters:
+      job: << event.resource.id >>
+"#;
+
+#[test]
+fn http_ingest_fires_triggers_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(&automations, "threshold.yaml", THRESHOLD);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+
+    let (status, text) = post_events(
+        &daemon,
+        json!([
+            event("job.failed", "job.a", 1),
+            event("job.failed", "job.a", 2)
+        ]),
+    );
+    assert_eq!(status, 204, "{text}");
+    let fired = eventually(Duration::from_secs(5), "a firing", || {
+        let f = firings(&daemon);
+        (!f.is_empty()).then_some(f)
+    });
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0]["automation"], "two-failures");
+    assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(2).to_string());
+    assert_eq!(
+        fired[0]["actions"][0]["parameters"],
+        json!({"job": "job.a"})
+    );
+
+    // A redelivered id is dropped; a bad event is refused with a reason while the rest lands.
+    let (status, text) = post_events(
+        &daemon,
+        json!([event("job.failed", "job.a", 2), {"event": "job.failed"}, event("job.failed", "job.b", 3)]),
+    );
+    assert_eq!(status, 422, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(body["accepted"], 2);
+    assert_eq!(body["rejected"][0]["index"], 1);
+    assert_eq!(body["rejected"][0]["field"], "resource");
+    let (status, _) = http("POST", &format!("{}/api/events", daemon.url), None);
+    assert_eq!(status, 400, "an empty body is not JSON");
+    let (status, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(json!({"filter": {"resource": {"id": ["job.b"]}}})),
+    );
+    assert_eq!(status, 200, "{text}");
+    let page: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(
+        page["total"], 1,
+        "job.b's event landed despite the bad one: {text}"
+    );
+    assert_eq!(
+        firings(&daemon).len(),
+        1,
+        "the duplicate did not count again"
+    );
+
+    let (_, metrics) = http("GET", &format!("{}/metrics", daemon.url), None);
+    assert!(metrics.contains("spur_events_in_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("spur_events_duplicate_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("spur_firings_triggered_total 1"),
+        "{metrics}"
+    );
+    let (status, version) = http("GET", &format!("{}/api/admin/version", daemon.url), None);
+    assert_eq!((status, version.as_str()), (200, "\"3.99.0\""));
+    assert_eq!(daemon.terminate(), Some(0), "SIGTERM shuts down cleanly");
+}
+
+#[test]
+fn a_threshold_half_counted_before_a_crash_completes_after_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(&automations, "threshold.yaml", THRESHOLD);
+    let data = dir.path().join("data");
+
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    assert_eq!(
+        post_events(&daemon, json!([event("job.failed", "job.x", 10)])).0,
+        204
+    );
+    daemon.kill(); // no shutdown, no final checkpoint
+
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    // The first event is replayed from the log, not counted twice: a redelivery is dropped…
+    assert_eq!(
+        post_events(&daemon, json!([event("job.failed", "job.x", 10)])).0,
+        204
+    );
+    assert!(
+        firings(&daemon).is_empty(),
+        "one event must not fire a threshold of two"
+    );
+    // …and the second event completes the threshold.
+    assert_eq!(
+        post_events(&daemon, json!([event("job.failed", "job.x", 11)])).0,
+        204
+    );
+    let fired = eventually(Duration::from_secs(5), "the firing", || {
+        let f = firings(&daemon);
+        (!f.is_empty()).then_some(f)
+    });
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(11).to_string());
+    daemon.kill();
+
+    // Restarting again replays the whole log: the same firing is derived, and not recorded twice.
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(firings(&daemon).len(), 1);
+}
+
+#[test]
+fn hot_reload_applies_changes_and_keeps_running_automations_on_a_broken_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+
+    let rule = |name: &str| {
+        format!(
+            "name: {name}\ntrigger: {{type: event, posture: Reactive, expect: [ping]}}\nactions: [{{type: do-nothing}}]\n"
+        )
+    };
+    write(&automations, "ping.yaml", &rule("ping-v1"));
+    let automations_named = |daemon: &SpurDaemon| -> (Vec<String>, Vec<String>) {
+        let (_, text) = http("GET", &format!("{}/api/automations", daemon.url), None);
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        let names = v["automations"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap_or("").to_owned())
+            .collect();
+        let errors = v["errors"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.as_str().unwrap_or("").to_owned())
+            .collect();
+        (names, errors)
+    };
+    eventually(Duration::from_secs(3), "ping-v1 loaded", || {
+        (automations_named(&daemon).0 == ["ping-v1"]).then_some(())
+    });
+
+    // A broken edit is reported with file, line and field; ping-v1 keeps running.
+    write(
+        &automations,
+        "ping.yaml",
+        "name: ping-v2\ntrigger: {type: event, posture: Sometimes, expect: [ping]}\nactions: []\n",
+    );
+    let errors = eventually(Duration::from_secs(3), "the error reported", || {
+        let (names, errors) = automations_named(&daemon);
+        (!errors.is_empty()).then_some((names, errors))
+    });
+    assert_eq!(errors.0, ["ping-v1"]);
+    assert!(
+        errors.1[0].contains("ping.yaml:2:") && errors.1[0].contains("trigger.posture"),
+        "{:?}",
+        errors.1
+    );
+    assert_eq!(post_events(&daemon, json!([event("ping", "r", 1)])).0, 204);
+    eventually(Duration::from_secs(3), "ping-v1 fired", || {
+        firings(&daemon)
+            .iter()
+            .any(|f| f["automation"] == "ping-v1")
+            .then_some(())
+    });
+
+    // Fixing the file swaps in the new automation; removing it unloads it.
+    write(&automations, "ping.yaml", &rule("ping-v2"));
+    eventually(Duration::from_secs(3), "ping-v2 loaded", || {
+        let (names, errors) = automations_named(&daemon);
+        (names == ["ping-v2"] && errors.is_empty()).then_some(())
+    });
+    std::fs::remove_file(automations.join("ping.yaml")).expect("remove");
+    eventually(Duration::from_secs(3), "unloaded", || {
+        automations_named(&daemon).0.is_empty().then_some(())
+    });
+}
+
+#[test]
+fn proactive_triggers_fire_on_the_wall_clock() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "sla.yaml",
+        "name: sla\ntrigger: {type: event, posture: Proactive, after: [job.started], expect: [job.finished], for_each: [prefect.resource.id], within: 10}\nactions: [{type: do-nothing}]\n",
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    assert_eq!(
+        post_events(
+            &daemon,
+            json!([
+                event("job.started", "job.1", 1),
+                event("job.started", "job.2", 2)
+            ])
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        post_events(&daemon, json!([event("job.finished", "job.2", 3)])).0,
+        204
+    );
+    let fired = eventually(Duration::from_secs(15), "the SLA firing", || {
+        let f = firings(&daemon);
+        (!f.is_empty()).then_some(f)
+    });
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0]["labels"], json!({"prefect.resource.id": "job.1"}));
+}
+
+#[test]
+fn prefect_websocket_protocol_delivers_events() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(&automations, "threshold.yaml", THRESHOLD);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let ws_url = format!("{}/api/events/in", daemon.url.replacen("http", "ws", 1));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut request = ws_url.into_client_request().expect("request");
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "prefect".parse().expect("header"));
+        let (mut socket, response) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("connects");
+        assert_eq!(
+            response
+                .headers()
+                .get("sec-websocket-protocol")
+                .map(|v| v.to_str().unwrap_or("")),
+            Some("prefect")
+        );
+        socket
+            .send(Message::Text(
+                json!({"type": "auth", "token": null}).to_string().into(),
+            ))
+            .await
+            .expect("send auth");
+        let reply = socket.next().await.expect("reply").expect("frame");
+        assert_eq!(
+            reply.into_text().expect("text").as_str(),
+            r#"{"type":"auth_success"}"#
+        );
+        socket
+            .send(Message::Text(
+                event("job.failed", "job.w", 20).to_string().into(),
+            ))
+            .await
+            .expect("send");
+        socket
+            .send(Message::Text("{not json".into()))
+            .await
+            .expect("send bad frame");
+        socket
+            .send(Message::Text(
+                event("job.failed", "job.w", 21).to_string().into(),
+            ))
+            .await
+            .expect("send");
+        // Delivery is confirmed by ping/pong, as the stock client does.
+        socket
+            .send(Message::Ping(b"checkpoint".to_vec().into()))
+            .await
+            .expect("ping");
+        loop {
+            match socket.next().await.expect("pong").expect("frame") {
+                Message::Pong(_) => break,
+                _ => continue,
+            }
+        }
+    });
+    let fired = firings(&daemon);
+    assert_eq!(
+        fired.len(),
+        1,
+        "both events were stored before the pong: {fired:?}"
+    );
+    assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(21).to_string());
+}
+
+#[test]
+fn nats_jetstream_ingest_survives_a_server_restart() {
+    let Some(bin) = nats_server_bin() else {
+        eprintln!(
+            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut nats = NatsServer::start(&bin, &dir.path().join("nats"));
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(&automations, "threshold.yaml", THRESHOLD);
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--nats", &nats.url],
+    );
+    eventually(Duration::from_secs(10), "the JetStream consumer", || {
+        (!daemon.log_lines("consuming NATS JetStream").is_empty()).then_some(())
+    });
+    let emit = |nats_url: &str, resource: &str, id: u128| {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+            .args([
+                "emit",
+                "job.failed",
+                "--resource",
+                resource,
+                "--id",
+                &uuid::Uuid::from_u128(id).to_string(),
+                "--nats",
+                nats_url,
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("spur emit runs");
+        assert!(status.success(), "spur emit --nats failed");
+    };
+    emit(&nats.url, "job.n", 30);
+    eventually(Duration::from_secs(10), "the first event stored", || {
+        let (_, text) = http(
+            "POST",
+            &format!("{}/api/events/filter", daemon.url),
+            Some(json!({"filter": {"resource": {"id": ["job.n"]}}})),
+        );
+        (serde_json::from_str::<Value>(&text).ok()?["total"] == 1).then_some(())
+    });
+    nats.restart();
+    // Published while Spur is still reconnecting: JetStream keeps it for the durable consumer.
+    emit(&nats.url, "job.n", 31);
+    emit(&nats.url, "job.n", 31); // a duplicate publish, dropped by Nats-Msg-Id and by id
+    let fired = eventually(
+        Duration::from_secs(20),
+        "the firing after the NATS restart",
+        || {
+            let f = firings(&daemon);
+            (!f.is_empty()).then_some(f)
+        },
+    );
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(31).to_string());
+    let (_, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(json!({"filter": {"resource": {"id": ["job.n"]}}})),
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("JSON")["total"],
+        2,
+        "nothing lost, nothing doubled"
+    );
+}
+
+#[test]
+fn the_stock_prefect_client_emit_event_fires_an_automation() {
+    let Ok(python) = std::env::var("SPUR_PREFECT_PYTHON") else {
+        eprintln!(
+            "skipped: SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(&automations, "threshold.yaml", THRESHOLD);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let script = r#"
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
+ids = [str(emit_event(event="job.failed", resource={"prefect.resource.id": "job.py"}, payload={"n": n}).id) for n in range(2)]
+EventsWorker.drain_all()
+print(" ".join(ids))
+"#;
+    let output = std::process::Command::new(python)
+        .args(["-c", script])
+        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
+        .env("PREFECT_HOME", dir.path().join("prefect-home"))
+        .env("DO_NOT_TRACK", "1")
+        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ids: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(ids.len(), 2, "{stdout}");
+    let fired = eventually(
+        Duration::from_secs(10),
+        "a firing from Prefect's client",
+        || {
+            let f = firings(&daemon);
+            (!f.is_empty()).then_some(f)
+        },
+    );
+    assert_eq!(fired[0]["automation"], "two-failures");
+    assert_eq!(fired[0]["event"], ids[1]);
+}

@@ -1,0 +1,234 @@
+//! Helpers for end-to-end tests: start the real `spur` binary (and a real `nats-server`) on
+//! free loopback ports with temp folders, wait for readiness, and clean up on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A running `spur serve`.
+pub struct SpurDaemon {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Every log line so far (JSON).
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl SpurDaemon {
+    /// Starts `spur serve` with `--data data --automations automations` plus `extra` flags.
+    pub fn start(data: &Path, automations: &Path, extra: &[&str]) -> SpurDaemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spur"));
+        command
+            .args(["serve", "--http", "127.0.0.1:0", "--log-format", "json"])
+            .arg("--data")
+            .arg(data)
+            .arg("--automations")
+            .arg(automations)
+            .args(extra)
+            .current_dir(root())
+            .env("SPUR_LOG", "info")
+            .env_remove("SPUR_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spur serve starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = loop {
+            let found = logs.lock().expect("log lock").iter().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                let addr = v["fields"]["addr"].as_str()?;
+                Some(format!("http://{addr}"))
+            });
+            if let Some(url) = found {
+                break url;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "spur serve exited with {status}: {:?}",
+                    logs.lock().expect("log lock")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spur serve did not become ready: {:?}",
+                logs.lock().expect("log lock")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        SpurDaemon {
+            child: Some(child),
+            url,
+            logs,
+        }
+    }
+
+    /// SIGKILL: a crash, no shutdown work.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Log lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.logs
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for SpurDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `nats-server` binary: `$NATS_SERVER_BIN`, else `nats-server` on PATH.
+pub fn nats_server_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        let p = PathBuf::from(p);
+        assert!(p.exists(), "NATS_SERVER_BIN={} does not exist", p.display());
+        return Some(p);
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v nats-server"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    found.filter(|p| !p.as_os_str().is_empty())
+}
+
+/// A `nats-server` with JetStream on a loopback port and a temp store.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// `nats://127.0.0.1:PORT`.
+    pub url: String,
+    /// The port (kept across restarts).
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts on a free port (`-p -1`) with its store under `dir`.
+    pub fn start(bin: &Path, dir: &Path) -> NatsServer {
+        let mut server = NatsServer {
+            child: None,
+            url: String::new(),
+            port: 0,
+            dir: dir.to_owned(),
+            bin: bin.to_owned(),
+        };
+        server.spawn(None);
+        server
+    }
+
+    fn spawn(&mut self, port: Option<u16>) {
+        let ports_dir = self.dir.join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("ports dir");
+        let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+            .arg(self.dir.join("js"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let pid = child.id();
+        self.child = Some(child);
+        let file = ports_dir.join(format!("nats-server_{pid}.ports"));
+        let url = eventually(Duration::from_secs(10), "nats-server ports file", || {
+            let text = std::fs::read_to_string(&file).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+            v["nats"][0].as_str().map(str::to_owned)
+        });
+        self.port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in URL");
+        self.url = url;
+    }
+
+    /// Stops the server (SIGKILL) and starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.stop();
+        std::thread::sleep(Duration::from_millis(300));
+        let port = self.port;
+        self.spawn(Some(port));
+    }
+
+    /// Stops the server.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
