@@ -67,6 +67,8 @@ pub struct Daemon {
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
     pipeline: pipeline::PipelineHandle,
+    fired: broadcast::Sender<Arc<serde_json::Value>>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Daemon {
@@ -100,12 +102,14 @@ impl Daemon {
             std::sync::atomic::Ordering::Relaxed,
         );
         let (live, _) = broadcast::channel(4096);
+        let (fired, _) = broadcast::channel(4096);
         let pipeline = pipeline::start(
             store.clone(),
             reload::runnable(&initial.automations),
             submit_rx,
             metrics.clone(),
             live.clone(),
+            fired.clone(),
             pipeline::PipelineConfig {
                 checkpoint_events: config.checkpoint_events,
                 checkpoint_interval: config.checkpoint_interval,
@@ -142,7 +146,7 @@ impl Daemon {
             store,
             control: pipeline.control.clone(),
             status,
-            metrics,
+            metrics: metrics.clone(),
             live,
             auth_string: config.auth_string.clone(),
         }));
@@ -175,7 +179,19 @@ impl Daemon {
             server,
             tasks,
             pipeline,
+            fired,
+            metrics,
         })
+    }
+
+    /// Every new firing record (as stored), live. For load drivers and in-process tests.
+    pub fn subscribe_firings(&self) -> broadcast::Receiver<Arc<serde_json::Value>> {
+        self.fired.subscribe()
+    }
+
+    /// The daemon's metrics.
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
+        &self.metrics
     }
 
     /// Stops intake, finishes in-flight work, checkpoints, and returns.

@@ -102,6 +102,7 @@ struct Pipeline {
     templates: TemplateEngine,
     metrics: Arc<Metrics>,
     live: broadcast::Sender<Arc<Event>>,
+    fired: broadcast::Sender<Arc<Value>>,
     config: PipelineConfig,
     applied: u64,
     since_checkpoint: u64,
@@ -116,6 +117,7 @@ pub fn start(
     submissions: mpsc::Receiver<Submission>,
     metrics: Arc<Metrics>,
     live: broadcast::Sender<Arc<Event>>,
+    fired: broadcast::Sender<Arc<Value>>,
     config: PipelineConfig,
 ) -> Result<PipelineHandle, StoreError> {
     let mut engine = Engine::new(EngineConfig::default());
@@ -129,6 +131,7 @@ pub fn start(
         templates: TemplateEngine::new(),
         metrics,
         live,
+        fired,
         config,
         applied: 0,
         since_checkpoint: 0,
@@ -290,8 +293,13 @@ impl Pipeline {
             .iter()
             .flat_map(|s| s.events.iter().cloned())
             .collect();
-        let appended = match self.store.append(&events) {
-            Ok(a) => a,
+        // One transaction per batch: the events, and the firings they cause, commit together.
+        let result = self.store.writer().and_then(|writer| {
+            let appended = writer.append(&events)?;
+            Ok((writer, appended))
+        });
+        let (writer, appended) = match result {
+            Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "cannot append to the event log");
                 for s in batch {
@@ -300,9 +308,13 @@ impl Pipeline {
                 return;
             }
         };
+        let mut receipts = Vec::with_capacity(batch.len());
+        let mut firings = Vec::new();
+        let mut stored = Vec::new();
         let mut results = appended.into_iter();
         let mut events = events.into_iter();
-        for submission in batch {
+        let applied_before = self.applied;
+        for submission in &batch {
             let mut receipt = Receipt::default();
             for _ in 0..submission.events.len() {
                 let (Some(event), Some(result)) = (events.next(), results.next()) else {
@@ -314,18 +326,40 @@ impl Pipeline {
                         receipt.accepted += 1;
                         let event = Arc::new(event);
                         let started = Instant::now();
-                        let firings = self.engine.handle(event.clone(), event.received);
+                        firings.extend(self.engine.handle(event.clone(), event.received));
                         self.metrics
                             .evaluation
                             .observe(started.elapsed().as_secs_f64());
                         self.metrics.evaluated.fetch_add(1, Ordering::Relaxed);
-                        self.on_firings(firings);
                         self.applied = seq;
-                        self.since_checkpoint += 1;
-                        let _ = self.live.send(event);
+                        stored.push(event);
                     }
                 }
             }
+            receipts.push(receipt);
+        }
+        let records = self.firing_records(&firings);
+        let committed = writer
+            .record_firings(&records)
+            .and_then(|fresh| writer.commit().map(|()| fresh));
+        let fresh = match committed {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                error!(error = %e, "cannot commit a batch; rebuilding trigger state from the log");
+                self.applied = applied_before;
+                self.rebuild();
+                for s in batch {
+                    let _ = s.done.send(Err(e.to_string()));
+                }
+                return;
+            }
+        };
+        self.announce(&firings, &records, &fresh);
+        self.since_checkpoint += stored.len() as u64;
+        for event in stored {
+            let _ = self.live.send(event);
+        }
+        for (submission, receipt) in batch.into_iter().zip(receipts) {
             let _ = submission.done.send(Ok(receipt));
         }
         self.metrics
@@ -333,12 +367,32 @@ impl Pipeline {
             .store(self.engine.stats().buckets as u64, Ordering::Relaxed);
     }
 
-    /// Records firings (each id once) and logs the new ones.
+    /// After a failed commit the engine is ahead of the log: start over from the checkpoint.
+    fn rebuild(&mut self) {
+        let automations = self.engine.automations().to_vec();
+        self.engine = Engine::new(EngineConfig::default());
+        self.engine.load(automations);
+        self.applied = 0;
+        if let Err(e) = self.recover() {
+            error!(error = %e, "cannot rebuild trigger state from the store");
+        }
+    }
+
+    /// Records firings outside a batch (timers, recovery): each id once, new ones announced.
     fn on_firings(&mut self, firings: Vec<Firing>) {
         if firings.is_empty() {
             return;
         }
-        let records: Vec<(Uuid, Value)> = firings
+        let records = self.firing_records(&firings);
+        match self.store.record_firings(&records) {
+            Ok(fresh) => self.announce(&firings, &records, &fresh),
+            Err(e) => error!(error = %e, "cannot record firings"),
+        }
+    }
+
+    /// The stored form of each firing: the rendered actions plus ids and labels.
+    fn firing_records(&self, firings: &[Firing]) -> Vec<(Uuid, Value)> {
+        firings
             .iter()
             .map(|f| {
                 let rendered = render_firing(&self.templates, f);
@@ -351,15 +405,12 @@ impl Pipeline {
                 }
                 (f.id, record)
             })
-            .collect();
-        let fresh = match self.store.record_firings(&records) {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                error!(error = %e, "cannot record firings");
-                return;
-            }
-        };
-        for ((firing, (_, record)), is_new) in firings.iter().zip(&records).zip(fresh) {
+            .collect()
+    }
+
+    /// Logs, counts and broadcasts the firings that were new to the store.
+    fn announce(&self, firings: &[Firing], records: &[(Uuid, Value)], fresh: &[bool]) {
+        for ((firing, (_, record)), is_new) in firings.iter().zip(records).zip(fresh) {
             if !is_new {
                 continue;
             }
@@ -376,6 +427,7 @@ impl Pipeline {
                 actions = %record.get("actions").unwrap_or(&serde_json::Value::Null),
                 "automation fired"
             );
+            let _ = self.fired.send(Arc::new(record.clone()));
         }
     }
 

@@ -133,6 +133,9 @@ pub async fn run(
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Batches that may await durability at once per consumer.
+const MAX_BATCHES_IN_FLIGHT: usize = 32;
+
 async fn consume(
     client: &async_nats::Client,
     config: &NatsConfig,
@@ -180,29 +183,54 @@ async fn consume(
         )
         .await?;
     info!(stream = %config.stream, consumer = %config.consumer, subjects = ?config.subjects, "consuming NATS JetStream");
-    let mut batches = consumer.messages().await?.ready_chunks(512);
-    while let Some(batch) = batches.next().await {
-        let mut good = Vec::with_capacity(batch.len());
-        let mut events = Vec::with_capacity(batch.len());
-        for message in batch {
-            let message = message?;
-            match parse(&message.payload, intake) {
-                Ok(event) => {
-                    events.push(event);
-                    good.push(message);
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await?;
+    let mut batches = messages.ready_chunks(1000);
+    // Several batches may wait for durability at once: the pipeline commits everything queued
+    // in one transaction (group commit), and each batch is acknowledged after its commit.
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let done: Result<(), BoxError> = done;
+                done?;
+            }
+            batch = batches.next(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
+                let Some(batch) = batch else { break };
+                let mut good = Vec::with_capacity(batch.len());
+                let mut events = Vec::with_capacity(batch.len());
+                for message in batch {
+                    let message = message?;
+                    match parse(&message.payload, intake) {
+                        Ok(event) => {
+                            events.push(event);
+                            good.push(message);
+                        }
+                        Err(reason) => {
+                            counters.terminated.fetch_add(1, Ordering::Relaxed);
+                            warn!(subject = %message.subject, %reason, "NATS: terminated a message that is not an event");
+                            message.ack_with(AckKind::Term).await?;
+                        }
+                    }
                 }
-                Err(reason) => {
-                    counters.terminated.fetch_add(1, Ordering::Relaxed);
-                    warn!(subject = %message.subject, %reason, "NATS: terminated a message that is not an event");
-                    message.ack_with(AckKind::Term).await?;
-                }
+                let intake = intake.clone();
+                in_flight.push(async move {
+                    // Durable first (log + trigger state), then acknowledge.
+                    intake.submit(events).await?;
+                    for message in good {
+                        message.ack().await?;
+                    }
+                    Ok(())
+                });
             }
         }
-        // Durable first (log + trigger state), then acknowledge.
-        intake.submit(events).await?;
-        for message in good {
-            message.ack().await?;
-        }
+    }
+    while let Some(done) = in_flight.next().await {
+        let done: Result<(), BoxError> = done;
+        done?;
     }
     Err("JetStream consumer stream ended".into())
 }

@@ -210,27 +210,21 @@ impl Replay {
 /// `prefect.automation.triggered` event as `event`), `actions_on_resolve` for a resolved one.
 pub fn render_firing(templates: &TemplateEngine, firing: &Firing) -> FiringRecord {
     let automation = &firing.automation;
-    let base = TemplateContext {
-        automation: Some(automation.clone()),
-        event: firing.event.clone(),
-        labels: firing.labels.clone(),
-        firing: firing.to_json(),
-        firings: all_firings(firing),
-        events: firing.events(),
+    // Building the template context is the expensive part; build each one only if an action
+    // actually renders something.
+    let base = std::cell::OnceCell::new();
+    let base_context = || {
+        base.get_or_init(|| TemplateContext {
+            automation: Some(automation.clone()),
+            event: firing.event.clone(),
+            labels: firing.labels.clone(),
+            firing: firing.to_json(),
+            firings: all_firings(firing),
+            events: firing.events(),
+        })
     };
-    let base_value = base.to_value();
-    let state_event_value = std::cell::OnceCell::new();
-    let state_value = || {
-        state_event_value
-            .get_or_init(|| {
-                TemplateContext {
-                    event: Some(Arc::new(firing.state_change_event())),
-                    ..base.clone()
-                }
-                .to_value()
-            })
-            .clone()
-    };
+    let base_value = std::cell::OnceCell::new();
+    let state_value = std::cell::OnceCell::new();
     let mut actions = Vec::new();
     let (main, extra) = match firing.state {
         FiringState::Triggered => (&automation.actions, &automation.actions_on_trigger),
@@ -238,12 +232,26 @@ pub fn render_firing(templates: &TemplateEngine, firing: &Firing) -> FiringRecor
     };
     for (list, use_state_event) in [(main, firing.state == FiringState::Resolved), (extra, true)] {
         for action in list {
+            if action.action_type != "run-deployment" {
+                actions.push(ActionRecord {
+                    action_type: action.action_type.clone(),
+                    parameters: Value::Null,
+                    error: None,
+                });
+                continue;
+            }
             let ctx = if use_state_event {
-                state_value()
+                state_value.get_or_init(|| {
+                    TemplateContext {
+                        event: Some(Arc::new(firing.state_change_event())),
+                        ..base_context().clone()
+                    }
+                    .to_value()
+                })
             } else {
-                base_value.clone()
+                base_value.get_or_init(|| base_context().to_value())
             };
-            actions.push(render_action(templates, action, &ctx));
+            actions.push(render_action(templates, action, ctx));
         }
     }
     FiringRecord {

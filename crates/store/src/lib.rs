@@ -171,28 +171,19 @@ impl Store {
         Ok(Store { db })
     }
 
+    /// Starts a write transaction: append events and record the firings they caused, then
+    /// commit both durably at once (one commit per batch is what makes ingest fast).
+    pub fn writer(&self) -> Result<StoreWriter, StoreError> {
+        Ok(StoreWriter {
+            txn: self.db.begin_write()?,
+        })
+    }
+
     /// Appends events in one durable transaction, skipping ids already in the log.
     pub fn append(&self, events: &[Event]) -> Result<Vec<Appended>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut out = Vec::with_capacity(events.len());
-        {
-            let mut log = txn.open_table(EVENTS)?;
-            let mut ids = txn.open_table(EVENT_IDS)?;
-            let mut next = log.last()?.map_or(1, |(k, _)| k.value() + 1);
-            for event in events {
-                let id = event.id.as_u128();
-                if ids.get(id)?.is_some() {
-                    out.push(Appended::Duplicate);
-                    continue;
-                }
-                let bytes = serde_json::to_vec(event).map_err(corrupt)?;
-                log.insert(next, bytes.as_slice())?;
-                ids.insert(id, next)?;
-                out.push(Appended::New(next));
-                next += 1;
-            }
-        }
-        txn.commit()?;
+        let writer = self.writer()?;
+        let out = writer.append(events)?;
+        writer.commit()?;
         Ok(out)
     }
 
@@ -266,25 +257,9 @@ impl Store {
     /// Records firings; returns, per firing, whether it was new. A firing seen before (e.g.
     /// re-fired while replaying the log after a crash) is not recorded again.
     pub fn record_firings(&self, firings: &[(Uuid, Value)]) -> Result<Vec<bool>, StoreError> {
-        let txn = self.db.begin_write()?;
-        let mut out = Vec::with_capacity(firings.len());
-        {
-            let mut table = txn.open_table(FIRINGS)?;
-            let mut order = txn.open_table(FIRING_SEQ)?;
-            let mut next = order.last()?.map_or(1, |(k, _)| k.value() + 1);
-            for (id, record) in firings {
-                if table.get(id.as_u128())?.is_some() {
-                    out.push(false);
-                    continue;
-                }
-                let bytes = serde_json::to_vec(record).map_err(corrupt)?;
-                table.insert(id.as_u128(), bytes.as_slice())?;
-                order.insert(next, id.as_u128())?;
-                next += 1;
-                out.push(true);
-            }
-        }
-        txn.commit()?;
+        let writer = self.writer()?;
+        let out = writer.record_firings(firings)?;
+        writer.commit()?;
         Ok(out)
     }
 
@@ -360,6 +335,65 @@ impl Store {
         let txn = self.db.begin_read()?;
         let log = txn.open_table(EVENTS)?;
         Ok(log.len()?)
+    }
+}
+
+/// An open write transaction (see [`Store::writer`]). Nothing is visible or durable until
+/// [`StoreWriter::commit`]; dropping it aborts.
+pub struct StoreWriter {
+    txn: redb::WriteTransaction,
+}
+
+impl StoreWriter {
+    /// Appends events, skipping ids already in the log.
+    pub fn append(&self, events: &[Event]) -> Result<Vec<Appended>, StoreError> {
+        let mut out = Vec::with_capacity(events.len());
+        {
+            let mut log = self.txn.open_table(EVENTS)?;
+            let mut ids = self.txn.open_table(EVENT_IDS)?;
+            let mut next = log.last()?.map_or(1, |(k, _)| k.value() + 1);
+            for event in events {
+                let id = event.id.as_u128();
+                if ids.get(id)?.is_some() {
+                    out.push(Appended::Duplicate);
+                    continue;
+                }
+                let bytes = serde_json::to_vec(event).map_err(corrupt)?;
+                log.insert(next, bytes.as_slice())?;
+                ids.insert(id, next)?;
+                out.push(Appended::New(next));
+                next += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records firings; returns, per firing, whether it was new.
+    pub fn record_firings(&self, firings: &[(Uuid, Value)]) -> Result<Vec<bool>, StoreError> {
+        let mut out = Vec::with_capacity(firings.len());
+        {
+            let mut table = self.txn.open_table(FIRINGS)?;
+            let mut order = self.txn.open_table(FIRING_SEQ)?;
+            let mut next = order.last()?.map_or(1, |(k, _)| k.value() + 1);
+            for (id, record) in firings {
+                if table.get(id.as_u128())?.is_some() {
+                    out.push(false);
+                    continue;
+                }
+                let bytes = serde_json::to_vec(record).map_err(corrupt)?;
+                table.insert(id.as_u128(), bytes.as_slice())?;
+                order.insert(next, id.as_u128())?;
+                next += 1;
+                out.push(true);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits durably.
+    pub fn commit(self) -> Result<(), StoreError> {
+        self.txn.commit()?;
+        Ok(())
     }
 }
 

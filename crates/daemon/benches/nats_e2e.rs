@@ -1,0 +1,274 @@
+//! End-to-end load driver: NATS JetStream → Spur's pipeline → firings, against the raw
+//! JetStream consume rate of the same nats-server in the same run.
+//!
+//! `NATS_SERVER_BIN=… cargo bench -p spur-daemon --bench nats_e2e`
+//! (`scripts/provision.sh` installs nats-server; `SPUR_LOAD_EVENTS` sets the event count,
+//! default 100 000.) Everything runs on loopback with a temp store, and stops by itself.
+//!
+//! 1. **Raw**: N events published to a scratch stream, then consumed by a durable pull
+//!    consumer with one ack per message — the ceiling for any JetStream consumer here.
+//! 2. **Spur throughput**: N events pre-published to Spur's stream; an in-process daemon with
+//!    1 000 automations (10 % of events fire one) consumes them; timed until every event is
+//!    durable in the log and evaluated.
+//! 3. **Latency at half load**: the same mix published at half the measured Spur rate; for the
+//!    events that fire, the latency from publish to the firing being recorded (committed).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use serde_json::json;
+use spur_daemon::{Daemon, DaemonConfig};
+use spur_ingest::nats::NatsConfig;
+
+struct NatsServer(Child);
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nats(bin: &Path, dir: &Path) -> (NatsServer, String) {
+    let ports = dir.join("ports");
+    std::fs::create_dir_all(&ports).expect("ports dir");
+    let child = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+        .arg(dir.join("js"))
+        .arg("--ports_file_dir")
+        .arg(&ports)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nats-server starts");
+    let file = ports.join(format!("nats-server_{}.ports", child.id()));
+    let server = NatsServer(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&file)
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && let Some(url) = v["nats"][0].as_str()
+        {
+            return (server, url.to_owned());
+        }
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn event_json(n: usize, name: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": uuid::Uuid::from_u128(n as u128 + 1).to_string(),
+        "event": name,
+        "resource": {"prefect.resource.id": format!("load.resource.{}", n % 100)},
+        "payload": {"n": n},
+    }))
+    .expect("serializes")
+}
+
+fn name_for(n: usize) -> String {
+    if n.is_multiple_of(10) {
+        "load.hit".to_owned()
+    } else {
+        format!("load.noise.{}", n % 1000)
+    }
+}
+
+/// Publishes with up to 4 096 acks in flight, waiting for every ack.
+async fn publish_all(js: &jetstream::Context, messages: impl Iterator<Item = (String, Vec<u8>)>) {
+    let mut in_flight = FuturesUnordered::new();
+    for (subject, body) in messages {
+        let ack = js.publish(subject, body.into()).await.expect("publish");
+        in_flight.push(ack.into_future());
+        if in_flight.len() >= 4096 {
+            in_flight.next().await.expect("ack").expect("ack ok");
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack.expect("ack ok");
+    }
+}
+
+fn write_automations(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("automations dir");
+    let mut text = String::from("automations:\n");
+    for i in 0..1000 {
+        text.push_str(&format!(
+            "  - name: other-{i}\n    trigger: {{type: event, posture: Reactive, expect: [\"app{i}.job.done\"], match: {{prefect.resource.id: \"app{i}.*\"}}}}\n    actions: [{{type: do-nothing}}]\n"
+        ));
+    }
+    text.push_str("  - name: hits\n    trigger: {type: event, posture: Reactive, expect: [load.hit]}\n    actions: [{type: do-nothing}]\n");
+    text.push_str("  - name: latency\n    trigger: {type: event, posture: Reactive, expect: [load.latency]}\n    actions: [{type: do-nothing}]\n");
+    std::fs::write(dir.join("load.yaml"), text).expect("write automations");
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let Ok(bin) = std::env::var("NATS_SERVER_BIN") else {
+        eprintln!(
+            "nats_e2e: set NATS_SERVER_BIN (scripts/provision.sh installs nats-server); nothing measured"
+        );
+        return;
+    };
+    let n: usize = std::env::var("SPUR_LOAD_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_server, url) = start_nats(Path::new(&bin), &dir.path().join("nats"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let client = async_nats::connect(&url).await.expect("connects");
+        let js = jetstream::new(client.clone());
+
+        // 1. Raw JetStream consume rate.
+        let raw = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: "RAW".into(),
+                subjects: vec!["raw.>".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("raw stream");
+        publish_all(&js, (0..n).map(|i| (format!("raw.{}", name_for(i)), event_json(i, &name_for(i))))).await;
+        let consumer: jetstream::consumer::PullConsumer = raw
+            .get_or_create_consumer(
+                "raw",
+                jetstream::consumer::pull::Config {
+                    durable_name: Some("raw".into()),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    max_ack_pending: 10_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("raw consumer");
+        let started = Instant::now();
+        let mut messages = consumer.messages().await.expect("messages");
+        let mut seen = 0;
+        while seen < n {
+            let m = messages.next().await.expect("message").expect("message ok");
+            m.ack().await.expect("ack");
+            seen += 1;
+        }
+        let raw_rate = n as f64 / started.elapsed().as_secs_f64();
+        drop(messages);
+
+        // 2. Spur throughput over a pre-filled stream.
+        let nats = NatsConfig::new(url.clone());
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: nats.stream.clone(),
+            subjects: nats.subjects.clone(),
+            max_age: nats.max_age,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .expect("spur stream");
+        publish_all(&js, (0..n).map(|i| (format!("events.{}", name_for(i)), event_json(i, &name_for(i))))).await;
+        let automations = dir.path().join("automations");
+        write_automations(&automations);
+        let config = DaemonConfig {
+            http: "127.0.0.1:0".parse().expect("addr"),
+            automations,
+            data: dir.path().join("data"),
+            nats: Some(nats),
+            ..DaemonConfig::default()
+        };
+        let started = Instant::now();
+        let daemon = Daemon::start(config).await.expect("daemon starts");
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while (daemon.metrics().ingest.accepted.load(Ordering::Relaxed) as usize) < n {
+            assert!(Instant::now() < deadline, "Spur did not consume the stream in time");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let spur_rate = n as f64 / started.elapsed().as_secs_f64();
+        let fired = daemon.metrics().triggered.load(Ordering::Relaxed);
+
+        // 3. Latency at half the measured rate.
+        let rate = (spur_rate / 2.0).max(100.0);
+        // The same mix as the throughput run: one event in ten fires; latency is measured on those.
+        let total = ((rate * 5.0) as usize).clamp(1000, 100_000);
+        let firing_total = total / 10;
+        let mut firings = daemon.subscribe_firings();
+        let collector = tokio::spawn(async move {
+            let mut arrived: HashMap<String, Instant> = HashMap::new();
+            while arrived.len() < firing_total {
+                match tokio::time::timeout(Duration::from_secs(30), firings.recv()).await {
+                    Ok(Ok(record)) => {
+                        if record["automation"] == "latency"
+                            && let Some(id) = record["event"].as_str()
+                        {
+                            arrived.insert(id.to_owned(), Instant::now());
+                        }
+                    }
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                    _ => break,
+                }
+            }
+            arrived
+        });
+        let mut sent: HashMap<String, Instant> = HashMap::with_capacity(total);
+        let per_tick = (rate / 1000.0).max(1.0);
+        let mut ticker = tokio::time::interval(Duration::from_millis(1));
+        let mut budget = 0.0;
+        let mut next = 0usize;
+        let base = 10_000_000usize;
+        while next < total {
+            ticker.tick().await;
+            budget += per_tick;
+            while budget >= 1.0 && next < total {
+                budget -= 1.0;
+                let i = base + next;
+                let name = if next.is_multiple_of(10) { "load.latency".to_owned() } else { format!("load.noise.{}", next % 1000) };
+                if next.is_multiple_of(10) {
+                    let id = uuid::Uuid::from_u128(i as u128 + 1).to_string();
+                    sent.insert(id, Instant::now());
+                }
+                client
+                    .publish(format!("events.{name}"), event_json(i, &name).into())
+                    .await
+                    .expect("publish");
+                next += 1;
+            }
+        }
+        client.flush().await.expect("flush");
+        let arrived = collector.await.expect("collector");
+        let mut latencies: Vec<Duration> = arrived
+            .iter()
+            .filter_map(|(id, at)| sent.get(id).map(|s| at.saturating_duration_since(*s)))
+            .collect();
+        latencies.sort();
+        daemon.shutdown().await;
+
+        println!("\n| measurement | result |");
+        println!("|---|---|");
+        println!("| events | {n} |");
+        println!("| raw JetStream consume + ack (baseline) | {:.0} msg/s |", raw_rate);
+        println!("| Spur: JetStream → log → engine → firings | {:.0} events/s ({:.0} % of raw) |", spur_rate, 100.0 * spur_rate / raw_rate);
+        println!("| firings during the throughput run | {fired} |");
+        println!(
+            "| latency run | {total} events at {:.0} events/s (half the Spur rate), {} firings timed |",
+            rate,
+            latencies.len()
+        );
+        println!("| event → firing latency p50 | {:.2} ms |", percentile(&latencies, 0.50).as_secs_f64() * 1e3);
+        println!("| event → firing latency p99 | {:.2} ms |", percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+    });
+}
