@@ -255,7 +255,11 @@ fn main() {
             .filter_map(|(id, at)| sent.get(id).map(|s| at.saturating_duration_since(*s)))
             .collect();
         latencies.sort();
+        let metrics = daemon.metrics().render();
         daemon.shutdown().await;
+        for line in metrics.lines().filter(|l| l.starts_with("spur_commit_seconds") || l.starts_with("spur_batch")) {
+            eprintln!("{line}");
+        }
 
         println!("\n| measurement | result |");
         println!("|---|---|");

@@ -86,6 +86,12 @@ pub struct Metrics {
     pub evaluation: Histogram,
     /// How late proactive deadlines were processed.
     pub timer_lag: Histogram,
+    /// Durable commit time of one batch (events + firings).
+    pub commit: Histogram,
+    /// Events per committed batch.
+    pub batch_events: AtomicU64,
+    /// Committed batches.
+    pub batches: AtomicU64,
 }
 
 impl Metrics {
@@ -201,6 +207,23 @@ impl Metrics {
             "spur_timer_lag_seconds",
             "Delay between a proactive deadline and its evaluation.",
             &mut out,
+        );
+        self.commit.render(
+            "spur_commit_seconds",
+            "Durable commit time of one batch.",
+            &mut out,
+        );
+        counter(
+            &mut out,
+            "spur_batches_total",
+            "Batches committed.",
+            load(&self.batches),
+        );
+        counter(
+            &mut out,
+            "spur_batch_events_total",
+            "Events in committed batches.",
+            load(&self.batch_events),
         );
         out
     }

@@ -339,9 +339,17 @@ impl Pipeline {
             receipts.push(receipt);
         }
         let records = self.firing_records(&firings);
+        let commit_started = Instant::now();
         let committed = writer
             .record_firings(&records)
             .and_then(|fresh| writer.commit().map(|()| fresh));
+        self.metrics
+            .commit
+            .observe(commit_started.elapsed().as_secs_f64());
+        self.metrics.batches.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .batch_events
+            .fetch_add(stored.len() as u64, Ordering::Relaxed);
         let fresh = match committed {
             Ok(fresh) => fresh,
             Err(e) => {
