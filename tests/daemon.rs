@@ -493,3 +493,75 @@ print(" ".join(ids))
     assert_eq!(fired[0]["automation"], "two-failures");
     assert_eq!(fired[0]["event"], ids[1]);
 }
+
+#[test]
+fn events_tail_shows_the_backfill_then_live_events() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    assert_eq!(
+        post_events(
+            &daemon,
+            json!([
+                event("build.done", "repo.a", 1),
+                event("other", "repo.a", 2)
+            ])
+        )
+        .0,
+        204
+    );
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args([
+            "events",
+            "tail",
+            "--json",
+            "--name",
+            "build.*",
+            "--api",
+            &daemon.url,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spur events tail starts");
+    let stdout = tail.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first: Value = serde_json::from_str(
+        &rx.recv_timeout(Duration::from_secs(10))
+            .expect("backfilled event"),
+    )
+    .expect("JSON");
+    assert_eq!(first["id"], uuid::Uuid::from_u128(1).to_string());
+    assert_eq!(
+        post_events(
+            &daemon,
+            json!([
+                event("other", "repo.a", 3),
+                event("build.started", "repo.b", 4)
+            ])
+        )
+        .0,
+        204
+    );
+    let second: Value = serde_json::from_str(
+        &rx.recv_timeout(Duration::from_secs(10))
+            .expect("live event"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        second["id"],
+        uuid::Uuid::from_u128(4).to_string(),
+        "the filter skipped `other`"
+    );
+    let _ = tail.kill();
+    let _ = tail.wait();
+}

@@ -104,6 +104,103 @@ pub fn emit(o: &EmitOptions<'_>) -> Result<()> {
     Ok(())
 }
 
+fn event_filter(names: &[String], resource: Option<&str>) -> Value {
+    let mut filter = json!({});
+    let (prefixes, exact): (Vec<&String>, Vec<&String>) =
+        names.iter().partition(|n| n.ends_with('*'));
+    if !names.is_empty() {
+        filter["event"] = json!({
+            "name": exact,
+            "prefix": prefixes.iter().map(|p| p.trim_end_matches('*')).collect::<Vec<_>>(),
+        });
+    }
+    if let Some(r) = resource {
+        filter["resource"] = if let Some(p) = r.strip_suffix('*') {
+            json!({"id_prefix": [p]})
+        } else {
+            json!({"id": [r]})
+        };
+    }
+    filter
+}
+
+fn print_event(e: &Value, as_json: bool) {
+    if as_json {
+        println!("{e}");
+    } else {
+        println!(
+            "{}  {}  {}",
+            e["occurred"].as_str().unwrap_or(""),
+            e["event"].as_str().unwrap_or(""),
+            e["resource"]["prefect.resource.id"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// `spur events tail`: the live feed from `/api/events/out` (Prefect's protocol), with the
+/// last 15 minutes first unless `--no-backfill`. Runs until interrupted.
+pub fn tail(
+    api: Option<&str>,
+    names: &[String],
+    resource: Option<&str>,
+    backfill: bool,
+    as_json: bool,
+) -> Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let base = base_url(api);
+    let url = format!("{}/api/events/out", base.replacen("http", "ws", 1));
+    let filter = event_filter(names, resource);
+    runtime()?.block_on(async {
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .context("bad --api URL")?;
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            "prefect".parse().context("header")?,
+        );
+        let (mut socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .with_context(|| format!("cannot reach the daemon at {url}"))?;
+        let token = std::env::var("SPUR_AUTH_STRING").ok();
+        socket
+            .send(Message::Text(
+                json!({"type": "auth", "token": token}).to_string().into(),
+            ))
+            .await?;
+        socket
+            .send(Message::Text(
+                json!({"type": "filter", "filter": filter, "backfill": backfill})
+                    .to_string()
+                    .into(),
+            ))
+            .await?;
+        while let Some(message) = socket.next().await {
+            match message? {
+                Message::Text(text) => {
+                    let v: Value = serde_json::from_str(text.as_str()).unwrap_or(Value::Null);
+                    match v["type"].as_str() {
+                        Some("event") => print_event(&v["event"], as_json),
+                        Some("auth_success") => {}
+                        _ => eprintln!("{text}"),
+                    }
+                }
+                Message::Close(frame) => {
+                    if let Some(f) = frame {
+                        bail!("the daemon closed the feed: {} {}", f.code, f.reason);
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+}
+
 /// `spur events query`.
 pub fn query(
     api: Option<&str>,
@@ -166,16 +263,7 @@ pub fn query(
                     return Ok(());
                 }
                 printed += 1;
-                if as_json {
-                    println!("{e}");
-                } else {
-                    println!(
-                        "{}  {}  {}",
-                        e["occurred"].as_str().unwrap_or(""),
-                        e["event"].as_str().unwrap_or(""),
-                        e["resource"]["prefect.resource.id"].as_str().unwrap_or("")
-                    );
-                }
+                print_event(&e, as_json);
             }
             let Some(next) = response["next_page"].as_str().map(str::to_owned) else {
                 break;

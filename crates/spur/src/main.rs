@@ -111,6 +111,24 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum EventsCommand {
+    /// Follow new events live (the last 15 minutes first), until interrupted.
+    Tail {
+        /// Event name; a trailing `*` matches a prefix. Repeatable.
+        #[arg(long)]
+        name: Vec<String>,
+        /// Resource id; a trailing `*` matches a prefix.
+        #[arg(long)]
+        resource: Option<String>,
+        /// Start with new events only.
+        #[arg(long)]
+        no_backfill: bool,
+        /// Print whole events as JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
     /// Events matching a filter, newest first.
     Query {
         /// Only events from this long ago (1h, 30m, 2d) or since this RFC 3339 time.
@@ -193,6 +211,23 @@ fn main() -> ExitCode {
             &name,
             resource.as_deref(),
             limit,
+            json,
+        )
+        .map(|()| ExitCode::SUCCESS),
+        Command::Events {
+            command:
+                EventsCommand::Tail {
+                    name,
+                    resource,
+                    no_backfill,
+                    json,
+                    api,
+                },
+        } => client::tail(
+            api.as_deref(),
+            &name,
+            resource.as_deref(),
+            !no_backfill,
             json,
         )
         .map(|()| ExitCode::SUCCESS),
