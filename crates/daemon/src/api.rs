@@ -45,6 +45,8 @@ pub struct ApiState {
     pub live: broadcast::Sender<Arc<Event>>,
     /// Prefect auth string for websocket clients.
     pub auth_string: Option<String>,
+    /// Starts and cancels runs.
+    pub executor: crate::actions::Executor,
 }
 
 /// The read and operations routes.
@@ -59,6 +61,10 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/events/filter", post(filter_events))
         .route("/api/events/filter/next", get(filter_next))
         .route("/api/events/out", get(events_out))
+        .route("/api/runs", get(list_runs).post(start_run))
+        .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/cancel", post(cancel_run))
+        .route("/api/deployments", get(list_deployments))
         .with_state(state)
 }
 
@@ -123,6 +129,87 @@ async fn automations(State(state): State<ApiState>) -> Response {
         "clock": description.clock.map(format_timestamp),
     }))
     .into_response()
+}
+
+async fn list_runs(State(state): State<ApiState>, Query(q): Query<Limit>) -> Response {
+    let limit = q.limit.unwrap_or(50).min(1000);
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.list_runs(limit)).await {
+        Ok(Ok(runs)) => axum::Json(json!({"runs": runs})).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_run(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, "not a run id");
+    };
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.get_run(id)).await {
+        Ok(Ok(Some(run))) => axum::Json(run).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "Run not found"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn cancel_run(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, "not a run id");
+    };
+    match state.executor.cancel(id).await {
+        Ok(run) => axum::Json(run).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, e),
+    }
+}
+
+/// `POST /api/runs {"deployment": NAME or id, "parameters": {…}}`: start a run by hand.
+async fn start_run(State(state): State<ApiState>, body: Option<axum::Json<Value>>) -> Response {
+    let body = body.map(|b| b.0).unwrap_or(Value::Null);
+    let Some(wanted) = body.get("deployment").and_then(Value::as_str) else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "deployment: is required (a name or id)",
+        );
+    };
+    let id = uuid::Uuid::parse_str(wanted).ok();
+    let Some(deployment) = state
+        .executor
+        .deployments()
+        .into_iter()
+        .find(|d| d.name == wanted || Some(d.id) == id)
+    else {
+        return error(StatusCode::NOT_FOUND, format!("no deployment {wanted:?}"));
+    };
+    let parameters = body.get("parameters").cloned().unwrap_or(json!({}));
+    match state
+        .executor
+        .start(&deployment, &parameters, None, None)
+        .await
+    {
+        Ok(run) => (StatusCode::CREATED, axum::Json(run)).into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    }
+}
+
+async fn list_deployments(State(state): State<ApiState>) -> Response {
+    let deployments: Vec<Value> = state
+        .executor
+        .deployments()
+        .iter()
+        .map(|d| {
+            json!({"name": d.name, "id": d.id, "flow": d.flow, "flow_id": d.flow_id(),
+                   "parameters": d.parameters, "has_launcher": d.launcher.is_some()})
+        })
+        .collect();
+    axum::Json(json!({"deployments": deployments})).into_response()
 }
 
 #[derive(Deserialize)]

@@ -20,6 +20,7 @@
 //! Shutdown order: stop accepting HTTP, stop the NATS source, drain the pipeline's queue,
 //! checkpoint, return.
 
+pub mod actions;
 pub mod api;
 pub mod config;
 pub mod metrics;
@@ -76,7 +77,7 @@ impl Daemon {
     pub async fn start(config: DaemonConfig) -> Result<Daemon, StartError> {
         let store = Arc::new(Store::open(&config.data.join("spur.redb"))?);
         let templates = TemplateEngine::new();
-        let initial = reload::load(&config.automations, &templates, &[]);
+        let mut initial = reload::load(&config.automations, &templates, &[]);
         for e in &initial.status.errors {
             error!(diagnostic = %e, "automation file refused");
         }
@@ -88,10 +89,16 @@ impl Daemon {
             folder = %config.automations.display(),
             "automations loaded"
         );
-        let status = Arc::new(RwLock::new(initial.status.clone()));
-
         let (submit_tx, submit_rx) = mpsc::channel(config.queue_capacity);
         let intake = Intake::new(submit_tx, EventLimits::default());
+        let executor = actions::Executor::new(store.clone(), intake.clone());
+        let deployment_errors = executor.set_deployments(&initial.deployments);
+        for e in &deployment_errors {
+            error!(diagnostic = %e, "deployment refused");
+        }
+        initial.status.errors.extend(deployment_errors);
+        let status = Arc::new(RwLock::new(initial.status.clone()));
+        let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let nats_counters = Arc::new(NatsCounters::default());
         let metrics = Arc::new(metrics::Metrics::new(
             intake.counters().clone(),
@@ -108,8 +115,11 @@ impl Daemon {
             reload::runnable(&initial.automations),
             submit_rx,
             metrics.clone(),
-            live.clone(),
-            fired.clone(),
+            pipeline::Outputs {
+                live: live.clone(),
+                fired: fired.clone(),
+                dispatch: dispatch_tx,
+            },
             pipeline::PipelineConfig {
                 checkpoint_events: config.checkpoint_events,
                 checkpoint_interval: config.checkpoint_interval,
@@ -120,12 +130,15 @@ impl Daemon {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(reload::watch_folder(
-            config.automations.clone(),
-            config.reload_interval,
+            reload::Watcher {
+                path: config.automations.clone(),
+                interval: config.reload_interval,
+                status: status.clone(),
+                control: pipeline.control.clone(),
+                metrics: metrics.clone(),
+                executor: executor.clone(),
+            },
             initial.automations,
-            status.clone(),
-            pipeline.control.clone(),
-            metrics.clone(),
             shutdown_rx.clone(),
         )));
         if let Some(nats) = config.nats.clone() {
@@ -149,6 +162,7 @@ impl Daemon {
             metrics: metrics.clone(),
             live,
             auth_string: config.auth_string.clone(),
+            executor: executor.clone(),
         }));
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
@@ -172,6 +186,9 @@ impl Daemon {
             }
         });
         drop(intake);
+        executor.set_api_url(format!("http://{addr}"));
+        executor.recover().await;
+        tasks.push(tokio::spawn(executor.run(dispatch_rx)));
         info!(%addr, "spur listening on http://{addr}");
         Ok(Daemon {
             addr,

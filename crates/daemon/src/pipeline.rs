@@ -103,11 +103,23 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     live: broadcast::Sender<Arc<Event>>,
     fired: broadcast::Sender<Arc<Value>>,
+    dispatch: mpsc::UnboundedSender<crate::actions::Dispatch>,
     config: PipelineConfig,
     applied: u64,
     since_checkpoint: u64,
     last_checkpoint: Instant,
     last_prune: Option<Instant>,
+}
+
+/// Where the pipeline's results go.
+#[derive(Debug)]
+pub struct Outputs {
+    /// Every new event (for `/api/events/out`).
+    pub live: broadcast::Sender<Arc<Event>>,
+    /// Every new firing record.
+    pub fired: broadcast::Sender<Arc<Value>>,
+    /// Firings with actions to execute.
+    pub dispatch: mpsc::UnboundedSender<crate::actions::Dispatch>,
 }
 
 /// Recovers state and starts the pipeline thread.
@@ -116,10 +128,14 @@ pub fn start(
     automations: Vec<Arc<Automation>>,
     submissions: mpsc::Receiver<Submission>,
     metrics: Arc<Metrics>,
-    live: broadcast::Sender<Arc<Event>>,
-    fired: broadcast::Sender<Arc<Value>>,
+    outputs: Outputs,
     config: PipelineConfig,
 ) -> Result<PipelineHandle, StoreError> {
+    let Outputs {
+        live,
+        fired,
+        dispatch,
+    } = outputs;
     let mut engine = Engine::new(EngineConfig::default());
     metrics
         .automations
@@ -132,6 +148,7 @@ pub fn start(
         metrics,
         live,
         fired,
+        dispatch,
         config,
         applied: 0,
         since_checkpoint: 0,
@@ -436,6 +453,25 @@ impl Pipeline {
                 "automation fired"
             );
             let _ = self.fired.send(Arc::new(record.clone()));
+            let runs_something = match firing.state {
+                FiringState::Triggered => firing
+                    .automation
+                    .triggered_actions()
+                    .any(|a| a.action_type == "run-deployment"),
+                FiringState::Resolved => firing
+                    .automation
+                    .actions_on_resolve
+                    .iter()
+                    .any(|a| a.action_type == "run-deployment"),
+            };
+            if runs_something {
+                let _ = self.dispatch.send(crate::actions::Dispatch {
+                    firing_id: firing.id,
+                    automation: firing.automation.clone(),
+                    record: record.clone(),
+                    event: firing.event.clone(),
+                });
+            }
         }
     }
 

@@ -39,6 +39,8 @@ pub struct Loaded {
     pub automations: Vec<LoadedAutomation>,
     /// Status for the API.
     pub status: LoadStatus,
+    /// Declared deployments.
+    pub deployments: Vec<spur_core::load::DeploymentRef>,
 }
 
 type Fingerprint = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;
@@ -82,6 +84,7 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
     }
     let mut automations: Vec<LoadedAutomation> = outcome
         .automations
+        .clone()
         .into_iter()
         .filter(|a| !failed_files.contains(&a.origin.file))
         .collect();
@@ -99,6 +102,7 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
     Loaded {
         automations,
         status,
+        deployments: outcome.deployments,
     }
 }
 
@@ -110,16 +114,38 @@ pub fn runnable(loaded: &[LoadedAutomation]) -> Vec<Arc<Automation>> {
         .collect()
 }
 
-/// Watches `path` until `shutdown`, sending reloads to the pipeline.
+/// What the folder watcher needs.
+#[derive(Debug)]
+pub struct Watcher {
+    /// The folder (or file).
+    pub path: PathBuf,
+    /// How often to look.
+    pub interval: Duration,
+    /// Where load errors are published.
+    pub status: Arc<RwLock<LoadStatus>>,
+    /// Where reloads go.
+    pub control: mpsc::Sender<Control>,
+    /// Gauges to update.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Receives the declared deployments.
+    pub executor: crate::actions::Executor,
+}
+
+/// Watches the folder until `shutdown`, sending reloads to the pipeline. `current` is what is
+/// loaded now.
 pub async fn watch_folder(
-    path: PathBuf,
-    interval: Duration,
+    watcher: Watcher,
     mut current: Vec<LoadedAutomation>,
-    status: Arc<RwLock<LoadStatus>>,
-    control: mpsc::Sender<Control>,
-    metrics: Arc<crate::metrics::Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Watcher {
+        path,
+        interval,
+        status,
+        control,
+        metrics,
+        executor,
+    } = watcher;
     let templates = TemplateEngine::new();
     let mut seen = fingerprint(&path);
     loop {
@@ -132,7 +158,11 @@ pub async fn watch_folder(
             continue;
         }
         seen = now;
-        let loaded = load(&path, &templates, &current);
+        let mut loaded = load(&path, &templates, &current);
+        loaded
+            .status
+            .errors
+            .extend(executor.set_deployments(&loaded.deployments));
         for e in &loaded.status.errors {
             error!(diagnostic = %e, "automation file refused; its previous automations keep running");
         }

@@ -322,3 +322,83 @@ pub fn firings(api: Option<&str>, limit: usize) -> Result<()> {
     }
     Ok(())
 }
+
+fn send_json(api: Option<&str>, path: &str, body: Value) -> Result<Value> {
+    let base = base_url(api);
+    runtime()?.block_on(async {
+        let response = reqwest::Client::new()
+            .post(format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| {
+                format!("cannot reach the daemon at {base} (is `spur serve` running?)")
+            })?;
+        let status = response.status();
+        let value: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{}", value["detail"].as_str().unwrap_or(status.as_str()));
+        }
+        Ok(value)
+    })
+}
+
+fn run_line(r: &Value) -> String {
+    format!(
+        "{}  {:<10} {}  {}{}",
+        r["id"].as_str().unwrap_or(""),
+        r["state"].as_str().unwrap_or(""),
+        r["deployment"].as_str().unwrap_or(""),
+        r["created"].as_str().unwrap_or(""),
+        r["automation"]
+            .as_str()
+            .map(|a| format!("  (by {a})"))
+            .unwrap_or_default()
+    )
+}
+
+/// `spur runs ls`.
+pub fn runs_ls(api: Option<&str>, limit: usize) -> Result<()> {
+    let body = get_json(api, &format!("/api/runs?limit={limit}"))?;
+    for r in body["runs"].as_array().cloned().unwrap_or_default() {
+        println!("{}", run_line(&r));
+    }
+    Ok(())
+}
+
+/// `spur runs get`.
+pub fn runs_get(api: Option<&str>, id: &str) -> Result<()> {
+    let run = get_json(api, &format!("/api/runs/{id}"))?;
+    println!("{}", serde_json::to_string_pretty(&run)?);
+    Ok(())
+}
+
+/// `spur runs start`.
+pub fn runs_start(
+    api: Option<&str>,
+    deployment: &str,
+    params: &[String],
+    params_json: Option<&str>,
+) -> Result<()> {
+    let mut parameters = parse_json_arg(params_json, "--params-json")?.unwrap_or(json!({}));
+    for p in params {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("--param {p:?}: expected key=value"))?;
+        parameters[k] = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_owned()));
+    }
+    let run = send_json(
+        api,
+        "/api/runs",
+        json!({"deployment": deployment, "parameters": parameters}),
+    )?;
+    println!("{}", run_line(&run));
+    Ok(())
+}
+
+/// `spur runs cancel`.
+pub fn runs_cancel(api: Option<&str>, id: &str) -> Result<()> {
+    let run = send_json(api, &format!("/api/runs/{id}/cancel"), json!({}))?;
+    println!("{}", run_line(&run));
+    Ok(())
+}

@@ -70,6 +70,11 @@ enum Command {
         #[command(subcommand)]
         command: AutomationsCommand,
     },
+    /// Flow runs: list, inspect, start by hand, cancel.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
+    },
     /// Recent firings recorded by the daemon, newest first (JSON lines).
     Firings {
         /// How many.
@@ -156,6 +161,49 @@ enum EventsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum RunsCommand {
+    /// Recent runs, newest first.
+    Ls {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// One run, with its state history, as JSON.
+    Get {
+        /// Run id.
+        id: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Start a run of a deployment (Prefect's `deployment run`).
+    Start {
+        /// Deployment name or id.
+        deployment: String,
+        /// A parameter, `key=value` (value parsed as JSON when it can be). Repeatable.
+        #[arg(long = "param", short = 'p')]
+        params: Vec<String>,
+        /// All parameters as one JSON object.
+        #[arg(long)]
+        params_json: Option<String>,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Cancel a run that has not finished.
+    Cancel {
+        /// Run id.
+        id: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum AutomationsCommand {
     /// One line per automation with its open buckets; load errors on stderr.
     Ls {
@@ -234,6 +282,18 @@ fn main() -> ExitCode {
         Command::Automations {
             command: AutomationsCommand::Ls { api },
         } => client::automations(api.as_deref()).map(|()| ExitCode::SUCCESS),
+        Command::Runs { command } => match command {
+            RunsCommand::Ls { limit, api } => client::runs_ls(api.as_deref(), limit),
+            RunsCommand::Get { id, api } => client::runs_get(api.as_deref(), &id),
+            RunsCommand::Start {
+                deployment,
+                params,
+                params_json,
+                api,
+            } => client::runs_start(api.as_deref(), &deployment, &params, params_json.as_deref()),
+            RunsCommand::Cancel { id, api } => client::runs_cancel(api.as_deref(), &id),
+        }
+        .map(|()| ExitCode::SUCCESS),
         Command::Firings { limit, api } => {
             client::firings(api.as_deref(), limit).map(|()| ExitCode::SUCCESS)
         }

@@ -9,6 +9,9 @@
 //! | `firings`    | firing id, u128      | the firing record (JSON)                |
 //! | `firing_seq` | u64                  | firing id, in the order recorded        |
 //! | `meta`       | name                 | the checkpoint: `{seq, snapshot}`       |
+//! | `runs`       | run id, u128         | the run (JSON)                          |
+//! | `run_keys`   | idempotency key      | run id (one run per key)                |
+//! | `run_order`  | u64                  | run id, in creation order               |
 //!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
 //! tables, so an event batch and its de-duplication entries commit together; MVCC readers
@@ -35,6 +38,9 @@ const EVENT_IDS: TableDefinition<u128, u64> = TableDefinition::new("event_ids");
 const FIRINGS: TableDefinition<u128, &[u8]> = TableDefinition::new("firings");
 const FIRING_SEQ: TableDefinition<u64, u128> = TableDefinition::new("firing_seq");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const RUNS: TableDefinition<u128, &[u8]> = TableDefinition::new("runs");
+const RUN_KEYS: TableDefinition<&str, u128> = TableDefinition::new("run_keys");
+const RUN_ORDER: TableDefinition<u64, u128> = TableDefinition::new("run_order");
 
 /// A storage failure.
 #[derive(Debug, Error)]
@@ -166,6 +172,9 @@ impl Store {
             txn.open_table(FIRINGS)?;
             txn.open_table(FIRING_SEQ)?;
             txn.open_table(META)?;
+            txn.open_table(RUNS)?;
+            txn.open_table(RUN_KEYS)?;
+            txn.open_table(RUN_ORDER)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -272,6 +281,92 @@ impl Store {
         for entry in order.iter()?.rev().take(limit) {
             let (_, id) = entry?;
             if let Some(v) = table.get(id.value())? {
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a run unless one already has its idempotency key. Returns the stored run: the
+    /// new one, or the existing one for that key.
+    pub fn create_run(
+        &self,
+        id: Uuid,
+        key: Option<&str>,
+        run: &Value,
+    ) -> Result<(Value, bool), StoreError> {
+        let txn = self.db.begin_write()?;
+        let created;
+        let stored;
+        {
+            let mut runs = txn.open_table(RUNS)?;
+            let mut keys = txn.open_table(RUN_KEYS)?;
+            let mut order = txn.open_table(RUN_ORDER)?;
+            let existing = match key {
+                Some(k) => keys.get(k)?.map(|v| v.value()),
+                None => None,
+            };
+            if let Some(existing) = existing {
+                let bytes = runs.get(existing)?.map(|v| v.value().to_vec());
+                stored = match bytes {
+                    Some(b) => serde_json::from_slice(&b).map_err(corrupt)?,
+                    None => run.clone(),
+                };
+                created = false;
+            } else {
+                let bytes = serde_json::to_vec(run).map_err(corrupt)?;
+                runs.insert(id.as_u128(), bytes.as_slice())?;
+                if let Some(k) = key {
+                    keys.insert(k, id.as_u128())?;
+                }
+                let next = order.last()?.map_or(1, |(k, _)| k.value() + 1);
+                order.insert(next, id.as_u128())?;
+                stored = run.clone();
+                created = true;
+            }
+        }
+        txn.commit()?;
+        Ok((stored, created))
+    }
+
+    /// Replaces a run's record (state changes).
+    pub fn update_run(&self, id: Uuid, run: &Value) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(run).map_err(corrupt)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut runs = txn.open_table(RUNS)?;
+            runs.insert(id.as_u128(), bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// One run.
+    pub fn get_run(&self, id: Uuid) -> Result<Option<Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let runs = txn.open_table(RUNS)?;
+        match runs.get(id.as_u128())? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// True if a run exists for this idempotency key.
+    pub fn has_run_key(&self, key: &str) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let keys = txn.open_table(RUN_KEYS)?;
+        Ok(keys.get(key)?.is_some())
+    }
+
+    /// The newest runs first.
+    pub fn list_runs(&self, limit: usize) -> Result<Vec<Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let order = txn.open_table(RUN_ORDER)?;
+        let runs = txn.open_table(RUNS)?;
+        let mut out = Vec::new();
+        for entry in order.iter()?.rev().take(limit) {
+            let (_, id) = entry?;
+            if let Some(v) = runs.get(id.value())? {
                 out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
             }
         }

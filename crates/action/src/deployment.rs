@@ -1,0 +1,174 @@
+//! Deployments: what a `run-deployment` action launches.
+//!
+//! Declared in YAML beside automations, in `prefect.yaml` shape plus Spur's `launcher`:
+//!
+//! ```yaml
+//! deployments:
+//!   - name: downstream
+//!     flow: downstream                 # flow name (default: the deployment name)
+//!     parameters: {retries: 1}         # defaults, merged under rendered parameters
+//!     parameter_schema: {…}            # optional JSON Schema, checked before launch
+//!     launcher:
+//!       command: ["python3", "flows/downstream.py"]   # or one string, run with `sh -c`
+//!       env: {MODE: fast}
+//!       cwd: .
+//!       timeout: 600                   # seconds (default 3600)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use spur_core::load::DeploymentRef;
+use uuid::Uuid;
+
+use crate::schema;
+
+/// How a deployment's runs are started.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Launcher {
+    /// A local process.
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Extra environment.
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+        /// Killed (and the run Crashed) after this long.
+        timeout: Duration,
+    },
+}
+
+/// A deployment Spur can run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deployment {
+    /// Name.
+    pub name: String,
+    /// Id (given, or a UUIDv5 of the name).
+    pub id: Uuid,
+    /// Flow name.
+    pub flow: String,
+    /// Default parameters.
+    pub parameters: Map<String, Value>,
+    /// JSON Schema for parameters.
+    pub schema: Option<Value>,
+    /// How runs start; `None` for a declaration without a launcher (its runs fail at once).
+    pub launcher: Option<Launcher>,
+}
+
+impl Deployment {
+    /// The flow's id: a UUIDv5 of its name.
+    pub fn flow_id(&self) -> Uuid {
+        Uuid::new_v5(
+            &spur_core::SPUR_NAMESPACE,
+            format!("flow:{}", self.flow).as_bytes(),
+        )
+    }
+
+    /// Reads a declaration; the error names the field.
+    pub fn from_ref(declared: &DeploymentRef) -> Result<Deployment, String> {
+        let spec = &declared.spec;
+        let flow = spec
+            .get("flow")
+            .or_else(|| spec.get("flow_name"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| declared.name.clone());
+        let parameters = match spec.get("parameters") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => return Err("parameters: must be a mapping".into()),
+        };
+        let schema = spec
+            .get("parameter_schema")
+            .or_else(|| spec.get("parameter_openapi_schema"))
+            .filter(|v| !v.is_null())
+            .cloned();
+        if let Some(s) = &schema {
+            schema::check_schema(s).map_err(|e| format!("parameter_schema: {e}"))?;
+        }
+        let launcher = match spec.get("launcher") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(l)) => Some(parse_launcher(l)?),
+            Some(_) => return Err("launcher: must be a mapping".into()),
+        };
+        Ok(Deployment {
+            name: declared.name.clone(),
+            id: declared.id,
+            flow,
+            parameters,
+            schema,
+            launcher,
+        })
+    }
+
+    /// Defaults merged under `rendered`, then checked against the schema. The error names the
+    /// parameter.
+    pub fn prepare_parameters(&self, rendered: &Value) -> Result<Value, String> {
+        let mut merged = self.parameters.clone();
+        if let Value::Object(r) = rendered {
+            for (k, v) in r {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        let merged = Value::Object(merged);
+        if let Some(schema) = &self.schema {
+            schema::validate(schema, &merged)?;
+        }
+        Ok(merged)
+    }
+}
+
+fn parse_launcher(l: &Map<String, Value>) -> Result<Launcher, String> {
+    let Some(command) = l.get("command") else {
+        let kind = l.keys().next().cloned().unwrap_or_default();
+        return Err(format!(
+            "launcher: only `command` launchers are available in this version (got {kind:?})"
+        ));
+    };
+    let argv = match command {
+        Value::String(s) => vec!["sh".to_owned(), "-c".to_owned(), s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_owned)
+                    .ok_or("launcher.command: must be strings")
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err("launcher.command: a list of strings (argv) or one shell string".into()),
+    };
+    if argv.is_empty() {
+        return Err("launcher.command: must not be empty".into());
+    }
+    let env = match l.get("env") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect(),
+        Some(_) => return Err("launcher.env: must be a mapping".into()),
+    };
+    let cwd = l.get("cwd").and_then(Value::as_str).map(PathBuf::from);
+    let timeout = match l.get("timeout") {
+        None | Some(Value::Null) => Duration::from_secs(3600),
+        Some(v) => spur_core::time::parse_duration(v)
+            .ok()
+            .and_then(|d| d.to_std().ok())
+            .ok_or("launcher.timeout: seconds or an ISO-8601 duration")?,
+    };
+    Ok(Launcher::Command {
+        argv,
+        env,
+        cwd,
+        timeout,
+    })
+}

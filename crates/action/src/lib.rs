@@ -1,0 +1,15 @@
+//! `spur-action`: what firings set in motion.
+//!
+//! * [`deployment`] — deployments declared in YAML and their launchers.
+//! * [`run`] — flow runs, Prefect's state names, and the `prefect.flow-run.<State>` events that
+//!   let one run trigger the next.
+//! * [`launcher`] — the command launcher (parameters on stdin and in `SPUR_PARAMETERS`).
+//! * [`schema`] — JSON Schema checks of parameters before launch.
+
+pub mod deployment;
+pub mod launcher;
+pub mod run;
+pub mod schema;
+
+pub use deployment::{Deployment, Launcher};
+pub use run::{Run, RunState};

@@ -1,0 +1,269 @@
+//! End-to-end tests of runs: the chained quickstart, launcher outcomes, schema checks, and no
+//! duplicate launches across a crash. The real binary, real processes, loopback HTTP.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{SpurDaemon, eventually, root};
+
+fn spur(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("spur runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn runs(daemon: &SpurDaemon) -> Vec<Value> {
+    let (ok, out, err) = spur(&["runs", "ls", "--limit", "100", "--api", &daemon.url]);
+    assert!(ok, "{err}");
+    out.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|id| {
+            let (ok, out, err) = spur(&["runs", "get", id, "--api", &daemon.url]);
+            assert!(ok, "{err}");
+            serde_json::from_str(&out).expect("run JSON")
+        })
+        .collect()
+}
+
+fn finished(daemon: &SpurDaemon, deployment: &str) -> Vec<Value> {
+    runs(daemon)
+        .into_iter()
+        .filter(|r| {
+            r["deployment"] == deployment
+                && r["state"] != "Scheduled"
+                && r["state"] != "Pending"
+                && r["state"] != "Running"
+        })
+        .collect()
+}
+
+#[test]
+fn the_quickstart_chain_passes_the_upstream_result_downstream() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &root().join("config/examples/chain"),
+        &[],
+    );
+    let (ok, out, err) = spur(&["runs", "start", "upstream", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    let downstream = eventually(Duration::from_secs(15), "the downstream run", || {
+        let done = finished(&daemon, "downstream");
+        (!done.is_empty()).then_some(done)
+    });
+    assert_eq!(downstream.len(), 1);
+    assert_eq!(downstream[0]["state"], "Completed");
+    assert_eq!(downstream[0]["parameters"]["prev_result"], "foobar");
+    assert_eq!(downstream[0]["automation"], "run-downstream");
+    let upstream = finished(&daemon, "upstream");
+    assert_eq!(upstream[0]["result"], "foobar");
+    let states: Vec<&str> = upstream[0]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|h| h["state"].as_str())
+        .collect();
+    assert_eq!(states, ["Scheduled", "Pending", "Running", "Completed"]);
+
+    // The flow-run events carry the run, deployment and flow, and the result when Completed.
+    let (ok, out, err) = spur(&[
+        "events",
+        "query",
+        "--json",
+        "--name",
+        "prefect.flow-run.Completed",
+        "--api",
+        &daemon.url,
+    ]);
+    assert!(ok, "{err}");
+    let completed: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let upstream_event = completed
+        .iter()
+        .find(|e| e["payload"]["result"] == "foobar")
+        .expect("upstream's Completed event");
+    let related = upstream_event["related"].as_array().expect("related");
+    assert!(
+        related
+            .iter()
+            .any(|r| r["prefect.resource.role"] == "deployment")
+    );
+    assert!(
+        related
+            .iter()
+            .any(|r| r["prefect.resource.role"] == "flow"
+                && r["prefect.resource.name"] == "upstream")
+    );
+
+    // The custom-event variant: the flow emits its own result event.
+    let (ok, out, err) = spur(&["runs", "start", "produce", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    let by_event = eventually(
+        Duration::from_secs(15),
+        "the run from the result event",
+        || {
+            let done: Vec<Value> = finished(&daemon, "downstream")
+                .into_iter()
+                .filter(|r| r["automation"] == "downstream-from-result-event")
+                .collect();
+            (!done.is_empty()).then_some(done)
+        },
+    );
+    assert_eq!(by_event[0]["parameters"]["prev_result"], "foobar");
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+#[test]
+fn launcher_failures_end_runs_as_failed_or_crashed_and_bad_parameters_never_launch() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "deployments.yaml",
+        r#"
+deployments:
+  - name: exits-2
+    launcher: {command: ["sh", "-c", "echo oops >&2; exit 2"]}
+  - name: missing
+    launcher: {command: ["/nonexistent/program"]}
+  - name: hangs
+    launcher: {command: ["sleep", "30"], timeout: 1}
+  - name: strict
+    parameter_schema: {type: object, required: [n], properties: {n: {type: integer}}}
+    launcher: {command: ["sh", "-c", "cat"]}
+"#,
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    for name in ["exits-2", "missing", "hangs"] {
+        let (ok, out, err) = spur(&["runs", "start", name, "--api", &daemon.url]);
+        assert!(ok, "{name}: {out}{err}");
+    }
+    let done = eventually(Duration::from_secs(15), "three finished runs", || {
+        let all = runs(&daemon);
+        (all.iter()
+            .filter(|r| ["Failed", "Crashed"].contains(&r["state"].as_str().unwrap_or("")))
+            .count()
+            == 3)
+            .then_some(all)
+    });
+    let by = |name: &str| {
+        done.iter()
+            .find(|r| r["deployment"] == name)
+            .expect("run")
+            .clone()
+    };
+    let last_message = |r: &Value| {
+        r["history"]
+            .as_array()
+            .and_then(|h| h.last())
+            .map(|h| h["message"].as_str().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(by("exits-2")["state"], "Failed");
+    assert!(last_message(&by("exits-2")).contains("exited with status 2: oops"));
+    assert_eq!(by("missing")["state"], "Crashed");
+    assert!(last_message(&by("missing")).contains("cannot start"));
+    assert_eq!(by("hangs")["state"], "Crashed");
+    assert!(last_message(&by("hangs")).contains("timed out"));
+
+    let (ok, _, err) = spur(&[
+        "runs",
+        "start",
+        "strict",
+        "--param",
+        "n=abc",
+        "--api",
+        &daemon.url,
+    ]);
+    assert!(!ok);
+    assert!(err.contains("parameter \"n\": expected integer"), "{err}");
+    assert!(
+        runs(&daemon).iter().all(|r| r["deployment"] != "strict"),
+        "an invalid run never launches"
+    );
+    let (ok, out, err) = spur(&[
+        "runs",
+        "start",
+        "strict",
+        "--param",
+        "n=3",
+        "--api",
+        &daemon.url,
+    ]);
+    assert!(ok, "{out}{err}");
+}
+
+#[test]
+fn a_restarted_daemon_never_launches_a_duplicate_run_and_crashes_orphans() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let chain = root().join("config/examples/chain");
+    let daemon = SpurDaemon::start(&data, &chain, &[]);
+    let (ok, out, err) = spur(&["runs", "start", "upstream", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    eventually(Duration::from_secs(15), "the downstream run", || {
+        (!finished(&daemon, "downstream").is_empty()).then_some(())
+    });
+    daemon.kill();
+    // The log is replayed on start: the firing is derived again, and must not launch again.
+    let daemon = SpurDaemon::start(&data, &chain, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    let downstream: Vec<Value> = runs(&daemon)
+        .into_iter()
+        .filter(|r| r["deployment"] == "downstream")
+        .collect();
+    assert_eq!(downstream.len(), 1, "{downstream:?}");
+    daemon.kill();
+
+    // A run in progress when the daemon dies is Crashed on restart (its process is gone).
+    let automations = dir.path().join("slow");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "d.yaml",
+        "deployments:\n  - name: slow\n    launcher: {command: [sleep, '30']}\n",
+    );
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let (ok, out, err) = spur(&["runs", "start", "slow", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    eventually(Duration::from_secs(10), "the slow run running", || {
+        runs(&daemon)
+            .iter()
+            .any(|r| r["deployment"] == "slow" && r["state"] == "Running")
+            .then_some(())
+    });
+    daemon.kill();
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let slow = eventually(Duration::from_secs(10), "the orphan crashed", || {
+        runs(&daemon)
+            .into_iter()
+            .find(|r| r["deployment"] == "slow" && r["state"] == "Crashed")
+    });
+    assert!(
+        slow["history"]
+            .as_array()
+            .expect("history")
+            .last()
+            .expect("state")["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("restarted")
+    );
+}
