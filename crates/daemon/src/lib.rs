@@ -67,6 +67,7 @@ pub struct Daemon {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
+    executor_task: JoinHandle<()>,
     pipeline: pipeline::PipelineHandle,
     fired: broadcast::Sender<Arc<serde_json::Value>>,
     metrics: Arc<metrics::Metrics>,
@@ -188,13 +189,14 @@ impl Daemon {
         drop(intake);
         executor.set_api_url(format!("http://{addr}"));
         executor.recover().await;
-        tasks.push(tokio::spawn(executor.run(dispatch_rx)));
+        let executor_task = tokio::spawn(executor.run(dispatch_rx));
         info!(%addr, "spur listening on http://{addr}");
         Ok(Daemon {
             addr,
             shutdown,
             server,
             tasks,
+            executor_task,
             pipeline,
             fired,
             metrics,
@@ -219,6 +221,10 @@ impl Daemon {
             let _ = task.await;
         }
         self.pipeline.shutdown().await;
+        // The pipeline held the executor's dispatch channel; runs still in progress are
+        // stopped with the process and marked Crashed on the next start.
+        self.executor_task.abort();
+        let _ = self.executor_task.await;
         info!("spur stopped");
     }
 }
