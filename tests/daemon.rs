@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use support::{NatsServer, SpurDaemon, eventually, nats_server_bin};
 
 fn http(method: &str, url: &str, body: Option<Value>) -> (u16, String) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -130,8 +131,14 @@ fn http_ingest_fires_triggers_and_refuses_bad_input() {
         "the duplicate did not count again"
     );
 
-    let (_, metrics) = http("GET", &format!("{}/metrics", daemon.url), None);
-    assert!(metrics.contains("spur_events_in_total 3"), "{metrics}");
+    // 3 posted events, plus the firing's prefect.automation.triggered and its action's
+    // prefect.automation.action.triggered and .failed (the deployment is not declared).
+    let metrics = eventually(Duration::from_secs(5), "the action events", || {
+        let (_, metrics) = http("GET", &format!("{}/metrics", daemon.url), None);
+        metrics
+            .contains("spur_events_in_total 6")
+            .then_some(metrics)
+    });
     assert!(
         metrics.contains("spur_events_duplicate_total 1"),
         "{metrics}"

@@ -1,42 +1,140 @@
-//! The action executor: turns firings into runs, and runs into `prefect.flow-run.*` events.
+//! The action executor: what firings set in motion, and the events that record it.
 //!
-//! The pipeline hands every new firing whose automation has a `run-deployment` action to the
-//! executor. For each such action it resolves the deployment (selected by id or name, or
-//! inferred from the event's resources), merges and checks the parameters, and creates the run
-//! under the idempotency key `<firing id>:<action index>` — a key that can hold only one run,
-//! so a firing re-derived after a crash never launches twice. The run is then driven through
-//! Scheduled → Pending → Running → Completed/Failed/Crashed; every transition is stored and
-//! emitted as an event through the normal intake, so downstream automations see it.
+//! For every new firing the pipeline hands over, the executor
+//!
+//! 1. emits the firing's `prefect.automation.triggered` (or `.resolved`) event;
+//! 2. runs each action of the firing in order (`actions` then `actions_on_trigger` for a
+//!    triggered firing, `actions_on_resolve` for a resolved one), each as two steps:
+//!    **prepare** (render templates, resolve the target: deployment, run, automation, URL) and
+//!    **perform** (launch, cancel, call, emit). Transient failures of `perform` are retried with
+//!    exponential backoff and jitter, a bounded number of times;
+//! 3. emits `prefect.automation.action.triggered` then `.executed` or `.failed` (with the
+//!    reason), like Prefect, and dead-letters a prepared action that failed for good, so it can
+//!    be retried from `/api/actions/failed`.
+//!
+//! Runs are created under the idempotency key `<firing id>:<action index>`, a key that holds
+//! one run only: a firing re-derived after a crash never launches twice. Runs are driven
+//! through Scheduled → Pending → Running → Completed/Failed/Crashed; each transition is stored
+//! and emitted as a `prefect.flow-run.<State>` event through the normal intake, so downstream
+//! automations see it and work chains.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
-use chrono::Utc;
-use serde_json::Value;
+use chrono::{TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
 use spur_action::{Deployment, Run, RunState, launcher};
 use spur_core::load::DeploymentRef;
-use spur_core::{Automation, Event};
+use spur_core::{Action, Event, EventLimits, Resource};
 use spur_ingest::Intake;
+use spur_matcher::{Firing, FiringState};
+use spur_replay::firing_context;
 use spur_store::Store;
-use tokio::sync::mpsc;
+use spur_template::TemplateEngine;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 use uuid::Uuid;
+
+use crate::pipeline::Control;
 
 /// A new firing for the executor.
 #[derive(Debug)]
 pub struct Dispatch {
     /// The firing.
-    pub firing_id: Uuid,
-    /// Its automation.
-    pub automation: Arc<Automation>,
-    /// The stored record (rendered actions).
+    pub firing: Firing,
+    /// Its stored record (with run-deployment parameters already rendered).
     pub record: Value,
-    /// The triggering event, for inferred deployments.
-    pub event: Option<Arc<Event>>,
 }
 
-/// Starts, tracks and cancels runs. Cheap to clone.
+/// An action with its templates rendered and its target resolved: what a retry re-performs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Prepared {
+    /// Log only.
+    DoNothing,
+    /// Start a run (once per key).
+    RunDeployment {
+        /// Deployment name.
+        deployment: String,
+        /// Rendered parameters.
+        parameters: Value,
+        /// `<firing id>:<action index>`.
+        key: String,
+        /// The automation's name.
+        automation: String,
+    },
+    /// Pause or resume an automation.
+    SetAutomationPaused {
+        /// Its id.
+        automation: Uuid,
+        /// Pause (true) or resume.
+        paused: bool,
+    },
+    /// Pause or resume a deployment.
+    SetDeploymentPaused {
+        /// Its name.
+        deployment: String,
+        /// Pause (true) or resume.
+        paused: bool,
+    },
+    /// Cancel a run.
+    CancelRun {
+        /// The run.
+        run: Uuid,
+        /// Why.
+        message: String,
+    },
+    /// Force a run into a state.
+    ChangeRunState {
+        /// The run.
+        run: Uuid,
+        /// The new state.
+        state: RunState,
+        /// Why.
+        message: String,
+    },
+    /// An HTTP request (call-webhook, send-notification).
+    Http {
+        /// Method.
+        method: String,
+        /// URL.
+        url: String,
+        /// Headers.
+        headers: Vec<(String, String)>,
+        /// Body.
+        body: String,
+        /// Whether a non-2xx answer fails the action (Prefect: not for webhooks).
+        require_success: bool,
+        /// Sent as `Idempotency-Key`.
+        key: String,
+    },
+    /// Emit an event.
+    EmitEvent {
+        /// The rendered event.
+        event: Value,
+    },
+}
+
+/// How performing went.
+#[derive(Debug)]
+enum Failure {
+    /// Worth retrying (connection errors, 5xx).
+    Transient(String),
+    /// Not worth retrying.
+    Permanent(String),
+}
+
+/// What a performed action produced, for the `.executed` event.
+#[derive(Debug, Default)]
+struct Outcome {
+    related: Vec<Resource>,
+    details: Map<String, Value>,
+}
+
+/// Starts, tracks and cancels runs; performs actions. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Executor {
     inner: Arc<Inner>,
@@ -46,21 +144,47 @@ pub struct Executor {
 struct Inner {
     store: Arc<Store>,
     intake: Intake,
+    templates: TemplateEngine,
+    http: reqwest::Client,
     deployments: RwLock<Vec<Deployment>>,
+    paused_deployments: RwLock<HashSet<String>>,
     running: Mutex<HashMap<Uuid, AbortHandle>>,
     api_url: RwLock<Option<String>>,
+    control: OnceLock<mpsc::Sender<Control>>,
+    retry_base: Duration,
+    max_attempts: u32,
 }
+
+/// Bound on Prefect's `response_body` detail.
+const RESPONSE_BODY_LIMIT: usize = 1000;
 
 impl Executor {
     /// An executor emitting through `intake`.
     pub fn new(store: Arc<Store>, intake: Intake) -> Executor {
+        let paused: HashSet<String> = store
+            .get_setting("paused_deployments")
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .user_agent(concat!("spur/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
         Executor {
             inner: Arc::new(Inner {
                 store,
                 intake,
+                templates: TemplateEngine::new(),
+                http,
                 deployments: RwLock::new(Vec::new()),
+                paused_deployments: RwLock::new(paused),
                 running: Mutex::new(HashMap::new()),
                 api_url: RwLock::new(None),
+                control: OnceLock::new(),
+                retry_base: Duration::from_millis(500),
+                max_attempts: 5,
             }),
         }
     }
@@ -72,7 +196,12 @@ impl Executor {
         }
     }
 
-    /// Replaces the known deployments; returns one message per declaration that is invalid.
+    /// The pipeline's control channel (for pausing automations).
+    pub fn set_control(&self, control: mpsc::Sender<Control>) {
+        let _ = self.inner.control.set(control);
+    }
+
+    /// Replaces the known deployments; returns one message per invalid declaration.
     pub fn set_deployments(&self, declared: &[DeploymentRef]) -> Vec<String> {
         let mut errors = Vec::new();
         let mut parsed = Vec::new();
@@ -95,6 +224,14 @@ impl Executor {
             .read()
             .map(|d| d.clone())
             .unwrap_or_default()
+    }
+
+    /// True if the deployment is paused.
+    pub fn is_paused(&self, deployment: &str) -> bool {
+        self.inner
+            .paused_deployments
+            .read()
+            .is_ok_and(|p| p.contains(deployment))
     }
 
     fn find(&self, id: Option<Uuid>, name: Option<&str>) -> Option<Deployment> {
@@ -132,68 +269,207 @@ impl Executor {
     }
 
     async fn dispatch(&self, d: Dispatch) {
-        let actions = d
+        let firing = &d.firing;
+        let state_event = firing.state_change_event();
+        let state_event_id = state_event.id;
+        self.emit(state_event).await;
+        let automation = &firing.automation;
+        let (list, uses_state_event): (Vec<&Action>, Vec<bool>) = match firing.state {
+            FiringState::Triggered => {
+                let main = automation.actions.iter().map(|a| (a, false));
+                let extra = automation.actions_on_trigger.iter().map(|a| (a, true));
+                main.chain(extra).unzip()
+            }
+            FiringState::Resolved => automation
+                .actions_on_resolve
+                .iter()
+                .map(|a| (a, true))
+                .unzip(),
+        };
+        let rendered = d
             .record
             .get("actions")
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let resolved = d.record.get("state").and_then(Value::as_str) == Some("resolved");
-        let defined: Vec<&spur_core::Action> = if resolved {
-            d.automation.actions_on_resolve.iter().collect()
-        } else {
-            d.automation.triggered_actions().collect()
-        };
-        for (index, rendered) in actions.iter().enumerate() {
-            if rendered.get("type").and_then(Value::as_str) != Some("run-deployment") {
-                continue;
-            }
-            let key = format!("{}:{index}", d.firing_id);
-            let automation = &d.automation.name;
-            if let Some(error) = rendered.get("error").and_then(Value::as_str) {
-                warn!(%automation, action = index, reason = error, "action failed");
-                continue;
-            }
-            let Some(action) = defined.get(index) else {
-                continue;
-            };
-            let deployment = match self.resolve(action, d.event.as_deref()) {
-                Ok(dep) => dep,
-                Err(reason) => {
-                    warn!(%automation, action = index, %reason, "action failed");
-                    continue;
-                }
-            };
-            let parameters = rendered.get("parameters").cloned().unwrap_or(Value::Null);
-            if let Err(reason) = self
-                .start(
-                    &deployment,
-                    &parameters,
-                    Some(key),
-                    Some(automation.clone()),
-                )
-                .await
-            {
-                warn!(%automation, action = index, %reason, "action failed");
-            }
+        for (index, action) in list.iter().enumerate() {
+            let prepared = self.prepare(
+                firing,
+                action,
+                index,
+                uses_state_event[index],
+                rendered.get(index),
+            );
+            self.execute(firing, action, index, state_event_id, prepared)
+                .await;
         }
     }
 
-    /// Prefect's `source` rule: selected (`deployment_id` or Spur's `deployment` name), or
-    /// inferred from the first involved `prefect.deployment.<uuid>` resource.
-    fn resolve(
+    /// Renders and resolves one action.
+    fn prepare(
         &self,
-        action: &spur_core::Action,
+        firing: &Firing,
+        action: &Action,
+        index: usize,
+        state_event: bool,
+        rendered: Option<&Value>,
+    ) -> Result<Prepared, String> {
+        let key = format!("{}:{index}", firing.id);
+        let context = || firing_context(firing, state_event).to_value();
+        let text = |field: &str, default: &str| -> Result<String, String> {
+            let source = action
+                .field(field)
+                .and_then(Value::as_str)
+                .unwrap_or(default);
+            self.inner
+                .templates
+                .render_text(source, &context())
+                .map_err(|e| format!("Template rendering failed: {e}"))
+        };
+        let event = if state_event {
+            Some(Arc::new(firing.state_change_event()))
+        } else {
+            firing.event.clone()
+        };
+        match action.action_type.as_str() {
+            "do-nothing" => Ok(Prepared::DoNothing),
+            "run-deployment" => {
+                if let Some(error) = rendered
+                    .and_then(|r| r.get("error"))
+                    .and_then(Value::as_str)
+                {
+                    return Err(error.to_owned());
+                }
+                let deployment = self.resolve_deployment(action, event.as_deref())?;
+                let parameters = rendered
+                    .and_then(|r| r.get("parameters"))
+                    .cloned()
+                    .unwrap_or(json!({}));
+                Ok(Prepared::RunDeployment {
+                    deployment: deployment.name,
+                    parameters,
+                    key,
+                    automation: firing.automation.name.clone(),
+                })
+            }
+            "pause-deployment" | "resume-deployment" => {
+                let deployment = self.resolve_deployment(action, event.as_deref())?;
+                Ok(Prepared::SetDeploymentPaused {
+                    deployment: deployment.name,
+                    paused: action.action_type == "pause-deployment",
+                })
+            }
+            "pause-automation" | "resume-automation" => {
+                let id = match action.field("source").and_then(Value::as_str) {
+                    Some("inferred") => {
+                        infer_id(event.as_deref(), "prefect.automation.", "automation")?
+                    }
+                    _ => action
+                        .field("automation_id")
+                        .and_then(Value::as_str)
+                        .and_then(|s| Uuid::parse_str(s).ok())
+                        .ok_or("automation_id is required")?,
+                };
+                Ok(Prepared::SetAutomationPaused {
+                    automation: id,
+                    paused: action.action_type == "pause-automation",
+                })
+            }
+            "cancel-flow-run" => Ok(Prepared::CancelRun {
+                run: infer_flow_run(firing, event.as_deref())?,
+                message: format!("Cancelled by Automation {}", firing.automation.id),
+            }),
+            "change-flow-run-state" => {
+                let state = match action.field("state").and_then(Value::as_str) {
+                    Some("SCHEDULED") => RunState::Scheduled,
+                    Some("PENDING") => RunState::Pending,
+                    Some("RUNNING") => RunState::Running,
+                    Some("COMPLETED") => RunState::Completed,
+                    Some("FAILED") => RunState::Failed,
+                    Some("CANCELLED" | "CANCELLING") => RunState::Cancelled,
+                    Some("CRASHED") => RunState::Crashed,
+                    other => return Err(format!("Spur cannot set a run to state {other:?}")),
+                };
+                let message = action
+                    .field("message")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| {
+                        format!("State changed by Automation {}", firing.automation.id)
+                    });
+                Ok(Prepared::ChangeRunState {
+                    run: infer_flow_run(firing, event.as_deref())?,
+                    state,
+                    message,
+                })
+            }
+            "call-webhook" | "send-notification" => {
+                let url = action.field("url").and_then(Value::as_str).ok_or(
+                    "Spur calls webhooks by `url` (Prefect block documents are not available)",
+                )?;
+                let url = text("url", url)?;
+                let (body, require_success, content_type) = if action.action_type == "call-webhook"
+                {
+                    (text("payload", "")?, false, "application/json")
+                } else {
+                    let subject = text("subject", "Prefect automated notification")?;
+                    let body = text("body", "")?;
+                    (
+                        json!({"subject": subject, "body": body}).to_string(),
+                        true,
+                        "application/json",
+                    )
+                };
+                let mut headers = vec![("content-type".to_owned(), content_type.to_owned())];
+                if let Some(Value::Object(h)) = action.field("headers") {
+                    for (k, v) in h {
+                        let v = v
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string());
+                        let v = self
+                            .inner
+                            .templates
+                            .render_text(&v, &context())
+                            .map_err(|e| format!("Template rendering failed: {e}"))?;
+                        headers.push((k.clone(), v));
+                    }
+                }
+                let method = action
+                    .field("method")
+                    .and_then(Value::as_str)
+                    .unwrap_or("POST")
+                    .to_uppercase();
+                Ok(Prepared::Http {
+                    method,
+                    url,
+                    headers,
+                    body,
+                    require_success,
+                    key,
+                })
+            }
+            "emit-event" => {
+                let template = action.field("event").cloned().unwrap_or(Value::Null);
+                let ctx = context();
+                let rendered = render_strings(&self.inner.templates, &template, &ctx)?;
+                Ok(Prepared::EmitEvent { event: rendered })
+            }
+            other => Err(format!(
+                "{other} is a Prefect server action that Spur does not perform"
+            )),
+        }
+    }
+
+    /// Prefect's `source` rule for deployments: selected by `deployment_id` (or Spur's
+    /// `deployment` name), or inferred from the first involved `prefect.deployment.<uuid>`.
+    fn resolve_deployment(
+        &self,
+        action: &Action,
         event: Option<&Event>,
     ) -> Result<Deployment, String> {
-        let inferred = action.field("source").and_then(Value::as_str) == Some("inferred");
-        if inferred {
-            let event = event.ok_or("No event to infer the deployment")?;
-            let id = event
-                .involved_resources()
-                .filter_map(|r| r.id().strip_prefix("prefect.deployment."))
-                .find_map(|s| Uuid::parse_str(s).ok())
-                .ok_or("No deployment could be inferred")?;
+        if action.field("source").and_then(Value::as_str) == Some("inferred") {
+            let id = infer_id(event, "prefect.deployment.", "deployment")?;
             return self
                 .find(Some(id), None)
                 .ok_or_else(|| format!("deployment {id} is not declared"));
@@ -213,6 +489,397 @@ impl Executor {
         })
     }
 
+    /// Performs with retries, emits the action events, dead-letters a final failure.
+    async fn execute(
+        &self,
+        firing: &Firing,
+        action: &Action,
+        index: usize,
+        state_event_id: Uuid,
+        prepared: Result<Prepared, String>,
+    ) {
+        let invocation = Uuid::new_v5(
+            &spur_core::SPUR_NAMESPACE,
+            format!("action:{}:{index}", firing.id).as_bytes(),
+        );
+        let result = match &prepared {
+            Ok(p) => self.perform_with_retries(p).await,
+            Err(reason) => Err(reason.clone()),
+        };
+        let triggered = self.action_event(
+            firing,
+            action,
+            index,
+            invocation,
+            state_event_id,
+            "triggered",
+            &Ok(Outcome::default()),
+            None,
+        );
+        let triggered_id = triggered.id;
+        self.emit(triggered).await;
+        let done = self.action_event(
+            firing,
+            action,
+            index,
+            invocation,
+            state_event_id,
+            if result.is_ok() { "executed" } else { "failed" },
+            &result,
+            Some(triggered_id),
+        );
+        self.emit(done).await;
+        match result {
+            Ok(_) => {
+                info!(automation = %firing.automation.name, action = index, kind = %action.action_type, "action executed")
+            }
+            Err(reason) => {
+                warn!(automation = %firing.automation.name, action = index, kind = %action.action_type, %reason, "action failed");
+                let record = json!({
+                    "id": invocation,
+                    "automation": firing.automation.name,
+                    "automation_id": firing.automation.id,
+                    "firing_id": firing.id,
+                    "action_index": index,
+                    "action_type": action.action_type,
+                    "reason": reason,
+                    "failed_at": spur_core::time::format_timestamp(Utc::now()),
+                    "prepared": prepared.ok(),
+                });
+                let store = self.inner.store.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    store.put_failed_action(invocation, &record)
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn perform_with_retries(&self, prepared: &Prepared) -> Result<Outcome, String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.perform(prepared).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(Failure::Permanent(reason)) => return Err(reason),
+                Err(Failure::Transient(reason)) if attempt >= self.inner.max_attempts => {
+                    return Err(format!("{reason} (gave up after {attempt} attempts)"));
+                }
+                Err(Failure::Transient(reason)) => {
+                    // Exponential backoff with full jitter, from 0.5 s, capped at 30 s.
+                    let cap = self
+                        .inner
+                        .retry_base
+                        .saturating_mul(1 << (attempt - 1).min(6))
+                        .min(Duration::from_secs(30));
+                    let jitter = (Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+                    let wait = cap.mul_f64(0.5 + jitter / 2.0);
+                    warn!(%reason, attempt, retry_in_ms = wait.as_millis() as u64, "action failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn perform(&self, prepared: &Prepared) -> Result<Outcome, Failure> {
+        match prepared {
+            Prepared::DoNothing => Ok(Outcome::default()),
+            Prepared::RunDeployment {
+                deployment,
+                parameters,
+                key,
+                automation,
+            } => {
+                let dep = self.find(None, Some(deployment)).ok_or_else(|| {
+                    Failure::Permanent(format!("deployment {deployment:?} is not declared"))
+                })?;
+                let run = self
+                    .start(
+                        &dep,
+                        parameters,
+                        Some(key.clone()),
+                        Some(automation.clone()),
+                    )
+                    .await
+                    .map_err(|e| {
+                        Failure::Permanent(format!(
+                            "Unable to create flow run from deployment: {e}"
+                        ))
+                    })?;
+                let id = run.get("id").and_then(Value::as_str).unwrap_or_default();
+                let mut outcome = Outcome::default();
+                outcome.related.push(Resource::from_pairs([
+                    ("prefect.resource.id", format!("prefect.flow-run.{id}")),
+                    ("prefect.resource.role", "flow-run".to_owned()),
+                    (
+                        "prefect.resource.name",
+                        run.get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ),
+                ]));
+                outcome.related.push(Resource::from_pairs([
+                    (
+                        "prefect.resource.id",
+                        format!("prefect.deployment.{}", dep.id),
+                    ),
+                    ("prefect.resource.role", "target".to_owned()),
+                    ("prefect.resource.name", dep.name.clone()),
+                ]));
+                Ok(outcome)
+            }
+            Prepared::SetAutomationPaused { automation, paused } => {
+                let control = self
+                    .inner
+                    .control
+                    .get()
+                    .ok_or_else(|| Failure::Permanent("the pipeline is not running".into()))?;
+                let (tx, rx) = oneshot::channel();
+                control
+                    .send(Control::SetPaused(*automation, *paused, tx))
+                    .await
+                    .map_err(|_| Failure::Permanent("the pipeline is not running".into()))?;
+                rx.await
+                    .map_err(|_| Failure::Permanent("the pipeline is not running".into()))?
+                    .map_err(Failure::Permanent)?;
+                let mut outcome = Outcome::default();
+                outcome.related.push(Resource::from_pairs([
+                    (
+                        "prefect.resource.id",
+                        format!("prefect.automation.{automation}"),
+                    ),
+                    ("prefect.resource.role", "target".to_owned()),
+                ]));
+                Ok(outcome)
+            }
+            Prepared::SetDeploymentPaused { deployment, paused } => {
+                self.set_deployment_paused(deployment, *paused)
+                    .map_err(Failure::Permanent)?;
+                Ok(Outcome::default())
+            }
+            Prepared::CancelRun { run, message } => {
+                self.cancel_with(*run, message)
+                    .await
+                    .map_err(Failure::Permanent)?;
+                Ok(Outcome::default())
+            }
+            Prepared::ChangeRunState {
+                run,
+                state,
+                message,
+            } => {
+                self.force_state(*run, *state, message)
+                    .await
+                    .map_err(Failure::Permanent)?;
+                Ok(Outcome::default())
+            }
+            Prepared::Http {
+                method,
+                url,
+                headers,
+                body,
+                require_success,
+                key,
+            } => {
+                let method = reqwest::Method::from_bytes(method.as_bytes())
+                    .map_err(|_| Failure::Permanent(format!("bad HTTP method {method:?}")))?;
+                let mut request = self
+                    .inner
+                    .http
+                    .request(method, url)
+                    .header("Idempotency-Key", key);
+                for (k, v) in headers {
+                    request = request.header(k, v);
+                }
+                let response = request
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .map_err(|e| Failure::Transient(format!("request to {url} failed: {e}")))?;
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                let mut outcome = Outcome::default();
+                outcome
+                    .details
+                    .insert("status_code".into(), json!(status.as_u16()));
+                outcome.details.insert(
+                    "response_body".into(),
+                    json!(text.chars().take(RESPONSE_BODY_LIMIT).collect::<String>()),
+                );
+                if *require_success && status.is_server_error() {
+                    return Err(Failure::Transient(format!(
+                        "Unexpected status from notification: {}",
+                        status.as_u16()
+                    )));
+                }
+                if *require_success && !status.is_success() {
+                    return Err(Failure::Permanent(format!(
+                        "Unexpected status from notification: {}",
+                        status.as_u16()
+                    )));
+                }
+                Ok(outcome)
+            }
+            Prepared::EmitEvent { event } => {
+                let event =
+                    Event::from_json(event, Utc::now(), &EventLimits::default()).map_err(|e| {
+                        Failure::Permanent(format!("the emitted event is invalid: {e}"))
+                    })?;
+                let mut outcome = Outcome::default();
+                outcome
+                    .details
+                    .insert("emitted_event".into(), json!(event.id));
+                let mut resource = event.resource.clone();
+                resource.insert("prefect.resource.role".into(), "target".into());
+                outcome.related.push(resource);
+                self.inner
+                    .intake
+                    .submit(vec![event])
+                    .await
+                    .map_err(|e| Failure::Transient(e.to_string()))?;
+                Ok(outcome)
+            }
+        }
+    }
+
+    /// Prefect's `prefect.automation.action.<kind>` event for one action.
+    #[allow(clippy::too_many_arguments)]
+    fn action_event(
+        &self,
+        firing: &Firing,
+        action: &Action,
+        index: usize,
+        invocation: Uuid,
+        state_event_id: Uuid,
+        kind: &str,
+        result: &Result<Outcome, String>,
+        follows: Option<Uuid>,
+    ) -> Event {
+        let automation = &firing.automation;
+        let mut resource = Resource::from_pairs([
+            (
+                "prefect.resource.id",
+                format!("prefect.automation.{}", automation.id),
+            ),
+            ("prefect.resource.name", automation.name.clone()),
+            (
+                "prefect.trigger-type",
+                automation.trigger.type_name().to_owned(),
+            ),
+        ]);
+        if let spur_core::Trigger::Event(t) = &automation.trigger {
+            let posture = match t.posture {
+                spur_core::Posture::Reactive => "Reactive",
+                spur_core::Posture::Proactive => "Proactive",
+            };
+            resource.insert("prefect.posture".into(), posture.into());
+        }
+        let mut related: Vec<Resource> = match result {
+            Ok(outcome) if kind != "triggered" => outcome.related.clone(),
+            _ => Vec::new(),
+        };
+        related.push(Resource::from_pairs([
+            (
+                "prefect.resource.id",
+                format!("prefect.event.{state_event_id}"),
+            ),
+            (
+                "prefect.resource.role",
+                "automation-triggered-event".to_owned(),
+            ),
+        ]));
+        if let Some(e) = &firing.event {
+            related.push(Resource::from_pairs([
+                ("prefect.resource.id", format!("prefect.event.{}", e.id)),
+                ("prefect.resource.role", "triggering-event".to_owned()),
+            ]));
+        }
+        let mut payload = json!({
+            "action_index": index,
+            "action_type": action.action_type,
+            "invocation": invocation,
+        });
+        match result {
+            Ok(outcome) if kind != "triggered" => {
+                for (k, v) in &outcome.details {
+                    payload[k] = v.clone();
+                }
+            }
+            Err(reason) if kind == "failed" => payload["reason"] = json!(reason),
+            _ => {}
+        }
+        let now = Utc::now();
+        let (occurred, follows) = match (kind, follows) {
+            ("triggered", _) => {
+                let near = firing
+                    .event
+                    .as_ref()
+                    .filter(|e| (firing.at - e.occurred).abs() < TimeDelta::minutes(5))
+                    .map(|e| e.id);
+                (firing.at, near)
+            }
+            (_, f) => (now, f),
+        };
+        Event {
+            id: Uuid::new_v5(
+                &spur_core::SPUR_NAMESPACE,
+                format!("action-{kind}:{invocation}").as_bytes(),
+            ),
+            occurred,
+            event: format!("prefect.automation.action.{kind}"),
+            resource,
+            related,
+            payload,
+            follows,
+            received: now,
+        }
+    }
+
+    fn set_deployment_paused(&self, deployment: &str, paused: bool) -> Result<(), String> {
+        let list = {
+            let mut set = self
+                .inner
+                .paused_deployments
+                .write()
+                .map_err(|_| "lock poisoned".to_owned())?;
+            if paused {
+                set.insert(deployment.to_owned());
+            } else {
+                set.remove(deployment);
+            }
+            set.iter().cloned().collect::<Vec<_>>()
+        };
+        self.inner
+            .store
+            .put_setting("paused_deployments", &json!(list))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Retries a dead-lettered action; on success it leaves the dead-letter list.
+    pub async fn retry_failed(&self, id: Uuid) -> Result<(), String> {
+        let records = self
+            .inner
+            .store
+            .failed_actions()
+            .map_err(|e| e.to_string())?;
+        let record = records
+            .into_iter()
+            .find(|r| r.get("id").and_then(Value::as_str) == Some(id.to_string().as_str()))
+            .ok_or_else(|| format!("no failed action {id}"))?;
+        let prepared: Prepared = record
+            .get("prepared")
+            .cloned()
+            .and_then(|p| serde_json::from_value(p).ok())
+            .ok_or("this action failed before it could be prepared; fix the automation instead")?;
+        self.perform_with_retries(&prepared).await?;
+        self.inner
+            .store
+            .take_failed_action(id)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     /// Creates (once per key) and launches a run. Returns the stored run.
     pub async fn start(
         &self,
@@ -221,6 +888,9 @@ impl Executor {
         key: Option<String>,
         automation: Option<String>,
     ) -> Result<Value, String> {
+        if self.is_paused(&deployment.name) {
+            return Err(format!("deployment {:?} is paused", deployment.name));
+        }
         let parameters = deployment.prepare_parameters(rendered)?;
         let mut run = Run::new(deployment, parameters, key.clone(), automation, Utc::now());
         let scheduled = run.transition(RunState::Scheduled, None, Utc::now());
@@ -260,6 +930,13 @@ impl Executor {
         self.store_and_emit(&run, running).await;
         let api_url = self.inner.api_url.read().ok().and_then(|u| u.clone());
         let outcome = launcher::launch(&launcher, &run, api_url.as_deref()).await;
+        // A state forced meanwhile (cancel, change-flow-run-state) wins over the process's end.
+        if let Some(current) = self.load_run(run.id).await
+            && current.state.is_final()
+        {
+            self.forget(run.id);
+            return;
+        }
         run.result = outcome.result;
         let done = run.transition(outcome.state, outcome.message.clone(), Utc::now());
         self.store_and_emit(&run, done).await;
@@ -273,15 +950,25 @@ impl Executor {
         }
     }
 
-    /// Cancels a run that has not finished.
-    pub async fn cancel(&self, id: Uuid) -> Result<Value, String> {
+    async fn load_run(&self, id: Uuid) -> Option<Run> {
         let store = self.inner.store.clone();
         let value = tokio::task::spawn_blocking(move || store.get_run(id))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
+            .ok()?
+            .ok()??;
+        serde_json::from_value(value).ok()
+    }
+
+    /// Cancels a run that has not finished.
+    pub async fn cancel(&self, id: Uuid) -> Result<Value, String> {
+        self.cancel_with(id, "Cancelled by a user").await
+    }
+
+    async fn cancel_with(&self, id: Uuid, message: &str) -> Result<Value, String> {
+        let mut run = self
+            .load_run(id)
+            .await
             .ok_or_else(|| format!("no run {id}"))?;
-        let mut run: Run = serde_json::from_value(value).map_err(|e| e.to_string())?;
         if run.state.is_final() {
             return Err(format!("run {id} is already {}", run.state.name()));
         }
@@ -294,13 +981,29 @@ impl Executor {
         {
             handle.abort(); // kill_on_drop stops the process
         }
-        let event = run.transition(
-            RunState::Cancelled,
-            Some("Cancelled by a user".into()),
-            Utc::now(),
-        );
+        let event = run.transition(RunState::Cancelled, Some(message.to_owned()), Utc::now());
         self.store_and_emit(&run, event).await;
         serde_json::to_value(&run).map_err(|e| e.to_string())
+    }
+
+    async fn force_state(&self, id: Uuid, state: RunState, message: &str) -> Result<(), String> {
+        let mut run = self
+            .load_run(id)
+            .await
+            .ok_or_else(|| format!("no run {id}"))?;
+        if state.is_final()
+            && let Some(handle) = self
+                .inner
+                .running
+                .lock()
+                .ok()
+                .and_then(|mut r| r.remove(&id))
+        {
+            handle.abort();
+        }
+        let event = run.transition(state, Some(message.to_owned()), Utc::now());
+        self.store_and_emit(&run, event).await;
+        Ok(())
     }
 
     async fn store_and_emit(&self, run: &Run, event: Event) {
@@ -317,7 +1020,61 @@ impl Executor {
 
     async fn emit(&self, event: Event) {
         if let Err(e) = self.inner.intake.submit(vec![event]).await {
-            warn!(error = %e, "cannot emit a flow-run event");
+            warn!(error = %e, "cannot emit an event");
         }
     }
+}
+
+/// The first involved resource `<prefix><uuid>` (Prefect's inference rule).
+fn infer_id(event: Option<&Event>, prefix: &str, what: &str) -> Result<Uuid, String> {
+    let event = event.ok_or_else(|| format!("No event to infer the {what}"))?;
+    event
+        .involved_resources()
+        .filter_map(|r| r.id().strip_prefix(prefix))
+        .find_map(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| format!("No {what} could be inferred"))
+}
+
+/// Prefect's `FlowRunAction.flow_run`: the triggering labels first, then the event.
+fn infer_flow_run(firing: &Firing, event: Option<&Event>) -> Result<Uuid, String> {
+    if let Some((_, id)) = firing
+        .labels
+        .iter()
+        .find(|(k, _)| k == "prefect.resource.id")
+        && let Some(uuid) = id
+            .strip_prefix("prefect.flow-run.")
+            .and_then(|s| Uuid::parse_str(s).ok())
+    {
+        return Ok(uuid);
+    }
+    infer_id(event, "prefect.flow-run.", "flow run")
+        .map_err(|_| "No flow run could be inferred".to_owned())
+}
+
+/// Renders every string inside a JSON template (Prefect's rules: only strings that look like
+/// templates are rendered).
+fn render_strings(
+    templates: &TemplateEngine,
+    value: &Value,
+    ctx: &spur_template::TemplateValue,
+) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(s) => Value::String(
+            templates
+                .render_text(s, ctx)
+                .map_err(|e| format!("Template rendering failed: {e}"))?,
+        ),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| render_strings(templates, v, ctx))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), render_strings(templates, v, ctx)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
 }

@@ -65,6 +65,8 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/cancel", post(cancel_run))
         .route("/api/deployments", get(list_deployments))
+        .route("/api/actions/failed", get(failed_actions))
+        .route("/api/actions/failed/{id}/retry", post(retry_failed_action))
         .with_state(state)
 }
 
@@ -196,6 +198,28 @@ async fn start_run(State(state): State<ApiState>, body: Option<axum::Json<Value>
     {
         Ok(run) => (StatusCode::CREATED, axum::Json(run)).into_response(),
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    }
+}
+
+async fn failed_actions(State(state): State<ApiState>) -> Response {
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.failed_actions()).await {
+        Ok(Ok(list)) => axum::Json(json!({"failed": list})).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn retry_failed_action(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, "not an action id");
+    };
+    match state.executor.retry_failed(id).await {
+        Ok(()) => axum::Json(json!({"retried": id, "status": "executed"})).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, e),
     }
 }
 

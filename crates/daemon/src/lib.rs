@@ -76,6 +76,8 @@ pub struct Daemon {
 impl Daemon {
     /// Opens the store, recovers state, loads automations and starts every part.
     pub async fn start(config: DaemonConfig) -> Result<Daemon, StartError> {
+        // One TLS crypto provider for the process (webhooks over https); ignore "already set".
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let store = Arc::new(Store::open(&config.data.join("spur.redb"))?);
         let templates = TemplateEngine::new();
         let mut initial = reload::load(&config.automations, &templates, &[]);
@@ -128,6 +130,7 @@ impl Daemon {
             },
         )?;
 
+        executor.set_control(pipeline.control.clone());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(reload::watch_folder(

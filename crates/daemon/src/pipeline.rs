@@ -40,6 +40,8 @@ pub enum Control {
     Reload(Vec<Arc<Automation>>),
     /// Report automations and their live state.
     Describe(oneshot::Sender<Description>),
+    /// Pause (true) or resume (false) an automation; persisted across restarts.
+    SetPaused(Uuid, bool, oneshot::Sender<Result<(), String>>),
     /// Drain submissions, checkpoint, stop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -99,6 +101,10 @@ impl PipelineHandle {
 struct Pipeline {
     store: Arc<Store>,
     engine: Engine,
+    /// The automations as loaded from files (before pauses are applied).
+    loaded: Vec<Arc<Automation>>,
+    /// Automations paused by actions or the API.
+    paused: std::collections::HashSet<Uuid>,
     templates: TemplateEngine,
     metrics: Arc<Metrics>,
     live: broadcast::Sender<Arc<Event>>,
@@ -122,6 +128,25 @@ pub struct Outputs {
     pub dispatch: mpsc::UnboundedSender<crate::actions::Dispatch>,
 }
 
+/// The automations with paused ones disabled.
+fn apply_pauses(
+    automations: &[Arc<Automation>],
+    paused: &std::collections::HashSet<Uuid>,
+) -> Vec<Arc<Automation>> {
+    automations
+        .iter()
+        .map(|a| {
+            if paused.contains(&a.id) && a.enabled {
+                let mut copy = (**a).clone();
+                copy.enabled = false;
+                Arc::new(copy)
+            } else {
+                a.clone()
+            }
+        })
+        .collect()
+}
+
 /// Recovers state and starts the pipeline thread.
 pub fn start(
     store: Arc<Store>,
@@ -136,14 +161,20 @@ pub fn start(
         fired,
         dispatch,
     } = outputs;
+    let paused: std::collections::HashSet<Uuid> = store
+        .get_setting("paused_automations")?
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
     let mut engine = Engine::new(EngineConfig::default());
     metrics
         .automations
         .store(automations.len() as u64, Ordering::Relaxed);
-    engine.load(automations);
+    engine.load(apply_pauses(&automations, &paused));
     let mut pipeline = Pipeline {
         store,
         engine,
+        loaded: automations,
+        paused,
         templates: TemplateEngine::new(),
         metrics,
         live,
@@ -240,9 +271,13 @@ impl Pipeline {
                         let _ = done.send(());
                         return;
                     }
+                    Some(Control::SetPaused(id, paused, reply)) => {
+                        let _ = reply.send(self.set_paused(id, paused));
+                    }
                     Some(Control::Reload(automations)) => {
                         self.metrics.automations.store(automations.len() as u64, Ordering::Relaxed);
-                        self.engine.load(automations);
+                        self.engine.load(apply_pauses(&automations, &self.paused));
+                        self.loaded = automations;
                         let firings = self.engine.advance_to(Utc::now());
                         self.on_firings(firings);
                         self.checkpoint();
@@ -273,6 +308,27 @@ impl Pipeline {
             }
             self.maybe_checkpoint();
         }
+    }
+
+    fn set_paused(&mut self, id: Uuid, paused: bool) -> Result<(), String> {
+        if !self.loaded.iter().any(|a| a.id == id) {
+            return Err(format!("Automation {id} not found"));
+        }
+        let changed = if paused {
+            self.paused.insert(id)
+        } else {
+            self.paused.remove(&id)
+        };
+        if changed {
+            let list: Vec<Uuid> = self.paused.iter().copied().collect();
+            self.store
+                .put_setting("paused_automations", &json!(list))
+                .map_err(|e| e.to_string())?;
+            self.engine.load(apply_pauses(&self.loaded, &self.paused));
+            self.checkpoint();
+            info!(automation = %id, paused, "automation {}", if paused { "paused" } else { "resumed" });
+        }
+        Ok(())
     }
 
     fn describe(&self) -> Description {
@@ -394,9 +450,8 @@ impl Pipeline {
 
     /// After a failed commit the engine is ahead of the log: start over from the checkpoint.
     fn rebuild(&mut self) {
-        let automations = self.engine.automations().to_vec();
         self.engine = Engine::new(EngineConfig::default());
-        self.engine.load(automations);
+        self.engine.load(apply_pauses(&self.loaded, &self.paused));
         self.applied = 0;
         if let Err(e) = self.recover() {
             error!(error = %e, "cannot rebuild trigger state from the store");
@@ -453,25 +508,10 @@ impl Pipeline {
                 "automation fired"
             );
             let _ = self.fired.send(Arc::new(record.clone()));
-            let runs_something = match firing.state {
-                FiringState::Triggered => firing
-                    .automation
-                    .triggered_actions()
-                    .any(|a| a.action_type == "run-deployment"),
-                FiringState::Resolved => firing
-                    .automation
-                    .actions_on_resolve
-                    .iter()
-                    .any(|a| a.action_type == "run-deployment"),
-            };
-            if runs_something {
-                let _ = self.dispatch.send(crate::actions::Dispatch {
-                    firing_id: firing.id,
-                    automation: firing.automation.clone(),
-                    record: record.clone(),
-                    event: firing.event.clone(),
-                });
-            }
+            let _ = self.dispatch.send(crate::actions::Dispatch {
+                firing: firing.clone(),
+                record: record.clone(),
+            });
         }
     }
 

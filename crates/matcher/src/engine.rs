@@ -714,10 +714,22 @@ impl Engine {
             scratch.leaves.extend(0..self.plan.leaves.len() as u32);
         }
         let name = event.event.as_str();
+        // Spur's loop guard: an automation never reacts to the `prefect.automation.*` events it
+        // caused itself (Prefect would loop forever on an empty `expect`, issue #11470).
+        let own_automation = name
+            .starts_with("prefect.automation.")
+            .then(|| event.resource.id().strip_prefix("prefect.automation."))
+            .flatten()
+            .and_then(|id| Uuid::parse_str(id).ok());
         for &leaf in &scratch.leaves {
             let leaf = leaf as usize;
             let trigger = &self.plan.leaves[leaf].trigger;
             if !trigger.prefilter(name) || !trigger.covers(event) {
+                continue;
+            }
+            if own_automation
+                .is_some_and(|id| self.plan.automations[self.plan.leaves[leaf].automation].id == id)
+            {
                 continue;
             }
             let key: BucketKey = trigger

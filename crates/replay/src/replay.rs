@@ -311,3 +311,21 @@ pub fn replay(
     out.extend(session.finish(until));
     Ok(out)
 }
+
+/// The template context of a firing, as its actions see it: `event` is the triggering event,
+/// or with `state_event` the firing's `prefect.automation.triggered`/`.resolved` event (what
+/// Prefect gives `actions_on_trigger` and `actions_on_resolve`).
+pub fn firing_context(firing: &Firing, state_event: bool) -> TemplateContext {
+    TemplateContext {
+        automation: Some(firing.automation.clone()),
+        event: if state_event {
+            Some(Arc::new(firing.state_change_event()))
+        } else {
+            firing.event.clone()
+        },
+        labels: firing.labels.clone(),
+        firing: firing.to_json(),
+        firings: all_firings(firing),
+        events: firing.events(),
+    }
+}

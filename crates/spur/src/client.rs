@@ -402,3 +402,19 @@ pub fn runs_cancel(api: Option<&str>, id: &str) -> Result<()> {
     println!("{}", run_line(&run));
     Ok(())
 }
+
+/// `spur actions failed`.
+pub fn actions_failed(api: Option<&str>) -> Result<()> {
+    let body = get_json(api, "/api/actions/failed")?;
+    for f in body["failed"].as_array().cloned().unwrap_or_default() {
+        println!("{f}");
+    }
+    Ok(())
+}
+
+/// `spur actions retry`.
+pub fn actions_retry(api: Option<&str>, id: &str) -> Result<()> {
+    let body = send_json(api, &format!("/api/actions/failed/{id}/retry"), json!({}))?;
+    println!("{body}");
+    Ok(())
+}

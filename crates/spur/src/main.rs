@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Actions that failed for good (the dead-letter list), and retrying them.
+    Actions {
+        #[command(subcommand)]
+        command: ActionsCommand,
+    },
     /// Recent firings recorded by the daemon, newest first (JSON lines).
     Firings {
         /// How many.
@@ -204,6 +209,24 @@ enum RunsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum ActionsCommand {
+    /// The dead-letter list: one JSON line per failed action, with its reason.
+    Failed {
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Perform a dead-lettered action again; it leaves the list when it succeeds.
+    Retry {
+        /// The failed action's id (its invocation id).
+        id: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum AutomationsCommand {
     /// One line per automation with its open buckets; load errors on stderr.
     Ls {
@@ -214,6 +237,8 @@ enum AutomationsCommand {
 }
 
 fn main() -> ExitCode {
+    // One TLS crypto provider for the whole process (HTTP clients, webhooks over https).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&args).map(|()| ExitCode::SUCCESS),
@@ -292,6 +317,11 @@ fn main() -> ExitCode {
                 api,
             } => client::runs_start(api.as_deref(), &deployment, &params, params_json.as_deref()),
             RunsCommand::Cancel { id, api } => client::runs_cancel(api.as_deref(), &id),
+        }
+        .map(|()| ExitCode::SUCCESS),
+        Command::Actions { command } => match command {
+            ActionsCommand::Failed { api } => client::actions_failed(api.as_deref()),
+            ActionsCommand::Retry { id, api } => client::actions_retry(api.as_deref(), &id),
         }
         .map(|()| ExitCode::SUCCESS),
         Command::Firings { limit, api } => {

@@ -12,6 +12,7 @@
 //! | `runs`       | run id, u128         | the run (JSON)                          |
 //! | `run_keys`   | idempotency key      | run id (one run per key)                |
 //! | `run_order`  | u64                  | run id, in creation order               |
+//! | `failed_actions` | invocation id, u128 | dead-lettered action (JSON)          |
 //!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
 //! tables, so an event batch and its de-duplication entries commit together; MVCC readers
@@ -41,6 +42,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RUNS: TableDefinition<u128, &[u8]> = TableDefinition::new("runs");
 const RUN_KEYS: TableDefinition<&str, u128> = TableDefinition::new("run_keys");
 const RUN_ORDER: TableDefinition<u64, u128> = TableDefinition::new("run_order");
+const FAILED_ACTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("failed_actions");
 
 /// A storage failure.
 #[derive(Debug, Error)]
@@ -175,6 +177,7 @@ impl Store {
             txn.open_table(RUNS)?;
             txn.open_table(RUN_KEYS)?;
             txn.open_table(RUN_ORDER)?;
+            txn.open_table(FAILED_ACTIONS)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -371,6 +374,69 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// A small named setting (e.g. the paused automations), as JSON.
+    pub fn get_setting(&self, name: &str) -> Result<Option<Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let key = format!("setting:{name}");
+        match meta.get(key.as_str())? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves a named setting durably.
+    pub fn put_setting(&self, name: &str, value: &Value) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(corrupt)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let key = format!("setting:{name}");
+            meta.insert(key.as_str(), bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Dead-letters an action that failed for good (replacing an earlier entry for it).
+    pub fn put_failed_action(&self, id: Uuid, record: &Value) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(corrupt)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(FAILED_ACTIONS)?;
+            table.insert(id.as_u128(), bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Dead-lettered actions.
+    pub fn failed_actions(&self) -> Result<Vec<Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(FAILED_ACTIONS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+        }
+        Ok(out)
+    }
+
+    /// Removes a dead-lettered action (after a successful retry); returns it.
+    pub fn take_failed_action(&self, id: Uuid) -> Result<Option<Value>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let taken = {
+            let mut table = txn.open_table(FAILED_ACTIONS)?;
+            let removed = table.remove(id.as_u128())?;
+            match removed {
+                Some(v) => Some(serde_json::from_slice(v.value()).map_err(corrupt)?),
+                None => None,
+            }
+        };
+        txn.commit()?;
+        Ok(taken)
     }
 
     /// Saves the engine checkpoint (durably, replacing the previous one).

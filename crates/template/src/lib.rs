@@ -25,6 +25,8 @@ use spur_core::{Automation, Event, FieldPath, Problems};
 use thiserror::Error as ThisError;
 
 pub use context::{EventView, LabelDiver, ResourceView, resource_value};
+/// The template engine's value type (a rendered context).
+pub use minijinja::Value as TemplateValue;
 
 /// Prefect's `MAX_TEMPLATE_RANGE`.
 pub const MAX_RANGE: usize = 100;
