@@ -1,0 +1,295 @@
+//! End-to-end tests of actions: webhooks (with a real HTTP server on loopback), retries and the
+//! dead-letter list, pausing automations, emitting events, and the events actions leave behind.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{SpurDaemon, eventually, root};
+
+/// A loopback HTTP server that records requests and answers with `status` (changeable).
+struct Receiver {
+    url: String,
+    requests: Arc<Mutex<Vec<(String, String)>>>,
+    status: Arc<AtomicU16>,
+}
+
+impl Receiver {
+    fn start(status: u16) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let status = Arc::new(AtomicU16::new(status));
+        let (log, code) = (requests.clone(), status.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(200) {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut head = String::new();
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0u8; length];
+                let _ = reader.read_exact(&mut body);
+                log.lock()
+                    .expect("lock")
+                    .push((head, String::from_utf8_lossy(&body).into_owned()));
+                let code = code.load(Ordering::SeqCst);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                );
+            }
+        });
+        Receiver {
+            url,
+            requests,
+            status,
+        }
+    }
+
+    fn requests(&self) -> Vec<(String, String)> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+fn spur(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("spur runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn emit(daemon: &SpurDaemon, name: &str, resource: &str, payload: &str) {
+    let (ok, out, err) = spur(&[
+        "emit",
+        name,
+        "--resource",
+        resource,
+        "--payload",
+        payload,
+        "--api",
+        &daemon.url,
+    ]);
+    assert!(ok, "{out}{err}");
+}
+
+fn events(daemon: &SpurDaemon, name: &str) -> Vec<Value> {
+    let (ok, out, err) = spur(&[
+        "events",
+        "query",
+        "--json",
+        "--name",
+        name,
+        "--limit",
+        "200",
+        "--api",
+        &daemon.url,
+    ]);
+    assert!(ok, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect()
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+#[test]
+fn a_webhook_is_called_with_the_rendered_payload_and_the_actions_are_recorded() {
+    let receiver = Receiver::start(404);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "hook.yaml",
+        &format!(
+            r#"
+name: notify-ops
+trigger: {{type: event, posture: Reactive, expect: [backup.failed]}}
+actions:
+  - type: call-webhook
+    url: {url}/hooks/ops
+    headers: {{X-Source: "<< event.resource.id >>"}}
+    payload: '{{"text": "backup << event.resource.id >> failed: << event.payload.reason >>"}}'
+"#,
+            url = receiver.url
+        ),
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    emit(
+        &daemon,
+        "backup.failed",
+        "db.main",
+        r#"{"reason": "disk full"}"#,
+    );
+    let requests = eventually(Duration::from_secs(10), "the webhook call", || {
+        let r = receiver.requests();
+        (!r.is_empty()).then_some(r)
+    });
+    let (head, body) = &requests[0];
+    assert!(head.starts_with("POST /hooks/ops"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("x-source: db.main"),
+        "{head}"
+    );
+    assert!(
+        head.to_ascii_lowercase().contains("idempotency-key: "),
+        "{head}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(body).expect("JSON body"),
+        json!({"text": "backup db.main failed: disk full"})
+    );
+
+    // Prefect's bookkeeping: automation.triggered, then action.triggered and action.executed
+    // (a non-2xx answer still counts as executed for webhooks, as in Prefect).
+    let executed = eventually(Duration::from_secs(10), "the action events", || {
+        let e = events(&daemon, "prefect.automation.action.executed");
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(executed[0]["payload"]["status_code"], 404);
+    assert_eq!(executed[0]["payload"]["action_type"], "call-webhook");
+    let triggered = events(&daemon, "prefect.automation.action.triggered");
+    assert_eq!(
+        executed[0]["follows"], triggered[0]["id"],
+        "executed follows triggered"
+    );
+    let automation_triggered = events(&daemon, "prefect.automation.triggered");
+    assert_eq!(automation_triggered.len(), 1);
+    assert_eq!(
+        automation_triggered[0]["resource"]["prefect.resource.name"],
+        "notify-ops"
+    );
+    assert_eq!(
+        automation_triggered[0]["related"][0]["prefect.resource.role"],
+        "triggering-event"
+    );
+}
+
+#[test]
+fn a_failing_notification_is_retried_dead_lettered_and_retried_by_hand() {
+    let receiver = Receiver::start(503);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "notify.yaml",
+        &format!(
+            "name: page\ntrigger: {{type: event, posture: Reactive, expect: [disk.full]}}\nactions:\n  - {{type: send-notification, url: '{}/notify', subject: 'disk full on << event.resource.id >>', body: 'act now'}}\n",
+            receiver.url
+        ),
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    emit(&daemon, "disk.full", "host.7", "{}");
+    let failed = eventually(Duration::from_secs(30), "the dead-lettered action", || {
+        let (ok, out, _) = spur(&["actions", "failed", "--api", &daemon.url]);
+        let list: Vec<Value> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (ok && !list.is_empty()).then_some(list)
+    });
+    assert!(
+        receiver.requests().len() >= 5,
+        "retried with backoff before giving up"
+    );
+    assert!(
+        failed[0]["reason"].as_str().unwrap_or("").contains("503"),
+        "{}",
+        failed[0]
+    );
+    let failed_event = events(&daemon, "prefect.automation.action.failed");
+    assert!(
+        failed_event[0]["payload"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("gave up")
+    );
+    let body: Value = serde_json::from_str(&receiver.requests()[0].1).expect("JSON");
+    assert_eq!(
+        body,
+        json!({"subject": "disk full on host.7", "body": "act now"})
+    );
+
+    receiver.status.store(200, Ordering::SeqCst);
+    let id = failed[0]["id"].as_str().expect("id").to_owned();
+    let (ok, out, err) = spur(&["actions", "retry", &id, "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    let (_, out, _) = spur(&["actions", "failed", "--api", &daemon.url]);
+    assert!(
+        out.trim().is_empty(),
+        "the retried action left the list: {out}"
+    );
+}
+
+#[test]
+fn actions_pause_automations_and_emit_events() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "a.yaml",
+        r#"
+- name: chatty
+  id: 0a0a0a0a-0000-4000-8000-000000000001
+  trigger: {type: event, posture: Reactive, expect: [chat]}
+  actions:
+    - type: emit-event
+      event:
+        event: chat.seen
+        resource: {prefect.resource.id: "<< event.resource.id >>"}
+        payload: {words: "<< event.payload.words >>"}
+- name: mute
+  trigger: {type: event, posture: Reactive, expect: [mute]}
+  actions:
+    - {type: pause-automation, source: selected, automation_id: 0a0a0a0a-0000-4000-8000-000000000001}
+"#,
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    emit(&daemon, "chat", "room.1", r#"{"words": 3}"#);
+    let seen = eventually(Duration::from_secs(10), "the emitted event", || {
+        let e = events(&daemon, "chat.seen");
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(seen[0]["resource"]["prefect.resource.id"], "room.1");
+    assert_eq!(seen[0]["payload"]["words"], "3");
+
+    emit(&daemon, "mute", "ops", "{}");
+    eventually(Duration::from_secs(10), "chatty paused", || {
+        let (_, out, _) = spur(&["automations", "ls", "--api", &daemon.url]);
+        out.contains("chatty (disabled)").then_some(())
+    });
+    emit(&daemon, "chat", "room.2", r#"{"words": 1}"#);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        events(&daemon, "chat.seen").len(),
+        1,
+        "a paused automation does not fire"
+    );
+}
