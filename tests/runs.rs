@@ -267,3 +267,62 @@ fn a_restarted_daemon_never_launches_a_duplicate_run_and_crashes_orphans() {
             .contains("restarted")
     );
 }
+
+#[test]
+fn the_chain_runs_on_a_worker_pool_over_nats() {
+    let Some(bin) = support::nats_server_bin() else {
+        eprintln!(
+            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = support::NatsServer::start(&bin, &dir.path().join("nats"));
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &root().join("config/examples/chain-worker"),
+        &["--nats", &nats.url],
+    );
+    // No worker yet: the run crashes with a clear reason instead of hanging.
+    let (ok, out, err) = spur(&["runs", "start", "upstream", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    let orphan = eventually(Duration::from_secs(15), "the run without a worker", || {
+        finished(&daemon, "upstream").into_iter().next()
+    });
+    assert_eq!(orphan["state"], "Crashed");
+    let mut workers: Vec<std::process::Child> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_spur"))
+                .args(["worker", "--pool", "default", "--nats", &nats.url])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spur worker starts")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out, err) = spur(&["runs", "start", "upstream", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    let downstream = eventually(
+        Duration::from_secs(20),
+        "the downstream run on a worker",
+        || {
+            let done = finished(&daemon, "downstream");
+            (!done.is_empty()).then_some(done)
+        },
+    );
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    assert_eq!(downstream.len(), 1);
+    assert_eq!(downstream[0]["state"], "Completed");
+    assert_eq!(downstream[0]["parameters"]["prev_result"], "foobar");
+    let states: Vec<&str> = downstream[0]["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|h| h["state"].as_str())
+        .collect();
+    assert_eq!(states, ["Scheduled", "Pending", "Running", "Completed"]);
+}

@@ -39,6 +39,19 @@ pub enum Launcher {
         /// Killed (and the run Crashed) after this long.
         timeout: Duration,
     },
+    /// A process on a `spur worker --pool <pool>` machine, reached over NATS.
+    Worker {
+        /// The pool (NATS queue group) to hand runs to.
+        pool: String,
+        /// Program and arguments, run by the worker.
+        argv: Vec<String>,
+        /// Extra environment.
+        env: BTreeMap<String, String>,
+        /// Working directory on the worker.
+        cwd: Option<PathBuf>,
+        /// Killed (and the run Crashed) after this long.
+        timeout: Duration,
+    },
 }
 
 /// A deployment Spur can run.
@@ -122,11 +135,45 @@ impl Deployment {
 }
 
 fn parse_launcher(l: &Map<String, Value>) -> Result<Launcher, String> {
-    let Some(command) = l.get("command") else {
+    if let Some(worker) = l.get("worker") {
+        let Value::Object(w) = worker else {
+            return Err("launcher.worker: a mapping with `pool` and `command`".into());
+        };
+        let pool = w
+            .get("pool")
+            .and_then(Value::as_str)
+            .filter(|p| !p.is_empty() && !p.contains(['.', '*', '>', ' ']))
+            .ok_or("launcher.worker.pool: a name without dots, spaces, `*` or `>`")?
+            .to_owned();
+        let Launcher::Command {
+            argv,
+            env,
+            cwd,
+            timeout,
+        } = parse_command(w)?
+        else {
+            return Err("launcher.worker: expected a command".into());
+        };
+        return Ok(Launcher::Worker {
+            pool,
+            argv,
+            env,
+            cwd,
+            timeout,
+        });
+    }
+    if l.get("command").is_none() {
         let kind = l.keys().next().cloned().unwrap_or_default();
         return Err(format!(
-            "launcher: only `command` launchers are available in this version (got {kind:?})"
+            "launcher: `command` or `worker` (got {kind:?}); http and prefect launchers are not available yet"
         ));
+    }
+    parse_command(l)
+}
+
+fn parse_command(l: &Map<String, Value>) -> Result<Launcher, String> {
+    let Some(command) = l.get("command") else {
+        return Err("launcher.command: is required".into());
     };
     let argv = match command {
         Value::String(s) => vec!["sh".to_owned(), "-c".to_owned(), s.clone()],

@@ -57,12 +57,20 @@ fn tail(text: &str, max: usize) -> String {
 
 /// Runs the process to its end (or timeout) and reports the outcome.
 pub async fn launch(launcher: &Launcher, run: &Run, api_url: Option<&str>) -> Outcome {
-    let Launcher::Command {
+    // A worker runs the same command on its own machine (see `worker`).
+    let (Launcher::Command {
         argv,
         env,
         cwd,
         timeout,
-    } = launcher;
+    }
+    | Launcher::Worker {
+        argv,
+        env,
+        cwd,
+        timeout,
+        ..
+    }) = launcher;
     let parameters = serde_json::to_string(&run.parameters).unwrap_or_else(|_| "{}".into());
     let mut command = Command::new(&argv[0]);
     command

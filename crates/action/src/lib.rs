@@ -5,11 +5,13 @@
 //!   let one run trigger the next.
 //! * [`launcher`] — the command launcher (parameters on stdin and in `SPUR_PARAMETERS`).
 //! * [`schema`] — JSON Schema checks of parameters before launch.
+//! * [`worker`] — runs on `spur worker` processes over NATS (a queue group per pool).
 
 pub mod deployment;
 pub mod launcher;
 pub mod run;
 pub mod schema;
+pub mod worker;
 
 pub use deployment::{Deployment, Launcher};
 pub use run::{Run, RunState};

@@ -151,6 +151,7 @@ struct Inner {
     running: Mutex<HashMap<Uuid, AbortHandle>>,
     api_url: RwLock<Option<String>>,
     control: OnceLock<mpsc::Sender<Control>>,
+    nats: OnceLock<async_nats::Client>,
     retry_base: Duration,
     max_attempts: u32,
 }
@@ -183,6 +184,7 @@ impl Executor {
                 running: Mutex::new(HashMap::new()),
                 api_url: RwLock::new(None),
                 control: OnceLock::new(),
+                nats: OnceLock::new(),
                 retry_base: Duration::from_millis(500),
                 max_attempts: 5,
             }),
@@ -194,6 +196,11 @@ impl Executor {
         if let Ok(mut u) = self.inner.api_url.write() {
             *u = Some(url);
         }
+    }
+
+    /// The NATS connection worker launchers use.
+    pub fn set_nats(&self, client: async_nats::Client) {
+        let _ = self.inner.nats.set(client);
     }
 
     /// The pipeline's control channel (for pausing automations).
@@ -924,12 +931,56 @@ impl Executor {
             self.forget(run.id);
             return;
         };
+        let api_url = self.inner.api_url.read().ok().and_then(|u| u.clone());
         let pending = run.transition(RunState::Pending, None, Utc::now());
         self.store_and_emit(&run, pending).await;
-        let running = run.transition(RunState::Running, None, Utc::now());
-        self.store_and_emit(&run, running).await;
-        let api_url = self.inner.api_url.read().ok().and_then(|u| u.clone());
-        let outcome = launcher::launch(&launcher, &run, api_url.as_deref()).await;
+        let outcome = match &launcher {
+            spur_action::Launcher::Command { .. } => {
+                let running = run.transition(RunState::Running, None, Utc::now());
+                self.store_and_emit(&run, running).await;
+                launcher::launch(&launcher, &run, api_url.as_deref()).await
+            }
+            spur_action::Launcher::Worker {
+                pool,
+                argv,
+                env,
+                cwd,
+                timeout,
+            } => {
+                let Some(client) = self.inner.nats.get().cloned() else {
+                    let message = Some(
+                        "worker launchers need NATS: start the daemon with --nats URL".to_owned(),
+                    );
+                    let event = run.transition(RunState::Crashed, message, Utc::now());
+                    self.store_and_emit(&run, event).await;
+                    self.forget(run.id);
+                    return;
+                };
+                let request = spur_action::worker::RunRequest {
+                    run: run.clone(),
+                    argv: argv.clone(),
+                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    cwd: cwd.as_ref().map(|c| c.display().to_string()),
+                    timeout_secs: timeout.as_secs_f64(),
+                    api_url: api_url.clone(),
+                };
+                let mut running_run = run.clone();
+                let running = running_run.transition(RunState::Running, None, Utc::now());
+                let executor = self.clone();
+                let reported = running_run.clone();
+                let on_running = async move { executor.store_and_emit(&reported, running).await };
+                let outcome =
+                    spur_action::worker::launch_remote(&client, pool, &request, on_running).await;
+                if self
+                    .load_run(run.id)
+                    .await
+                    .is_some_and(|r| r.state == RunState::Running)
+                {
+                    run = running_run;
+                }
+                outcome
+            }
+        };
         // A state forced meanwhile (cancel, change-flow-run-state) wins over the process's end.
         if let Some(current) = self.load_run(run.id).await
             && current.state.is_final()

@@ -147,6 +147,11 @@ impl Daemon {
         )));
         if let Some(nats) = config.nats.clone() {
             info!(url = %nats.url, subjects = ?nats.subjects, jetstream = nats.jetstream, "NATS source enabled");
+            // A second connection for worker launchers (run requests and state reports).
+            match spur_ingest::nats::connect(&nats.url, nats_counters.clone()).await {
+                Ok(client) => executor.set_nats(client),
+                Err(e) => warn!(error = %e, "worker launchers unavailable: cannot connect to NATS"),
+            }
             tasks.push(tokio::spawn(spur_ingest::nats::run(
                 nats,
                 intake.clone(),

@@ -28,6 +28,19 @@ struct Cli {
 enum Command {
     /// Run the daemon: HTTP/websocket (and NATS) ingest, triggers, durable state, hot reload.
     Serve(serve::ServeArgs),
+    /// Serve a worker pool: take run requests from NATS (a queue group per pool), run the
+    /// deployment's command, report states back. Run any number of them.
+    Worker {
+        /// The pool to serve (deployments name it in `launcher.worker.pool`).
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// NATS server URL.
+        #[arg(long, env = "SPUR_NATS", default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// This worker's name in reports [default: host name and process id].
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Send one event to the daemon (or publish it to NATS); prints its id.
     Emit {
         /// Event name, e.g. `backup.completed`.
@@ -242,6 +255,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::serve(&args).map(|()| ExitCode::SUCCESS),
+        Command::Worker { pool, nats, name } => {
+            serve::worker(&pool, &nats, name).map(|()| ExitCode::SUCCESS)
+        }
         Command::Emit {
             name,
             resource,

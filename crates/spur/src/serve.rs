@@ -229,3 +229,28 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         Ok(())
     })
 }
+
+/// `spur worker`: serves a pool until SIGINT/SIGTERM or the connection closes.
+pub fn worker(pool: &str, nats: &str, name: Option<String>) -> Result<()> {
+    init_logging("pretty");
+    let name = name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let client = spur_ingest::nats::connect(nats, Default::default())
+            .await
+            .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+        tokio::select! {
+            result = spur_action::worker::serve_pool(client, pool, &name) => result.map_err(|e| anyhow::anyhow!("{e}")),
+            _ = wait_for_signal() => {
+                tracing::info!("worker stopping");
+                Ok(())
+            }
+        }
+    })
+}
