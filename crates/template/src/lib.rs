@@ -9,11 +9,14 @@
 //! * Prefect's limits: `range()` yields at most 100 items; at most 10 `for` loops per template,
 //!   nested at most 2 deep (checked when a file loads); plus a fuel budget and an output cap
 //!   that Prefect lacks, so a runaway template fails its action instead of the daemon.
+//! * Prefect's filters: the humanize set (`humanize_naturaltime`, `humanize_intcomma`, …, also
+//!   without the prefix), `flow_run_id`, `fromjson` beside Jinja's `tojson`.
 //! * Prefect's run-deployment parameter rules ([`render_parameters`]): a string that is one lone
 //!   `{{ expr }}` keeps the JSON type of its value; `__prefect_kind: json | jinja | none` objects
 //!   are hydrated; everything else with `{{`/`{%` renders to a string.
 
 mod context;
+pub mod humanize;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -210,6 +213,7 @@ impl TemplateEngine {
         env.set_recursion_limit(100);
         env.add_function("range", capped_range);
         env.add_filter("fromjson", fromjson);
+        humanize::register(&mut env);
         TemplateEngine { env }
     }
 
