@@ -293,3 +293,96 @@ fn actions_pause_automations_and_emit_events() {
         "a paused automation does not fire"
     );
 }
+
+#[test]
+fn http_and_prefect_launchers_send_the_run_with_its_idempotency_key() {
+    let receiver = Receiver::start(201);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "deployments.yaml",
+        &format!(
+            r#"
+deployments:
+  - name: over-http
+    launcher:
+      http:
+        url: "{url}/jobs/<< parameters.job >>"
+        headers: {{X-Run: "<< run.id >>"}}
+        body: '{{"size": << parameters.size >>}}'
+  - name: on-prefect
+    launcher:
+      prefect:
+        api_url: {url}/api
+        deployment_id: 0c0c0c0c-0000-4000-8000-000000000003
+"#,
+            url = receiver.url
+        ),
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let (ok, out, err) = spur(&[
+        "runs",
+        "start",
+        "over-http",
+        "-p",
+        "job=resize",
+        "-p",
+        "size=3",
+        "--api",
+        &daemon.url,
+    ]);
+    assert!(ok, "{out}{err}");
+    let (ok, out, err) = spur(&[
+        "runs",
+        "start",
+        "on-prefect",
+        "-p",
+        "x=1",
+        "--api",
+        &daemon.url,
+    ]);
+    assert!(ok, "{out}{err}");
+    let requests = eventually(Duration::from_secs(10), "both launches", || {
+        let r = receiver.requests();
+        (r.len() >= 2).then_some(r)
+    });
+    let http = requests
+        .iter()
+        .find(|(h, _)| h.starts_with("POST /jobs/resize"))
+        .expect("the http launch");
+    assert!(
+        http.0.to_ascii_lowercase().contains("idempotency-key: "),
+        "{}",
+        http.0
+    );
+    assert!(
+        http.0.to_ascii_lowercase().contains("x-run: "),
+        "{}",
+        http.0
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&http.1).expect("JSON"),
+        json!({"size": 3})
+    );
+    let prefect = requests
+        .iter()
+        .find(|(h, _)| {
+            h.starts_with(
+                "POST /api/deployments/0c0c0c0c-0000-4000-8000-000000000003/create_flow_run",
+            )
+        })
+        .expect("the Prefect launch");
+    let body: Value = serde_json::from_str(&prefect.1).expect("JSON");
+    assert_eq!(body["parameters"], json!({"x": 1}));
+    assert!(body["idempotency_key"].is_string());
+    let runs = eventually(Duration::from_secs(10), "both runs completed", || {
+        let (_, out, _) = spur(&["runs", "ls", "--api", &daemon.url]);
+        (out.matches("Completed").count() == 2).then_some(out)
+    });
+    assert!(
+        runs.contains("over-http") && runs.contains("on-prefect"),
+        "{runs}"
+    );
+}

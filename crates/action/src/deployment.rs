@@ -39,6 +39,10 @@ pub enum Launcher {
         /// Killed (and the run Crashed) after this long.
         timeout: Duration,
     },
+    /// A templated HTTP request.
+    Http(crate::remote::HttpLauncher),
+    /// A flow run on a Prefect server.
+    Prefect(crate::remote::PrefectLauncher),
     /// A process on a `spur worker --pool <pool>` machine, reached over NATS.
     Worker {
         /// The pool (NATS queue group) to hand runs to.
@@ -162,10 +166,87 @@ fn parse_launcher(l: &Map<String, Value>) -> Result<Launcher, String> {
             timeout,
         });
     }
+    if let Some(http) = l.get("http") {
+        let Value::Object(h) = http else {
+            return Err("launcher.http: a mapping with `url`".into());
+        };
+        let url = h
+            .get("url")
+            .and_then(Value::as_str)
+            .ok_or("launcher.http.url: is required")?
+            .to_owned();
+        let headers = match h.get("headers") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| v.to_string()),
+                    )
+                })
+                .collect(),
+            Some(_) => return Err("launcher.http.headers: must be a mapping".into()),
+        };
+        return Ok(Launcher::Http(crate::remote::HttpLauncher {
+            url,
+            method: h
+                .get("method")
+                .and_then(Value::as_str)
+                .unwrap_or("POST")
+                .to_owned(),
+            headers,
+            body: h.get("body").map(|b| {
+                b.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| b.to_string())
+            }),
+            timeout: timeout_of(h)?,
+        }));
+    }
+    if let Some(prefect) = l.get("prefect") {
+        let Value::Object(p) = prefect else {
+            return Err(
+                "launcher.prefect: a mapping with `api_url` and `deployment_id` or `deployment`"
+                    .into(),
+            );
+        };
+        let api_url = p
+            .get("api_url")
+            .and_then(Value::as_str)
+            .ok_or("launcher.prefect.api_url: is required (e.g. http://127.0.0.1:4200/api)")?
+            .to_owned();
+        let deployment_id = p
+            .get("deployment_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let deployment_name = p
+            .get("deployment")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        if deployment_id.is_none() && deployment_name.is_none() {
+            return Err(
+                "launcher.prefect: deployment_id or deployment (\"flow/deployment\") is required"
+                    .into(),
+            );
+        }
+        return Ok(Launcher::Prefect(crate::remote::PrefectLauncher {
+            api_url,
+            deployment_id,
+            deployment_name,
+            auth_string: p
+                .get("auth_string")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            timeout: timeout_of(p)?,
+        }));
+    }
     if l.get("command").is_none() {
         let kind = l.keys().next().cloned().unwrap_or_default();
         return Err(format!(
-            "launcher: `command` or `worker` (got {kind:?}); http and prefect launchers are not available yet"
+            "launcher: one of `command`, `worker`, `http`, `prefect` (got {kind:?})"
         ));
     }
     parse_command(l)
@@ -205,17 +286,21 @@ fn parse_command(l: &Map<String, Value>) -> Result<Launcher, String> {
         Some(_) => return Err("launcher.env: must be a mapping".into()),
     };
     let cwd = l.get("cwd").and_then(Value::as_str).map(PathBuf::from);
-    let timeout = match l.get("timeout") {
-        None | Some(Value::Null) => Duration::from_secs(3600),
-        Some(v) => spur_core::time::parse_duration(v)
-            .ok()
-            .and_then(|d| d.to_std().ok())
-            .ok_or("launcher.timeout: seconds or an ISO-8601 duration")?,
-    };
+    let timeout = timeout_of(l)?;
     Ok(Launcher::Command {
         argv,
         env,
         cwd,
         timeout,
     })
+}
+
+fn timeout_of(l: &Map<String, Value>) -> Result<Duration, String> {
+    match l.get("timeout") {
+        None | Some(Value::Null) => Ok(Duration::from_secs(3600)),
+        Some(v) => spur_core::time::parse_duration(v)
+            .ok()
+            .and_then(|d| d.to_std().ok())
+            .ok_or_else(|| "launcher timeout: seconds or an ISO-8601 duration".to_owned()),
+    }
 }

@@ -58,6 +58,17 @@ fn tail(text: &str, max: usize) -> String {
 /// Runs the process to its end (or timeout) and reports the outcome.
 pub async fn launch(launcher: &Launcher, run: &Run, api_url: Option<&str>) -> Outcome {
     // A worker runs the same command on its own machine (see `worker`).
+    let (Launcher::Http(_) | Launcher::Prefect(_)) = launcher else {
+        return run_command(launcher, run, api_url).await;
+    };
+    Outcome {
+        state: RunState::Crashed,
+        result: None,
+        message: Some("http and prefect launchers run through `remote`, not as a command".into()),
+    }
+}
+
+async fn run_command(launcher: &Launcher, run: &Run, api_url: Option<&str>) -> Outcome {
     let (Launcher::Command {
         argv,
         env,
@@ -70,7 +81,14 @@ pub async fn launch(launcher: &Launcher, run: &Run, api_url: Option<&str>) -> Ou
         cwd,
         timeout,
         ..
-    }) = launcher;
+    }) = launcher
+    else {
+        return Outcome {
+            state: RunState::Crashed,
+            result: None,
+            message: Some("not a command launcher".into()),
+        };
+    };
     let parameters = serde_json::to_string(&run.parameters).unwrap_or_else(|_| "{}".into());
     let mut command = Command::new(&argv[0]);
     command

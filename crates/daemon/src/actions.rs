@@ -940,6 +940,22 @@ impl Executor {
                 self.store_and_emit(&run, running).await;
                 launcher::launch(&launcher, &run, api_url.as_deref()).await
             }
+            spur_action::Launcher::Http(http) => {
+                let running = run.transition(RunState::Running, None, Utc::now());
+                self.store_and_emit(&run, running).await;
+                spur_action::remote::launch_http(
+                    &self.inner.http,
+                    &self.inner.templates,
+                    http,
+                    &run,
+                )
+                .await
+            }
+            spur_action::Launcher::Prefect(prefect) => {
+                let running = run.transition(RunState::Running, None, Utc::now());
+                self.store_and_emit(&run, running).await;
+                spur_action::remote::launch_prefect(&self.inner.http, prefect, &run).await
+            }
             spur_action::Launcher::Worker {
                 pool,
                 argv,

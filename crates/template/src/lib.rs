@@ -31,6 +31,11 @@ pub use context::{EventView, LabelDiver, ResourceView, resource_value};
 /// The template engine's value type (a rendered context).
 pub use minijinja::Value as TemplateValue;
 
+/// A JSON value as a template context.
+pub fn json_context(value: &Json) -> TemplateValue {
+    Value::from(Serde(value))
+}
+
 /// Prefect's `MAX_TEMPLATE_RANGE`.
 pub const MAX_RANGE: usize = 100;
 /// Prefect's `MAX_LOOP_COUNT`.

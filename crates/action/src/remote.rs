@@ -1,0 +1,221 @@
+//! Launchers that start runs elsewhere over HTTP: a templated request to any URL, or a flow
+//! run on a real Prefect server's deployment.
+//!
+//! * `http`: `{url, method (POST), headers, body, timeout}`. `url`, header values and `body`
+//!   are templates over `parameters` and `run` (`{{ parameters.x }}`, `{{ run.id }}`); the
+//!   default body is the parameters as JSON. A 2xx answer completes the run with the response
+//!   (JSON when it parses) as its result; any other status fails it; no answer crashes it.
+//! * `prefect`: `{api_url, deployment_id | deployment: "flow/deployment", auth_string?}` —
+//!   `POST {api_url}/deployments/{id}/create_flow_run` with the parameters and Prefect's
+//!   `idempotency_key`. The Spur run completes once Prefect has accepted the flow run; its
+//!   result is the Prefect flow run's id and state (the flow run itself lives on Prefect).
+//!
+//! Both send the run's idempotency key (`Idempotency-Key` header / `idempotency_key`), so a
+//! launch repeated after a crash is recognisable by the receiver.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use spur_template::TemplateEngine;
+
+use crate::launcher::Outcome;
+use crate::run::{Run, RunState};
+
+/// An `http` launcher's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpLauncher {
+    /// URL template.
+    pub url: String,
+    /// Method.
+    pub method: String,
+    /// Header templates.
+    pub headers: Vec<(String, String)>,
+    /// Body template (default: the parameters as JSON).
+    pub body: Option<String>,
+    /// Request timeout.
+    pub timeout: Duration,
+}
+
+/// A `prefect` launcher's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefectLauncher {
+    /// Prefect API URL, e.g. `http://127.0.0.1:4200/api`.
+    pub api_url: String,
+    /// The Prefect deployment id…
+    pub deployment_id: Option<String>,
+    /// …or its `flow/deployment` name.
+    pub deployment_name: Option<String>,
+    /// `PREFECT_API_AUTH_STRING`, sent as HTTP basic auth.
+    pub auth_string: Option<String>,
+    /// Request timeout.
+    pub timeout: Duration,
+}
+
+fn key_of(run: &Run) -> String {
+    run.idempotency_key
+        .clone()
+        .unwrap_or_else(|| run.id.to_string())
+}
+
+fn crashed(message: String) -> Outcome {
+    Outcome {
+        state: RunState::Crashed,
+        result: None,
+        message: Some(message),
+    }
+}
+
+/// Performs an `http` launch.
+pub async fn launch_http(
+    client: &reqwest::Client,
+    templates: &TemplateEngine,
+    launcher: &HttpLauncher,
+    run: &Run,
+) -> Outcome {
+    let run_json = serde_json::to_value(run).unwrap_or(Value::Null);
+    let context =
+        spur_template::json_context(&json!({"parameters": run.parameters, "run": run_json}));
+    let render = |source: &str| {
+        templates
+            .render_text(source, &context)
+            .map_err(|e| e.to_string())
+    };
+    let url = match render(&launcher.url) {
+        Ok(u) => u,
+        Err(e) => return crashed(format!("url: {e}")),
+    };
+    let body = match &launcher.body {
+        Some(b) => match render(b) {
+            Ok(b) => b,
+            Err(e) => return crashed(format!("body: {e}")),
+        },
+        None => run.parameters.to_string(),
+    };
+    let Ok(method) = reqwest::Method::from_bytes(launcher.method.to_uppercase().as_bytes()) else {
+        return crashed(format!("bad HTTP method {:?}", launcher.method));
+    };
+    let mut request = client
+        .request(method, &url)
+        .timeout(launcher.timeout)
+        .header("Idempotency-Key", key_of(run))
+        .header("content-type", "application/json")
+        .header("Spur-Run-Id", run.id.to_string());
+    for (k, v) in &launcher.headers {
+        match render(v) {
+            Ok(v) => request = request.header(k, v),
+            Err(e) => return crashed(format!("header {k}: {e}")),
+        }
+    }
+    let response = match request.body(body).send().await {
+        Ok(r) => r,
+        Err(e) => return crashed(format!("request to {url} failed: {e}")),
+    };
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let result = serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text.clone()));
+    if status.is_success() {
+        Outcome {
+            state: RunState::Completed,
+            result: Some(result),
+            message: None,
+        }
+    } else {
+        Outcome {
+            state: RunState::Failed,
+            result: None,
+            message: Some(format!(
+                "{url} answered {}: {}",
+                status.as_u16(),
+                text.chars().take(500).collect::<String>()
+            )),
+        }
+    }
+}
+
+/// Performs a `prefect` launch.
+pub async fn launch_prefect(
+    client: &reqwest::Client,
+    launcher: &PrefectLauncher,
+    run: &Run,
+) -> Outcome {
+    let api = launcher.api_url.trim_end_matches('/');
+    let with_auth = |r: reqwest::RequestBuilder| match &launcher.auth_string {
+        Some(auth) => match auth.split_once(':') {
+            Some((user, pass)) => r.basic_auth(user, Some(pass)),
+            None => r.basic_auth(auth, None::<&str>),
+        },
+        None => r,
+    };
+    let id = match (&launcher.deployment_id, &launcher.deployment_name) {
+        (Some(id), _) => id.clone(),
+        (None, Some(name)) => {
+            let url = format!("{api}/deployments/name/{name}");
+            let response = match with_auth(client.get(&url).timeout(launcher.timeout))
+                .send()
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return crashed(format!("cannot reach Prefect at {api}: {e}")),
+            };
+            if !response.status().is_success() {
+                return Outcome {
+                    state: RunState::Failed,
+                    result: None,
+                    message: Some(format!(
+                        "Prefect has no deployment {name:?} ({})",
+                        response.status().as_u16()
+                    )),
+                };
+            }
+            match response
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v["id"].as_str().map(str::to_owned))
+            {
+                Some(id) => id,
+                None => return crashed("Prefect's deployment answer has no id".into()),
+            }
+        }
+        (None, None) => {
+            return crashed("the prefect launcher needs deployment_id or deployment".into());
+        }
+    };
+    let url = format!("{api}/deployments/{id}/create_flow_run");
+    let body = json!({
+        "parameters": run.parameters,
+        "idempotency_key": key_of(run),
+        "state": {"type": "SCHEDULED", "name": "Scheduled"},
+        "tags": ["spur"],
+    });
+    let response = match with_auth(client.post(&url).timeout(launcher.timeout).json(&body))
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return crashed(format!("cannot reach Prefect at {api}: {e}")),
+    };
+    let status = response.status();
+    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        Outcome {
+            state: RunState::Completed,
+            result: Some(json!({
+                "prefect_flow_run_id": answer["id"],
+                "prefect_flow_run_name": answer["name"],
+                "prefect_state": answer["state"]["type"],
+            })),
+            message: Some("flow run created on Prefect".into()),
+        }
+    } else {
+        Outcome {
+            state: RunState::Failed,
+            result: None,
+            message: Some(format!(
+                "Prefect refused the flow run ({}): {}",
+                status.as_u16(),
+                answer.get("detail").cloned().unwrap_or(answer.clone())
+            )),
+        }
+    }
+}
