@@ -310,6 +310,74 @@ impl Executor {
             self.execute(firing, action, index, state_event_id, prepared)
                 .await;
         }
+        let store = self.inner.store.clone();
+        let id = firing.id;
+        let _ = tokio::task::spawn_blocking(move || store.mark_dispatched(id)).await;
+    }
+
+    /// After a crash: performs the actions of recorded firings that were never dispatched.
+    /// Every step is idempotent (deterministic event ids, one run per key), so an action that
+    /// had already happened is not repeated.
+    /// `records` must be read before the pipeline starts (see `Store::undispatched_firings`),
+    /// so firings the pipeline dispatches itself are not picked up twice.
+    pub async fn redispatch(
+        &self,
+        records: Vec<Value>,
+        automations: &[Arc<spur_core::Automation>],
+    ) {
+        for record in records {
+            let Some(firing) = self.rebuild_firing(&record, automations) else {
+                continue;
+            };
+            info!(firing = %firing.id, automation = %firing.automation.name, "dispatching a firing a crash interrupted");
+            self.dispatch(Dispatch { firing, record }).await;
+        }
+    }
+
+    fn rebuild_firing(
+        &self,
+        record: &Value,
+        automations: &[Arc<spur_core::Automation>],
+    ) -> Option<Firing> {
+        let uuid = |key: &str| {
+            record
+                .get(key)
+                .and_then(Value::as_str)
+                .and_then(|s| Uuid::parse_str(s).ok())
+        };
+        let id = uuid("id")?;
+        let automation_id = uuid("automation_id")?;
+        let automation = automations.iter().find(|a| a.id == automation_id)?.clone();
+        let event = uuid("event")
+            .and_then(|e| self.inner.store.get_event(e).ok().flatten())
+            .map(Arc::new);
+        let labels = record
+            .get("labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(Firing {
+            id,
+            automation,
+            trigger_id: uuid("trigger_id").unwrap_or_default(),
+            state: if record.get("state").and_then(Value::as_str) == Some("resolved") {
+                FiringState::Resolved
+            } else {
+                FiringState::Triggered
+            },
+            at: record
+                .get("at")
+                .and_then(Value::as_str)
+                .and_then(|s| spur_core::time::parse_timestamp_str(s).ok())
+                .unwrap_or_else(Utc::now),
+            event,
+            labels,
+            children: Vec::new(),
+        })
     }
 
     /// Renders and resolves one action.

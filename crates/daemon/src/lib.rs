@@ -111,6 +111,8 @@ impl Daemon {
             initial.status.errors.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        // Firings a crash left undispatched, read before recovery can add new ones.
+        let leftovers = store.undispatched_firings(1000)?;
         let (live, _) = broadcast::channel(4096);
         let (fired, _) = broadcast::channel(4096);
         let pipeline = pipeline::start(
@@ -142,9 +144,10 @@ impl Daemon {
                 metrics: metrics.clone(),
                 executor: executor.clone(),
             },
-            initial.automations,
+            initial.automations.clone(),
             shutdown_rx.clone(),
         )));
+        let initial_automations = initial.automations;
         if let Some(nats) = config.nats.clone() {
             info!(url = %nats.url, subjects = ?nats.subjects, jetstream = nats.jetstream, "NATS source enabled");
             // A second connection for worker launchers (run requests and state reports).
@@ -197,6 +200,11 @@ impl Daemon {
         drop(intake);
         executor.set_api_url(format!("http://{addr}"));
         executor.recover().await;
+        {
+            let executor = executor.clone();
+            let automations = reload::runnable(&initial_automations);
+            tokio::spawn(async move { executor.redispatch(leftovers, &automations).await });
+        }
         let executor_task = tokio::spawn(executor.run(dispatch_rx));
         info!(%addr, "spur listening on http://{addr}");
         Ok(Daemon {

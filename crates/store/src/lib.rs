@@ -13,6 +13,7 @@
 //! | `run_keys`   | idempotency key      | run id (one run per key)                |
 //! | `run_order`  | u64                  | run id, in creation order               |
 //! | `failed_actions` | invocation id, u128 | dead-lettered action (JSON)          |
+//! | `dispatched` | firing id, u128      | its actions were all performed          |
 //!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
 //! tables, so an event batch and its de-duplication entries commit together; MVCC readers
@@ -43,6 +44,7 @@ const RUNS: TableDefinition<u128, &[u8]> = TableDefinition::new("runs");
 const RUN_KEYS: TableDefinition<&str, u128> = TableDefinition::new("run_keys");
 const RUN_ORDER: TableDefinition<u64, u128> = TableDefinition::new("run_order");
 const FAILED_ACTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("failed_actions");
+const DISPATCHED: TableDefinition<u128, ()> = TableDefinition::new("dispatched");
 
 /// A storage failure.
 #[derive(Debug, Error)]
@@ -178,6 +180,7 @@ impl Store {
             txn.open_table(RUN_KEYS)?;
             txn.open_table(RUN_ORDER)?;
             txn.open_table(FAILED_ACTIONS)?;
+            txn.open_table(DISPATCHED)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -374,6 +377,53 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Marks a firing's actions as performed.
+    pub fn mark_dispatched(&self, firing: Uuid) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(DISPATCHED)?;
+            table.insert(firing.as_u128(), ())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Recent firings (among the last `scan`) whose actions were never all performed: what a
+    /// crash interrupted. Oldest first.
+    pub fn undispatched_firings(&self, scan: usize) -> Result<Vec<Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let order = txn.open_table(FIRING_SEQ)?;
+        let firings = txn.open_table(FIRINGS)?;
+        let done = txn.open_table(DISPATCHED)?;
+        let mut out = Vec::new();
+        for entry in order.iter()?.rev().take(scan) {
+            let (_, id) = entry?;
+            let id = id.value();
+            if done.get(id)?.is_some() {
+                continue;
+            }
+            if let Some(v) = firings.get(id)? {
+                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// One stored event by id.
+    pub fn get_event(&self, id: Uuid) -> Result<Option<Event>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let ids = txn.open_table(EVENT_IDS)?;
+        let log = txn.open_table(EVENTS)?;
+        let Some(seq) = ids.get(id.as_u128())?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        match log.get(seq)? {
+            Some(v) => Ok(Some(decode_event(v.value())?)),
+            None => Ok(None),
+        }
     }
 
     /// A small named setting (e.g. the paused automations), as JSON.
@@ -624,6 +674,32 @@ mod tests {
         assert_eq!(page.events[0].1.id, Uuid::from_u128(4));
         let next = store.query(&q, 1, page.next_before, 1000).expect("query");
         assert_eq!(next.events[0].1.id, Uuid::from_u128(2));
+    }
+
+    #[test]
+    fn undispatched_firings_are_found_until_marked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("opens");
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        store
+            .record_firings(&[(a, json!({"id": a})), (b, json!({"id": b}))])
+            .expect("record");
+        assert_eq!(store.undispatched_firings(10).expect("scan").len(), 2);
+        store.mark_dispatched(a).expect("mark");
+        let left = store.undispatched_firings(10).expect("scan");
+        assert_eq!(left, vec![json!({"id": b})]);
+        let e = event(9, "x", "2024-01-01T00:00:00Z");
+        store.append(std::slice::from_ref(&e)).expect("append");
+        assert_eq!(
+            store.get_event(e.id).expect("read").map(|x| x.id),
+            Some(e.id)
+        );
+        assert!(
+            store
+                .get_event(Uuid::from_u128(77))
+                .expect("read")
+                .is_none()
+        );
     }
 
     #[test]
