@@ -343,6 +343,11 @@ impl Automation {
         };
         let errors_before = problems.error_count();
         for key in map.keys() {
+            // Read models from Prefect's API carry these; they are not part of a definition.
+            if matches!(key.as_str(), "created" | "updated") {
+                problems.warn(&root.key(key), "ignored: server-managed field");
+                continue;
+            }
             if !AUTOMATION_KEYS.contains(&key.as_str()) {
                 problems.error(
                     &root.key(key),

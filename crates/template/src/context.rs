@@ -28,8 +28,8 @@ impl Object for EventView {
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
         let event = &self.0;
         Some(match key.as_str()? {
-            "occurred" => Value::from(format_timestamp(event.occurred)),
-            "received" => Value::from(format_timestamp(event.received)),
+            "occurred" => Value::from_object(DateTimeView(event.occurred)),
+            "received" => Value::from_object(DateTimeView(event.received)),
             "event" => Value::from(event.event.as_str()),
             "id" => Value::from(event.id.to_string()),
             "follows" => event
@@ -255,6 +255,82 @@ impl Object for LabelDiver {
             write!(f, "{}", serde_json::Value::Object(map))
         } else {
             f.write_str(self.exact().unwrap_or(""))
+        }
+    }
+}
+
+/// A timestamp: renders like Python's `str(datetime)` (`2024-05-01 12:00:00+00:00`), which is
+/// what Prefect's templates print; `tojson` gives the ISO form pydantic writes
+/// (`2024-05-01T12:00:00Z`).
+#[derive(Debug)]
+pub struct DateTimeView(pub chrono::DateTime<chrono::Utc>);
+
+impl DateTimeView {
+    /// The JSON (pydantic) form.
+    pub fn iso(&self) -> String {
+        format_timestamp(self.0)
+    }
+}
+
+impl Object for DateTimeView {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Plain
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        use chrono::{Datelike, Timelike};
+        let t = self.0;
+        Some(Value::from(match key.as_str()? {
+            "year" => t.year() as i64,
+            "month" => t.month() as i64,
+            "day" => t.day() as i64,
+            "hour" => t.hour() as i64,
+            "minute" => t.minute() as i64,
+            "second" => t.second() as i64,
+            "microsecond" => (t.nanosecond() / 1000) as i64,
+            _ => return None,
+        }))
+    }
+
+    fn call_method(
+        self: &Arc<Self>,
+        _state: &mut State<'_, '_>,
+        method: &str,
+        args: &[Value],
+    ) -> Result<Value, Error> {
+        match method {
+            "isoformat" => Ok(Value::from(
+                self.0
+                    .format("%Y-%m-%dT%H:%M:%S%.f+00:00")
+                    .to_string()
+                    .replace(".+", "+"),
+            )),
+            "timestamp" => Ok(Value::from(self.0.timestamp_micros() as f64 / 1e6)),
+            "strftime" => {
+                let format = args
+                    .first()
+                    .and_then(Value::as_str)
+                    .unwrap_or("%Y-%m-%d %H:%M:%S");
+                let mut out = String::new();
+                use std::fmt::Write;
+                write!(out, "{}", self.0.format(format))
+                    .map_err(|_| Error::new(ErrorKind::InvalidOperation, "strftime: bad format"))?;
+                Ok(Value::from(out))
+            }
+            _ => Err(Error::from(ErrorKind::UnknownMethod)),
+        }
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let micros = self.0.timestamp_subsec_micros();
+        if micros == 0 {
+            write!(f, "{}+00:00", self.0.format("%Y-%m-%d %H:%M:%S"))
+        } else {
+            write!(
+                f,
+                "{}.{micros:06}+00:00",
+                self.0.format("%Y-%m-%d %H:%M:%S")
+            )
         }
     }
 }

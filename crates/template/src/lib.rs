@@ -203,6 +203,67 @@ fn capped_range(lower: i64, upper: Option<i64>, step: Option<i64>) -> Result<Val
     Ok(Value::from(items))
 }
 
+/// Converts a template value to JSON the way Prefect's `tojson` does: timestamps in ISO form,
+/// and an undefined value is an error (Python's `ChainableUndefined` is not serializable).
+fn to_json_value(value: &Value) -> Result<Json, Error> {
+    if value.is_undefined() {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "Object of type ChainableUndefined is not JSON serializable (a value is missing)",
+        ));
+    }
+    if let Some(t) = value.downcast_object_ref::<context::DateTimeView>() {
+        return Ok(Json::String(t.iso()));
+    }
+    match value.kind() {
+        minijinja::value::ValueKind::Map => {
+            let mut map = Map::new();
+            for key in value.try_iter()? {
+                let item = value.get_item(&key)?;
+                let key = key
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| key.to_string());
+                map.insert(key, to_json_value(&item)?);
+            }
+            Ok(Json::Object(map))
+        }
+        minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Iterable => {
+            Ok(Json::Array(
+                value
+                    .try_iter()?
+                    .map(|v| to_json_value(&v))
+                    .collect::<Result<_, _>>()?,
+            ))
+        }
+        _ => serde_json::to_value(value)
+            .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}"))),
+    }
+}
+
+/// Prefect's `tojson`: JSON with `<`, `>`, `&` and `'` escaped (HTML-safe); `indent` optional.
+fn tojson(value: &Value, indent: Option<usize>) -> Result<Value, Error> {
+    let json = to_json_value(value)?;
+    let text = match indent {
+        Some(n) => {
+            let indent = " ".repeat(n);
+            let mut out = Vec::new();
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
+            serde::Serialize::serialize(&json, &mut ser)
+                .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+            String::from_utf8(out).unwrap_or_default()
+        }
+        None => json.to_string(),
+    };
+    let escaped = text
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026")
+        .replace('\'', "\\u0027");
+    Ok(Value::from_safe_string(escaped))
+}
+
 fn fromjson(text: &str) -> Result<Value, Error> {
     serde_json::from_str::<Json>(text)
         .map(|v| Value::from(Serde(v)))
@@ -218,6 +279,7 @@ impl TemplateEngine {
         env.set_recursion_limit(100);
         env.add_function("range", capped_range);
         env.add_filter("fromjson", fromjson);
+        env.add_filter("tojson", tojson);
         humanize::register(&mut env);
         TemplateEngine { env }
     }
@@ -700,6 +762,41 @@ mod tests {
             json!("prefect.flow-run.1")
         );
         assert!(out["e"].get("resource_in_role").is_none());
+    }
+
+    #[test]
+    fn timestamps_and_missing_values_behave_like_prefect() {
+        let engine = TemplateEngine::new();
+        let e = event();
+        let ctx = TemplateContext {
+            event: Some(e.clone()),
+            ..TemplateContext::default()
+        }
+        .to_value();
+        let occurred = spur_core::time::format_timestamp(e.occurred);
+        let text = engine
+            .render("at {{ event.occurred }}", &ctx)
+            .expect("renders");
+        assert!(
+            text.starts_with("at ") && text.ends_with("+00:00") && text.contains(' '),
+            "{text}"
+        );
+        let out = render_parameters(&engine, Some(&json!({"t": "{{ event.occurred }}"})), &ctx)
+            .expect("renders");
+        assert_eq!(out["t"], json!(occurred));
+        let missing = render_parameters(
+            &engine,
+            Some(&json!({"m": "{{ event.payload.missing }}"})),
+            &ctx,
+        );
+        assert!(
+            matches!(missing, Err(TemplateError::Render(ref m)) if m.contains("not JSON serializable")),
+            "{missing:?}"
+        );
+        assert_eq!(
+            engine.render("{{ '<a>' | tojson }}", &ctx).as_deref(),
+            Ok("\"\\u003ca\\u003e\"")
+        );
     }
 
     #[test]
