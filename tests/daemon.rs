@@ -572,3 +572,95 @@ fn events_tail_shows_the_backfill_then_live_events() {
     let _ = tail.kill();
     let _ = tail.wait();
 }
+
+#[test]
+fn nats_messages_become_events_by_subject_template_or_cloudevents_binary_mode() {
+    let Some(bin) = nats_server_bin() else {
+        eprintln!(
+            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = NatsServer::start(&bin, &dir.path().join("nats"));
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    let config = dir.path().join("spur.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"nats:
+  url: {url}
+  subjects: ["events.>", "sensors.>"]
+  templates:
+    - subject: "sensors.*.temperature"
+      template: '{{"event": "sensor.temperature", "resource": {{"prefect.resource.id": "{{{{ subject }}}}"}}, "payload": {{"celsius": {{{{ body.value }}}}}}}}'
+"#,
+            url = nats.url
+        ),
+    )
+    .expect("config");
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--config", &config.to_string_lossy()],
+    );
+    eventually(Duration::from_secs(10), "the JetStream consumer", || {
+        (!daemon.log_lines("consuming NATS JetStream").is_empty()).then_some(())
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(&nats.url).await.expect("connects");
+        client
+            .publish(
+                "sensors.kiln1.temperature",
+                br#"{"value": 812.5}"#.to_vec().into(),
+            )
+            .await
+            .expect("publish");
+        let mut headers = async_nats::HeaderMap::new();
+        for (k, v) in [
+            ("ce-specversion", "1.0"),
+            ("ce-type", "order.paid"),
+            ("ce-source", "/shop"),
+            ("ce-id", "A-1"),
+            ("ce-subject", "order-9"),
+        ] {
+            headers.insert(k, v);
+        }
+        client
+            .publish_with_headers(
+                "events.cloud",
+                headers,
+                br#"{"amount": 12}"#.to_vec().into(),
+            )
+            .await
+            .expect("publish");
+        client.flush().await.expect("flush");
+    });
+    let query = |resource: &str| {
+        let (_, text) = http(
+            "POST",
+            &format!("{}/api/events/filter", daemon.url),
+            Some(json!({"filter": {"resource": {"id": [resource]}}})),
+        );
+        serde_json::from_str::<Value>(&text).ok()?["events"]
+            .as_array()?
+            .first()
+            .cloned()
+    };
+    let sensor = eventually(Duration::from_secs(10), "the templated event", || {
+        query("sensors.kiln1.temperature")
+    });
+    assert_eq!(sensor["event"], "sensor.temperature");
+    assert_eq!(sensor["payload"]["celsius"], 812.5);
+    let order = eventually(Duration::from_secs(10), "the binary CloudEvent", || {
+        query("order-9")
+    });
+    assert_eq!(order["event"], "order.paid");
+    assert_eq!(order["payload"], json!({"amount": 12}));
+    assert_eq!(order["resource"]["cloudevents.source"], "/shop");
+}

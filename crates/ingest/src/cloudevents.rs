@@ -95,3 +95,63 @@ mod tests {
         assert_eq!(err.field, "type");
     }
 }
+
+/// Binary mode: attributes in `ce-*` headers (case-insensitive), the body is the data.
+/// Returns `None` when the headers carry no `ce-specversion`.
+pub fn from_binary(
+    headers: &[(String, String)],
+    body: &[u8],
+    received: DateTime<Utc>,
+    limits: &EventLimits,
+) -> Option<Result<Event, EventError>> {
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let specversion = get("ce-specversion")?;
+    let mut structured = serde_json::Map::new();
+    structured.insert("specversion".into(), Value::String(specversion));
+    for (k, v) in headers {
+        let lower = k.to_ascii_lowercase();
+        if let Some(attr) = lower.strip_prefix("ce-")
+            && attr != "specversion"
+        {
+            structured.insert(attr.to_owned(), Value::String(v.clone()));
+        }
+    }
+    let data = serde_json::from_slice::<Value>(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+    if !body.is_empty() {
+        structured.insert("data".into(), data);
+    }
+    Some(to_event(&Value::Object(structured), received, limits))
+}
+
+#[cfg(test)]
+mod binary_tests {
+    use super::*;
+
+    #[test]
+    fn maps_binary_mode_headers() {
+        let headers = vec![
+            ("Ce-Specversion".to_owned(), "1.0".to_owned()),
+            ("ce-type".to_owned(), "sensor.read".to_owned()),
+            ("ce-source".to_owned(), "/plant/7".to_owned()),
+            ("ce-id".to_owned(), "42".to_owned()),
+        ];
+        let e = from_binary(
+            &headers,
+            br#"{"c": 21.5}"#,
+            Utc::now(),
+            &EventLimits::default(),
+        )
+        .expect("is a CloudEvent")
+        .expect("maps");
+        assert_eq!(e.event, "sensor.read");
+        assert_eq!(e.resource.id(), "/plant/7");
+        assert_eq!(e.payload, json!({"c": 21.5}));
+        assert!(from_binary(&[], b"{}", Utc::now(), &EventLimits::default()).is_none());
+    }
+}

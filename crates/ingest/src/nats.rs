@@ -41,6 +41,35 @@ pub struct NatsConfig {
     pub consumer: String,
     /// How long the stream keeps messages.
     pub max_age: Duration,
+    /// Templates that turn arbitrary messages on matching subjects into events.
+    pub templates: Vec<SubjectTemplate>,
+}
+
+/// A template for messages that are not events: for subjects matching `subject` (NATS
+/// wildcards: `*` one token, `>` the rest), the template renders the event JSON from
+/// `subject`, `headers` and `body` (parsed JSON when it parses, else the text) — the same
+/// way webhook templates do. The first matching template wins.
+#[derive(Clone, Debug)]
+pub struct SubjectTemplate {
+    /// Subject pattern.
+    pub subject: String,
+    /// Jinja template producing an event (JSON).
+    pub template: String,
+}
+
+/// NATS subject matching: `*` matches one token, `>` one or more trailing tokens.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 impl NatsConfig {
@@ -53,6 +82,7 @@ impl NatsConfig {
             stream: "SPUR_EVENTS".to_owned(),
             consumer: "spur".to_owned(),
             max_age: Duration::from_secs(7 * 24 * 3600),
+            templates: Vec::new(),
         }
     }
 }
@@ -142,6 +172,7 @@ async fn consume(
     intake: &Intake,
     counters: &NatsCounters,
 ) -> Result<(), BoxError> {
+    let engine = spur_template::TemplateEngine::new();
     if !config.jetstream {
         let mut subscriptions = futures_util::stream::SelectAll::new();
         for subject in &config.subjects {
@@ -151,7 +182,7 @@ async fn consume(
         while let Some(batch) = batches.next().await {
             let events = batch
                 .iter()
-                .filter_map(|m| parse(&m.payload, intake).map_err(|reason| {
+                .filter_map(|m| parse(&m.subject, m.headers.as_ref(), &m.payload, intake, &config.templates, &engine).map_err(|reason| {
                     counters.terminated.fetch_add(1, Ordering::Relaxed);
                     warn!(subject = %m.subject, %reason, "NATS: dropped a message that is not an event");
                 }).ok())
@@ -204,7 +235,7 @@ async fn consume(
                 let mut events = Vec::with_capacity(batch.len());
                 for message in batch {
                     let message = message?;
-                    match parse(&message.payload, intake) {
+                    match parse(&message.subject, message.headers.as_ref(), &message.payload, intake, &config.templates, &engine) {
                         Ok(event) => {
                             events.push(event);
                             good.push(message);
@@ -235,11 +266,68 @@ async fn consume(
     Err("JetStream consumer stream ended".into())
 }
 
-fn parse(payload: &[u8], intake: &Intake) -> Result<spur_core::Event, String> {
-    let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
-    normalize(&value, Utc::now(), intake.limits()).map_err(|e| {
-        intake.count_rejected(1);
-        e.to_string()
+/// One NATS message as an event: a subject template if one matches, else a binary-mode
+/// CloudEvent (`ce-*` headers), else a JSON Prefect event or structured CloudEvent.
+fn parse(
+    subject: &str,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+    intake: &Intake,
+    templates: &[SubjectTemplate],
+    engine: &spur_template::TemplateEngine,
+) -> Result<spur_core::Event, String> {
+    let now = Utc::now();
+    let header_pairs: Vec<(String, String)> = headers
+        .map(|h| {
+            h.iter()
+                .flat_map(|(k, values)| values.iter().map(move |v| (k.to_string(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let result = if let Some(t) = templates
+        .iter()
+        .find(|t| subject_matches(&t.subject, subject))
+    {
+        render_template(t, subject, &header_pairs, payload, engine)
+            .and_then(|value| normalize(&value, now, intake.limits()).map_err(|e| e.to_string()))
+    } else if let Some(ce) =
+        crate::cloudevents::from_binary(&header_pairs, payload, now, intake.limits())
+    {
+        ce.map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice::<Value>(payload)
+            .map_err(|e| format!("not JSON: {e}"))
+            .and_then(|value| normalize(&value, now, intake.limits()).map_err(|e| e.to_string()))
+    };
+    result.inspect_err(|_| intake.count_rejected(1))
+}
+
+fn render_template(
+    t: &SubjectTemplate,
+    subject: &str,
+    headers: &[(String, String)],
+    payload: &[u8],
+    engine: &spur_template::TemplateEngine,
+) -> Result<Value, String> {
+    let body = serde_json::from_slice::<Value>(payload)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(payload).into_owned()));
+    let headers: serde_json::Map<String, Value> = headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v.clone())))
+        .collect();
+    let context = spur_template::json_context(&serde_json::json!({
+        "subject": subject,
+        "headers": headers,
+        "body": body,
+    }));
+    let text = engine
+        .render(&t.template, &context)
+        .map_err(|e| format!("subject template for {:?}: {e}", t.subject))?;
+    serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "subject template for {:?} did not render JSON: {e}",
+            t.subject
+        )
     })
 }
 
@@ -291,5 +379,20 @@ pub async fn publish(
             Err(e) => Err(e.into()),
         },
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_wildcards() {
+        assert!(subject_matches("events.>", "events.a.b"));
+        assert!(!subject_matches("events.>", "events"));
+        assert!(subject_matches("sensors.*.temp", "sensors.k1.temp"));
+        assert!(!subject_matches("sensors.*.temp", "sensors.k1.x.temp"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
     }
 }

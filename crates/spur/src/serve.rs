@@ -165,6 +165,27 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             .map(|js| !js)
             .unwrap_or(false);
         nats.jetstream = !(args.nats_core || core_in_file);
+        if let Some(list) = nats_file.and_then(|n| n.get("templates")) {
+            let Value::Array(items) = list else {
+                bail!("nats.templates: a list of {{subject, template}}");
+            };
+            let engine = spur_template::TemplateEngine::new();
+            for (i, item) in items.iter().enumerate() {
+                let (Some(subject), Some(template)) = (
+                    item.get("subject").and_then(Value::as_str),
+                    item.get("template").and_then(Value::as_str),
+                ) else {
+                    bail!("nats.templates[{i}]: needs `subject` and `template` (strings)");
+                };
+                engine
+                    .validate(template)
+                    .map_err(|e| anyhow::anyhow!("nats.templates[{i}].template: {e}"))?;
+                nats.templates.push(spur_ingest::nats::SubjectTemplate {
+                    subject: subject.to_owned(),
+                    template: template.to_owned(),
+                });
+            }
+        }
         config.nats = Some(nats);
     }
     let log_format = args
