@@ -664,3 +664,63 @@ fn nats_messages_become_events_by_subject_template_or_cloudevents_binary_mode() 
     assert_eq!(order["payload"], json!({"amount": 12}));
     assert_eq!(order["resource"]["cloudevents.source"], "/shop");
 }
+
+#[test]
+fn what_if_replay_over_the_daemon_history_matches_what_it_fired() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(&automations, "threshold.yaml", THRESHOLD);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    assert_eq!(
+        post_events(
+            &daemon,
+            json!([
+                event("job.failed", "job.a", 1),
+                event("job.failed", "job.b", 2),
+                event("job.failed", "job.a", 3)
+            ])
+        )
+        .0,
+        204
+    );
+    let fired = eventually(Duration::from_secs(5), "the firing", || {
+        let f = firings(&daemon);
+        (!f.is_empty()).then_some(f)
+    });
+    let replay = |path: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+            .args(["replay", "--automations"])
+            .arg(path)
+            .args(["--from-daemon", "--since", "1h", "--api", &daemon.url])
+            .output()
+            .expect("spur replay runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("JSON line"))
+            .collect::<Vec<_>>()
+    };
+    let same = replay(&automations);
+    assert_eq!(same.len(), 1, "{same:?}");
+    assert_eq!(same[0]["event"], fired[0]["event"]);
+    assert_eq!(same[0]["automation"], "two-failures");
+    // A proposed change: what would a threshold of 3 have done? Nothing is launched.
+    let proposed = dir.path().join("proposed");
+    std::fs::create_dir_all(&proposed).expect("dir");
+    write(
+        &proposed,
+        "threshold.yaml",
+        &THRESHOLD.replace("threshold: 2", "threshold: 3"),
+    );
+    assert!(replay(&proposed).is_empty());
+    assert_eq!(
+        firings(&daemon).len(),
+        1,
+        "the what-if did not touch the daemon"
+    );
+}

@@ -418,3 +418,52 @@ pub fn actions_retry(api: Option<&str>, id: &str) -> Result<()> {
     println!("{body}");
     Ok(())
 }
+
+/// Every stored event between `since` (a duration back from now, or a timestamp) and `until`,
+/// oldest first, paging through `/api/events/filter`.
+pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Result<Vec<Value>> {
+    let now = Utc::now();
+    let since = match crate::serve::parse_duration(since) {
+        Ok(d) => now - chrono::TimeDelta::from_std(d).context("--since is too large")?,
+        Err(_) => spur_core::time::parse_timestamp_str(since)
+            .map_err(anyhow::Error::msg)
+            .context("--since")?,
+    };
+    let mut filter = json!({"occurred": {"since": spur_core::time::format_timestamp(since)}});
+    if let Some(u) = until {
+        let until = spur_core::time::parse_timestamp_str(u)
+            .map_err(anyhow::Error::msg)
+            .context("--until")?;
+        filter["occurred"]["until"] = json!(spur_core::time::format_timestamp(until));
+    }
+    let base = base_url(api);
+    runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let mut out: Vec<Value> = Vec::new();
+        let mut page: Value = client
+            .post(format!("{base}/api/events/filter"))
+            .json(&json!({"filter": filter, "limit": 50}))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the daemon at {base}"))?
+            .error_for_status()?
+            .json()
+            .await?;
+        loop {
+            out.extend(page["events"].as_array().cloned().unwrap_or_default());
+            let Some(next) = page["next_page"].as_str().map(str::to_owned) else {
+                break;
+            };
+            page = client
+                .get(format!("{base}{next}"))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+        }
+        // The daemon pages newest first; a replay runs in arrival order.
+        out.reverse();
+        Ok(out)
+    })
+}

@@ -115,11 +115,26 @@ enum Command {
         #[arg(long)]
         automations: PathBuf,
         /// Events as JSON Lines or a JSON array, processed in file order.
+        #[arg(
+            long,
+            required_unless_present = "from_daemon",
+            conflicts_with = "from_daemon"
+        )]
+        events: Option<PathBuf>,
+        /// What-if: replay the running daemon's stored events instead of a file (nothing is
+        /// launched; the daemon is only read).
         #[arg(long)]
-        events: PathBuf,
-        /// After the last event, advance the clock to this time (RFC 3339).
+        from_daemon: bool,
+        /// With --from-daemon: events from this long ago (24h, 30m) or this RFC 3339 time.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// After the last event, advance the clock to this time (RFC 3339); with
+        /// --from-daemon also the end of the events fetched.
         #[arg(long)]
         until: Option<String>,
+        /// Daemon URL (with --from-daemon).
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
     },
     /// Run trigger scenario files (or folders of them); exit 1 if any fails.
     Test {
@@ -347,8 +362,27 @@ fn main() -> ExitCode {
         Command::Replay {
             automations,
             events,
+            from_daemon,
+            since,
             until,
-        } => replay(&automations, &events, until.as_deref()),
+            api,
+        } => {
+            let source = if from_daemon {
+                EventSource::Daemon {
+                    api: api.as_deref(),
+                    since: &since,
+                }
+            } else {
+                match events.as_deref() {
+                    Some(path) => EventSource::File(path),
+                    None => EventSource::Daemon {
+                        api: api.as_deref(),
+                        since: &since,
+                    },
+                }
+            };
+            replay(&automations, source, until.as_deref())
+        }
         Command::Test { files, verbose } => test(&files, verbose),
     };
     match result {
@@ -385,7 +419,18 @@ fn check(paths: &[PathBuf]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn replay(automations: &Path, events: &Path, until: Option<&str>) -> Result<ExitCode> {
+/// Where `spur replay` reads events from.
+enum EventSource<'a> {
+    /// A JSONL or JSON-array file.
+    File(&'a Path),
+    /// The running daemon's event log.
+    Daemon {
+        api: Option<&'a str>,
+        since: &'a str,
+    },
+}
+
+fn replay(automations: &Path, source: EventSource<'_>, until: Option<&str>) -> Result<ExitCode> {
     let until = until
         .map(parse_timestamp_str)
         .transpose()
@@ -401,11 +446,23 @@ fn replay(automations: &Path, events: &Path, until: Option<&str>) -> Result<Exit
     if failed {
         return Ok(ExitCode::FAILURE);
     }
-    let events = match read_events(events) {
-        Ok(events) => events,
-        Err(e) => {
-            eprintln!("{e}");
-            return Ok(ExitCode::FAILURE);
+    let events = match source {
+        EventSource::File(path) => match read_events(path) {
+            Ok(events) => events,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        EventSource::Daemon { api, since } => {
+            let until_text = until.map(spur_core::time::format_timestamp);
+            let fetched = client::fetch_events(api, since, until_text.as_deref())?;
+            eprintln!("replaying {} event(s) from the daemon", fetched.len());
+            fetched
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| (i + 1, e))
+                .collect()
         }
     };
     let automations = outcome
