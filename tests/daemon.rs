@@ -724,3 +724,92 @@ fn what_if_replay_over_the_daemon_history_matches_what_it_fired() {
         "the what-if did not touch the daemon"
     );
 }
+
+#[test]
+fn explain_says_why_each_automation_did_or_did_not_react() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(
+        &automations,
+        "a.yaml",
+        r#"
+- name: prod-failures
+  trigger: {type: event, posture: Reactive, expect: ["job.failed"], match: {env: prod}, threshold: 2, within: 60}
+  actions: [{type: do-nothing}]
+- name: any-failure
+  trigger: {type: event, posture: Reactive, expect: ["job.*"]}
+  actions: [{type: do-nothing}]
+"#,
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let dev = json!({"id": uuid::Uuid::from_u128(1).to_string(), "event": "job.failed",
+                     "resource": {"prefect.resource.id": "job.1", "env": "dev"}});
+    let prod = json!({"id": uuid::Uuid::from_u128(2).to_string(), "event": "job.failed",
+                      "resource": {"prefect.resource.id": "job.1", "env": "prod"}});
+    assert_eq!(post_events(&daemon, json!([dev, prod])).0, 204);
+    let explain = |id: u128| {
+        let (status, text) = http(
+            "GET",
+            &format!(
+                "{}/api/events/{}/explain",
+                daemon.url,
+                uuid::Uuid::from_u128(id)
+            ),
+            None,
+        );
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str::<Value>(&text).expect("JSON")
+    };
+    let first = explain(1);
+    assert_eq!(first["fate"]["kind"], "evaluated");
+    let by = |v: &Value, name: &str| {
+        v["decisions"]
+            .as_array()
+            .expect("decisions")
+            .iter()
+            .find(|d| d["automation"] == name)
+            .cloned()
+            .expect("decision")
+    };
+    let failed = by(&first, "prod-failures");
+    assert_eq!(failed["outcome"], "match_failed");
+    assert_eq!(failed["label"], "env");
+    assert_eq!(failed["value"], "dev");
+    assert_eq!(by(&first, "any-failure")["outcome"], "fired");
+    let second = explain(2);
+    let counted = by(&second, "prod-failures");
+    assert_eq!(counted["outcome"], "counted");
+    assert_eq!(
+        (counted["count"].as_i64(), counted["threshold"].as_i64()),
+        (Some(1), Some(2))
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args([
+            "explain",
+            &uuid::Uuid::from_u128(1).to_string(),
+            "--api",
+            &daemon.url,
+        ])
+        .output()
+        .expect("spur explain runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "prod-failures: match: label \"env\" is \"dev\" which does not match [\"prod\"]"
+        ),
+        "{text}"
+    );
+    let (status, text) = http(
+        "GET",
+        &format!(
+            "{}/api/events/{}/explain",
+            daemon.url,
+            uuid::Uuid::from_u128(99)
+        ),
+        None,
+    );
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("no event"), "{text}");
+}

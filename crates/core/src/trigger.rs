@@ -257,6 +257,11 @@ impl EventTrigger {
         }
     }
 
+    /// The name half of `covers`: the start-anchored regex over `expect ∪ after`.
+    pub fn covers_name(&self, name: &str) -> bool {
+        self.compiled.covers.matches(name)
+    }
+
     /// Prefect's `covers(event)`: the name regex and the resource specs.
     pub fn covers(&self, event: &Event) -> bool {
         self.compiled.covers.matches(&event.event) && self.covers_resources(event)

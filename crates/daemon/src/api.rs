@@ -61,6 +61,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/events/filter", post(filter_events))
         .route("/api/events/filter/next", get(filter_next))
         .route("/api/events/out", get(events_out))
+        .route("/api/events/{id}/explain", get(explain_event))
         .route("/api/runs", get(list_runs).post(start_run))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/cancel", post(cancel_run))
@@ -131,6 +132,42 @@ async fn automations(State(state): State<ApiState>) -> Response {
         "clock": description.clock.map(format_timestamp),
     }))
     .into_response()
+}
+
+async fn explain_event(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not an event id"),
+        );
+    };
+    let store = state.store.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let event = store.get_event(id)?;
+        let explanation = store.get_explanation(id)?;
+        Ok::<_, spur_store::StoreError>((event, explanation))
+    })
+    .await;
+    match found {
+        Ok(Ok((Some(event), explanation))) => {
+            let explanation = explanation.unwrap_or(json!({"fate": null, "decisions": []}));
+            axum::Json(json!({
+                "event": event.to_json(),
+                "fate": explanation["fate"],
+                "decisions": explanation["decisions"],
+            }))
+            .into_response()
+        }
+        Ok(Ok((None, _))) => error(
+            StatusCode::NOT_FOUND,
+            format!("no event {id} in the event log"),
+        ),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn list_runs(State(state): State<ApiState>, Query(q): Query<Limit>) -> Response {

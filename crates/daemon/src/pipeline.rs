@@ -166,6 +166,7 @@ pub fn start(
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default();
     let mut engine = Engine::new(EngineConfig::default());
+    engine.set_explain(true);
     metrics
         .automations
         .store(automations.len() as u64, Ordering::Relaxed);
@@ -412,9 +413,16 @@ impl Pipeline {
             receipts.push(receipt);
         }
         let records = self.firing_records(&firings);
+        let explanations: Vec<(Uuid, Value)> = self
+            .engine
+            .take_explanations()
+            .into_iter()
+            .map(|(id, fate, decisions)| (id, json!({"fate": fate, "decisions": decisions})))
+            .collect();
         let commit_started = Instant::now();
         let committed = writer
-            .record_firings(&records)
+            .put_explanations(&explanations)
+            .and_then(|()| writer.record_firings(&records))
             .and_then(|fresh| writer.commit().map(|()| fresh));
         self.metrics
             .commit
@@ -451,6 +459,7 @@ impl Pipeline {
     /// After a failed commit the engine is ahead of the log: start over from the checkpoint.
     fn rebuild(&mut self) {
         self.engine = Engine::new(EngineConfig::default());
+        self.engine.set_explain(true);
         self.engine.load(apply_pauses(&self.loaded, &self.paused));
         self.applied = 0;
         if let Err(e) = self.recover() {
@@ -460,6 +469,8 @@ impl Pipeline {
 
     /// Records firings outside a batch (timers, recovery): each id once, new ones announced.
     fn on_firings(&mut self, firings: Vec<Firing>) {
+        // Decisions made outside a batch (recovery replays, timers) are not about new events.
+        let _ = self.engine.take_explanations();
         if firings.is_empty() {
             return;
         }

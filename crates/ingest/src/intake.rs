@@ -154,11 +154,12 @@ pub fn normalize(
 ) -> Result<Event, EventError> {
     // Microseconds, like Prefect's timestamps (and so they survive every JSON round trip).
     let received = chrono::SubsecRound::trunc_subsecs(received, 6);
-    let event = if cloudevents::is_cloud_event(value) {
+    let mut event = if cloudevents::is_cloud_event(value) {
         cloudevents::to_event(value, received, limits)?
     } else {
         Event::from_json(value, received, limits)?
     };
+    event.occurred = chrono::SubsecRound::trunc_subsecs(event.occurred, 6);
     event.check_size(limits)?;
     Ok(event)
 }

@@ -22,6 +22,7 @@ use spur_core::{
 };
 use uuid::Uuid;
 
+use crate::explain::{Decision, EventFate, Outcome};
 use crate::firing::{Firing, FiringState};
 use crate::index::{CandidateScratch, FxHashMap, TriggerIndex};
 use crate::snapshot::{
@@ -169,6 +170,14 @@ pub struct Engine {
     next_sweep: Option<DateTime<Utc>>,
     sequence: u64,
     scratch: CandidateScratch,
+    /// When set, decisions about each handled event are recorded here (see `explain`).
+    explain: Option<Explanations>,
+}
+
+/// Recorded decisions, per event, until taken.
+#[derive(Debug, Default)]
+struct Explanations {
+    by_event: Vec<(Uuid, EventFate, Vec<Decision>)>,
 }
 
 impl Engine {
@@ -190,6 +199,47 @@ impl Engine {
             next_sweep: None,
             sequence: 0,
             scratch: CandidateScratch::default(),
+            explain: None,
+        }
+    }
+
+    /// Records why each handled event did or did not affect each candidate trigger, for
+    /// [`Engine::take_explanations`]. Off by default (it costs allocations per event).
+    pub fn set_explain(&mut self, on: bool) {
+        self.explain = on.then(Explanations::default);
+    }
+
+    /// The decisions recorded since the last call: `(event id, fate, decisions)`.
+    pub fn take_explanations(&mut self) -> Vec<(Uuid, EventFate, Vec<Decision>)> {
+        self.explain
+            .as_mut()
+            .map(|e| std::mem::take(&mut e.by_event))
+            .unwrap_or_default()
+    }
+
+    fn note_fate(&mut self, event: Uuid, fate: EventFate) {
+        if let Some(e) = self.explain.as_mut() {
+            e.by_event.push((event, fate, Vec::new()));
+        }
+    }
+
+    fn note(&mut self, event: Uuid, leaf: usize, outcome: Outcome) {
+        let Some(e) = self.explain.as_mut() else {
+            return;
+        };
+        let info = &self.plan.leaves[leaf];
+        let automation = &self.plan.automations[info.automation];
+        let decision = Decision {
+            automation: automation.name.clone(),
+            automation_id: automation.id,
+            trigger_id: info.trigger.id,
+            outcome,
+        };
+        match e.by_event.iter_mut().rev().find(|(id, _, _)| *id == event) {
+            Some((_, _, decisions)) => decisions.push(decision),
+            None => e
+                .by_event
+                .push((event, EventFate::Evaluated, vec![decision])),
         }
     }
 
@@ -521,9 +571,11 @@ impl Engine {
         let mut out = Vec::new();
         self.advance(now, &mut out);
         if event.event == IGNORED_EVENT {
+            self.note_fate(event.id, EventFate::IgnoredLogWrite);
             return out;
         }
         if self.seen.contains(&event.id) || self.held_ids.contains(&event.id) {
+            self.note_fate(event.id, EventFate::Duplicate);
             return out;
         }
         if let Some(leader) = event.follows
@@ -531,6 +583,7 @@ impl Engine {
             && !self.seen.contains(&leader)
             && now - event.received < self.config.follower_lookback
         {
+            self.note_fate(event.id, EventFate::Held { leader });
             let release_at = event.received + self.config.follower_lookback;
             self.held_ids.insert(event.id);
             self.release_timers.push(Reverse((release_at, event.id)));
@@ -682,6 +735,7 @@ impl Engine {
     /// followers of it.
     fn process(&mut self, event: Arc<Event>, depth: usize, out: &mut Vec<Firing>) {
         self.remember(&event);
+        self.note_fate(event.id, EventFate::Evaluated);
         self.reactive_evaluation(&event, out);
         if self.held.is_empty() {
             return;
@@ -725,11 +779,16 @@ impl Engine {
             let leaf = leaf as usize;
             let trigger = &self.plan.leaves[leaf].trigger;
             if !trigger.prefilter(name) || !trigger.covers(event) {
+                if self.explain.is_some() {
+                    let outcome = crate::explain::mismatch(trigger, event);
+                    self.note(event.id, leaf, outcome);
+                }
                 continue;
             }
             if own_automation
                 .is_some_and(|id| self.plan.automations[self.plan.leaves[leaf].automation].id == id)
             {
+                self.note(event.id, leaf, Outcome::OwnEvent);
                 continue;
             }
             let key: BucketKey = trigger
@@ -765,13 +824,53 @@ impl Engine {
                 ensure_bucket(state, &key, start, event.occurred + within, Some(event), 0);
                 have_bucket = true;
             }
+            let key_strings = || key.iter().map(|k| k.to_string()).collect::<Vec<_>>();
             if !expects {
+                let outcome = Outcome::OpenedWindow { key: key_strings() };
+                self.note(event.id, leaf, outcome);
                 continue;
             }
             if !have_bucket && !state.buckets.contains_key(&key) {
-                continue; // step 4: an expected event with no open window is ignored
+                // Step 4: an expected event with no open window is ignored.
+                let outcome = Outcome::NoOpenWindow { key: key_strings() };
+                self.note(event.id, leaf, outcome);
+                continue;
             }
+            let late_start = state
+                .buckets
+                .get(&key)
+                .filter(|b| event.occurred < b.start)
+                .map(|b| b.start);
+            let fired_before = out.len();
             self.evaluate(leaf, &key, event.occurred, Some(event), out);
+            if self.explain.is_some() {
+                let outcome = if let Some(window_start) = late_start {
+                    Outcome::Late {
+                        key: key_strings(),
+                        window_start,
+                    }
+                } else if out.len() > fired_before {
+                    Outcome::Fired {
+                        firings: out[fired_before..].iter().map(|f| f.id).collect(),
+                    }
+                } else {
+                    let threshold = self.plan.leaves[leaf].trigger.threshold;
+                    match self.leaf_states[leaf].buckets.get(&key) {
+                        Some(b) => Outcome::Counted {
+                            key: key_strings(),
+                            count: b.count,
+                            threshold,
+                            window_start: b.start,
+                            window_end: b.end,
+                        },
+                        // Fired into a composite parent that is not complete yet.
+                        None => Outcome::Fired {
+                            firings: Vec::new(),
+                        },
+                    }
+                };
+                self.note(event.id, leaf, outcome);
+            }
         }
         self.scratch = scratch;
     }

@@ -11,11 +11,13 @@
 //! the tests all run this same code.
 
 pub mod engine;
+pub mod explain;
 pub mod firing;
 pub mod index;
 pub mod snapshot;
 
 pub use engine::{Bucket, Engine, EngineConfig, EngineStats, fingerprint};
+pub use explain::{Decision, EventFate, Outcome};
 pub use firing::{Firing, FiringState};
 pub use index::TriggerIndex;
 pub use snapshot::EngineSnapshot;

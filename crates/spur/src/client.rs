@@ -467,3 +467,92 @@ pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Resu
         Ok(out)
     })
 }
+
+/// `spur explain`: one line per candidate automation, in words.
+pub fn explain(api: Option<&str>, id: &str, as_json: bool) -> Result<()> {
+    let body = get_json(api, &format!("/api/events/{id}/explain"))?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let e = &body["event"];
+    let fate = match body["fate"]["kind"].as_str() {
+        Some("evaluated") => "evaluated".to_owned(),
+        Some("ignored_log_write") => {
+            "ignored (prefect.log.write events are not evaluated)".to_owned()
+        }
+        Some("duplicate") => "ignored: an event with this id was already processed".to_owned(),
+        Some("held") => format!(
+            "held until the event it follows ({}) is processed",
+            body["fate"]["leader"].as_str().unwrap_or("?")
+        ),
+        _ => "no decisions recorded".to_owned(),
+    };
+    println!(
+        "{} {} on {} — {fate}",
+        e["id"].as_str().unwrap_or(""),
+        e["event"].as_str().unwrap_or(""),
+        e["resource"]["prefect.resource.id"].as_str().unwrap_or("")
+    );
+    let decisions = body["decisions"].as_array().cloned().unwrap_or_default();
+    if decisions.is_empty() && body["fate"]["kind"] == "evaluated" {
+        println!("  no automation's expect/after names could match this event name");
+    }
+    let key = |d: &Value| {
+        let k = d["key"].as_array().cloned().unwrap_or_default();
+        if k.is_empty() {
+            String::new()
+        } else {
+            format!(" for key {}", Value::Array(k))
+        }
+    };
+    for d in decisions {
+        let name = d["automation"].as_str().unwrap_or("");
+        let line = match d["outcome"].as_str().unwrap_or("") {
+            "name_mismatch" => format!(
+                "event name {} does not match expect/after {}",
+                d["name"], d["patterns"]
+            ),
+            "match_failed" => format!(
+                "match: label {:?} is {} which does not match {}",
+                d["label"].as_str().unwrap_or(""),
+                if d["value"].is_null() {
+                    "missing (a missing label never matches)".to_owned()
+                } else {
+                    d["value"].to_string()
+                },
+                d["patterns"]
+            ),
+            "match_related_failed" => format!(
+                "match_related[{}]: no related resource matches {}",
+                d["spec"], d["labels"]
+            ),
+            "own_event" => {
+                "ignored: an automation does not react to its own prefect.automation.* events"
+                    .to_owned()
+            }
+            "opened_window" => format!("an `after` event: opened the window{}", key(&d)),
+            "no_open_window" => format!(
+                "expected, but no window is open{} (waiting for an `after` event)",
+                key(&d)
+            ),
+            "late" => format!(
+                "late: older than the window start {}{}; not counted",
+                d["window_start"].as_str().unwrap_or(""),
+                key(&d)
+            ),
+            "counted" => format!(
+                "counted {} of threshold {}{} in window {} – {}",
+                d["count"],
+                d["threshold"],
+                key(&d),
+                d["window_start"].as_str().unwrap_or(""),
+                d["window_end"].as_str().unwrap_or("")
+            ),
+            "fired" => format!("fired {}", d["firings"]),
+            other => other.to_owned(),
+        };
+        println!("  {name}: {line}");
+    }
+    Ok(())
+}

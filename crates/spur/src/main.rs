@@ -93,6 +93,17 @@ enum Command {
         #[command(subcommand)]
         command: ActionsCommand,
     },
+    /// Why each automation did or did not react to an event, as decided when it arrived.
+    Explain {
+        /// The event id.
+        id: String,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
     /// Recent firings recorded by the daemon, newest first (JSON lines).
     Firings {
         /// How many.
@@ -355,6 +366,9 @@ fn main() -> ExitCode {
             ActionsCommand::Retry { id, api } => client::actions_retry(api.as_deref(), &id),
         }
         .map(|()| ExitCode::SUCCESS),
+        Command::Explain { id, json, api } => {
+            client::explain(api.as_deref(), &id, json).map(|()| ExitCode::SUCCESS)
+        }
         Command::Firings { limit, api } => {
             client::firings(api.as_deref(), limit).map(|()| ExitCode::SUCCESS)
         }

@@ -14,6 +14,7 @@
 //! | `run_order`  | u64                  | run id, in creation order               |
 //! | `failed_actions` | invocation id, u128 | dead-lettered action (JSON)          |
 //! | `dispatched` | firing id, u128      | its actions were all performed          |
+//! | `explanations` | event id, u128     | what each candidate trigger decided     |
 //!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
 //! tables, so an event batch and its de-duplication entries commit together; MVCC readers
@@ -45,6 +46,7 @@ const RUN_KEYS: TableDefinition<&str, u128> = TableDefinition::new("run_keys");
 const RUN_ORDER: TableDefinition<u64, u128> = TableDefinition::new("run_order");
 const FAILED_ACTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("failed_actions");
 const DISPATCHED: TableDefinition<u128, ()> = TableDefinition::new("dispatched");
+const EXPLANATIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("explanations");
 
 /// A storage failure.
 #[derive(Debug, Error)]
@@ -181,6 +183,7 @@ impl Store {
             txn.open_table(RUN_ORDER)?;
             txn.open_table(FAILED_ACTIONS)?;
             txn.open_table(DISPATCHED)?;
+            txn.open_table(EXPLANATIONS)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -412,6 +415,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The recorded explanation of an event, if any.
+    pub fn get_explanation(&self, id: Uuid) -> Result<Option<Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EXPLANATIONS)?;
+        match table.get(id.as_u128())? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+
     /// One stored event by id.
     pub fn get_event(&self, id: Uuid) -> Result<Option<Event>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -519,6 +532,7 @@ impl Store {
         {
             let mut log = txn.open_table(EVENTS)?;
             let mut ids = txn.open_table(EVENT_IDS)?;
+            let mut explanations = txn.open_table(EXPLANATIONS)?;
             while removed < max {
                 let Some((seq, id, received)) = (match log.first()? {
                     Some((k, v)) => {
@@ -534,6 +548,7 @@ impl Store {
                 }
                 log.remove(seq)?;
                 ids.remove(id.as_u128())?;
+                explanations.remove(id.as_u128())?;
                 removed += 1;
             }
         }
@@ -599,6 +614,16 @@ impl StoreWriter {
             }
         }
         Ok(out)
+    }
+
+    /// Stores why each candidate trigger did (not) react to an event.
+    pub fn put_explanations(&self, explanations: &[(Uuid, Value)]) -> Result<(), StoreError> {
+        let mut table = self.txn.open_table(EXPLANATIONS)?;
+        for (id, value) in explanations {
+            let bytes = serde_json::to_vec(value).map_err(corrupt)?;
+            table.insert(id.as_u128(), bytes.as_slice())?;
+        }
+        Ok(())
     }
 
     /// Commits durably.

@@ -1,0 +1,157 @@
+//! Why an automation did or did not react to an event: decisions recorded as the engine
+//! evaluates (when asked to), so `spur explain` reports what really happened, not a
+//! re-computation against today's state.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use spur_core::trigger::ResourceSpecification;
+use spur_core::{Event, EventTrigger};
+use uuid::Uuid;
+
+/// What happened to an event before any trigger looked at it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventFate {
+    /// Evaluated by the candidate triggers below.
+    Evaluated,
+    /// `prefect.log.write` events are ignored, as in Prefect.
+    IgnoredLogWrite,
+    /// Its id was already processed.
+    Duplicate,
+    /// Parked until the event it `follows` is processed.
+    Held {
+        /// The leader it waits for.
+        leader: Uuid,
+    },
+}
+
+/// One candidate trigger's decision about one event.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Decision {
+    /// The automation.
+    pub automation: String,
+    /// Its id.
+    pub automation_id: Uuid,
+    /// The leaf trigger.
+    pub trigger_id: Uuid,
+    /// What was decided.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// The decision itself.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The event name is not one the trigger expects (`expect ∪ after`, with Prefect's rules:
+    /// `*` needs at least one character; `?`, `[…]` and `!` never match).
+    NameMismatch {
+        /// The trigger's `expect` and `after` names.
+        patterns: Vec<String>,
+        /// The event's name.
+        name: String,
+    },
+    /// A `match` label failed on the event's resource.
+    MatchFailed {
+        /// The label.
+        label: String,
+        /// Its patterns.
+        patterns: Vec<String>,
+        /// The event's value (`null` when the label is missing — which never matches).
+        value: Option<String>,
+    },
+    /// No related resource satisfied one `match_related` spec.
+    MatchRelatedFailed {
+        /// Which spec (its position).
+        spec: usize,
+        /// The spec.
+        labels: Vec<(String, Vec<String>)>,
+    },
+    /// Spur's loop guard: an automation ignores its own `prefect.automation.*` events.
+    OwnEvent,
+    /// An `after` event: opened (or kept) the window for this key.
+    OpenedWindow {
+        /// The bucket key.
+        key: Vec<String>,
+    },
+    /// An expected event, but no window is open (the trigger waits for an `after` event).
+    NoOpenWindow {
+        /// The bucket key.
+        key: Vec<String>,
+    },
+    /// Older than the current window's start: a late event, counted nowhere.
+    Late {
+        /// The bucket key.
+        key: Vec<String>,
+        /// The window start.
+        window_start: DateTime<Utc>,
+    },
+    /// Counted; not enough (reactive) or not yet decidable (proactive) to fire.
+    Counted {
+        /// The bucket key.
+        key: Vec<String>,
+        /// The count after this event.
+        count: i64,
+        /// The threshold.
+        threshold: i64,
+        /// The window.
+        window_start: DateTime<Utc>,
+        /// The window end.
+        window_end: DateTime<Utc>,
+    },
+    /// This event made the trigger fire.
+    Fired {
+        /// The firing id(s) (a composite parent's firing follows from the leaf's).
+        firings: Vec<Uuid>,
+    },
+}
+
+/// Which clause of `covers` failed, for the explanation.
+pub(crate) fn mismatch(trigger: &EventTrigger, event: &Event) -> Outcome {
+    let name = event.event.as_str();
+    if !trigger.prefilter(name) || !trigger.covers_name(name) {
+        return Outcome::NameMismatch {
+            patterns: trigger
+                .expect
+                .iter()
+                .chain(trigger.after.iter())
+                .cloned()
+                .collect(),
+            name: name.to_owned(),
+        };
+    }
+    for (label, patterns) in &trigger.match_resource.labels {
+        let value = event.resource.get(label);
+        if !patterns.iter().any(|p| p.matches(value)) {
+            return Outcome::MatchFailed {
+                label: label.clone(),
+                patterns: patterns.iter().map(|p| p.as_str().to_owned()).collect(),
+                value: value.map(str::to_owned),
+            };
+        }
+    }
+    for (i, spec) in trigger.match_related.iter().enumerate() {
+        if !spec.includes(event.related.iter()) {
+            return Outcome::MatchRelatedFailed {
+                spec: i,
+                labels: spec_labels(spec),
+            };
+        }
+    }
+    Outcome::NameMismatch {
+        patterns: Vec::new(),
+        name: name.to_owned(),
+    }
+}
+
+fn spec_labels(spec: &ResourceSpecification) -> Vec<(String, Vec<String>)> {
+    spec.labels
+        .iter()
+        .map(|(l, ps)| {
+            (
+                l.clone(),
+                ps.iter().map(|p| p.as_str().to_owned()).collect(),
+            )
+        })
+        .collect()
+}
