@@ -57,6 +57,8 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/ready", get(|| async { axum::Json(true) }))
         .route("/metrics", get(metrics))
         .route("/api/automations", get(automations))
+        .route("/api/automations/{id}/pause", post(pause_automation))
+        .route("/api/automations/{id}/resume", post(resume_automation))
         .route("/api/firings", get(firings))
         .route("/api/events/filter", post(filter_events))
         .route("/api/events/filter/next", get(filter_next))
@@ -132,6 +134,60 @@ async fn automations(State(state): State<ApiState>) -> Response {
         "clock": description.clock.map(format_timestamp),
     }))
     .into_response()
+}
+
+async fn set_paused(state: &ApiState, wanted: &str, paused: bool) -> Response {
+    let Some(description) = describe(state).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        );
+    };
+    let id = uuid::Uuid::parse_str(wanted).ok();
+    let Some(found) = description
+        .automations
+        .iter()
+        .find(|a| Some(a.automation.id) == id || a.automation.name == wanted)
+    else {
+        return error(StatusCode::NOT_FOUND, "Automation not found");
+    };
+    let (tx, rx) = oneshot::channel();
+    if state
+        .control
+        .send(Control::SetPaused(found.automation.id, paused, tx))
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        );
+    }
+    match rx.await {
+        Ok(Ok(())) => axum::Json(
+            json!({"id": found.automation.id, "name": found.automation.name, "paused": paused}),
+        )
+        .into_response(),
+        Ok(Err(e)) => error(StatusCode::CONFLICT, e),
+        Err(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        ),
+    }
+}
+
+async fn pause_automation(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    set_paused(&state, &id, true).await
+}
+
+async fn resume_automation(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    set_paused(&state, &id, false).await
 }
 
 async fn explain_event(

@@ -556,3 +556,25 @@ pub fn explain(api: Option<&str>, id: &str, as_json: bool) -> Result<()> {
     }
     Ok(())
 }
+
+/// `spur automations pause|resume`.
+pub fn set_paused(api: Option<&str>, automation: &str, paused: bool) -> Result<()> {
+    let verb = if paused { "pause" } else { "resume" };
+    let body = send_json(
+        api,
+        &format!("/api/automations/{automation}/{verb}"),
+        json!({}),
+    )?;
+    println!(
+        "{} {}",
+        body["name"].as_str().unwrap_or(automation),
+        if paused { "paused" } else { "resumed" }
+    );
+    Ok(())
+}
+
+/// The daemon's automations as `/api/automations` lists them.
+pub fn loaded_automations(api: Option<&str>) -> Result<Vec<Value>> {
+    let body = get_json(api, "/api/automations")?;
+    Ok(body["automations"].as_array().cloned().unwrap_or_default())
+}

@@ -273,6 +273,30 @@ enum AutomationsCommand {
         #[arg(long, env = "SPUR_API_URL")]
         api: Option<String>,
     },
+    /// Stop evaluating an automation (kept across restarts) until resumed.
+    Pause {
+        /// Name or id.
+        automation: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Evaluate a paused automation again (its trigger state starts fresh).
+    Resume {
+        /// Name or id.
+        automation: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// What reloading PATH would add, change or remove, and which open buckets it would reset.
+    Diff {
+        /// A file or folder of automations.
+        path: PathBuf,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -346,9 +370,18 @@ fn main() -> ExitCode {
             json,
         )
         .map(|()| ExitCode::SUCCESS),
-        Command::Automations {
-            command: AutomationsCommand::Ls { api },
-        } => client::automations(api.as_deref()).map(|()| ExitCode::SUCCESS),
+        Command::Automations { command } => match command {
+            AutomationsCommand::Ls { api } => {
+                client::automations(api.as_deref()).map(|()| ExitCode::SUCCESS)
+            }
+            AutomationsCommand::Pause { automation, api } => {
+                client::set_paused(api.as_deref(), &automation, true).map(|()| ExitCode::SUCCESS)
+            }
+            AutomationsCommand::Resume { automation, api } => {
+                client::set_paused(api.as_deref(), &automation, false).map(|()| ExitCode::SUCCESS)
+            }
+            AutomationsCommand::Diff { path, api } => diff(&path, api.as_deref()),
+        },
         Command::Runs { command } => match command {
             RunsCommand::Ls { limit, api } => client::runs_ls(api.as_deref(), limit),
             RunsCommand::Get { id, api } => client::runs_get(api.as_deref(), &id),
@@ -506,6 +539,65 @@ fn replay(automations: &Path, source: EventSource<'_>, until: Option<&str>) -> R
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `spur automations diff`: compares the daemon's loaded automations with PATH.
+fn diff(path: &Path, api: Option<&str>) -> Result<ExitCode> {
+    let templates = TemplateEngine::new();
+    let outcome = load_automations(path, &templates);
+    let mut failed = false;
+    for d in &outcome.diagnostics {
+        failed |= d.severity == Severity::Error;
+        eprintln!("{d}");
+    }
+    let live = client::loaded_automations(api)?;
+    let proposed: Vec<&spur_core::Automation> =
+        outcome.automations.iter().map(|l| &l.automation).collect();
+    let mut changes = 0;
+    for a in &proposed {
+        let definition = serde_json::to_value(a)?;
+        match live.iter().find(|l| l["id"] == definition["id"]) {
+            None => {
+                changes += 1;
+                println!("+ {} (new)", a.name);
+            }
+            Some(l) => {
+                let same = [
+                    "trigger",
+                    "actions",
+                    "actions_on_trigger",
+                    "actions_on_resolve",
+                ]
+                .iter()
+                .all(|k| l[*k] == definition[*k]);
+                if !same {
+                    changes += 1;
+                    let buckets = l["state"]["buckets"].as_array().map_or(0, Vec::len);
+                    println!(
+                        "~ {} (changed; {buckets} open bucket(s) would reset)",
+                        a.name
+                    );
+                }
+            }
+        }
+    }
+    for l in &live {
+        if !proposed
+            .iter()
+            .any(|a| serde_json::to_value(a.id).ok().as_ref() == Some(&l["id"]))
+        {
+            changes += 1;
+            println!("- {} (removed)", l["name"].as_str().unwrap_or(""));
+        }
+    }
+    if changes == 0 {
+        println!("no changes");
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn test(files: &[PathBuf], verbose: bool) -> Result<ExitCode> {
