@@ -27,6 +27,20 @@ fi
 export NATS_SERVER_BIN="$tools/nats/bin/nats-server"
 "$NATS_SERVER_BIN" --version
 
+# Headless Chromium and chromedriver for the web UI's browser test (Debian packages). Without
+# root or apt the test reports itself skipped.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium and chromium-driver (Debian)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+      || echo "warning: could not install chromium; the browser test will be skipped"
+  else
+    echo "warning: chromium/chromedriver missing and cannot be installed here; the browser test will be skipped"
+  fi
+fi
+
 PREFECT_VERSION=3.8.8
 if [ "${SPUR_SKIP_PREFECT:-0}" != "1" ]; then
   if [ ! -x "$tools/prefect/bin/python" ] || ! "$tools/prefect/bin/python" -c "import prefect" 2>/dev/null; then

@@ -7,6 +7,7 @@
 //! * `GET /api/automations` — loaded automations with their live trigger state and any
 //!   load errors; `GET /api/firings` — recent firings.
 //! * `GET /healthz`, `GET /api/health`, `GET /metrics` (Prometheus text).
+//! * `GET /` — the web UI (event feed, event detail with explanations, automations, runs).
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -52,6 +53,7 @@ pub struct ApiState {
 /// The read and operations routes.
 pub fn routes(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(ui))
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/health", get(|| async { axum::Json(true) }))
         .route("/api/ready", get(|| async { axum::Json(true) }))
@@ -71,6 +73,21 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/actions/failed", get(failed_actions))
         .route("/api/actions/failed/{id}/retry", post(retry_failed_action))
         .with_state(state)
+}
+
+/// The web UI: one page, compiled into the binary (no CDN, works offline).
+async fn ui() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self' ws: wss:",
+            ),
+        ],
+        include_str!("ui/index.html"),
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, detail: impl Into<String>) -> Response {
@@ -400,6 +417,9 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
         q.resource_ids = strings(resource.get("id"), "resource.id")?;
         q.resource_prefixes = strings(resource.get("id_prefix"), "resource.id_prefix")?;
     }
+    if let Some(related) = map.get("related") {
+        q.related_ids = strings(related.get("id"), "related.id")?;
+    }
     Ok(q)
 }
 
@@ -408,6 +428,7 @@ fn query_to_json(q: &EventQuery) -> Value {
         "occurred": {"since": q.since.map(format_timestamp), "until": q.until.map(format_timestamp)},
         "event": {"name": q.names, "prefix": q.name_prefixes},
         "resource": {"id": q.resource_ids, "id_prefix": q.resource_prefixes},
+        "related": {"id": q.related_ids},
     })
 }
 

@@ -97,9 +97,15 @@ impl Intake {
     }
 
     /// Submits and waits for durability; waits for room if the pipeline is busy.
-    pub async fn submit(&self, events: Vec<Event>) -> Result<Receipt, SubmitError> {
+    pub async fn submit(&self, mut events: Vec<Event>) -> Result<Receipt, SubmitError> {
         if events.is_empty() {
             return Ok(Receipt::default());
+        }
+        for e in &mut events {
+            // Microsecond timestamps everywhere, like Prefect's (events Spur makes itself
+            // come through here too).
+            e.occurred = chrono::SubsecRound::trunc_subsecs(e.occurred, 6);
+            e.received = chrono::SubsecRound::trunc_subsecs(e.received, 6);
         }
         let (done, wait) = oneshot::channel();
         self.tx

@@ -109,6 +109,8 @@ pub struct EventQuery {
     pub resource_ids: Vec<String>,
     /// Primary resource id prefixes — any of them.
     pub resource_prefixes: Vec<String>,
+    /// Related resource ids (exact) — some related resource is one of them.
+    pub related_ids: Vec<String>,
 }
 
 impl EventQuery {
@@ -127,8 +129,14 @@ impl EventQuery {
                 .resource_prefixes
                 .iter()
                 .any(|p| id.starts_with(p.as_str()));
+        let related_ok = self.related_ids.is_empty()
+            || event
+                .related
+                .iter()
+                .any(|r| self.related_ids.iter().any(|id| id == r.id()));
         name_ok
             && resource_ok
+            && related_ok
             && self.since.is_none_or(|s| event.occurred >= s)
             && self.until.is_none_or(|u| event.occurred <= u)
     }
