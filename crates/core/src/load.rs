@@ -119,6 +119,8 @@ pub struct LoadOutcome {
     pub automations: Vec<LoadedAutomation>,
     /// Declared deployments.
     pub deployments: Vec<DeploymentRef>,
+    /// Declared webhooks (validated by the daemon).
+    pub webhooks: Vec<Value>,
     /// Errors and warnings, in file order.
     pub diagnostics: Vec<Diagnostic>,
     /// Source maps by (file, document), to place later findings.
@@ -395,7 +397,7 @@ fn load_document(
             outcome,
             base.clone(),
             "expected an automation (a mapping with `trigger`), a list of automations, \
-             `automations: [...]` or `deployments: [...]`"
+             `automations: [...]`, `deployments: [...]` or `webhooks: [...]`"
                 .to_owned(),
         ),
         _ => push(

@@ -29,6 +29,8 @@ pub struct DaemonConfig {
     pub checkpoint_interval: Duration,
     /// How often the automations folder is checked for changes.
     pub reload_interval: Duration,
+    /// Refuse webhooks without authentication, and serve existing ones as disabled.
+    pub webhooks_require_auth: bool,
 }
 
 impl Default for DaemonConfig {
@@ -44,6 +46,7 @@ impl Default for DaemonConfig {
             checkpoint_events: 1000,
             checkpoint_interval: Duration::from_secs(5),
             reload_interval: Duration::from_millis(500),
+            webhooks_require_auth: false,
         }
     }
 }

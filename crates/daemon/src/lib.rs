@@ -26,6 +26,7 @@ pub mod config;
 pub mod metrics;
 pub mod pipeline;
 pub mod reload;
+pub mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -100,6 +101,25 @@ impl Daemon {
             error!(diagnostic = %e, "deployment refused");
         }
         initial.status.errors.extend(deployment_errors);
+        let webhook_service = webhooks::WebhookService {
+            store: store.clone(),
+            registry: spur_ingest::webhook::Registry::default(),
+            secrets: spur_ingest::webhook::SecretBox::open(&config.data.join("webhook.key"))
+                .map_err(|e| {
+                    StartError::Store(spur_store::StoreError::Corrupt(format!("webhook key: {e}")))
+                })?,
+            templates: Arc::new(TemplateEngine::new()),
+            require_auth: config.webhooks_require_auth,
+            base_url: Arc::default(),
+        };
+        if let Err(e) = webhook_service.load() {
+            error!(error = %e, "cannot load webhooks");
+        }
+        let webhook_errors = webhook_service.sync_declared(&initial.webhooks);
+        for e in &webhook_errors {
+            error!(diagnostic = %e, "webhook refused");
+        }
+        initial.status.errors.extend(webhook_errors);
         let status = Arc::new(RwLock::new(initial.status.clone()));
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let nats_counters = Arc::new(NatsCounters::default());
@@ -143,6 +163,7 @@ impl Daemon {
                 control: pipeline.control.clone(),
                 metrics: metrics.clone(),
                 executor: executor.clone(),
+                webhooks: webhook_service.clone(),
             },
             initial.automations.clone(),
             shutdown_rx.clone(),
@@ -167,6 +188,16 @@ impl Daemon {
             intake: intake.clone(),
             auth_string: config.auth_string.clone(),
         })
+        .merge(spur_ingest::webhook::routes(
+            spur_ingest::webhook::WebhookIngest {
+                intake: intake.clone(),
+                registry: webhook_service.registry.clone(),
+                secrets: webhook_service.secrets.clone(),
+                replay: Arc::default(),
+                templates: webhook_service.templates.clone(),
+            },
+        ))
+        .merge(webhooks::routes(webhook_service.clone()))
         .merge(api::routes(api::ApiState {
             store,
             control: pipeline.control.clone(),
@@ -199,6 +230,9 @@ impl Daemon {
         });
         drop(intake);
         executor.set_api_url(format!("http://{addr}"));
+        if let Ok(mut base) = webhook_service.base_url.write() {
+            *base = format!("http://{addr}");
+        }
         executor.recover().await;
         {
             let executor = executor.clone();

@@ -41,6 +41,8 @@ pub struct Loaded {
     pub status: LoadStatus,
     /// Declared deployments.
     pub deployments: Vec<spur_core::load::DeploymentRef>,
+    /// Declared webhooks.
+    pub webhooks: Vec<serde_json::Value>,
 }
 
 type Fingerprint = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;
@@ -103,6 +105,7 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
         automations,
         status,
         deployments: outcome.deployments,
+        webhooks: outcome.webhooks,
     }
 }
 
@@ -129,6 +132,8 @@ pub struct Watcher {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Receives the declared deployments.
     pub executor: crate::actions::Executor,
+    /// Receives the declared webhooks.
+    pub webhooks: crate::webhooks::WebhookService,
 }
 
 /// Watches the folder until `shutdown`, sending reloads to the pipeline. `current` is what is
@@ -145,6 +150,7 @@ pub async fn watch_folder(
         control,
         metrics,
         executor,
+        webhooks,
     } = watcher;
     let templates = TemplateEngine::new();
     let mut seen = fingerprint(&path);
@@ -163,6 +169,10 @@ pub async fn watch_folder(
             .status
             .errors
             .extend(executor.set_deployments(&loaded.deployments));
+        loaded
+            .status
+            .errors
+            .extend(webhooks.sync_declared(&loaded.webhooks));
         for e in &loaded.status.errors {
             error!(diagnostic = %e, "automation file refused; its previous automations keep running");
         }

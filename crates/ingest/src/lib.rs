@@ -5,11 +5,13 @@
 //! * [`http`] — Prefect's events API: `POST /api/events`, the `/api/events/in` websocket the
 //!   stock `emit_event` uses, `/api/admin/version`.
 //! * [`nats`] — NATS subjects through a JetStream durable consumer (or core NATS).
-//! * [`cloudevents`] — CloudEvents structured mode mapping.
+//! * [`cloudevents`] — CloudEvents structured and binary mode mapping.
+//! * [`webhook`] — templated webhooks at `/hooks/{slug}` with request authentication.
 
 pub mod cloudevents;
 pub mod http;
 pub mod intake;
 pub mod nats;
+pub mod webhook;
 
 pub use intake::{IngestCounters, Intake, Receipt, Submission, SubmitError, normalize};

@@ -578,3 +578,93 @@ pub fn loaded_automations(api: Option<&str>) -> Result<Vec<Value>> {
     let body = get_json(api, "/api/automations")?;
     Ok(body["automations"].as_array().cloned().unwrap_or_default())
 }
+
+fn print_webhook(v: &Value) {
+    println!(
+        "{}  {}",
+        v["id"].as_str().unwrap_or(""),
+        v["url"].as_str().unwrap_or("")
+    );
+    println!(
+        "  name: {}  enabled: {}  auth: {}",
+        v["name"].as_str().unwrap_or(""),
+        v["effective_enabled"],
+        if v["auth"].is_null() {
+            "none".to_owned()
+        } else {
+            v["auth"].to_string()
+        }
+    );
+    if let Some(key) = v["api_key"].as_str() {
+        println!("  api key (shown once): {key}");
+    }
+}
+
+/// `spur webhook create`.
+pub fn webhook_create(
+    api: Option<&str>,
+    name: &str,
+    template: &str,
+    description: Option<&str>,
+    auth: Option<&str>,
+    secrets: &[String],
+) -> Result<()> {
+    let auth = match auth {
+        None => Value::Null,
+        Some("api-key" | "api_key") => json!({"type": "api_key"}),
+        Some(preset @ ("github" | "stripe" | "standard" | "generic")) => {
+            json!({"type": "hmac", "preset": preset, "secrets": secrets})
+        }
+        Some(other) => {
+            bail!("--auth: api-key, github, stripe, standard or generic (got {other:?})")
+        }
+    };
+    let body = json!({"name": name, "template": template, "description": description.unwrap_or(""), "auth": auth});
+    print_webhook(&send_json(api, "/api/webhooks", body)?);
+    Ok(())
+}
+
+/// `spur webhook get`.
+pub fn webhook_show(api: Option<&str>, id: &str) -> Result<()> {
+    let v = get_json(api, &format!("/api/webhooks/{id}"))?;
+    print_webhook(&v);
+    println!("  template: {}", v["template"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+/// `spur webhook ls`.
+pub fn webhook_ls(api: Option<&str>) -> Result<()> {
+    let body = get_json(api, "/api/webhooks")?;
+    for v in body["webhooks"].as_array().cloned().unwrap_or_default() {
+        print_webhook(&v);
+    }
+    Ok(())
+}
+
+/// `spur webhook toggle|rotate`.
+pub fn webhook_post(api: Option<&str>, id: &str, verb: &str) -> Result<()> {
+    print_webhook(&send_json(
+        api,
+        &format!("/api/webhooks/{id}/{verb}"),
+        json!({}),
+    )?);
+    Ok(())
+}
+
+/// `spur webhook delete`.
+pub fn webhook_delete(api: Option<&str>, id: &str) -> Result<()> {
+    let base = base_url(api);
+    runtime()?.block_on(async {
+        let response = reqwest::Client::new()
+            .delete(format!("{base}/api/webhooks/{id}"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the daemon at {base}"))?;
+        if !response.status().is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            bail!("{}", body["detail"].as_str().unwrap_or("delete failed"));
+        }
+        println!("deleted");
+        Ok(())
+    })
+}

@@ -93,6 +93,11 @@ enum Command {
         #[command(subcommand)]
         command: ActionsCommand,
     },
+    /// Templated webhooks: any HTTP request to /hooks/<slug> becomes an event.
+    Webhook {
+        #[command(subcommand)]
+        command: WebhookCommand,
+    },
     /// Why each automation did or did not react to an event, as decided when it arrived.
     Explain {
         /// The event id.
@@ -240,6 +245,71 @@ enum RunsCommand {
     /// Cancel a run that has not finished.
     Cancel {
         /// Run id.
+        id: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WebhookCommand {
+    /// Create a webhook; prints its id and URL (and its API key, once).
+    Create {
+        /// Name.
+        name: String,
+        /// The event template (Jinja; `<< >>` allowed).
+        #[arg(long, conflicts_with = "template_file")]
+        template: Option<String>,
+        /// Read the template from a file.
+        #[arg(long)]
+        template_file: Option<PathBuf>,
+        /// Description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Request authentication: api-key, github, stripe, standard or generic.
+        #[arg(long)]
+        auth: Option<String>,
+        /// HMAC secret (repeat for two during rotation).
+        #[arg(long)]
+        secret: Vec<String>,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// One webhook (no secrets).
+    Get {
+        /// Id or name.
+        id: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// All webhooks.
+    Ls {
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Disable or enable (disabled webhooks answer 404).
+    Toggle {
+        /// Id or name.
+        id: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// New URL (the old one stops working); an API-key webhook also gets a new key.
+    Rotate {
+        /// Id or name.
+        id: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Delete.
+    Delete {
+        /// Id or name.
         id: String,
         /// Daemon URL.
         #[arg(long, env = "SPUR_API_URL")]
@@ -397,6 +467,42 @@ fn main() -> ExitCode {
         Command::Actions { command } => match command {
             ActionsCommand::Failed { api } => client::actions_failed(api.as_deref()),
             ActionsCommand::Retry { id, api } => client::actions_retry(api.as_deref(), &id),
+        }
+        .map(|()| ExitCode::SUCCESS),
+        Command::Webhook { command } => match command {
+            WebhookCommand::Create {
+                name,
+                template,
+                template_file,
+                description,
+                auth,
+                secret,
+                api,
+            } => (|| {
+                let template = match (template, template_file) {
+                    (Some(t), _) => t,
+                    (None, Some(f)) => std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?,
+                    (None, None) => anyhow::bail!("give --template or --template-file"),
+                };
+                client::webhook_create(
+                    api.as_deref(),
+                    &name,
+                    &template,
+                    description.as_deref(),
+                    auth.as_deref(),
+                    &secret,
+                )
+            })(),
+            WebhookCommand::Get { id, api } => client::webhook_show(api.as_deref(), &id),
+            WebhookCommand::Ls { api } => client::webhook_ls(api.as_deref()),
+            WebhookCommand::Toggle { id, api } => {
+                client::webhook_post(api.as_deref(), &id, "toggle")
+            }
+            WebhookCommand::Rotate { id, api } => {
+                client::webhook_post(api.as_deref(), &id, "rotate")
+            }
+            WebhookCommand::Delete { id, api } => client::webhook_delete(api.as_deref(), &id),
         }
         .map(|()| ExitCode::SUCCESS),
         Command::Explain { id, json, api } => {

@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "SPUR_LOG_FORMAT", value_parser = ["pretty", "json"])]
     pub log_format: Option<String>,
+    /// Refuse webhooks without authentication (existing ones answer 404 until given some).
+    #[arg(long, env = "SPUR_WEBHOOKS_REQUIRE_AUTH")]
+    pub webhooks_require_auth: bool,
 }
 
 /// Parses `45`, `45s`, `30m`, `12h`, `7d`, or an ISO-8601 duration.
@@ -143,6 +146,11 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         config.retention = parse_duration(&r).with_context(|| format!("retention: {r:?}"))?;
     }
     config.auth_string = args.auth_string.clone().or_else(|| text("auth_string"));
+    config.webhooks_require_auth = args.webhooks_require_auth
+        || file
+            .get("webhooks_require_auth")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
     let nats_file = file.get("nats");
     let nats_url = args.nats.clone().or_else(|| match nats_file {
         Some(Value::String(s)) => Some(s.clone()),

@@ -15,6 +15,7 @@
 //! | `failed_actions` | invocation id, u128 | dead-lettered action (JSON)          |
 //! | `dispatched` | firing id, u128      | its actions were all performed          |
 //! | `explanations` | event id, u128     | what each candidate trigger decided     |
+//! | `webhooks`   | webhook id, u128     | the webhook (secrets sealed, keys hashed) |
 //!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
 //! tables, so an event batch and its de-duplication entries commit together; MVCC readers
@@ -47,6 +48,7 @@ const RUN_ORDER: TableDefinition<u64, u128> = TableDefinition::new("run_order");
 const FAILED_ACTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("failed_actions");
 const DISPATCHED: TableDefinition<u128, ()> = TableDefinition::new("dispatched");
 const EXPLANATIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("explanations");
+const WEBHOOKS: TableDefinition<u128, &[u8]> = TableDefinition::new("webhooks");
 
 /// A storage failure.
 #[derive(Debug, Error)]
@@ -192,6 +194,7 @@ impl Store {
             txn.open_table(FAILED_ACTIONS)?;
             txn.open_table(DISPATCHED)?;
             txn.open_table(EXPLANATIONS)?;
+            txn.open_table(WEBHOOKS)?;
         }
         txn.commit()?;
         Ok(Store { db })
@@ -445,6 +448,41 @@ impl Store {
             Some(v) => Ok(Some(decode_event(v.value())?)),
             None => Ok(None),
         }
+    }
+
+    /// Saves a webhook (insert or replace).
+    pub fn put_webhook(&self, id: Uuid, hook: &Value) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(hook).map_err(corrupt)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(WEBHOOKS)?;
+            table.insert(id.as_u128(), bytes.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every webhook.
+    pub fn webhooks(&self) -> Result<Vec<Value>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(WEBHOOKS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes a webhook; true if it existed.
+    pub fn delete_webhook(&self, id: Uuid) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let existed = {
+            let mut table = txn.open_table(WEBHOOKS)?;
+            table.remove(id.as_u128())?.is_some()
+        };
+        txn.commit()?;
+        Ok(existed)
     }
 
     /// A small named setting (e.g. the paused automations), as JSON.

@@ -15,6 +15,7 @@
 //!   `{{ expr }}` keeps the JSON type of its value; `__prefect_kind: json | jinja | none` objects
 //!   are hydrated; everything else with `{{`/`{%` renders to a string.
 
+mod cloud_event;
 mod context;
 pub mod humanize;
 
@@ -281,6 +282,7 @@ impl TemplateEngine {
         env.add_filter("fromjson", fromjson);
         env.add_filter("tojson", tojson);
         humanize::register(&mut env);
+        env.add_filter("from_cloud_event", cloud_event::from_cloud_event);
         TemplateEngine { env }
     }
 
