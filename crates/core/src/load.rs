@@ -357,8 +357,19 @@ fn load_document(
             load_automation(outcome, file, document, value, base, Dialect::Server);
         }
         Value::Object(map)
-            if map.contains_key("automations") || map.contains_key("deployments") =>
+            if map.contains_key("automations")
+                || map.contains_key("deployments")
+                || map.contains_key("webhooks") =>
         {
+            match map.get("webhooks") {
+                None | Some(Value::Null) => {}
+                Some(Value::Array(items)) => outcome.webhooks.extend(items.iter().cloned()),
+                Some(_) => push(
+                    outcome,
+                    base.key("webhooks"),
+                    "must be a list of webhooks".to_owned(),
+                ),
+            }
             match map.get("automations") {
                 None | Some(Value::Null) => {}
                 Some(Value::Array(items)) => {
