@@ -250,6 +250,20 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
     assert!(raw.contains(&id));
     browser.screenshot(&root().join("target/browser/event-detail.png"));
 
+    // The other pages render too, with their data.
+    browser.goto(&format!("{}/#/automations", daemon.url));
+    eventually(Duration::from_secs(10), "the automations page", || {
+        browser
+            .text("main")
+            .filter(|t| t.contains("prod-failures") && t.contains("Pause"))
+    });
+    browser.goto(&format!("{}/#/webhooks", daemon.url));
+    eventually(Duration::from_secs(10), "the webhooks page", || {
+        browser
+            .text("main")
+            .filter(|t| t.to_lowercase().contains("last failure"))
+    });
+
     browser.goto(&format!("{}/#/events", daemon.url));
     eventually(Duration::from_secs(10), "the feed again", || {
         browser.text("#feed").filter(|t| t.contains("job.failed"))
