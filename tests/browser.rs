@@ -203,10 +203,31 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    let id = emit(
-        "job.failed",
-        r#"{"prefect.resource.id": "job.<b>7</b>", "env": "dev"}"#,
-    );
+    let id = {
+        // Markup through every field: name, labels, related resources, payload.
+        let out = Command::new(env!("CARGO_BIN_EXE_spur"))
+            .args([
+                "emit",
+                "job.failed",
+                "--resource",
+                r#"{"prefect.resource.id": "job.<b>7</b>", "env": "dev", "<i>label</i>": "<script>alert(3)</script>"}"#,
+                "--related",
+                r#"[{"prefect.resource.id": "<b>rel</b>", "prefect.resource.role": "<script>alert(4)</script>"}]"#,
+                "--payload",
+                r#"{"html": "<img src=x onerror=alert(5)>"}"#,
+                "--api",
+                &daemon.url,
+            ])
+            .current_dir(root())
+            .output()
+            .expect("spur emit runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
     emit("other.thing", "svc.api");
     emit("<script>alert(1)</script>", "<img src=x onerror=alert(2)>");
     let feed = eventually(Duration::from_secs(10), "the event appears live", || {
@@ -248,6 +269,14 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
     );
     let raw = browser.text("#raw").expect("raw JSON");
     assert!(raw.contains(&id));
+    assert!(raw.contains("<img src=x onerror=alert(5)>"), "{raw}");
+    let injected = browser
+        .session("POST", "/execute/sync", Some(json!({"script": "return document.querySelectorAll('main script, main img, main b, main i').length", "args": []})))
+        .expect("script runs");
+    assert_eq!(
+        injected["value"], 0,
+        "no markup from event data reached the detail page"
+    );
     browser.screenshot(&root().join("target/browser/event-detail.png"));
 
     // The other pages render too, with their data.

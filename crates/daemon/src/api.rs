@@ -130,6 +130,7 @@ async fn automations(State(state): State<ApiState>) -> Response {
                 "actions": a.automation.actions,
                 "actions_on_trigger": a.automation.actions_on_trigger,
                 "actions_on_resolve": a.automation.actions_on_resolve,
+                "next_deadline": a.next_deadline.map(format_timestamp),
                 "state": {
                     "buckets": a.buckets.iter().map(|(trigger, key, b)| json!({
                         "trigger_id": trigger,

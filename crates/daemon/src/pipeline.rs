@@ -53,6 +53,8 @@ pub struct AutomationState {
     pub automation: Arc<Automation>,
     /// Open buckets: (trigger id, key, bucket).
     pub buckets: Vec<(Uuid, Vec<String>, Bucket)>,
+    /// Its next proactive deadline.
+    pub next_deadline: Option<DateTime<Utc>>,
 }
 
 /// What `Describe` returns.
@@ -341,6 +343,7 @@ impl Pipeline {
                 .map(|a| AutomationState {
                     automation: a.clone(),
                     buckets: self.engine.buckets_of(a.id),
+                    next_deadline: self.engine.next_deadline_of(a.id),
                 })
                 .collect(),
             next_deadline: self.engine.next_deadline(),

@@ -359,6 +359,18 @@ impl Engine {
         }
     }
 
+    /// The next proactive evaluation of one automation's triggers, if it has proactive ones.
+    pub fn next_deadline_of(&self, automation: Uuid) -> Option<DateTime<Utc>> {
+        self.plan
+            .proactive
+            .iter()
+            .filter(|&&leaf| {
+                self.plan.automations[self.plan.leaves[leaf].automation].id == automation
+            })
+            .filter_map(|&leaf| self.leaf_states[leaf].next_run)
+            .min()
+    }
+
     /// The open buckets of one automation's leaf triggers: `(trigger id, key, bucket)`.
     pub fn buckets_of(&self, automation: Uuid) -> Vec<(Uuid, Vec<String>, Bucket)> {
         let mut out = Vec::new();
