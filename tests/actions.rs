@@ -6,13 +6,12 @@ mod support;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{SpurDaemon, eventually, root};
+use support::{SpurDaemon, eventually, spur};
 
 /// A loopback HTTP server that records requests and answers with `status` (changeable).
 struct Receiver {
@@ -66,19 +65,6 @@ impl Receiver {
     fn requests(&self) -> Vec<(String, String)> {
         self.requests.lock().expect("lock").clone()
     }
-}
-
-fn spur(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_spur"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("spur runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn emit(daemon: &SpurDaemon, name: &str, resource: &str, payload: &str) {

@@ -7,31 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{NatsServer, SpurDaemon, eventually, nats_server_bin};
-
-fn http(method: &str, url: &str, body: Option<Value>) -> (u16, String) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let client = reqwest::Client::new();
-        let request = match method {
-            "POST" => client.post(url),
-            _ => client.get(url),
-        };
-        let request = match body {
-            Some(b) => request
-                .header("content-type", "application/json")
-                .body(b.to_string()),
-            None => request,
-        };
-        let response = request.send().await.expect("daemon answers");
-        let status = response.status().as_u16();
-        (status, response.text().await.unwrap_or_default())
-    })
-}
+use support::{NatsServer, SpurDaemon, eventually, http, nats_server_bin};
 
 fn post_events(daemon: &SpurDaemon, events: Value) -> (u16, String) {
     http("POST", &format!("{}/api/events", daemon.url), Some(events))

@@ -8,20 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{SpurDaemon, eventually, root};
-
-fn spur(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_spur"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("spur runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use support::{SpurDaemon, eventually, root, spur};
 
 fn runs(daemon: &SpurDaemon) -> Vec<Value> {
     let (ok, out, err) = spur(&["runs", "ls", "--limit", "100", "--api", &daemon.url]);

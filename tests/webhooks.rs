@@ -34,21 +34,13 @@ fn request(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -
 }
 
 fn api(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let client = reqwest::Client::new();
-        let r = match method {
-            "POST" => client.post(url).json(&body.unwrap_or(json!({}))),
-            _ => client.get(url),
-        };
-        let response = r.send().await.expect("daemon answers");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    })
+    let body = if method == "POST" {
+        Some(body.unwrap_or(json!({})))
+    } else {
+        body
+    };
+    let (status, text) = support::http(method, url, body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 fn create(daemon: &SpurDaemon, spec: Value) -> Value {

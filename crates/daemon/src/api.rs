@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +26,8 @@ use spur_core::Event;
 use spur_core::time::{format_timestamp, parse_timestamp};
 use spur_store::{EventQuery, Store};
 use tokio::sync::{broadcast, mpsc, oneshot};
+
+use spur_ingest::http::{close, constant_time_eq, offers_prefect_protocol};
 
 use crate::metrics::Metrics;
 use crate::pipeline::{Control, Description};
@@ -502,15 +504,6 @@ async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToke
     run_query(&state, query, limit, Some(before)).await
 }
 
-fn offers_prefect_protocol(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == "prefect")
-}
-
 async fn events_out(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -519,15 +512,6 @@ async fn events_out(
     let handshake = offers_prefect_protocol(&headers);
     ws.protocols(["prefect"])
         .on_upgrade(move |socket| stream_out(socket, handshake, state))
-}
-
-async fn close(mut socket: WebSocket, code: u16, reason: &str) {
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
 }
 
 async fn next_text(socket: &mut WebSocket) -> Option<String> {
@@ -552,12 +536,11 @@ async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
             == Some("auth");
         let token_ok = match &state.auth_string {
             None => true,
-            Some(expected) => {
-                auth.as_ref()
-                    .and_then(|a| a.get("token"))
-                    .and_then(Value::as_str)
-                    == Some(expected.as_str())
-            }
+            Some(expected) => auth
+                .as_ref()
+                .and_then(|a| a.get("token"))
+                .and_then(Value::as_str)
+                .is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes())),
         };
         if !ok_type || !token_ok {
             close(

@@ -132,7 +132,9 @@ async fn post_events(State(state): State<HttpIngest>, body: Bytes) -> Response {
     }
 }
 
-fn offers_prefect_protocol(headers: &HeaderMap) -> bool {
+/// True when the client offers the `prefect` websocket subprotocol (then the in-band auth
+/// handshake is expected).
+pub fn offers_prefect_protocol(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -151,7 +153,8 @@ async fn events_in(
         .on_upgrade(move |socket| stream_events_in(socket, handshake, state))
 }
 
-async fn close(mut socket: WebSocket, code: u16, reason: &str) {
+/// Closes a websocket with a code and reason.
+pub async fn close(mut socket: WebSocket, code: u16, reason: &str) {
     let _ = socket
         .send(Message::Close(Some(CloseFrame {
             code,
@@ -194,7 +197,8 @@ async fn authenticate(
         .map_err(|_| (1011, "send failed".to_owned()))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Constant-time equality (for tokens).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
