@@ -7,6 +7,7 @@
 //! * [`remote`] — the `http` and `prefect` launchers.
 //! * [`schema`] — JSON Schema checks of parameters before launch.
 //! * [`worker`] — runs on `spur worker` processes over NATS (a queue group per pool).
+#![warn(missing_docs)]
 
 pub mod deployment;
 pub mod launcher;

@@ -8,6 +8,7 @@
 //! * [`problem`], [`time`] — validation findings; timestamps and durations.
 //!
 //! Nothing here does I/O except [`load`], which only reads files.
+#![warn(missing_docs)]
 
 pub mod automation;
 pub mod event;

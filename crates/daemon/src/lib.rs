@@ -19,6 +19,7 @@
 //!
 //! Shutdown order: stop accepting HTTP, stop the NATS source, drain the pipeline's queue,
 //! checkpoint, return.
+#![warn(missing_docs)]
 
 pub mod actions;
 pub mod api;

@@ -7,6 +7,7 @@
 //! * [`nats`] — NATS subjects through a JetStream durable consumer (or core NATS).
 //! * [`cloudevents`] — CloudEvents structured and binary mode mapping.
 //! * [`webhook`] — templated webhooks at `/hooks/{slug}` with request authentication.
+#![warn(missing_docs)]
 
 pub mod cloudevents;
 pub mod http;

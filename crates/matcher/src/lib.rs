@@ -9,6 +9,7 @@
 //!
 //! No I/O and no clock of its own: callers pass the time in, so the daemon, `spur replay` and
 //! the tests all run this same code.
+#![warn(missing_docs)]
 
 pub mod engine;
 pub mod explain;

@@ -3,6 +3,7 @@
 //! * [`replay`] — feed a recorded stream through the [`spur_matcher::Engine`] and render each
 //!   firing's actions with [`spur_template`], exactly as the daemon would.
 //! * [`scenario`] — load scenario files and judge the firings against their expectations.
+#![warn(missing_docs)]
 
 pub mod replay;
 pub mod scenario;

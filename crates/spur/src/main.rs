@@ -69,7 +69,7 @@ enum Command {
         /// Publish to this NATS server instead of the daemon's HTTP API.
         #[arg(long)]
         nats: Option<String>,
-        /// Subject prefix for --nats (the subject is PREFIX.<event name>).
+        /// Subject prefix for --nats (the subject is PREFIX.EVENT_NAME).
         #[arg(long, default_value = "events")]
         subject_prefix: String,
     },
@@ -93,7 +93,7 @@ enum Command {
         #[command(subcommand)]
         command: ActionsCommand,
     },
-    /// Templated webhooks: any HTTP request to /hooks/<slug> becomes an event.
+    /// Templated webhooks: any HTTP request to /hooks/SLUG becomes an event.
     Webhook {
         #[command(subcommand)]
         command: WebhookCommand,

@@ -25,6 +25,7 @@
 //! checkpoint names the last sequence whose effects it contains; everything after it is
 //! replayed on start. A firing id is recorded at most once, which is what makes re-fired
 //! firings after a crash harmless.
+#![warn(missing_docs)]
 
 use std::path::Path;
 

@@ -14,6 +14,7 @@
 //! * Prefect's run-deployment parameter rules ([`render_parameters`]): a string that is one lone
 //!   `{{ expr }}` keeps the JSON type of its value; `__prefect_kind: json | jinja | none` objects
 //!   are hydrated; everything else with `{{`/`{%` renders to a string.
+#![warn(missing_docs)]
 
 mod cloud_event;
 mod context;
