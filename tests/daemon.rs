@@ -789,3 +789,84 @@ fn explain_says_why_each_automation_did_or_did_not_react() {
     assert_eq!(status, 404, "{text}");
     assert!(text.contains("no event"), "{text}");
 }
+
+#[test]
+fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
+    let Some(bin) = nats_server_bin() else {
+        eprintln!(
+            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = NatsServer::start(&bin, &dir.path().join("nats"));
+    let automations = dir.path().join("automations");
+    std::fs::create_dir_all(&automations).expect("dir");
+    write(&automations, "threshold.yaml", THRESHOLD);
+    let emit = |resource: &str, id: u128| {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+            .args([
+                "emit",
+                "job.failed",
+                "--resource",
+                resource,
+                "--id",
+                &uuid::Uuid::from_u128(id).to_string(),
+                "--nats",
+                &nats.url,
+            ])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("spur emit runs");
+        assert!(status.success(), "spur emit --nats failed");
+    };
+
+    // Instance A counts the first of two failures, stores its state in JetStream, and dies.
+    let first = SpurDaemon::start(
+        &dir.path().join("data-a"),
+        &automations,
+        &["--nats", &nats.url],
+    );
+    eventually(Duration::from_secs(10), "the JetStream consumer", || {
+        (!first.log_lines("consuming NATS JetStream").is_empty()).then_some(())
+    });
+    emit("job.t", 40);
+    eventually(
+        Duration::from_secs(20),
+        "a checkpoint stored in JetStream",
+        || (!first.log_lines("checkpoint stored in JetStream").is_empty()).then_some(()),
+        // (logged once, for the first checkpoint that covers an event)
+    );
+    assert!(
+        firings(&first).is_empty(),
+        "one failure of two fires nothing"
+    );
+    first.kill();
+
+    // Instance B starts with an empty data folder on the same NATS: it restores A's count,
+    // so the second failure completes the threshold there, once.
+    let second = SpurDaemon::start(
+        &dir.path().join("data-b"),
+        &automations,
+        &["--nats", &nats.url],
+    );
+    assert!(
+        !second
+            .log_lines("restoring trigger state from the JetStream checkpoint")
+            .is_empty(),
+        "B restores from JetStream"
+    );
+    eventually(Duration::from_secs(10), "B's JetStream consumer", || {
+        (!second.log_lines("consuming NATS JetStream").is_empty()).then_some(())
+    });
+    emit("job.t", 41);
+    let fired = eventually(Duration::from_secs(20), "the firing on B", || {
+        let f = firings(&second);
+        (!f.is_empty()).then_some(f)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let fired_later = firings(&second);
+    assert_eq!(fired_later.len(), 1, "fired once: {fired_later:?}");
+    assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(41).to_string());
+    assert_eq!(second.terminate(), Some(0), "SIGTERM shuts down cleanly");
+}

@@ -152,6 +152,10 @@ struct Inner {
     api_url: RwLock<Option<String>>,
     control: OnceLock<mpsc::Sender<Control>>,
     nats: OnceLock<async_nats::Client>,
+    /// With NATS: the claims that keep two instances from running a firing's actions twice.
+    shared: OnceLock<(crate::shared_state::SharedState, Uuid)>,
+    /// The batching writer of dispatched marks (see `mark_dispatched`).
+    marks: OnceLock<mpsc::UnboundedSender<Uuid>>,
     retry_base: Duration,
     max_attempts: u32,
 }
@@ -185,6 +189,8 @@ impl Executor {
                 api_url: RwLock::new(None),
                 control: OnceLock::new(),
                 nats: OnceLock::new(),
+                shared: OnceLock::new(),
+                marks: OnceLock::new(),
                 retry_base: Duration::from_millis(500),
                 max_attempts: 5,
             }),
@@ -201,6 +207,11 @@ impl Executor {
     /// The NATS connection worker launchers use.
     pub fn set_nats(&self, client: async_nats::Client) {
         let _ = self.inner.nats.set(client);
+    }
+
+    /// Shared state in JetStream: claim each firing (as instance `owner`) before acting.
+    pub fn set_shared(&self, shared: crate::shared_state::SharedState, owner: Uuid) {
+        let _ = self.inner.shared.set((shared, owner));
     }
 
     /// The pipeline's control channel (for pausing automations).
@@ -251,6 +262,23 @@ impl Executor {
 
     /// Consumes dispatches until the channel closes.
     pub async fn run(self, mut dispatches: mpsc::UnboundedReceiver<Dispatch>) {
+        let (marks, mut pending) = mpsc::unbounded_channel::<Uuid>();
+        if self.inner.marks.set(marks).is_ok() {
+            let store = self.inner.store.clone();
+            tokio::spawn(async move {
+                while let Some(first) = pending.recv().await {
+                    let mut batch = vec![first];
+                    while batch.len() < 4096
+                        && let Ok(next) = pending.try_recv()
+                    {
+                        batch.push(next);
+                    }
+                    let store = store.clone();
+                    let _ =
+                        tokio::task::spawn_blocking(move || store.mark_dispatched(&batch)).await;
+                }
+            });
+        }
         while let Some(d) = dispatches.recv().await {
             let executor = self.clone();
             tokio::spawn(async move { executor.dispatch(d).await });
@@ -277,6 +305,13 @@ impl Executor {
 
     async fn dispatch(&self, d: Dispatch) {
         let firing = &d.firing;
+        if let Some((shared, owner)) = self.inner.shared.get()
+            && !shared.claim(firing.id, *owner).await
+        {
+            info!(firing = %firing.id, automation = %firing.automation.name, "another instance already dispatched this firing");
+            self.mark_dispatched(firing.id);
+            return;
+        }
         let state_event = firing.state_change_event();
         let state_event_id = state_event.id;
         self.emit(state_event).await;
@@ -310,9 +345,23 @@ impl Executor {
             self.execute(firing, action, index, state_event_id, prepared)
                 .await;
         }
-        let store = self.inner.store.clone();
-        let id = firing.id;
-        let _ = tokio::task::spawn_blocking(move || store.mark_dispatched(id)).await;
+        self.mark_dispatched(firing.id);
+    }
+
+    /// Records that a firing's actions all ran. The marks go to one writer task that commits
+    /// them in batches: a write transaction (and fsync) per firing would compete with the
+    /// pipeline for the store's single writer under load. A mark lost to a crash only means
+    /// the firing is dispatched again on restart, where every step is idempotent.
+    fn mark_dispatched(&self, firing: Uuid) {
+        let sent = self
+            .inner
+            .marks
+            .get()
+            .is_some_and(|marks| marks.send(firing).is_ok());
+        if !sent {
+            let store = self.inner.store.clone();
+            tokio::task::spawn_blocking(move || store.mark_dispatched(&[firing]));
+        }
     }
 
     /// After a crash: performs the actions of recorded firings that were never dispatched.

@@ -27,6 +27,7 @@ pub mod config;
 pub mod metrics;
 pub mod pipeline;
 pub mod reload;
+pub mod shared_state;
 pub mod webhooks;
 
 use std::net::SocketAddr;
@@ -70,6 +71,8 @@ pub struct Daemon {
     server: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
     executor_task: JoinHandle<()>,
+    /// Stores checkpoints in JetStream; ends after the pipeline (its final checkpoint).
+    mirror_task: Option<JoinHandle<()>>,
     pipeline: pipeline::PipelineHandle,
     fired: broadcast::Sender<Arc<serde_json::Value>>,
     metrics: Arc<metrics::Metrics>,
@@ -132,6 +135,31 @@ impl Daemon {
             initial.status.errors.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        // With NATS JetStream, trigger state is also kept there so another instance can
+        // take over (see `shared_state`).
+        let mut shared = None;
+        let mut restore_from = None;
+        if let Some(nats) = config.nats.as_ref().filter(|n| n.jetstream) {
+            match spur_ingest::nats::connect(&nats.url, nats_counters.clone()).await {
+                Ok(client) => match shared_state::SharedState::connect(&client).await {
+                    Ok(state) => {
+                        if store.load_checkpoint()?.is_none() {
+                            restore_from = state
+                                .load_checkpoint()
+                                .await
+                                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                        }
+                        shared = Some(state);
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "no shared state: cannot open the JetStream buckets")
+                    }
+                },
+                Err(e) => warn!(error = %e, "no shared state: cannot connect to NATS"),
+            }
+        }
+        let (mirror_tx, mirror_rx) = watch::channel(None);
+        let (covered_tx, covered_rx) = watch::channel(0u64);
         // Firings a crash left undispatched, read before recovery can add new ones.
         let leftovers = store.undispatched_firings(1000)?;
         let (live, _) = broadcast::channel(4096);
@@ -145,12 +173,14 @@ impl Daemon {
                 live: live.clone(),
                 fired: fired.clone(),
                 dispatch: dispatch_tx,
+                mirror: shared.as_ref().map(|_| mirror_tx),
             },
             pipeline::PipelineConfig {
                 checkpoint_events: config.checkpoint_events,
                 checkpoint_interval: config.checkpoint_interval,
                 retention: config.retention,
             },
+            restore_from,
         )?;
 
         executor.set_control(pipeline.control.clone());
@@ -170,6 +200,13 @@ impl Daemon {
             shutdown_rx.clone(),
         )));
         let initial_automations = initial.automations;
+        let mut covered = None;
+        let mut mirror_task = None;
+        if let Some(state) = shared {
+            executor.set_shared(state.clone(), instance_id(&store)?);
+            mirror_task = Some(tokio::spawn(state.mirror(mirror_rx, covered_tx)));
+            covered = Some(covered_rx);
+        }
         if let Some(nats) = config.nats.clone() {
             info!(url = %nats.url, subjects = ?nats.subjects, jetstream = nats.jetstream, "NATS source enabled");
             // A second connection for worker launchers (run requests and state reports).
@@ -181,6 +218,7 @@ impl Daemon {
                 nats,
                 intake.clone(),
                 nats_counters,
+                covered,
                 shutdown_rx.clone(),
             )));
         }
@@ -248,6 +286,7 @@ impl Daemon {
             server,
             tasks,
             executor_task,
+            mirror_task,
             pipeline,
             fired,
             metrics,
@@ -272,10 +311,26 @@ impl Daemon {
             let _ = task.await;
         }
         self.pipeline.shutdown().await;
+        if let Some(mirror) = self.mirror_task {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), mirror).await;
+        }
         // The pipeline held the executor's dispatch channel; runs still in progress are
         // stopped with the process and marked Crashed on the next start.
         self.executor_task.abort();
         let _ = self.executor_task.await;
         info!("spur stopped");
     }
+}
+
+/// This data folder's instance id (made on first start): whose claim a firing is.
+fn instance_id(store: &Store) -> Result<uuid::Uuid, StartError> {
+    if let Some(id) = store
+        .get_setting("instance_id")?
+        .and_then(|v| v.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()))
+    {
+        return Ok(id);
+    }
+    let id = uuid::Uuid::new_v4();
+    store.put_setting("instance_id", &serde_json::Value::String(id.to_string()))?;
+    Ok(id)
 }

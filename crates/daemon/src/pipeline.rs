@@ -27,7 +27,7 @@ use spur_matcher::{Bucket, Engine, EngineConfig, Firing, FiringState};
 use spur_replay::render_firing;
 use spur_store::{Appended, Checkpoint, Store, StoreError};
 use spur_template::TemplateEngine;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
@@ -112,6 +112,7 @@ struct Pipeline {
     live: broadcast::Sender<Arc<Event>>,
     fired: broadcast::Sender<Arc<Value>>,
     dispatch: mpsc::UnboundedSender<crate::actions::Dispatch>,
+    mirror: Option<watch::Sender<crate::shared_state::StoredCheckpoint>>,
     config: PipelineConfig,
     applied: u64,
     since_checkpoint: u64,
@@ -128,6 +129,8 @@ pub struct Outputs {
     pub fired: broadcast::Sender<Arc<Value>>,
     /// Firings with actions to execute.
     pub dispatch: mpsc::UnboundedSender<crate::actions::Dispatch>,
+    /// When NATS is configured: every checkpoint, to be stored in JetStream too.
+    pub mirror: Option<watch::Sender<crate::shared_state::StoredCheckpoint>>,
 }
 
 /// The automations with paused ones disabled.
@@ -157,11 +160,13 @@ pub fn start(
     metrics: Arc<Metrics>,
     outputs: Outputs,
     config: PipelineConfig,
+    restore_from: Option<Checkpoint>,
 ) -> Result<PipelineHandle, StoreError> {
     let Outputs {
         live,
         fired,
         dispatch,
+        mirror,
     } = outputs;
     let paused: std::collections::HashSet<Uuid> = store
         .get_setting("paused_automations")?
@@ -183,12 +188,21 @@ pub fn start(
         live,
         fired,
         dispatch,
+        mirror,
         config,
         applied: 0,
         since_checkpoint: 0,
         last_checkpoint: Instant::now(),
         last_prune: None,
     };
+    if let Some(shared) = restore_from
+        && pipeline.store.load_checkpoint()?.is_none()
+    {
+        // An empty data folder and a checkpoint in JetStream: take over from it. The events
+        // after it were never acknowledged, so the stream redelivers them.
+        info!("restoring trigger state from the JetStream checkpoint");
+        pipeline.engine.restore(&shared.snapshot);
+    }
     pipeline.recover()?;
     let (control_tx, control_rx) = mpsc::channel(64);
     let thread = std::thread::Builder::new()
@@ -255,11 +269,19 @@ impl Pipeline {
     ) {
         let mut intake_open = true;
         loop {
-            let sleep = self
+            let mut sleep = self
                 .engine
                 .next_deadline()
                 .map(|d| (d - Utc::now()).to_std().unwrap_or(Duration::ZERO))
                 .unwrap_or(Duration::from_secs(3600));
+            if self.since_checkpoint > 0 {
+                // Wake up to checkpoint even when no more events come.
+                let due = self
+                    .config
+                    .checkpoint_interval
+                    .saturating_sub(self.last_checkpoint.elapsed());
+                sleep = sleep.min(due);
+            }
             tokio::select! {
                 biased;
                 message = control.recv() => match message {
@@ -401,6 +423,7 @@ impl Pipeline {
                     Appended::Duplicate => receipt.duplicates += 1,
                     Appended::New(seq) => {
                         receipt.accepted += 1;
+                        receipt.last_seq = receipt.last_seq.max(seq);
                         let event = Arc::new(event);
                         let started = Instant::now();
                         firings.extend(self.engine.handle(event.clone(), event.received));
@@ -546,6 +569,11 @@ impl Pipeline {
         if let Err(e) = self.store.save_checkpoint(&checkpoint) {
             warn!(error = %e, "cannot write a checkpoint; the log still has every event");
             return;
+        }
+        if let Some(mirror) = &self.mirror
+            && let Ok(bytes) = serde_json::to_vec(&checkpoint)
+        {
+            let _ = mirror.send(Some((checkpoint.seq, Arc::new(bytes))));
         }
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();

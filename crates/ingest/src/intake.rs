@@ -25,6 +25,8 @@ pub struct Receipt {
     pub accepted: usize,
     /// Events whose id was already in the log.
     pub duplicates: usize,
+    /// The highest event-log position written for this submission (0 if none).
+    pub last_seq: u64,
 }
 
 /// A batch on its way to the pipeline, with the channel to report back on.

@@ -127,10 +127,14 @@ pub async fn connect(
 }
 
 /// Runs the source until `shutdown` turns true.
+///
+/// With `covered` (shared state in JetStream), a message is acknowledged only once the
+/// checkpoint stored in JetStream covers the log position its event was written at.
 pub async fn run(
     config: NatsConfig,
     intake: Intake,
     counters: Arc<NatsCounters>,
+    covered: Option<watch::Receiver<u64>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let client = match connect(&config.url, counters.clone()).await {
@@ -142,10 +146,17 @@ pub async fn run(
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        let result = tokio::select! {
-            r = consume(&client, &config, &intake, &counters) => r,
-            _ = shutdown.changed() => return,
-        };
+        // The consume loop watches `shutdown` itself: it stops pulling, then acknowledges
+        // what the pipeline already made durable before returning.
+        let result = consume(
+            &client,
+            &config,
+            &intake,
+            &counters,
+            covered.clone(),
+            shutdown.clone(),
+        )
+        .await;
         if *shutdown.borrow() {
             return;
         }
@@ -171,7 +182,12 @@ async fn consume(
     config: &NatsConfig,
     intake: &Intake,
     counters: &NatsCounters,
+    mut covered: Option<watch::Receiver<u64>>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), BoxError> {
+    if *shutdown.borrow() {
+        return Ok(());
+    }
     let engine = spur_template::TemplateEngine::new();
     if !config.jetstream {
         let mut subscriptions = futures_util::stream::SelectAll::new();
@@ -179,7 +195,12 @@ async fn consume(
             subscriptions.push(client.subscribe(subject.clone()).await?);
         }
         let mut batches = subscriptions.ready_chunks(512);
-        while let Some(batch) = batches.next().await {
+        loop {
+            let batch = tokio::select! {
+                batch = batches.next() => batch,
+                _ = shutdown.changed() => return Ok(()),
+            };
+            let Some(batch) = batch else { break };
             let events = batch
                 .iter()
                 .filter_map(|m| parse(&m.subject, m.headers.as_ref(), &m.payload, intake, &config.templates, &engine).map_err(|reason| {
@@ -208,7 +229,7 @@ async fn consume(
                 durable_name: Some(config.consumer.clone()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(30),
-                max_ack_pending: 10_000,
+                max_ack_pending: 100_000,
                 ..Default::default()
             },
         )
@@ -223,11 +244,25 @@ async fn consume(
     // Several batches may wait for durability at once: the pipeline commits everything queued
     // in one transaction (group commit), and each batch is acknowledged after its commit.
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    let mut held: std::collections::VecDeque<(u64, Vec<jetstream::Message>)> = Default::default();
     loop {
         tokio::select! {
+            _ = shutdown.changed() => break,
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let done: Result<(), BoxError> = done;
-                done?;
+                let done: Result<(u64, Vec<jetstream::Message>), BoxError> = done;
+                let (seq, messages) = done?;
+                held.push_back((seq, messages));
+                ack_covered(&mut held, covered.as_ref().map(|c| *c.borrow())).await?;
+            }
+            changed = async {
+                match covered.as_mut() {
+                    Some(c) => c.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            }, if !held.is_empty() => {
+                if changed {
+                    ack_covered(&mut held, covered.as_ref().map(|c| *c.borrow())).await?;
+                }
             }
             batch = batches.next(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
                 let Some(batch) = batch else { break };
@@ -249,21 +284,66 @@ async fn consume(
                 }
                 let intake = intake.clone();
                 in_flight.push(async move {
-                    // Durable first (log + trigger state), then acknowledge.
-                    intake.submit(events).await?;
-                    for message in good {
-                        message.ack().await?;
-                    }
-                    Ok(())
+                    // Durable first (log + trigger state), then acknowledge (see ack_covered).
+                    let receipt = intake.submit(events).await?;
+                    Ok((receipt.last_seq, good))
                 });
             }
         }
     }
+    // Stopping (or the stream ended): finish the batches already submitted, then acknowledge
+    // them once a stored checkpoint covers them (bounded: the pipeline checkpoints within its
+    // interval; what stays unacknowledged is redelivered, never lost).
     while let Some(done) = in_flight.next().await {
-        let done: Result<(), BoxError> = done;
-        done?;
+        let done: Result<(u64, Vec<jetstream::Message>), BoxError> = done;
+        let (seq, messages) = done?;
+        held.push_back((seq, messages));
+    }
+    let deadline = tokio::time::Instant::now() + ACK_DRAIN_LIMIT;
+    while let Some(covered) = covered.as_mut() {
+        let position = *covered.borrow();
+        ack_covered(&mut held, Some(position)).await?;
+        if held.is_empty() {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, covered.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                warn!(
+                    unacknowledged = held.iter().map(|(_, m)| m.len()).sum::<usize>(),
+                    "no stored checkpoint covers the last events yet; JetStream will redeliver them"
+                );
+                return Ok(());
+            }
+        }
+    }
+    ack_covered(&mut held, None).await?;
+    if *shutdown.borrow() {
+        return Ok(());
     }
     Err("JetStream consumer stream ended".into())
+}
+
+/// How long a stopping consumer waits for a checkpoint to cover what it still holds.
+const ACK_DRAIN_LIMIT: Duration = Duration::from_secs(15);
+
+/// Acknowledges held batches whose log position the stored checkpoint covers (all of them
+/// when there is no shared checkpoint: the local log and checkpoint make them durable).
+async fn ack_covered(
+    held: &mut std::collections::VecDeque<(u64, Vec<jetstream::Message>)>,
+    covered: Option<u64>,
+) -> Result<(), BoxError> {
+    while let Some((seq, _)) = held.front() {
+        if covered.is_some_and(|c| *seq > c) {
+            break;
+        }
+        if let Some((_, messages)) = held.pop_front() {
+            for message in messages {
+                message.ack().await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One NATS message as an event: a subject template if one matches, else a binary-mode

@@ -394,12 +394,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Marks a firing's actions as performed.
-    pub fn mark_dispatched(&self, firing: Uuid) -> Result<(), StoreError> {
+    /// Marks firings whose actions were all performed (one transaction for the lot).
+    pub fn mark_dispatched(&self, firings: &[Uuid]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(DISPATCHED)?;
-            table.insert(firing.as_u128(), ())?;
+            for firing in firings {
+                table.insert(firing.as_u128(), ())?;
+            }
         }
         txn.commit()?;
         Ok(())
@@ -757,7 +759,7 @@ mod tests {
             .record_firings(&[(a, json!({"id": a})), (b, json!({"id": b}))])
             .expect("record");
         assert_eq!(store.undispatched_firings(10).expect("scan").len(), 2);
-        store.mark_dispatched(a).expect("mark");
+        store.mark_dispatched(&[a]).expect("mark");
         let left = store.undispatched_firings(10).expect("scan");
         assert_eq!(left, vec![json!({"id": b})]);
         let e = event(9, "x", "2024-01-01T00:00:00Z");

@@ -1,0 +1,149 @@
+//! Trigger state in JetStream when NATS is configured, so another instance can take over.
+//!
+//! * Every checkpoint (engine snapshot + the local log position) is also stored in the
+//!   object store `SPUR_STATE`; a daemon that starts with an empty data folder restores from
+//!   it. The NATS consumer acknowledges a message only once a stored checkpoint covers it, so
+//!   everything after that checkpoint is still in the `SPUR_EVENTS` stream and is redelivered
+//!   to the successor: nothing is lost.
+//! * Before the actions of a firing run, its id is claimed in the KV bucket `SPUR_FIRINGS`
+//!   (create-only): a successor that derives the same firing again does not repeat them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, object_store};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+const STATE_BUCKET: &str = "SPUR_STATE";
+const CLAIMS_BUCKET: &str = "SPUR_FIRINGS";
+const CHECKPOINT: &str = "checkpoint";
+
+/// The least time between two checkpoint uploads.
+const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Handles to the JetStream buckets.
+#[derive(Clone)]
+pub struct SharedState {
+    objects: object_store::ObjectStore,
+    claims: kv::Store,
+}
+
+impl std::fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedState")
+    }
+}
+
+/// The latest checkpoint for the mirror: the local log position it covers and its JSON.
+pub type StoredCheckpoint = Option<(u64, Arc<Vec<u8>>)>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl SharedState {
+    /// Opens (creating if needed) the state object store and the claims bucket.
+    pub async fn connect(client: &async_nats::Client) -> Result<SharedState, BoxError> {
+        let js = jetstream::new(client.clone());
+        let objects = match js.get_object_store(STATE_BUCKET).await {
+            Ok(o) => o,
+            Err(_) => {
+                js.create_object_store(object_store::Config {
+                    bucket: STATE_BUCKET.to_owned(),
+                    description: Some("Spur trigger-state checkpoints".to_owned()),
+                    ..Default::default()
+                })
+                .await?
+            }
+        };
+        let claims = match js.get_key_value(CLAIMS_BUCKET).await {
+            Ok(k) => k,
+            Err(_) => {
+                js.create_key_value(kv::Config {
+                    bucket: CLAIMS_BUCKET.to_owned(),
+                    description: "Spur firings whose actions were dispatched".to_owned(),
+                    history: 1,
+                    max_age: Duration::from_secs(7 * 24 * 3600),
+                    ..Default::default()
+                })
+                .await?
+            }
+        };
+        Ok(SharedState { objects, claims })
+    }
+
+    /// The stored checkpoint (JSON), if any.
+    pub async fn load_checkpoint(&self) -> Option<Vec<u8>> {
+        let mut object = self.objects.get(CHECKPOINT).await.ok()?;
+        let mut bytes = Vec::new();
+        object.read_to_end(&mut bytes).await.ok()?;
+        Some(bytes)
+    }
+
+    async fn save_checkpoint(&self, bytes: &[u8]) -> Result<(), BoxError> {
+        let mut reader = bytes;
+        self.objects.put(CHECKPOINT, &mut reader).await?;
+        Ok(())
+    }
+
+    /// Claims a firing for `owner` (the instance's id); false if another instance already
+    /// did. A claim this instance made before a restart still counts as its own, so a crash
+    /// in the middle of dispatching is finished on restart rather than dropped.
+    pub async fn claim(&self, firing: Uuid, owner: Uuid) -> bool {
+        let key = firing.to_string();
+        let value: Vec<u8> = owner.to_string().into_bytes();
+        for _ in 0..3 {
+            match self.claims.create(&key, value.clone().into()).await {
+                Ok(_) => return true,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    return match self.claims.get(&key).await {
+                        Ok(Some(holder)) => holder.as_ref() == value.as_slice(),
+                        _ => false,
+                    };
+                }
+                Err(e) => {
+                    warn!(error = %e, %firing, "cannot claim a firing in JetStream KV; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        // At-least-once: running the actions again beats never running them.
+        warn!(%firing, "claiming failed; dispatching anyway");
+        true
+    }
+
+    /// Stores each new checkpoint the pipeline publishes, then announces the log position it
+    /// covers (the NATS consumer acknowledges up to there).
+    pub async fn mirror(
+        self,
+        mut checkpoints: watch::Receiver<StoredCheckpoint>,
+        covered: watch::Sender<u64>,
+    ) {
+        let mut announced = false;
+        while checkpoints.changed().await.is_ok() {
+            // At most one upload per MIRROR_INTERVAL: each is a whole snapshot (hashed and
+            // chunked), and the pipeline checkpoints far more often under load. Acknowledgements
+            // lag by about this much; max_ack_pending leaves room for it.
+            tokio::time::sleep(MIRROR_INTERVAL).await;
+            let latest = checkpoints.borrow_and_update().clone();
+            let Some((seq, bytes)) = latest else { continue };
+            match self.save_checkpoint(&bytes).await {
+                Ok(()) => {
+                    // Once at info (the first one covering events), then at debug.
+                    if !announced && seq > 0 {
+                        announced = true;
+                        info!(seq, "trigger-state checkpoint stored in JetStream");
+                    } else {
+                        debug!(seq, "trigger-state checkpoint stored in JetStream");
+                    }
+                    let _ = covered.send(seq);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot store the checkpoint in JetStream; acknowledgements wait")
+                }
+            }
+        }
+        info!("checkpoint mirror stopped");
+    }
+}
