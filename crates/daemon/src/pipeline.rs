@@ -566,13 +566,17 @@ impl Pipeline {
             seq: self.applied,
             snapshot: self.engine.snapshot(),
         };
-        if let Err(e) = self.store.save_checkpoint(&checkpoint) {
-            warn!(error = %e, "cannot write a checkpoint; the log still has every event");
-            return;
-        }
-        if let Some(mirror) = &self.mirror
-            && let Ok(bytes) = serde_json::to_vec(&checkpoint)
-        {
+        let saved = serde_json::to_vec(&checkpoint)
+            .map_err(|e| StoreError::Corrupt(format!("checkpoint: {e}")))
+            .and_then(|bytes| self.store.save_checkpoint_json(&bytes).map(|()| bytes));
+        let bytes = match saved {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "cannot write a checkpoint; the log still has every event");
+                return;
+            }
+        };
+        if let Some(mirror) = &self.mirror {
             let _ = mirror.send(Some((checkpoint.seq, Arc::new(bytes))));
         }
         self.since_checkpoint = 0;

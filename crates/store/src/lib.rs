@@ -554,10 +554,16 @@ impl Store {
     /// Saves the engine checkpoint (durably, replacing the previous one).
     pub fn save_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(checkpoint).map_err(corrupt)?;
+        self.save_checkpoint_json(&bytes)
+    }
+
+    /// Stores a checkpoint already serialized as JSON (callers that also ship the bytes
+    /// elsewhere serialize once).
+    pub fn save_checkpoint_json(&self, bytes: &[u8]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
-            meta.insert("checkpoint", bytes.as_slice())?;
+            meta.insert("checkpoint", bytes)?;
         }
         txn.commit()?;
         Ok(())
