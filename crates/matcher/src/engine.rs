@@ -692,7 +692,8 @@ impl Engine {
             });
         }
         self.held.retain(|_, list| !list.is_empty());
-        released.sort_by_key(|e| (e.occurred, e.received));
+        // The id breaks ties, so the release order never depends on the hash map's order.
+        released.sort_by_key(|e| (e.occurred, e.received, e.id));
         for event in released {
             self.held_ids.remove(&event.id);
             if !self.seen.contains(&event.id) {
@@ -753,7 +754,7 @@ impl Engine {
             return;
         }
         if let Some(mut followers) = self.held.remove(&event.id) {
-            followers.sort_by_key(|e| (e.occurred, e.received));
+            followers.sort_by_key(|e| (e.occurred, e.received, e.id));
             for follower in followers {
                 self.held_ids.remove(&follower.id);
                 if self.seen.contains(&follower.id) {
