@@ -34,6 +34,25 @@ fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).expect("write file");
 }
 
+/// `spur emit job.failed --resource … --id … --nats url`: publishes through JetStream.
+fn emit_failure_via_nats(nats_url: &str, resource: &str, id: u128) {
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args([
+            "emit",
+            "job.failed",
+            "--resource",
+            resource,
+            "--id",
+            &uuid::Uuid::from_u128(id).to_string(),
+            "--nats",
+            nats_url,
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("spur emit runs");
+    assert!(status.success(), "spur emit --nats failed");
+}
+
 const THRESHOLD: &str = r#"
 name: two-failures
 trigger:
@@ -377,24 +396,7 @@ fn nats_jetstream_ingest_survives_a_server_restart() {
     eventually(Duration::from_secs(10), "the JetStream consumer", || {
         (!daemon.log_lines("consuming NATS JetStream").is_empty()).then_some(())
     });
-    let emit = |nats_url: &str, resource: &str, id: u128| {
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
-            .args([
-                "emit",
-                "job.failed",
-                "--resource",
-                resource,
-                "--id",
-                &uuid::Uuid::from_u128(id).to_string(),
-                "--nats",
-                nats_url,
-            ])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("spur emit runs");
-        assert!(status.success(), "spur emit --nats failed");
-    };
-    emit(&nats.url, "job.n", 30);
+    emit_failure_via_nats(&nats.url, "job.n", 30);
     eventually(Duration::from_secs(10), "the first event stored", || {
         let (_, text) = http(
             "POST",
@@ -405,8 +407,8 @@ fn nats_jetstream_ingest_survives_a_server_restart() {
     });
     nats.restart();
     // Published while Spur is still reconnecting: JetStream keeps it for the durable consumer.
-    emit(&nats.url, "job.n", 31);
-    emit(&nats.url, "job.n", 31); // a duplicate publish, dropped by Nats-Msg-Id and by id
+    emit_failure_via_nats(&nats.url, "job.n", 31);
+    emit_failure_via_nats(&nats.url, "job.n", 31); // a duplicate publish, dropped by Nats-Msg-Id and by id
     let fired = eventually(
         Duration::from_secs(20),
         "the firing after the NATS restart",
@@ -803,23 +805,6 @@ fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
     let automations = dir.path().join("automations");
     std::fs::create_dir_all(&automations).expect("dir");
     write(&automations, "threshold.yaml", THRESHOLD);
-    let emit = |resource: &str, id: u128| {
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
-            .args([
-                "emit",
-                "job.failed",
-                "--resource",
-                resource,
-                "--id",
-                &uuid::Uuid::from_u128(id).to_string(),
-                "--nats",
-                &nats.url,
-            ])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("spur emit runs");
-        assert!(status.success(), "spur emit --nats failed");
-    };
 
     // Instance A counts the first of two failures, stores its state in JetStream, and dies.
     let first = SpurDaemon::start(
@@ -830,7 +815,7 @@ fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
     eventually(Duration::from_secs(10), "the JetStream consumer", || {
         (!first.log_lines("consuming NATS JetStream").is_empty()).then_some(())
     });
-    emit("job.t", 40);
+    emit_failure_via_nats(&nats.url, "job.t", 40);
     eventually(
         Duration::from_secs(20),
         "a checkpoint stored in JetStream",
@@ -859,7 +844,7 @@ fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
     eventually(Duration::from_secs(10), "B's JetStream consumer", || {
         (!second.log_lines("consuming NATS JetStream").is_empty()).then_some(())
     });
-    emit("job.t", 41);
+    emit_failure_via_nats(&nats.url, "job.t", 41);
     let fired = eventually(Duration::from_secs(20), "the firing on B", || {
         let f = firings(&second);
         (!f.is_empty()).then_some(f)

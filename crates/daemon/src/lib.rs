@@ -135,27 +135,35 @@ impl Daemon {
             initial.status.errors.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        // With NATS JetStream, trigger state is also kept there so another instance can
-        // take over (see `shared_state`).
+        // A second NATS connection (the source opens its own) serves worker launchers (run
+        // requests and state reports) and, with JetStream, the shared trigger state that lets
+        // another instance take over (see `shared_state`).
         let mut shared = None;
         let mut restore_from = None;
-        if let Some(nats) = config.nats.as_ref().filter(|n| n.jetstream) {
+        if let Some(nats) = &config.nats {
             match spur_ingest::nats::connect(&nats.url, nats_counters.clone()).await {
-                Ok(client) => match shared_state::SharedState::connect(&client).await {
-                    Ok(state) => {
-                        if store.load_checkpoint()?.is_none() {
-                            restore_from = state
-                                .load_checkpoint()
-                                .await
-                                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                Ok(client) => {
+                    if nats.jetstream {
+                        match shared_state::SharedState::connect(&client).await {
+                            Ok(state) => {
+                                if store.load_checkpoint()?.is_none() {
+                                    restore_from = state
+                                        .load_checkpoint()
+                                        .await
+                                        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                                }
+                                shared = Some(state);
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "no shared state: cannot open the JetStream buckets")
+                            }
                         }
-                        shared = Some(state);
                     }
-                    Err(e) => {
-                        warn!(error = %e, "no shared state: cannot open the JetStream buckets")
-                    }
-                },
-                Err(e) => warn!(error = %e, "no shared state: cannot connect to NATS"),
+                    executor.set_nats(client);
+                }
+                Err(e) => {
+                    warn!(error = %e, "no worker launchers or shared state: cannot connect to NATS")
+                }
             }
         }
         let (mirror_tx, mirror_rx) = watch::channel(None);
@@ -209,11 +217,6 @@ impl Daemon {
         }
         if let Some(nats) = config.nats.clone() {
             info!(url = %nats.url, subjects = ?nats.subjects, jetstream = nats.jetstream, "NATS source enabled");
-            // A second connection for worker launchers (run requests and state reports).
-            match spur_ingest::nats::connect(&nats.url, nats_counters.clone()).await {
-                Ok(client) => executor.set_nats(client),
-                Err(e) => warn!(error = %e, "worker launchers unavailable: cannot connect to NATS"),
-            }
             tasks.push(tokio::spawn(spur_ingest::nats::run(
                 nats,
                 intake.clone(),
