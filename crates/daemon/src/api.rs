@@ -229,7 +229,9 @@ async fn explain_event(
     .await;
     match found {
         Ok(Ok((Some(event), explanation))) => {
-            let explanation = explanation.unwrap_or(json!({"fate": null, "decisions": []}));
+            // Every logged event was evaluated; no record means no trigger considered it.
+            let explanation =
+                explanation.unwrap_or(json!({"fate": {"kind": "evaluated"}, "decisions": []}));
             axum::Json(json!({
                 "event": event.to_json(),
                 "fate": explanation["fate"],

@@ -185,7 +185,15 @@ impl Daemon {
             },
             pipeline::PipelineConfig {
                 checkpoint_events: config.checkpoint_events,
-                checkpoint_interval: config.checkpoint_interval,
+                // With shared state, JetStream acknowledgements wait for a mirrored checkpoint
+                // (uploaded at most once a second): checkpoint at least that often under load.
+                checkpoint_interval: if shared.is_some() {
+                    config
+                        .checkpoint_interval
+                        .min(std::time::Duration::from_secs(1))
+                } else {
+                    config.checkpoint_interval
+                },
                 retention: config.retention,
             },
             restore_from,

@@ -164,6 +164,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "spur_nats_delivered_total",
+            "Events from NATS made durable in the event log.",
+            load(&self.nats.delivered),
+        );
+        counter(
+            &mut out,
             "spur_nats_terminated_total",
             "NATS messages terminated as malformed.",
             load(&self.nats.terminated),

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use spur_core::{Automation, Event};
 use spur_ingest::{Receipt, Submission};
-use spur_matcher::{Bucket, Engine, EngineConfig, Firing, FiringState};
+use spur_matcher::{Bucket, Engine, EngineConfig, EventFate, Firing, FiringState};
 use spur_replay::render_firing;
 use spur_store::{Appended, Checkpoint, Store, StoreError};
 use spur_template::TemplateEngine;
@@ -439,11 +439,18 @@ impl Pipeline {
             receipts.push(receipt);
         }
         let records = self.firing_records(&firings);
-        let explanations: Vec<(Uuid, Value)> = self
+        // Most events are considered by no trigger at all; those are stored as no record.
+        let explanations: Vec<(Uuid, Option<Value>)> = self
             .engine
             .take_explanations()
             .into_iter()
-            .map(|(id, fate, decisions)| (id, json!({"fate": fate, "decisions": decisions})))
+            .map(|(id, fate, decisions)| {
+                let considered = !decisions.is_empty() || fate != EventFate::Evaluated;
+                (
+                    id,
+                    considered.then(|| json!({"fate": fate, "decisions": decisions})),
+                )
+            })
             .collect();
         let commit_started = Instant::now();
         let committed = writer

@@ -90,6 +90,8 @@ impl NatsConfig {
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 pub struct NatsCounters {
+    /// Events from NATS made durable (new or duplicate), before acknowledgement.
+    pub delivered: AtomicU64,
     /// Messages terminated as malformed.
     pub terminated: AtomicU64,
     /// Slow-consumer notices from the client.
@@ -207,8 +209,10 @@ async fn consume(
                     counters.terminated.fetch_add(1, Ordering::Relaxed);
                     warn!(subject = %m.subject, %reason, "NATS: dropped a message that is not an event");
                 }).ok())
-                .collect();
+                .collect::<Vec<_>>();
+            let count = events.len() as u64;
             intake.submit(events).await?;
+            counters.delivered.fetch_add(count, Ordering::Relaxed);
         }
         return Err("NATS subscription ended".into());
     }
@@ -283,9 +287,11 @@ async fn consume(
                     }
                 }
                 let intake = intake.clone();
+                let delivered = &counters.delivered;
                 in_flight.push(async move {
                     // Durable first (log + trigger state), then acknowledge (see ack_covered).
                     let receipt = intake.submit(events).await?;
+                    delivered.fetch_add(good.len() as u64, Ordering::Relaxed);
                     Ok((receipt.last_seq, good))
                 });
             }

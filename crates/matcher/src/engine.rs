@@ -397,6 +397,13 @@ impl Engine {
             .leaves
             .iter()
             .zip(&self.leaf_states)
+            // A leaf with no state is restored as fresh anyway: leaving it out keeps the
+            // checkpoint proportional to live state, not to the number of automations.
+            .filter(|(_, state)| {
+                !state.buckets.is_empty()
+                    || state.next_run.is_some()
+                    || !state.unresolved.is_empty()
+            })
             .map(|(leaf, state)| LeafSnapshot {
                 automation: self.plan.automations[leaf.automation].id,
                 fingerprint: self.plan.fingerprints[leaf.automation],
@@ -425,6 +432,7 @@ impl Engine {
             .composites
             .iter()
             .zip(&self.composite_states)
+            .filter(|(_, state)| state.children.iter().any(Option::is_some))
             .map(|(c, state)| CompositeSnapshot {
                 automation: self.plan.automations[c.automation].id,
                 fingerprint: self.plan.fingerprints[c.automation],
@@ -459,8 +467,9 @@ impl Engine {
         }
     }
 
-    /// Restores a checkpoint into the currently loaded automations. State of automations that
-    /// changed (or no longer exist) is dropped; everything else resumes where it was.
+    /// Restores a checkpoint into the currently loaded automations of a fresh engine (triggers
+    /// the snapshot leaves out had no state). State of automations that changed (or no longer
+    /// exist) is dropped; everything else resumes where it was.
     pub fn restore(&mut self, snapshot: &EngineSnapshot) {
         self.clock = snapshot.clock;
         self.next_sweep = snapshot.next_sweep;

@@ -14,7 +14,7 @@
 //! | `run_order`  | u64                  | run id, in creation order               |
 //! | `failed_actions` | invocation id, u128 | dead-lettered action (JSON)          |
 //! | `dispatched` | firing id, u128      | its actions were all performed          |
-//! | `explanations` | event id, u128     | what each candidate trigger decided     |
+//! | `event_explanations` | ingest sequence, u64 | what each candidate trigger decided (only events some trigger considered) |
 //! | `webhooks`   | webhook id, u128     | the webhook (secrets sealed, keys hashed) |
 //!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
@@ -48,7 +48,9 @@ const RUN_KEYS: TableDefinition<&str, u128> = TableDefinition::new("run_keys");
 const RUN_ORDER: TableDefinition<u64, u128> = TableDefinition::new("run_order");
 const FAILED_ACTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("failed_actions");
 const DISPATCHED: TableDefinition<u128, ()> = TableDefinition::new("dispatched");
-const EXPLANATIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("explanations");
+/// Keyed by log sequence, not event id: sequences only grow, so a batch's explanations are
+/// appended to the end of the tree instead of dirtying a random page per event.
+const EXPLANATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_explanations");
 const WEBHOOKS: TableDefinition<u128, &[u8]> = TableDefinition::new("webhooks");
 
 /// A storage failure.
@@ -429,11 +431,16 @@ impl Store {
         Ok(out)
     }
 
-    /// The recorded explanation of an event, if any.
+    /// The recorded explanation of an event, if any. Events that no trigger considered have
+    /// none (see [`StoreWriter::put_explanations`]).
     pub fn get_explanation(&self, id: Uuid) -> Result<Option<Value>, StoreError> {
         let txn = self.db.begin_read()?;
+        let ids = txn.open_table(EVENT_IDS)?;
         let table = txn.open_table(EXPLANATIONS)?;
-        match table.get(id.as_u128())? {
+        let Some(seq) = ids.get(id.as_u128())?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        match table.get(seq)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
             None => Ok(None),
         }
@@ -603,7 +610,7 @@ impl Store {
                 }
                 log.remove(seq)?;
                 ids.remove(id.as_u128())?;
-                explanations.remove(id.as_u128())?;
+                explanations.remove(seq)?;
                 removed += 1;
             }
         }
@@ -671,12 +678,30 @@ impl StoreWriter {
         Ok(out)
     }
 
-    /// Stores why each candidate trigger did (not) react to an event.
-    pub fn put_explanations(&self, explanations: &[(Uuid, Value)]) -> Result<(), StoreError> {
+    /// Stores why each candidate trigger did (not) react to an event already in the log.
+    /// `None` records that no trigger considered it, which is stored as no record at all
+    /// (most events in a busy log; an earlier record, e.g. "held", is removed).
+    pub fn put_explanations(
+        &self,
+        explanations: &[(Uuid, Option<Value>)],
+    ) -> Result<(), StoreError> {
+        let ids = self.txn.open_table(EVENT_IDS)?;
         let mut table = self.txn.open_table(EXPLANATIONS)?;
         for (id, value) in explanations {
-            let bytes = serde_json::to_vec(value).map_err(corrupt)?;
-            table.insert(id.as_u128(), bytes.as_slice())?;
+            let Some(seq) = ids.get(id.as_u128())?.map(|v| v.value()) else {
+                continue;
+            };
+            match value {
+                Some(value) => {
+                    let bytes = serde_json::to_vec(value).map_err(corrupt)?;
+                    table.insert(seq, bytes.as_slice())?;
+                }
+                None => {
+                    if table.get(seq)?.is_some() {
+                        table.remove(seq)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -816,5 +841,54 @@ mod tests {
                 .expect("append"),
             [Appended::New(3)]
         );
+    }
+
+    #[test]
+    fn explanations_follow_their_event_and_none_clears_an_earlier_record() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("opens");
+        let (held, plain) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let writer = store.writer().expect("writer");
+        writer
+            .append(&[
+                event(1, "a", "2024-01-01T00:00:00Z"),
+                event(2, "a", "2024-01-01T00:00:01Z"),
+            ])
+            .expect("append");
+        writer
+            .put_explanations(&[
+                (held, Some(json!({"fate": {"kind": "held"}}))),
+                (plain, None),
+                // Not in the log: ignored rather than stored under no sequence.
+                (
+                    Uuid::from_u128(99),
+                    Some(json!({"fate": {"kind": "evaluated"}})),
+                ),
+            ])
+            .expect("explain");
+        writer.commit().expect("commit");
+        assert_eq!(
+            store.get_explanation(held).expect("read"),
+            Some(json!({"fate": {"kind": "held"}}))
+        );
+        assert_eq!(store.get_explanation(plain).expect("read"), None);
+        assert_eq!(
+            store.get_explanation(Uuid::from_u128(99)).expect("read"),
+            None
+        );
+        // Released later and considered by no trigger: the "held" record goes away.
+        let writer = store.writer().expect("writer");
+        writer.put_explanations(&[(held, None)]).expect("explain");
+        writer.commit().expect("commit");
+        assert_eq!(store.get_explanation(held).expect("read"), None);
+        // Pruning removes an event's explanation with it.
+        let writer = store.writer().expect("writer");
+        writer
+            .put_explanations(&[(plain, Some(json!({"decisions": []})))])
+            .expect("explain");
+        writer.commit().expect("commit");
+        let cutoff: DateTime<Utc> = "2025-01-01T00:00:00Z".parse().expect("valid");
+        assert_eq!(store.prune(cutoff, 100).expect("prune"), 2);
+        assert_eq!(store.get_explanation(plain).expect("read"), None);
     }
 }
