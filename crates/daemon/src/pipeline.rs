@@ -387,10 +387,13 @@ impl Pipeline {
         self.prune_if_due();
     }
 
-    fn process(&mut self, batch: Vec<Submission>) {
+    fn process(&mut self, mut batch: Vec<Submission>) {
+        // The events move out of their submissions (no copies); each submission keeps its
+        // count, which maps the store's answers back to it.
+        let counts: Vec<usize> = batch.iter().map(|s| s.events.len()).collect();
         let events: Vec<Event> = batch
-            .iter()
-            .flat_map(|s| s.events.iter().cloned())
+            .iter_mut()
+            .flat_map(|s| std::mem::take(&mut s.events))
             .collect();
         // One transaction per batch: the events, and the firings they cause, commit together.
         let result = self.store.writer().and_then(|writer| {
@@ -413,9 +416,9 @@ impl Pipeline {
         let mut results = appended.into_iter();
         let mut events = events.into_iter();
         let applied_before = self.applied;
-        for submission in &batch {
+        for count in counts {
             let mut receipt = Receipt::default();
-            for _ in 0..submission.events.len() {
+            for _ in 0..count {
                 let (Some(event), Some(result)) = (events.next(), results.next()) else {
                     break;
                 };
@@ -440,16 +443,20 @@ impl Pipeline {
         }
         let records = self.firing_records(&firings);
         // Most events are considered by no trigger at all; those are stored as no record.
+        // Only an event from an earlier batch (a released follower) may have a record to clear.
+        let new_ids: std::collections::HashSet<Uuid> = stored.iter().map(|e| e.id).collect();
         let explanations: Vec<(Uuid, Option<Value>)> = self
             .engine
             .take_explanations()
             .into_iter()
-            .map(|(id, fate, decisions)| {
-                let considered = !decisions.is_empty() || fate != EventFate::Evaluated;
-                (
-                    id,
-                    considered.then(|| json!({"fate": fate, "decisions": decisions})),
-                )
+            .filter_map(|(id, fate, decisions)| {
+                if !decisions.is_empty() || fate != EventFate::Evaluated {
+                    Some((id, Some(json!({"fate": fate, "decisions": decisions}))))
+                } else if new_ids.contains(&id) {
+                    None
+                } else {
+                    Some((id, None))
+                }
             })
             .collect();
         let commit_started = Instant::now();
