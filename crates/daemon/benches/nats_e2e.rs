@@ -108,6 +108,68 @@ fn write_automations(dir: &Path) {
     std::fs::write(dir.join("load.yaml"), text).expect("write automations");
 }
 
+/// CPU seconds used so far, per thread name of this process plus `nats-server` (Linux
+/// `/proc`; empty elsewhere). Differences between two readings attribute a phase's work.
+fn cpu_seconds(nats_pid: u32) -> HashMap<String, f64> {
+    // Clock ticks per second: 100 on every Linux this runs on (`getconf CLK_TCK`).
+    const TICKS: f64 = 100.0;
+    fn ticks(stat: &str) -> Option<(String, f64)> {
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        let name = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let user: f64 = fields.get(11)?.parse().ok()?;
+        let system: f64 = fields.get(12)?.parse().ok()?;
+        Some((name, (user + system) / TICKS))
+    }
+    let mut out = HashMap::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("stat"))
+                && let Some((name, seconds)) = ticks(&stat)
+            {
+                let name = if name.starts_with("tokio-rt") {
+                    "tokio workers".to_owned()
+                } else {
+                    name
+                };
+                *out.entry(name).or_insert(0.0) += seconds;
+            }
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{nats_pid}/stat"))
+        && let Some((_, seconds)) = ticks(&stat)
+    {
+        out.insert("nats-server".to_owned(), seconds);
+    }
+    out
+}
+
+/// Prints where CPU went between two readings, per event.
+fn print_cpu(
+    phase: &str,
+    before: &HashMap<String, f64>,
+    after: &HashMap<String, f64>,
+    events: usize,
+) {
+    let mut rows: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rows.iter().map(|(_, v)| v).sum();
+    let parts: Vec<String> = rows
+        .iter()
+        .map(|(k, v)| format!("{k} {:.1} µs", v * 1e6 / events as f64))
+        .collect();
+    println!(
+        "| CPU per event, {phase} | {:.1} µs: {} |",
+        total * 1e6 / events as f64,
+        parts.join(", ")
+    );
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -128,7 +190,8 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let (_server, url) = start_nats(Path::new(&bin), &dir.path().join("nats"));
+    let (server, url) = start_nats(Path::new(&bin), &dir.path().join("nats"));
+    let nats_pid = server.0.id();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,6 +222,7 @@ fn main() {
             )
             .await
             .expect("raw consumer");
+        let cpu_before_raw = cpu_seconds(nats_pid);
         let started = Instant::now();
         let mut messages = consumer.messages().await.expect("messages");
         let mut seen = 0;
@@ -168,7 +232,40 @@ fn main() {
             seen += 1;
         }
         let raw_rate = n as f64 / started.elapsed().as_secs_f64();
+        let cpu_after_raw = cpu_seconds(nats_pid);
         drop(messages);
+
+        // 1b. The same, acknowledging like Spur does: one ack per ready batch under
+        // `AckPolicy::All` (it acknowledges every message up to it).
+        let consumer: jetstream::consumer::PullConsumer = raw
+            .get_or_create_consumer(
+                "raw_all",
+                jetstream::consumer::pull::Config {
+                    durable_name: Some("raw_all".into()),
+                    ack_policy: jetstream::consumer::AckPolicy::All,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("raw ack-all consumer");
+        let started = Instant::now();
+        let mut batches = consumer
+            .stream()
+            .max_messages_per_batch(1000)
+            .messages()
+            .await
+            .expect("messages")
+            .ready_chunks(1000);
+        let mut seen = 0;
+        while seen < n {
+            let mut batch = batches.next().await.expect("batch");
+            seen += batch.len();
+            let last = batch.pop().expect("a batch has messages").expect("message ok");
+            last.ack().await.expect("ack");
+        }
+        let raw_all_rate = n as f64 / started.elapsed().as_secs_f64();
+        drop(batches);
 
         // 2. Spur throughput over a pre-filled stream.
         let nats = NatsConfig::new(url.clone());
@@ -191,16 +288,28 @@ fn main() {
             nats: Some(nats),
             ..DaemonConfig::default()
         };
-        let started = Instant::now();
+        let cpu_before_spur = cpu_seconds(nats_pid);
         let daemon = Daemon::start(config).await.expect("daemon starts");
         let deadline = Instant::now() + Duration::from_secs(600);
         // Count the stream's events only: the feedback events firings emit (automation and
         // action events, which also pass through the log) are extra work, not progress.
-        while (daemon.metrics().nats.delivered.load(Ordering::Relaxed) as usize) < n {
+        let delivered = || daemon.metrics().nats.delivered.load(Ordering::Relaxed) as usize;
+        // Timed from the first durable batch (start-up, loading 1 001 automations and
+        // attaching the consumer, is not event throughput) to the last event.
+        let (started, first) = loop {
+            let now = delivered();
+            if now > 0 {
+                break (Instant::now(), now);
+            }
+            assert!(Instant::now() < deadline, "Spur did not start consuming in time");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        while delivered() < n {
             assert!(Instant::now() < deadline, "Spur did not consume the stream in time");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let spur_rate = n as f64 / started.elapsed().as_secs_f64();
+        let spur_rate = (n - first) as f64 / started.elapsed().as_secs_f64();
+        let cpu_after_spur = cpu_seconds(nats_pid);
         let fired = daemon.metrics().triggered.load(Ordering::Relaxed);
 
         // 3. Latency at half the measured rate.
@@ -266,9 +375,17 @@ fn main() {
         println!("\n| measurement | result |");
         println!("|---|---|");
         println!("| events | {n} |");
-        println!("| raw JetStream consume + ack (baseline) | {:.0} msg/s |", raw_rate);
-        println!("| Spur: JetStream → log → engine → firings | {:.0} events/s ({:.0} % of raw) |", spur_rate, 100.0 * spur_rate / raw_rate);
+        println!("| raw JetStream consume, one ack per message (baseline) | {:.0} msg/s |", raw_rate);
+        println!("| raw JetStream consume, one ack per batch (`AckPolicy::All`, as Spur) | {:.0} msg/s |", raw_all_rate);
+        println!(
+            "| Spur: JetStream → log → engine → firings | {:.0} events/s ({:.0} % of the per-message baseline, {:.0} % of the per-batch one) |",
+            spur_rate,
+            100.0 * spur_rate / raw_rate,
+            100.0 * spur_rate / raw_all_rate
+        );
         println!("| firings during the throughput run | {fired} |");
+        print_cpu("raw", &cpu_before_raw, &cpu_after_raw, n);
+        print_cpu("Spur", &cpu_before_spur, &cpu_after_spur, n);
         println!(
             "| latency run | {total} events at {:.0} events/s (half the Spur rate), {} firings timed |",
             rate,

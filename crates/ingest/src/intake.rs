@@ -99,9 +99,25 @@ impl Intake {
     }
 
     /// Submits and waits for durability; waits for room if the pipeline is busy.
-    pub async fn submit(&self, mut events: Vec<Event>) -> Result<Receipt, SubmitError> {
+    pub async fn submit(&self, events: Vec<Event>) -> Result<Receipt, SubmitError> {
+        self.enqueue(events).await?.await
+    }
+
+    /// Hands events to the pipeline now (waiting for room if it is busy) and returns what
+    /// resolves once they are durable. Submissions are processed in the order they are
+    /// enqueued, so a source that enqueues in its own order sees them become durable in it.
+    pub async fn enqueue(
+        &self,
+        mut events: Vec<Event>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Receipt, SubmitError>> + Send + 'static,
+        SubmitError,
+    > {
+        let intake = self.clone();
         if events.is_empty() {
-            return Ok(Receipt::default());
+            return Ok(futures_util::future::Either::Left(std::future::ready(Ok(
+                Receipt::default(),
+            ))));
         }
         for e in &mut events {
             // Microsecond timestamps everywhere, like Prefect's (events Spur makes itself
@@ -114,7 +130,9 @@ impl Intake {
             .send(Submission { events, done })
             .await
             .map_err(|_| SubmitError::Closed)?;
-        self.finish(wait).await
+        Ok(futures_util::future::Either::Right(async move {
+            intake.finish(wait).await
+        }))
     }
 
     /// Submits and waits for durability, or fails at once with [`SubmitError::Busy`].

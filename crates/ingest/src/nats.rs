@@ -226,19 +226,26 @@ async fn consume(
             ..Default::default()
         })
         .await?;
-    let consumer: jetstream::consumer::PullConsumer = stream
+    let mut consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &config.consumer,
             jetstream::consumer::pull::Config {
                 durable_name: Some(config.consumer.clone()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                // One acknowledgement per durable batch acknowledges every message before it
+                // (the batches become durable in stream order, see below).
+                ack_policy: jetstream::consumer::AckPolicy::All,
                 ack_wait: Duration::from_secs(30),
                 max_ack_pending: 100_000,
                 ..Default::default()
             },
         )
         .await?;
-    info!(stream = %config.stream, consumer = %config.consumer, subjects = ?config.subjects, "consuming NATS JetStream");
+    // A consumer created by an older Spur keeps its policy: then every message is acknowledged.
+    let acks = match consumer.info().await?.config.ack_policy {
+        jetstream::consumer::AckPolicy::All => Acks::LastOfBatch,
+        _ => Acks::EachMessage,
+    };
+    info!(stream = %config.stream, consumer = %config.consumer, subjects = ?config.subjects, ?acks, "consuming NATS JetStream");
     let messages = consumer
         .stream()
         .max_messages_per_batch(1000)
@@ -246,8 +253,9 @@ async fn consume(
         .await?;
     let mut batches = messages.ready_chunks(1000);
     // Several batches may wait for durability at once: the pipeline commits everything queued
-    // in one transaction (group commit), and each batch is acknowledged after its commit.
-    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    // in one transaction (group commit). Batches are handed over in stream order and the
+    // pipeline keeps that order, so they become durable, and are acknowledged, in order.
+    let mut in_flight = futures_util::stream::FuturesOrdered::new();
     let mut held: std::collections::VecDeque<(u64, Vec<jetstream::Message>)> = Default::default();
     loop {
         tokio::select! {
@@ -256,7 +264,7 @@ async fn consume(
                 let done: Result<(u64, Vec<jetstream::Message>), BoxError> = done;
                 let (seq, messages) = done?;
                 held.push_back((seq, messages));
-                ack_covered(&mut held, covered.as_ref().map(|c| *c.borrow())).await?;
+                ack_covered(&mut held, covered.as_ref().map(|c| *c.borrow()), acks).await?;
             }
             changed = async {
                 match covered.as_mut() {
@@ -265,34 +273,42 @@ async fn consume(
                 }
             }, if !held.is_empty() => {
                 if changed {
-                    ack_covered(&mut held, covered.as_ref().map(|c| *c.borrow())).await?;
+                    ack_covered(&mut held, covered.as_ref().map(|c| *c.borrow()), acks).await?;
                 }
             }
             batch = batches.next(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
                 let Some(batch) = batch else { break };
-                let mut good = Vec::with_capacity(batch.len());
+                let mut handled = Vec::with_capacity(batch.len());
                 let mut events = Vec::with_capacity(batch.len());
                 for message in batch {
                     let message = message?;
                     match parse(&message.subject, message.headers.as_ref(), &message.payload, intake, &config.templates, &engine) {
                         Ok(event) => {
                             events.push(event);
-                            good.push(message);
+                            handled.push(message);
                         }
                         Err(reason) => {
                             counters.terminated.fetch_add(1, Ordering::Relaxed);
                             warn!(subject = %message.subject, %reason, "NATS: terminated a message that is not an event");
-                            message.ack_with(AckKind::Term).await?;
+                            match acks {
+                                // Never redelivered: it is done with, like the events beside it.
+                                Acks::EachMessage => message.ack_with(AckKind::Term).await?,
+                                // A `+TERM` would acknowledge the messages before it, which may
+                                // not be durable yet: the batch's own acknowledgement covers it.
+                                Acks::LastOfBatch => handled.push(message),
+                            }
                         }
                     }
                 }
-                let intake = intake.clone();
+                let good = events.len() as u64;
+                // Handed over now, in stream order; durable when `durable` resolves.
+                let durable = intake.enqueue(events).await?;
                 let delivered = &counters.delivered;
-                in_flight.push(async move {
+                in_flight.push_back(async move {
                     // Durable first (log + trigger state), then acknowledge (see ack_covered).
-                    let receipt = intake.submit(events).await?;
-                    delivered.fetch_add(good.len() as u64, Ordering::Relaxed);
-                    Ok((receipt.last_seq, good))
+                    let receipt = durable.await?;
+                    delivered.fetch_add(good, Ordering::Relaxed);
+                    Ok((receipt.last_seq, handled))
                 });
             }
         }
@@ -308,7 +324,7 @@ async fn consume(
     let deadline = tokio::time::Instant::now() + ACK_DRAIN_LIMIT;
     while let Some(covered) = covered.as_mut() {
         let position = *covered.borrow();
-        ack_covered(&mut held, Some(position)).await?;
+        ack_covered(&mut held, Some(position), acks).await?;
         if held.is_empty() {
             break;
         }
@@ -323,31 +339,52 @@ async fn consume(
             }
         }
     }
-    ack_covered(&mut held, None).await?;
+    ack_covered(&mut held, None, acks).await?;
     if *shutdown.borrow() {
         return Ok(());
     }
     Err("JetStream consumer stream ended".into())
 }
 
+/// How a durable batch is acknowledged.
+#[derive(Clone, Copy, Debug)]
+enum Acks {
+    /// `AckPolicy::All`: acknowledging a batch's last message acknowledges everything up to
+    /// it — one acknowledgement per batch instead of one per message.
+    LastOfBatch,
+    /// `AckPolicy::Explicit` (a consumer made by an older Spur): every message.
+    EachMessage,
+}
+
 /// How long a stopping consumer waits for a checkpoint to cover what it still holds.
 const ACK_DRAIN_LIMIT: Duration = Duration::from_secs(15);
 
-/// Acknowledges held batches whose log position the stored checkpoint covers (all of them
-/// when there is no shared checkpoint: the local log and checkpoint make them durable).
+/// Acknowledges held batches, oldest first, whose log position the stored checkpoint covers
+/// (all of them when there is no shared checkpoint: the local log and checkpoint make them
+/// durable). Stops at the first batch not covered, so nothing after it is acknowledged.
 async fn ack_covered(
     held: &mut std::collections::VecDeque<(u64, Vec<jetstream::Message>)>,
     covered: Option<u64>,
+    acks: Acks,
 ) -> Result<(), BoxError> {
+    let mut last = None;
     while let Some((seq, _)) = held.front() {
         if covered.is_some_and(|c| *seq > c) {
             break;
         }
-        if let Some((_, messages)) = held.pop_front() {
-            for message in messages {
-                message.ack().await?;
+        if let Some((_, mut messages)) = held.pop_front() {
+            match acks {
+                Acks::EachMessage => {
+                    for message in messages {
+                        message.ack().await?;
+                    }
+                }
+                Acks::LastOfBatch => last = messages.pop().or(last),
             }
         }
+    }
+    if let Some(message) = last {
+        message.ack().await?;
     }
     Ok(())
 }
