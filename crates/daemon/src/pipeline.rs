@@ -391,13 +391,15 @@ impl Pipeline {
         // The events move out of their submissions (no copies); each submission keeps its
         // count, which maps the store's answers back to it.
         let counts: Vec<usize> = batch.iter().map(|s| s.events.len()).collect();
-        let events: Vec<Event> = batch
-            .iter_mut()
-            .flat_map(|s| std::mem::take(&mut s.events))
-            .collect();
+        let mut events: Vec<Event> = Vec::with_capacity(counts.iter().sum());
+        let mut encoded: Vec<Vec<u8>> = Vec::with_capacity(events.capacity());
+        for s in &mut batch {
+            events.append(&mut s.events);
+            encoded.append(&mut s.encoded);
+        }
         // One transaction per batch: the events, and the firings they cause, commit together.
         let result = self.store.writer().and_then(|writer| {
-            let appended = writer.append(&events)?;
+            let appended = writer.append_encoded(&events, &encoded)?;
             Ok((writer, appended))
         });
         let (writer, appended) = match result {
