@@ -397,8 +397,16 @@ impl Store {
     }
 
     /// Marks firings whose actions were all performed (one transaction for the lot).
+    ///
+    /// The commit is not flushed on its own (`Durability::None`): the pipeline's next durable
+    /// commit, milliseconds later under load, persists it. An fsync here would hold the
+    /// store's single write lock for milliseconds and stall the pipeline; a mark lost to a
+    /// crash only means the firing is dispatched again on restart, where every step is
+    /// idempotent.
     pub fn mark_dispatched(&self, firings: &[Uuid]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| corrupt(format!("dispatched marks: {e}")))?;
         {
             let mut table = txn.open_table(DISPATCHED)?;
             for firing in firings {
@@ -635,18 +643,39 @@ pub struct StoreWriter {
 impl StoreWriter {
     /// Appends events, skipping ids already in the log.
     pub fn append(&self, events: &[Event]) -> Result<Vec<Appended>, StoreError> {
+        let encoded = events
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(corrupt)?;
+        self.append_encoded(events, &encoded)
+    }
+
+    /// Appends events whose stored JSON (`serde_json::to_vec(event)`) the caller already
+    /// made, `encoded[i]` for `events[i]`; skips ids already in the log.
+    pub fn append_encoded(
+        &self,
+        events: &[Event],
+        encoded: &[Vec<u8>],
+    ) -> Result<Vec<Appended>, StoreError> {
+        if events.len() != encoded.len() {
+            return Err(StoreError::Corrupt(format!(
+                "{} events but {} encodings",
+                events.len(),
+                encoded.len()
+            )));
+        }
         let mut out = Vec::with_capacity(events.len());
         {
             let mut log = self.txn.open_table(EVENTS)?;
             let mut ids = self.txn.open_table(EVENT_IDS)?;
             let mut next = log.last()?.map_or(1, |(k, _)| k.value() + 1);
-            for event in events {
+            for (event, bytes) in events.iter().zip(encoded) {
                 let id = event.id.as_u128();
                 if ids.get(id)?.is_some() {
                     out.push(Appended::Duplicate);
                     continue;
                 }
-                let bytes = serde_json::to_vec(event).map_err(corrupt)?;
                 log.insert(next, bytes.as_slice())?;
                 ids.insert(id, next)?;
                 out.push(Appended::New(next));
