@@ -29,6 +29,7 @@ use spur_action::{Deployment, Run, RunState, launcher};
 use spur_core::load::DeploymentRef;
 use spur_core::{Action, Event, EventLimits, Resource};
 use spur_ingest::Intake;
+use spur_ingest::nats::NatsCounters;
 use spur_matcher::{Firing, FiringState};
 use spur_replay::firing_context;
 use spur_store::Store;
@@ -152,8 +153,10 @@ struct Inner {
     api_url: RwLock<Option<String>>,
     control: OnceLock<mpsc::Sender<Control>>,
     nats: OnceLock<async_nats::Client>,
-    /// With NATS: the claims that keep two instances from running a firing's actions twice.
-    shared: OnceLock<(crate::shared_state::SharedState, Uuid)>,
+    /// With NATS: the claims that keep two instances from running a firing's actions twice,
+    /// this instance's id, and the events JetStream redelivered (only their firings, and
+    /// firings no event caused, can have been dispatched by another instance).
+    shared: OnceLock<(crate::shared_state::SharedState, Uuid, Arc<NatsCounters>)>,
     /// The batching writer of dispatched marks (see `mark_dispatched`).
     marks: OnceLock<mpsc::UnboundedSender<Uuid>>,
     retry_base: Duration,
@@ -209,9 +212,15 @@ impl Executor {
         let _ = self.inner.nats.set(client);
     }
 
-    /// Shared state in JetStream: claim each firing (as instance `owner`) before acting.
-    pub fn set_shared(&self, shared: crate::shared_state::SharedState, owner: Uuid) {
-        let _ = self.inner.shared.set((shared, owner));
+    /// Shared state in JetStream: claim firings (as instance `owner`) before acting, those
+    /// another instance may also have derived (see [`spur_ingest::nats::Redeliveries`]).
+    pub fn set_shared(
+        &self,
+        shared: crate::shared_state::SharedState,
+        owner: Uuid,
+        nats: Arc<NatsCounters>,
+    ) {
+        let _ = self.inner.shared.set((shared, owner, nats));
     }
 
     /// The pipeline's control channel (for pausing automations).
@@ -304,8 +313,19 @@ impl Executor {
     }
 
     async fn dispatch(&self, d: Dispatch) {
+        self.dispatch_claiming(d, false).await
+    }
+
+    /// Claims the firing if another instance may have derived it too (always when
+    /// `always_claim`), then performs its actions.
+    async fn dispatch_claiming(&self, d: Dispatch, always_claim: bool) {
         let firing = &d.firing;
-        if let Some((shared, owner)) = self.inner.shared.get()
+        if let Some((shared, owner, nats)) = self.inner.shared.get()
+            && (always_claim
+                || firing
+                    .event
+                    .as_ref()
+                    .is_none_or(|event| nats.redeliveries.contains(&event.id)))
             && !shared.claim(firing.id, *owner).await
         {
             info!(firing = %firing.id, automation = %firing.automation.name, "another instance already dispatched this firing");
@@ -379,7 +399,8 @@ impl Executor {
                 continue;
             };
             info!(firing = %firing.id, automation = %firing.automation.name, "dispatching a firing a crash interrupted");
-            self.dispatch(Dispatch { firing, record }).await;
+            self.dispatch_claiming(Dispatch { firing, record }, true)
+                .await;
         }
     }
 

@@ -27,7 +27,7 @@ pub struct DaemonConfig {
     /// state, up to about a megabyte with Prefect's 10 000 remembered ids; a restart replays
     /// at most this many events from the log, which takes well under a second.)
     pub checkpoint_events: u64,
-    /// …or this much time, whichever comes first (at most 1 s with shared state in NATS).
+    /// …or this much time, whichever comes first (at most 500 ms with shared state in NATS).
     pub checkpoint_interval: Duration,
     /// How often the automations folder is checked for changes.
     pub reload_interval: Duration,

@@ -185,12 +185,12 @@ impl Daemon {
             },
             pipeline::PipelineConfig {
                 checkpoint_events: config.checkpoint_events,
-                // With shared state, JetStream acknowledgements wait for a mirrored checkpoint
-                // (uploaded at most once a second): checkpoint at least that often under load.
+                // With shared state, JetStream acknowledgements wait for a mirrored checkpoint:
+                // under load, checkpoint as often as the mirror uploads.
                 checkpoint_interval: if shared.is_some() {
                     config
                         .checkpoint_interval
-                        .min(std::time::Duration::from_secs(1))
+                        .min(shared_state::MIRROR_INTERVAL)
                 } else {
                     config.checkpoint_interval
                 },
@@ -219,7 +219,7 @@ impl Daemon {
         let mut covered = None;
         let mut mirror_task = None;
         if let Some(state) = shared {
-            executor.set_shared(state.clone(), instance_id(&store)?);
+            executor.set_shared(state.clone(), instance_id(&store)?, nats_counters.clone());
             mirror_task = Some(tokio::spawn(state.mirror(mirror_rx, covered_tx)));
             covered = Some(covered_rx);
         }

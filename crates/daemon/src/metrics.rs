@@ -170,6 +170,12 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "spur_nats_redelivered_total",
+            "Messages JetStream delivered more than once (their firings are claimed in KV).",
+            load(&self.nats.redelivered),
+        );
+        counter(
+            &mut out,
             "spur_nats_terminated_total",
             "NATS messages terminated as malformed.",
             load(&self.nats.terminated),

@@ -21,8 +21,10 @@ const STATE_BUCKET: &str = "SPUR_STATE";
 const CLAIMS_BUCKET: &str = "SPUR_FIRINGS";
 const CHECKPOINT: &str = "checkpoint";
 
-/// The least time between two checkpoint uploads.
-const MIRROR_INTERVAL: Duration = Duration::from_secs(1);
+/// The least time between two checkpoint uploads. JetStream acknowledgements wait for an
+/// upload that covers them, so this (plus the pipeline's checkpoint interval) is how far
+/// acknowledgements lag under load; `max_ack_pending` leaves room for that.
+pub const MIRROR_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Handles to the JetStream buckets.
 #[derive(Clone)]
@@ -121,11 +123,14 @@ impl SharedState {
         covered: watch::Sender<u64>,
     ) {
         let mut announced = false;
+        let mut last_upload: Option<tokio::time::Instant> = None;
         while checkpoints.changed().await.is_ok() {
-            // At most one upload per MIRROR_INTERVAL: each is a whole snapshot (hashed and
-            // chunked), and the pipeline checkpoints far more often under load. Acknowledgements
-            // lag by about this much; max_ack_pending leaves room for it.
-            tokio::time::sleep(MIRROR_INTERVAL).await;
+            // At most one upload per MIRROR_INTERVAL (each is a whole snapshot, hashed and
+            // chunked); a checkpoint arriving after a quiet spell is uploaded at once.
+            if let Some(last) = last_upload {
+                tokio::time::sleep_until(last + MIRROR_INTERVAL).await;
+            }
+            last_upload = Some(tokio::time::Instant::now());
             let latest = checkpoints.borrow_and_update().clone();
             let Some((seq, bytes)) = latest else { continue };
             match self.save_checkpoint(&bytes).await {

@@ -87,17 +87,71 @@ impl NatsConfig {
     }
 }
 
-/// Counters for `/metrics`.
+/// What the NATS source shares with the rest of the daemon: counters for `/metrics`, and
+/// which events JetStream redelivered.
 #[derive(Debug, Default)]
 pub struct NatsCounters {
     /// Events from NATS made durable (new or duplicate), before acknowledgement.
     pub delivered: AtomicU64,
+    /// Messages JetStream delivered more than once.
+    pub redelivered: AtomicU64,
+    /// The ids of recently redelivered events (see [`Redeliveries`]).
+    pub redeliveries: Redeliveries,
     /// Messages terminated as malformed.
     pub terminated: AtomicU64,
     /// Slow-consumer notices from the client.
     pub slow_consumer: AtomicU64,
     /// Times the consume loop re-attached after an error.
     pub reattached: AtomicU64,
+}
+
+/// Event ids that JetStream delivered more than once in the last [`Redeliveries::KEEP`].
+///
+/// Only a redelivered event can have been processed by another instance (one that stopped
+/// before acknowledging it): an event JetStream hands over for the first time was seen by no
+/// one else, so neither were the firings it causes. The executor claims firings in the shared
+/// KV bucket only for redelivered events (and for firings no event caused, like proactive
+/// ones), which keeps the claims exact at a fraction of the cost of claiming every firing.
+#[derive(Debug, Default)]
+pub struct Redeliveries {
+    ids: std::sync::Mutex<RedeliveredIds>,
+}
+
+#[derive(Debug, Default)]
+struct RedeliveredIds {
+    seen: std::collections::HashMap<uuid::Uuid, std::time::Instant>,
+    /// Size at which old entries are dropped next (doubles while all entries are recent).
+    prune_at: usize,
+}
+
+impl Redeliveries {
+    /// How long a redelivered id is remembered: far longer than a firing takes to dispatch.
+    pub const KEEP: Duration = Duration::from_secs(15 * 60);
+
+    /// Remembers redelivered event ids.
+    pub fn note(&self, ids: impl IntoIterator<Item = uuid::Uuid>) {
+        let Ok(mut state) = self.ids.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        for id in ids {
+            state.seen.insert(id, now);
+        }
+        if state.seen.len() > state.prune_at.max(10_000) {
+            state
+                .seen
+                .retain(|_, at| now.duration_since(*at) < Self::KEEP);
+            state.prune_at = state.seen.len() * 2;
+        }
+    }
+
+    /// True if `id` was redelivered recently. (If the lock is poisoned: true, so firings
+    /// are claimed rather than possibly repeated.)
+    pub fn contains(&self, id: &uuid::Uuid) -> bool {
+        self.ids
+            .lock()
+            .map_or(true, |state| state.seen.contains_key(id))
+    }
 }
 
 /// Connects with reconnects enabled and events logged.
@@ -235,7 +289,9 @@ async fn consume(
                 // (the batches become durable in stream order, see below).
                 ack_policy: jetstream::consumer::AckPolicy::All,
                 ack_wait: Duration::from_secs(30),
-                max_ack_pending: 100_000,
+                // Acknowledgements wait for durability (and, with shared state, for a stored
+                // checkpoint, up to about a second under load): room for ~100 k events/s.
+                max_ack_pending: 200_000,
                 ..Default::default()
             },
         )
@@ -280,10 +336,14 @@ async fn consume(
                 let Some(batch) = batch else { break };
                 let mut handled = Vec::with_capacity(batch.len());
                 let mut events = Vec::with_capacity(batch.len());
+                let mut redelivered = Vec::new();
                 for message in batch {
                     let message = message?;
                     match parse(&message.subject, message.headers.as_ref(), &message.payload, intake, &config.templates, &engine) {
                         Ok(event) => {
+                            if message.info().is_ok_and(|info| info.delivered > 1) {
+                                redelivered.push(event.id);
+                            }
                             events.push(event);
                             handled.push(message);
                         }
@@ -301,6 +361,11 @@ async fn consume(
                     }
                 }
                 let good = events.len() as u64;
+                if !redelivered.is_empty() {
+                    counters.redelivered.fetch_add(redelivered.len() as u64, Ordering::Relaxed);
+                    // Noted before the pipeline sees them, so before any firing they cause.
+                    counters.redeliveries.note(redelivered);
+                }
                 // Handed over now, in stream order; durable when `durable` resolves.
                 let durable = intake.enqueue(events).await?;
                 let delivered = &counters.delivered;
@@ -517,5 +582,25 @@ mod tests {
         assert!(!subject_matches("sensors.*.temp", "sensors.k1.x.temp"));
         assert!(subject_matches("a.b", "a.b"));
         assert!(!subject_matches("a.b", "a.b.c"));
+    }
+}
+
+#[cfg(test)]
+mod redelivery_tests {
+    use super::Redeliveries;
+    use uuid::Uuid;
+
+    #[test]
+    fn remembers_redelivered_ids_and_keeps_recent_ones_past_the_prune_size() {
+        let redeliveries = Redeliveries::default();
+        assert!(!redeliveries.contains(&Uuid::from_u128(1)));
+        redeliveries.note([Uuid::from_u128(1), Uuid::from_u128(2)]);
+        assert!(redeliveries.contains(&Uuid::from_u128(1)));
+        assert!(redeliveries.contains(&Uuid::from_u128(2)));
+        assert!(!redeliveries.contains(&Uuid::from_u128(3)));
+        // A takeover can redeliver far more than the prune size at once: recent ids stay.
+        redeliveries.note((10..30_010).map(Uuid::from_u128));
+        assert!(redeliveries.contains(&Uuid::from_u128(1)));
+        assert!(redeliveries.contains(&Uuid::from_u128(30_009)));
     }
 }
