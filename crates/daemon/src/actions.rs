@@ -967,10 +967,7 @@ impl Executor {
             (_, f) => (now, f),
         };
         Event {
-            id: Uuid::new_v5(
-                &spur_core::SPUR_NAMESPACE,
-                format!("action-{kind}:{invocation}").as_bytes(),
-            ),
+            id: spur_core::derived_id(firing.id, &format!("action-{kind}:{invocation}")),
             occurred,
             event: format!("prefect.automation.action.{kind}"),
             resource,

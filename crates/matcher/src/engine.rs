@@ -1272,7 +1272,9 @@ fn leaf_firing_id(
         end.timestamp_micros(),
         event.map(|e| e.id.to_string()).unwrap_or_default()
     );
-    Uuid::new_v5(&spur_core::SPUR_NAMESPACE, seed.as_bytes())
+    // Time-ordered at the window start, which is part of the seed (so a replay derives the
+    // same id even if it fires at a slightly different moment).
+    spur_core::time_ordered_id(start.timestamp_millis(), &seed)
 }
 
 /// Flattens an automation's trigger tree into leaves and composites.

@@ -128,10 +128,7 @@ impl Firing {
                 ])
             })
             .collect();
-        let id = Uuid::new_v5(
-            &spur_core::SPUR_NAMESPACE,
-            format!("state-change:{}", self.id).as_bytes(),
-        );
+        let id = spur_core::derived_id(self.id, &format!("state-change:{}", self.id));
         Event {
             id,
             occurred: self.at,
