@@ -855,3 +855,135 @@ fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
     assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(41).to_string());
     assert_eq!(second.terminate(), Some(0), "SIGTERM shuts down cleanly");
 }
+
+/// JetStream: each durable batch is acknowledged with one ack (`AckPolicy::All`); a consumer
+/// an older Spur created with `Explicit` acks keeps working. With either policy a malformed
+/// message in the middle of the stream is dropped with a reason and acknowledged, and nothing
+/// stays pending once the events are durable.
+#[test]
+fn jetstream_acks_leave_nothing_pending_with_either_ack_policy() {
+    use async_nats::jetstream::{self, consumer::AckPolicy};
+    let Some(bin) = nats_server_bin() else {
+        eprintln!(
+            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
+        );
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (policy, created_by_spur) in [(AckPolicy::All, true), (AckPolicy::Explicit, false)] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nats = NatsServer::start(&bin, &dir.path().join("nats"));
+        let js = runtime.block_on(async {
+            jetstream::new(async_nats::connect(&nats.url).await.expect("connects"))
+        });
+        if !created_by_spur {
+            runtime.block_on(async {
+                let stream = js
+                    .get_or_create_stream(jetstream::stream::Config {
+                        name: "SPUR_EVENTS".into(),
+                        subjects: vec!["events.>".into()],
+                        duplicate_window: Duration::from_secs(120),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("stream");
+                stream
+                    .create_consumer(jetstream::consumer::pull::Config {
+                        durable_name: Some("spur".into()),
+                        ack_policy: AckPolicy::Explicit,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("an older Spur's consumer");
+            });
+        }
+        let automations = dir.path().join("automations");
+        std::fs::create_dir_all(&automations).expect("dir");
+        let daemon = SpurDaemon::start(
+            &dir.path().join("data"),
+            &automations,
+            &["--nats", &nats.url],
+        );
+        eventually(Duration::from_secs(10), "the JetStream consumer", || {
+            (!daemon.log_lines("consuming NATS JetStream").is_empty()).then_some(())
+        });
+        runtime.block_on(async {
+            for n in 0..11u128 {
+                let body = if n == 5 {
+                    b"not an event".to_vec()
+                } else {
+                    serde_json::to_vec(&json!({
+                        "id": uuid::Uuid::from_u128(500 + n).to_string(),
+                        "event": "acks.checked",
+                        "resource": {"prefect.resource.id": "acks.test"},
+                    }))
+                    .expect("JSON")
+                };
+                js.publish("events.acks", body.into())
+                    .await
+                    .expect("publish")
+                    .await
+                    .expect("stored");
+            }
+        });
+        eventually(Duration::from_secs(10), "the ten events stored", || {
+            let (_, text) = http(
+                "POST",
+                &format!("{}/api/events/filter", daemon.url),
+                Some(json!({"filter": {"resource": {"id": ["acks.test"]}}})),
+            );
+            (serde_json::from_str::<Value>(&text).ok()?["total"] == 10).then_some(())
+        });
+        // Acknowledgements wait for a stored checkpoint (shared state): about a second.
+        let info = eventually(
+            Duration::from_secs(15),
+            "every message acknowledged",
+            || {
+                let info = runtime.block_on(async {
+                    js.get_stream("SPUR_EVENTS")
+                        .await
+                        .ok()?
+                        .get_consumer::<jetstream::consumer::pull::Config>("spur")
+                        .await
+                        .ok()?
+                        .info()
+                        .await
+                        .ok()
+                        .cloned()
+                })?;
+                (info.num_ack_pending == 0
+                    && info.num_pending == 0
+                    && info.ack_floor.stream_sequence == 11)
+                    .then_some(info)
+            },
+        );
+        assert_eq!(
+            info.config.ack_policy, policy,
+            "the consumer's policy is kept"
+        );
+        let style = if created_by_spur {
+            "LastOfBatch"
+        } else {
+            "EachMessage"
+        };
+        assert!(
+            !daemon.log_lines(style).is_empty(),
+            "acknowledges in the consumer's style ({style})"
+        );
+        let (_, metrics) = http("GET", &format!("{}/metrics", daemon.url), None);
+        assert!(
+            metrics.contains("spur_nats_terminated_total 1\n"),
+            "the malformed message is counted once: {metrics}"
+        );
+        assert_eq!(
+            daemon
+                .log_lines("NATS: terminated a message that is not an event")
+                .len(),
+            1,
+            "and logged with its reason once"
+        );
+    }
+}
