@@ -13,6 +13,9 @@ step() { printf '\n==> %s\n' "$*"; }
 step "provisioning"
 # shellcheck source=scripts/provision.sh
 source scripts/provision.sh
+# Everything the tests need is provisioned now: a test that would skip for a missing tool
+# (nats-server, the Prefect client, Chromium) fails instead of passing without running.
+export SPUR_REQUIRE_TEST_TOOLS=1
 
 if [ "${SPUR_SKIP_LINT:-0}" != "1" ]; then
   step "cargo fmt --check"

@@ -5,13 +5,12 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{SpurDaemon, eventually, spur};
+use support::{SpurDaemon, automations_folder, eventually, spur, write};
 
 /// A loopback HTTP server that records requests and answers with `status` (changeable).
 struct Receiver {
@@ -99,16 +98,11 @@ fn events(daemon: &SpurDaemon, name: &str) -> Vec<Value> {
         .collect()
 }
 
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).expect("write");
-}
-
 #[test]
 fn a_webhook_is_called_with_the_rendered_payload_and_the_actions_are_recorded() {
     let receiver = Receiver::start(404);
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     write(
         &automations,
         "hook.yaml",
@@ -180,8 +174,7 @@ actions:
 fn a_failing_notification_is_retried_dead_lettered_and_retried_by_hand() {
     let receiver = Receiver::start(503);
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     write(
         &automations,
         "notify.yaml",
@@ -236,8 +229,7 @@ fn a_failing_notification_is_retried_dead_lettered_and_retried_by_hand() {
 #[test]
 fn actions_pause_automations_and_emit_events() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     write(
         &automations,
         "a.yaml",
@@ -284,8 +276,7 @@ fn actions_pause_automations_and_emit_events() {
 fn http_and_prefect_launchers_send_the_run_with_its_idempotency_key() {
     let receiver = Receiver::start(201);
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     write(
         &automations,
         "deployments.yaml",

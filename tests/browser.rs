@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{SpurDaemon, eventually, root};
+use support::{SpurDaemon, automations_folder, eventually, root};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
@@ -170,14 +170,13 @@ impl Drop for Browser {
 #[test]
 fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_fire() {
     let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
-        eprintln!(
-            "skipped: chromium and chromedriver are not installed (scripts/provision.sh installs them)"
+        support::skip_without(
+            "chromium and chromedriver are not installed (scripts/provision.sh installs them)",
         );
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     std::fs::write(
         automations.join("prod.yaml"),
         "name: prod-failures\ntrigger: {type: event, posture: Reactive, expect: [job.failed], match: {env: prod}}\nactions: [{type: do-nothing}]\n",

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{NatsServer, SpurDaemon, eventually, http, nats_server_bin};
+use support::{
+    NatsServer, SpurDaemon, automations_folder, eventually, http, require_nats_server, write,
+};
 
 fn post_events(daemon: &SpurDaemon, events: Value) -> (u16, String) {
     http("POST", &format!("{}/api/events", daemon.url), Some(events))
@@ -28,10 +30,6 @@ fn firings(daemon: &SpurDaemon) -> Vec<Value> {
 
 fn event(name: &str, resource: &str, id: u128) -> Value {
     json!({"id": uuid::Uuid::from_u128(id).to_string(), "event": name, "resource": {"prefect.resource.id": resource}})
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).expect("write file");
 }
 
 /// `spur emit job.failed --resource … --id … --nats url`: publishes through JetStream.
@@ -72,9 +70,7 @@ actions:
 #[test]
 fn http_ingest_fires_triggers_and_refuses_bad_input() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
-    write(&automations, "threshold.yaml", THRESHOLD);
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
 
     let (status, text) = post_events(
@@ -150,9 +146,7 @@ fn http_ingest_fires_triggers_and_refuses_bad_input() {
 #[test]
 fn a_threshold_half_counted_before_a_crash_completes_after_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
-    write(&automations, "threshold.yaml", THRESHOLD);
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
     let data = dir.path().join("data");
 
     let daemon = SpurDaemon::start(&data, &automations, &[]);
@@ -194,8 +188,7 @@ fn a_threshold_half_counted_before_a_crash_completes_after_restart() {
 #[test]
 fn hot_reload_applies_changes_and_keeps_running_automations_on_a_broken_file() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
 
     let rule = |name: &str| {
@@ -266,8 +259,7 @@ fn hot_reload_applies_changes_and_keeps_running_automations_on_a_broken_file() {
 #[test]
 fn proactive_triggers_fire_on_the_wall_clock() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     write(
         &automations,
         "sla.yaml",
@@ -303,9 +295,7 @@ fn prefect_websocket_protocol_delivers_events() {
     use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
-    write(&automations, "threshold.yaml", THRESHOLD);
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
     let ws_url = format!("{}/api/events/in", daemon.url.replacen("http", "ws", 1));
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -377,25 +367,18 @@ fn prefect_websocket_protocol_delivers_events() {
 
 #[test]
 fn nats_jetstream_ingest_survives_a_server_restart() {
-    let Some(bin) = nats_server_bin() else {
-        eprintln!(
-            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
-        );
+    let Some(bin) = require_nats_server() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let mut nats = NatsServer::start(&bin, &dir.path().join("nats"));
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
-    write(&automations, "threshold.yaml", THRESHOLD);
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
     let daemon = SpurDaemon::start(
         &dir.path().join("data"),
         &automations,
         &["--nats", &nats.url],
     );
-    eventually(Duration::from_secs(10), "the JetStream consumer", || {
-        (!daemon.log_lines("consuming NATS JetStream").is_empty()).then_some(())
-    });
+    daemon.wait_for_jetstream();
     emit_failure_via_nats(&nats.url, "job.n", 30);
     eventually(Duration::from_secs(10), "the first event stored", || {
         let (_, text) = http(
@@ -434,15 +417,13 @@ fn nats_jetstream_ingest_survives_a_server_restart() {
 #[test]
 fn the_stock_prefect_client_emit_event_fires_an_automation() {
     let Ok(python) = std::env::var("SPUR_PREFECT_PYTHON") else {
-        eprintln!(
-            "skipped: SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)"
+        support::skip_without(
+            "SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)",
         );
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
-    write(&automations, "threshold.yaml", THRESHOLD);
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
     let script = r#"
 from prefect.events import emit_event
@@ -483,8 +464,7 @@ print(" ".join(ids))
 fn events_tail_shows_the_backfill_then_live_events() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
     assert_eq!(
         post_events(
@@ -553,16 +533,12 @@ fn events_tail_shows_the_backfill_then_live_events() {
 
 #[test]
 fn nats_messages_become_events_by_subject_template_or_cloudevents_binary_mode() {
-    let Some(bin) = nats_server_bin() else {
-        eprintln!(
-            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
-        );
+    let Some(bin) = require_nats_server() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let nats = NatsServer::start(&bin, &dir.path().join("nats"));
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     let config = dir.path().join("spur.yaml");
     std::fs::write(
         &config,
@@ -583,9 +559,7 @@ fn nats_messages_become_events_by_subject_template_or_cloudevents_binary_mode() 
         &automations,
         &["--config", &config.to_string_lossy()],
     );
-    eventually(Duration::from_secs(10), "the JetStream consumer", || {
-        (!daemon.log_lines("consuming NATS JetStream").is_empty()).then_some(())
-    });
+    daemon.wait_for_jetstream();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -646,9 +620,7 @@ fn nats_messages_become_events_by_subject_template_or_cloudevents_binary_mode() 
 #[test]
 fn what_if_replay_over_the_daemon_history_matches_what_it_fired() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
-    write(&automations, "threshold.yaml", THRESHOLD);
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
     assert_eq!(
         post_events(
@@ -706,8 +678,7 @@ fn what_if_replay_over_the_daemon_history_matches_what_it_fired() {
 #[test]
 fn explain_says_why_each_automation_did_or_did_not_react() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     write(
         &automations,
         "a.yaml",
@@ -794,17 +765,12 @@ fn explain_says_why_each_automation_did_or_did_not_react() {
 
 #[test]
 fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
-    let Some(bin) = nats_server_bin() else {
-        eprintln!(
-            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
-        );
+    let Some(bin) = require_nats_server() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let nats = NatsServer::start(&bin, &dir.path().join("nats"));
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
-    write(&automations, "threshold.yaml", THRESHOLD);
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
 
     // Instance A counts the first of two failures, stores its state in JetStream, and dies.
     let first = SpurDaemon::start(
@@ -812,9 +778,7 @@ fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
         &automations,
         &["--nats", &nats.url],
     );
-    eventually(Duration::from_secs(10), "the JetStream consumer", || {
-        (!first.log_lines("consuming NATS JetStream").is_empty()).then_some(())
-    });
+    first.wait_for_jetstream();
     emit_failure_via_nats(&nats.url, "job.t", 40);
     eventually(
         Duration::from_secs(20),
@@ -841,9 +805,7 @@ fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
             .is_empty(),
         "B restores from JetStream"
     );
-    eventually(Duration::from_secs(10), "B's JetStream consumer", || {
-        (!second.log_lines("consuming NATS JetStream").is_empty()).then_some(())
-    });
+    second.wait_for_jetstream();
     emit_failure_via_nats(&nats.url, "job.t", 41);
     let fired = eventually(Duration::from_secs(20), "the firing on B", || {
         let f = firings(&second);
@@ -863,10 +825,7 @@ fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
 #[test]
 fn jetstream_acks_leave_nothing_pending_with_either_ack_policy() {
     use async_nats::jetstream::{self, consumer::AckPolicy};
-    let Some(bin) = nats_server_bin() else {
-        eprintln!(
-            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
-        );
+    let Some(bin) = require_nats_server() else {
         return;
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -900,16 +859,13 @@ fn jetstream_acks_leave_nothing_pending_with_either_ack_policy() {
                     .expect("an older Spur's consumer");
             });
         }
-        let automations = dir.path().join("automations");
-        std::fs::create_dir_all(&automations).expect("dir");
+        let automations = automations_folder(dir.path(), &[]);
         let daemon = SpurDaemon::start(
             &dir.path().join("data"),
             &automations,
             &["--nats", &nats.url],
         );
-        eventually(Duration::from_secs(10), "the JetStream consumer", || {
-            (!daemon.log_lines("consuming NATS JetStream").is_empty()).then_some(())
-        });
+        daemon.wait_for_jetstream();
         runtime.block_on(async {
             for n in 0..11u128 {
                 let body = if n == 5 {

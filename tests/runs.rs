@@ -3,12 +3,11 @@
 
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{SpurDaemon, eventually, root, spur};
+use support::{SpurDaemon, automations_folder, eventually, root, spur, write};
 
 fn runs(daemon: &SpurDaemon) -> Vec<Value> {
     let (ok, out, err) = spur(&["runs", "ls", "--limit", "100", "--api", &daemon.url]);
@@ -112,15 +111,10 @@ fn the_quickstart_chain_passes_the_upstream_result_downstream() {
     assert_eq!(by_event[0]["parameters"]["prev_result"], "foobar");
 }
 
-fn write(dir: &Path, name: &str, text: &str) {
-    std::fs::write(dir.join(name), text).expect("write");
-}
-
 #[test]
 fn launcher_failures_end_runs_as_failed_or_crashed_and_bad_parameters_never_launch() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     write(
         &automations,
         "deployments.yaml",
@@ -257,10 +251,7 @@ fn a_restarted_daemon_never_launches_a_duplicate_run_and_crashes_orphans() {
 
 #[test]
 fn the_chain_runs_on_a_worker_pool_over_nats() {
-    let Some(bin) = support::nats_server_bin() else {
-        eprintln!(
-            "skipped: no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)"
-        );
+    let Some(bin) = support::require_nats_server() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");

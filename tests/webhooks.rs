@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use spur_ingest::webhook::auth::sign;
-use support::{SpurDaemon, eventually, root};
+use support::{SpurDaemon, automations_folder, eventually, root};
 
 fn request(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> u16 {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -60,8 +60,7 @@ fn events(daemon: &SpurDaemon, name: &str) -> Vec<Value> {
 
 fn start() -> (tempfile::TempDir, SpurDaemon) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
     (dir, daemon)
 }
@@ -504,8 +503,7 @@ fn authentication_presets_accept_valid_and_refuse_wrong_stale_and_replayed() {
 #[test]
 fn required_auth_disables_unauthenticated_webhooks() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = dir.path().join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
+    let automations = automations_folder(dir.path(), &[]);
     let data = dir.path().join("data");
     let daemon = SpurDaemon::start(&data, &automations, &[]);
     let open = create(

@@ -114,6 +114,13 @@ impl SpurDaemon {
         }
     }
 
+    /// Waits until the daemon's JetStream consumer is attached (its log says so).
+    pub fn wait_for_jetstream(&self) {
+        eventually(Duration::from_secs(10), "the JetStream consumer", || {
+            (!self.log_lines("consuming NATS JetStream").is_empty()).then_some(())
+        });
+    }
+
     /// SIGKILL: a crash, no shutdown work.
     pub fn kill(mut self) {
         if let Some(mut c) = self.child.take() {
@@ -173,6 +180,42 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Writes (or rewrites) the file `name` in `dir`.
+pub fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+/// `<dir>/automations`, created, with `files` (name, text) written into it.
+pub fn automations_folder(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+    let folder = dir.join("automations");
+    std::fs::create_dir_all(&folder).expect("automations folder");
+    for (name, text) in files {
+        write(&folder, name, text);
+    }
+    folder
+}
+
+/// Reports a test as skipped for a missing tool — or fails it when the test command has
+/// provisioned every tool (`SPUR_REQUIRE_TEST_TOOLS`, set by `scripts/test.sh`), so a
+/// test can never pass there without having run.
+pub fn skip_without(what: &str) {
+    assert!(
+        std::env::var_os("SPUR_REQUIRE_TEST_TOOLS").is_none(),
+        "{what}, but SPUR_REQUIRE_TEST_TOOLS says every test tool was provisioned"
+    );
+    eprintln!("skipped: {what}");
+}
+
+/// The `nats-server` binary for a test, or `None` once the skip is reported (see
+/// [`skip_without`]).
+pub fn require_nats_server() -> Option<PathBuf> {
+    let bin = nats_server_bin();
+    if bin.is_none() {
+        skip_without("no nats-server (set NATS_SERVER_BIN; scripts/provision.sh installs one)");
+    }
+    bin
 }
 
 /// The `nats-server` binary: `$NATS_SERVER_BIN`, else `nats-server` on PATH.

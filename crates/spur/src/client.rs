@@ -104,6 +104,8 @@ pub fn emit(o: &EmitOptions<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The `/api/events/filter` filter for event names (a trailing `*` means a prefix) and a
+/// resource id (likewise), shared by `events tail` and `events query`.
 fn event_filter(names: &[String], resource: Option<&str>) -> Value {
     let mut filter = json!({});
     let (prefixes, exact): (Vec<&String>, Vec<&String>) =
@@ -211,7 +213,7 @@ pub fn query(
     limit: usize,
     as_json: bool,
 ) -> Result<()> {
-    let mut filter = json!({});
+    let mut filter = event_filter(names, resource);
     let now = Utc::now();
     if let Some(s) = since {
         let since = match crate::serve::parse_duration(s) {
@@ -227,21 +229,6 @@ pub fn query(
             .map_err(anyhow::Error::msg)
             .context("--until")?;
         filter["occurred"]["until"] = json!(spur_core::time::format_timestamp(until));
-    }
-    let (prefixes, exact): (Vec<&String>, Vec<&String>) =
-        names.iter().partition(|n| n.ends_with('*'));
-    if !names.is_empty() {
-        filter["event"] = json!({
-            "name": exact,
-            "prefix": prefixes.iter().map(|p| p.trim_end_matches('*')).collect::<Vec<_>>(),
-        });
-    }
-    if let Some(r) = resource {
-        filter["resource"] = if let Some(p) = r.strip_suffix('*') {
-            json!({"id_prefix": [p]})
-        } else {
-            json!({"id": [r]})
-        };
     }
     let base = base_url(api);
     let rt = runtime()?;
