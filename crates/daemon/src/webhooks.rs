@@ -164,6 +164,8 @@ impl WebhookService {
                 if plain.is_empty() || plain.len() > 2 {
                     return Err("auth.secrets: one or two secrets (two while rotating)".into());
                 }
+                // The generic preset's optional text settings.
+                let text = |field: &str| spec.get(field).and_then(Value::as_str).map(str::to_owned);
                 Ok((
                     Some(WebhookAuth::Hmac {
                         preset,
@@ -172,22 +174,10 @@ impl WebhookService {
                             .get("tolerance_secs")
                             .and_then(Value::as_i64)
                             .unwrap_or(300),
-                        header: spec
-                            .get("header")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned),
-                        algorithm: spec
-                            .get("algorithm")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned),
-                        encoding: spec
-                            .get("encoding")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned),
-                        prefix: spec
-                            .get("prefix")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned),
+                        header: text("header"),
+                        algorithm: text("algorithm"),
+                        encoding: text("encoding"),
+                        prefix: text("prefix"),
                     }),
                     None,
                 ))
