@@ -26,6 +26,10 @@ use serde_json::json;
 use spur_daemon::{Daemon, DaemonConfig};
 use spur_ingest::nats::NatsConfig;
 
+// The same allocator as the `spur` binary, so the driver measures what users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct NatsServer(Child);
 
 impl Drop for NatsServer {
