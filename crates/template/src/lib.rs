@@ -19,6 +19,7 @@
 mod cloud_event;
 mod context;
 pub mod humanize;
+mod python;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -243,27 +244,93 @@ fn to_json_value(value: &Value) -> Result<Json, Error> {
     }
 }
 
-/// Prefect's `tojson`: JSON with `<`, `>`, `&` and `'` escaped (HTML-safe); `indent` optional.
+/// Prefect's `tojson` (Jinja's `htmlsafe_json_dumps`): Python's `json.dumps` with sorted
+/// keys, its `", "` and `": "` separators, `ensure_ascii` (every non-ASCII character as
+/// `\uXXXX`), and `<`, `>`, `&`, `'` escaped (HTML-safe); `indent` optional.
 fn tojson(value: &Value, indent: Option<usize>) -> Result<Value, Error> {
-    let json = to_json_value(value)?;
-    let text = match indent {
+    let mut json = to_json_value(value)?;
+    // Jinja's `tojson` dumps with `sort_keys=True` (Prefect keeps that policy), while
+    // printing a dict keeps its order.
+    sort_keys(&mut json);
+    let mut out = Vec::new();
+    let written = match indent {
         Some(n) => {
             let indent = " ".repeat(n);
-            let mut out = Vec::new();
             let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
-            let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
-            serde::Serialize::serialize(&json, &mut ser)
-                .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-            String::from_utf8(out).unwrap_or_default()
+            serde::Serialize::serialize(
+                &json,
+                &mut serde_json::Serializer::with_formatter(&mut out, formatter),
+            )
         }
-        None => json.to_string(),
+        None => serde::Serialize::serialize(
+            &json,
+            &mut serde_json::Serializer::with_formatter(&mut out, PythonSeparators),
+        ),
     };
-    let escaped = text
-        .replace('<', "\\u003c")
-        .replace('>', "\\u003e")
-        .replace('&', "\\u0026")
-        .replace('\'', "\\u0027");
+    written.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out).unwrap_or_default();
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' | '>' | '&' | '\'' => escaped.push_str(&format!("\\u{:04x}", c as u32)),
+            c if c.is_ascii() => escaped.push(c),
+            c => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    escaped.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
     Ok(Value::from_safe_string(escaped))
+}
+
+/// Python's default `json.dumps` separators: `", "` between items, `": "` after keys.
+struct PythonSeparators;
+
+impl serde_json::ser::Formatter for PythonSeparators {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+/// Sorts every object's keys, recursively.
+fn sort_keys(value: &mut Json) {
+    match value {
+        Json::Object(map) => {
+            map.sort_keys();
+            map.values_mut().for_each(sort_keys);
+        }
+        Json::Array(items) => items.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
 }
 
 fn fromjson(text: &str) -> Result<Value, Error> {
@@ -279,6 +346,8 @@ impl TemplateEngine {
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
         env.set_fuel(Some(FUEL));
         env.set_recursion_limit(100);
+        // Lists and dicts print as Python prints them (`{'k': 'v'}`), as in Prefect.
+        env.set_formatter(python::formatter);
         env.add_function("range", capped_range);
         env.add_filter("fromjson", fromjson);
         env.add_filter("tojson", tojson);
@@ -708,6 +777,51 @@ mod tests {
             ..TemplateContext::default()
         }
         .to_value()
+    }
+
+    /// Expected texts are what Python's Jinja (Prefect 3.8.8's venv) printed for the same
+    /// templates and data.
+    #[test]
+    fn lists_and_dicts_print_as_python_prints_them() {
+        let engine = TemplateEngine::new();
+        let data = Value::from(Serde(json!({
+            "d": {"k": "v", "n": 1, "b": true, "x": null, "nested": {"a": [1, "b"]}},
+            "l": ["a", 2, false],
+        })));
+        let render = |source: &str| engine.render(source, &data).expect("renders");
+        assert_eq!(
+            render("{{ d }}"),
+            "{'k': 'v', 'n': 1, 'b': True, 'x': None, 'nested': {'a': [1, 'b']}}"
+        );
+        assert_eq!(render("{{ l }}"), "['a', 2, False]");
+        assert_eq!(
+            render("{{ [1.0, 1e20, 1e-5, 0.1, 123456789012345678.0] }}"),
+            "[1.0, 1e+20, 1e-05, 0.1, 1.2345678901234568e+17]"
+        );
+        assert_eq!(
+            render(r#"{{ {'s': "it's", 't': 'a"b', 'u': 'é\n', 'both': 'it\'s "x"'} }}"#),
+            r#"{'s': "it's", 't': 'a"b', 'u': 'é\n', 'both': 'it\'s "x"'}"#
+        );
+        // `tojson` sorts keys, as Jinja's does; printing keeps the document's order.
+        assert_eq!(
+            render("{{ {'k': 'v', 'b': true, 'a': {'z': 1, 'y': 2}} | tojson }}"),
+            r#"{"a": {"y": 2, "z": 1}, "b": true, "k": "v"}"#
+        );
+        // Python's separators and ensure_ascii, HTML-safe, as Prefect prints them.
+        assert_eq!(
+            render(r#"{{ {"k": "é<'>&", "l": [1, 2.5, none], "e": {}} | tojson }}"#),
+            r#"{"e": {}, "k": "\u00e9\u003c\u0027\u003e\u0026", "l": [1, 2.5, null]}"#
+        );
+        assert_eq!(
+            render(r#"{{ {"k": "é", "l": [1, {"a": 1}]} | tojson(2) }}"#),
+            "{\n  \"k\": \"\\u00e9\",\n  \"l\": [\n    1,\n    {\n      \"a\": 1\n    }\n  ]\n}"
+        );
+        // Scalars, and lone expressions in parameters (typed), are unchanged.
+        assert_eq!(render("{{ d.k }} {{ d.n }} {{ d.b }}"), "v 1 True");
+        assert_eq!(
+            render_parameters(&engine, Some(&json!({"p": "{{ d }}"})), &data).expect("renders"),
+            json!({"p": {"k": "v", "n": 1, "b": true, "x": null, "nested": {"a": [1, "b"]}}})
+        );
     }
 
     #[test]

@@ -1,0 +1,144 @@
+//! Printing values the way Jinja does under Python.
+//!
+//! Prefect renders templates with Python's Jinja, where `{{ event.payload }}` prints the
+//! dict's Python `repr`: `{'k': 'v', 'ok': True, 'none': None}`. minijinja on its own prints
+//! containers as JSON-like text (`{"k": "v", ...}`), so a run parameter or a notification
+//! body built from a dict would differ from what the same automation gives in Prefect.
+//! [`formatter`] prints lists and dicts as Python does; everything else (strings, numbers,
+//! Spur's event views) prints as before.
+
+use std::fmt::Write as _;
+
+use minijinja::value::ValueKind;
+use minijinja::{Error, ErrorKind, Output, State, Value};
+
+use crate::context::{EventView, LabelDiver, ResourceView};
+
+/// How deep containers are printed before giving up (a guard, far beyond real payloads).
+const MAX_DEPTH: usize = 64;
+
+/// minijinja's output formatter with Python's printing of lists and dicts.
+pub(crate) fn formatter(out: &mut Output, state: &mut State, value: &Value) -> Result<(), Error> {
+    if !is_plain_container(value) {
+        return minijinja::escape_formatter(out, state, value);
+    }
+    let mut text = String::new();
+    repr(value, &mut text, 0)?;
+    out.write_str(&text)
+        .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the output"))
+}
+
+/// A list or dict of plain data (not one of Spur's event views, which print as they are).
+fn is_plain_container(value: &Value) -> bool {
+    matches!(value.kind(), ValueKind::Map | ValueKind::Seq)
+        && value.downcast_object_ref::<EventView>().is_none()
+        && value.downcast_object_ref::<ResourceView>().is_none()
+        && value.downcast_object_ref::<LabelDiver>().is_none()
+}
+
+/// Python's `repr` of `value`, appended to `out`.
+fn repr(value: &Value, out: &mut String, depth: usize) -> Result<(), Error> {
+    if depth > MAX_DEPTH {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "a value nested more than 64 levels deep cannot be printed",
+        ));
+    }
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
+        ValueKind::Number => number(value, out),
+        ValueKind::String => string(value.as_str().unwrap_or_default(), out),
+        ValueKind::Seq | ValueKind::Iterable => {
+            out.push('[');
+            for (i, item) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                repr(&item, out, depth + 1)?;
+            }
+            out.push(']');
+        }
+        ValueKind::Map if is_plain_container(value) => {
+            out.push('{');
+            for (i, key) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                repr(&key, out, depth + 1)?;
+                out.push_str(": ");
+                repr(&value.get_item(&key)?, out, depth + 1)?;
+            }
+            out.push('}');
+        }
+        // Bytes, views, timestamps and other objects: as they print on their own.
+        _ => {
+            let _ = write!(out, "{value}");
+        }
+    }
+    Ok(())
+}
+
+/// Python's number printing: integers as they are; floats with the shortest round-trip
+/// digits, always with a `.` or an exponent, and an exponent outside 1e-4 ≤ |x| < 1e16.
+fn number(value: &Value, out: &mut String) {
+    let shown = value.to_string();
+    if shown.parse::<i128>().is_ok() {
+        out.push_str(&shown);
+        return;
+    }
+    let Ok(float) = f64::try_from(value.clone()) else {
+        out.push_str(&shown);
+        return;
+    };
+    if float.is_nan() {
+        out.push_str("nan");
+    } else if float.is_infinite() {
+        out.push_str(if float > 0.0 { "inf" } else { "-inf" });
+    } else {
+        let scientific = format!("{float:e}");
+        let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+        let exponent: i32 = exponent.parse().unwrap_or(0);
+        if float != 0.0 && !(-4..16).contains(&exponent) {
+            let sign = if exponent < 0 { '-' } else { '+' };
+            let _ = write!(out, "{mantissa}e{sign}{:02}", exponent.abs());
+        } else {
+            let plain = format!("{float}");
+            out.push_str(&plain);
+            if !plain.contains('.') {
+                out.push_str(".0");
+            }
+        }
+    }
+}
+
+/// Python's `repr` of a string: single quotes unless the text has a single quote and no
+/// double quote; backslashes, that quote and control characters escaped.
+fn string(text: &str, out: &mut String) {
+    let quote = if text.contains('\'') && !text.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+}
