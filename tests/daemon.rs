@@ -460,6 +460,100 @@ print(" ".join(ids))
     assert_eq!(fired[0]["event"], ids[1]);
 }
 
+/// Prefect's own event subscriber (`get_events_subscriber`, the `/api/events/out` websocket
+/// with the full `EventFilter` its client sends, `text` included) receives the events its
+/// filter selects, live; and the same filters work on `POST /api/events/filter`.
+#[test]
+fn the_stock_prefect_subscriber_receives_filtered_events() {
+    let Ok(python) = std::env::var("SPUR_PREFECT_PYTHON") else {
+        support::skip_without(
+            "SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let script = r#"
+import asyncio
+from prefect.events import emit_event
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter, EventTextFilter
+from prefect.events.worker import EventsWorker
+
+async def main():
+    wanted = EventFilter(
+        event=EventNameFilter(prefix=["sub."], exclude_name=["sub.skipped"]),
+        text=EventTextFilter(query="kiln -cold"),
+    )
+    async with get_events_subscriber(filter=wanted) as subscriber:
+        for name, resource in [("sub.skipped", "kiln.1"), ("other.event", "kiln.1"),
+                               ("sub.reading", "kiln.cold"), ("sub.reading", "kiln.2")]:
+            emit_event(event=name, resource={"prefect.resource.id": resource})
+        await asyncio.to_thread(EventsWorker.drain_all)
+        event = await asyncio.wait_for(subscriber.__anext__(), 20)
+        print(event.event, event.resource.id)
+
+asyncio.run(main())
+"#;
+    let output = std::process::Command::new(python)
+        .args(["-c", script])
+        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
+        .env("PREFECT_HOME", dir.path().join("prefect-home"))
+        .env("DO_NOT_TRACK", "1")
+        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        "sub.reading kiln.2",
+        "only the event the filter selects"
+    );
+    // The same filter over HTTP, as Prefect's client would send it.
+    let (status, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(json!({"filter": {
+            "event": {"prefix": ["sub."], "exclude_prefix": null, "name": null, "exclude_name": ["sub.skipped"]},
+            "any_resource": [{"id_prefix": ["kiln."]}],
+            "id": {"id": []},
+            "text": {"query": "kiln -cold"},
+            "order": "DESC",
+        }})),
+    );
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    let names: Vec<(&str, &str)> = body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or_default(),
+                e["resource"]["prefect.resource.id"]
+                    .as_str()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(names, [("sub.reading", "kiln.2")]);
+    let (status, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(json!({"filter": {"order": "ASC"}})),
+    );
+    assert_eq!(
+        status, 422,
+        "ascending order is refused, not ignored: {text}"
+    );
+}
+
 #[test]
 fn events_tail_shows_the_backfill_then_live_events() {
     use std::io::{BufRead, BufReader};

@@ -23,8 +23,10 @@ use chrono::{TimeDelta, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use spur_core::Event;
+use spur_core::glob::LabelPattern;
 use spur_core::time::{format_timestamp, parse_timestamp};
-use spur_store::{EventQuery, Store};
+use spur_core::trigger::ResourceSpecification;
+use spur_store::{AnyResourceFilter, EventQuery, RelatedFilter, Store, TextQuery};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use spur_ingest::http::{close, constant_time_eq, offers_prefect_protocol};
@@ -366,7 +368,11 @@ async fn firings(State(state): State<ApiState>, Query(q): Query<Limit>) -> Respo
     }
 }
 
-/// Reads Prefect's `EventFilter` shape (the parts Spur supports) into a store query.
+/// Parses Prefect's `EventFilter` (the shape its client and UI send): `occurred`, `event`
+/// (`name`, `prefix`, `exclude_name`, `exclude_prefix`), `resource` (`id`, `id_prefix`,
+/// `labels`, `distinct`), `related` and `any_resource` (one filter or a list, each must hold),
+/// `id`, `text` and `order` (only `DESC`, newest first, is served). Unknown fields are refused
+/// with their name.
 pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
     let mut q = EventQuery::default();
     let Value::Object(map) = filter else {
@@ -375,21 +381,6 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
         } else {
             Err("filter must be an object".into())
         };
-    };
-    let strings = |v: Option<&Value>, field: &str| -> Result<Vec<String>, String> {
-        match v {
-            None | Some(Value::Null) => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|i| {
-                    i.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| format!("{field}: must be a list of strings"))
-                })
-                .collect(),
-            Some(Value::String(s)) => Ok(vec![s.clone()]),
-            Some(_) => Err(format!("{field}: must be a list of strings")),
-        }
     };
     for key in map.keys() {
         if ![
@@ -400,6 +391,7 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
             "any_resource",
             "related",
             "id",
+            "text",
         ]
         .contains(&key.as_str())
         {
@@ -414,31 +406,130 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
             q.until = Some(parse_timestamp(until).map_err(|e| format!("occurred.until: {e}"))?);
         }
     }
-    if let Some(event) = map.get("event") {
+    if let Some(event) = map.get("event").filter(|v| !v.is_null()) {
         q.names = strings(event.get("name"), "event.name")?;
         q.name_prefixes = strings(event.get("prefix"), "event.prefix")?;
+        q.excluded_names = strings(event.get("exclude_name"), "event.exclude_name")?;
+        q.excluded_prefixes = strings(event.get("exclude_prefix"), "event.exclude_prefix")?;
     }
-    if let Some(resource) = map.get("resource") {
+    if let Some(resource) = map.get("resource").filter(|v| !v.is_null()) {
         q.resource_ids = strings(resource.get("id"), "resource.id")?;
         q.resource_prefixes = strings(resource.get("id_prefix"), "resource.id_prefix")?;
+        q.resource_labels = labels(resource.get("labels"), "resource.labels")?;
     }
-    if let Some(related) = map.get("related") {
-        q.related_ids = strings(related.get("id"), "related.id")?;
+    for (i, related) in one_or_many(map.get("related")).enumerate() {
+        let field = |name: &str| format!("related[{i}].{name}");
+        let pairs = match related.get("resources_in_roles") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|pair| match pair.as_array().map(Vec::as_slice) {
+                    Some([Value::String(id), Value::String(role)]) => {
+                        Ok((id.clone(), role.clone()))
+                    }
+                    _ => Err(format!(
+                        "{}: must be a list of [id, role] pairs",
+                        field("resources_in_roles")
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(format!(
+                    "{}: must be a list of [id, role] pairs",
+                    field("resources_in_roles")
+                ));
+            }
+        };
+        q.related.push(RelatedFilter {
+            ids: strings(related.get("id"), &field("id"))?,
+            roles: strings(related.get("role"), &field("role"))?,
+            resources_in_roles: pairs,
+            labels: labels(related.get("labels"), &field("labels"))?,
+        });
+    }
+    for (i, any) in one_or_many(map.get("any_resource")).enumerate() {
+        let field = |name: &str| format!("any_resource[{i}].{name}");
+        q.any_resource.push(AnyResourceFilter {
+            ids: strings(any.get("id"), &field("id"))?,
+            id_prefixes: strings(any.get("id_prefix"), &field("id_prefix"))?,
+            labels: labels(any.get("labels"), &field("labels"))?,
+        });
+    }
+    if let Some(ids) = map.get("id").filter(|v| !v.is_null()) {
+        q.ids = strings(ids.get("id"), "id.id")?
+            .iter()
+            .map(|id| uuid::Uuid::parse_str(id).map_err(|e| format!("id.id: {id:?}: {e}")))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(text) = map.get("text").filter(|v| !v.is_null()) {
+        let query = text
+            .get("query")
+            .and_then(Value::as_str)
+            .ok_or("text.query: must be a string")?;
+        if query.chars().count() > 200 {
+            return Err("text.query: at most 200 characters".into());
+        }
+        q.text = Some(TextQuery::parse(query));
+    }
+    match map.get("order").and_then(Value::as_str) {
+        None | Some("DESC") => {}
+        Some(other) => {
+            return Err(format!(
+                "order: only \"DESC\" (newest first) is served, not {other:?}"
+            ));
+        }
     }
     Ok(q)
 }
 
-fn query_to_json(q: &EventQuery) -> Value {
-    json!({
-        "occurred": {"since": q.since.map(format_timestamp), "until": q.until.map(format_timestamp)},
-        "event": {"name": q.names, "prefix": q.name_prefixes},
-        "resource": {"id": q.resource_ids, "id_prefix": q.resource_prefixes},
-        "related": {"id": q.related_ids},
-    })
+/// A list of strings (a lone string counts as a list of one; null as none).
+fn strings(v: Option<&Value>, field: &str) -> Result<Vec<String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("{field}: must be a list of strings"))
+            })
+            .collect(),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(_) => Err(format!("{field}: must be a list of strings")),
+    }
+}
+
+/// A `ResourceSpecification` (label → value or values, Prefect's patterns).
+fn labels(v: Option<&Value>, field: &str) -> Result<ResourceSpecification, String> {
+    let mut spec = ResourceSpecification::default();
+    match v {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (label, values) in map {
+                let values = strings(Some(values), &format!("{field}.{label}"))?;
+                spec.labels.push((
+                    label.clone(),
+                    values.iter().map(|v| LabelPattern::new(v)).collect(),
+                ));
+            }
+        }
+        Some(_) => return Err(format!("{field}: must be an object of label patterns")),
+    }
+    Ok(spec)
+}
+
+/// A filter that may be given once or as a list.
+fn one_or_many(v: Option<&Value>) -> Box<dyn Iterator<Item = &Value> + '_> {
+    match v {
+        None | Some(Value::Null) => Box::new(std::iter::empty()),
+        Some(Value::Array(items)) => Box::new(items.iter()),
+        Some(one) => Box::new(std::iter::once(one)),
+    }
 }
 
 async fn run_query(
     state: &ApiState,
+    filter: &Value,
     query: EventQuery,
     limit: usize,
     before: Option<u64>,
@@ -452,7 +543,7 @@ async fn run_query(
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
     let next_page = page.next_before.map(|before| {
-        let token = json!({"filter": query_to_json(&query), "before": before, "limit": limit});
+        let token = json!({"filter": filter, "before": before, "limit": limit});
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string());
         format!("/api/events/filter/next?page-token={token}")
     });
@@ -471,11 +562,12 @@ async fn filter_events(State(state): State<ApiState>, body: Option<axum::Json<Va
         .and_then(Value::as_u64)
         .unwrap_or(50)
         .clamp(1, 50) as usize;
-    let query = match parse_filter(body.get("filter").unwrap_or(&Value::Null)) {
+    let filter = body.get("filter").unwrap_or(&Value::Null);
+    let query = match parse_filter(filter) {
         Ok(q) => q,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
-    run_query(&state, query, limit, None).await
+    run_query(&state, filter, query, limit, None).await
 }
 
 #[derive(Deserialize)]
@@ -492,8 +584,9 @@ async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToke
     let Some(token) = decoded else {
         return error(StatusCode::FORBIDDEN, "invalid page token");
     };
+    let filter = token.get("filter").unwrap_or(&Value::Null);
     let (Ok(query), Some(before)) = (
-        parse_filter(token.get("filter").unwrap_or(&Value::Null)),
+        parse_filter(filter),
         token.get("before").and_then(Value::as_u64),
     ) else {
         return error(StatusCode::FORBIDDEN, "invalid page token");
@@ -503,7 +596,7 @@ async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToke
         .and_then(Value::as_u64)
         .unwrap_or(50)
         .clamp(1, 50) as usize;
-    run_query(&state, query, limit, Some(before)).await
+    run_query(&state, filter, query, limit, Some(before)).await
 }
 
 async fn events_out(

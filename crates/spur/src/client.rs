@@ -106,10 +106,17 @@ pub fn emit(o: &EmitOptions<'_>) -> Result<()> {
 
 /// The `/api/events/filter` filter for event names (a trailing `*` means a prefix) and a
 /// resource id (likewise), shared by `events tail` and `events query`.
-fn event_filter(names: &[String], resource: Option<&str>) -> Value {
+fn event_filter(names: &[String], resource: Option<&str>) -> Result<Value> {
     let mut filter = json!({});
     let (prefixes, exact): (Vec<&String>, Vec<&String>) =
         names.iter().partition(|n| n.ends_with('*'));
+    if !prefixes.is_empty() && !exact.is_empty() {
+        // Prefect's filter requires an event to match both lists when both are given.
+        anyhow::bail!(
+            "--name: give exact names or prefixes (ending in *), not both: {}",
+            names.join(", ")
+        );
+    }
     if !names.is_empty() {
         filter["event"] = json!({
             "name": exact,
@@ -123,7 +130,7 @@ fn event_filter(names: &[String], resource: Option<&str>) -> Value {
             json!({"id": [r]})
         };
     }
-    filter
+    Ok(filter)
 }
 
 fn print_event(e: &Value, as_json: bool) {
@@ -154,7 +161,7 @@ pub fn tail(
 
     let base = base_url(api);
     let url = format!("{}/api/events/out", base.replacen("http", "ws", 1));
-    let filter = event_filter(names, resource);
+    let filter = event_filter(names, resource)?;
     runtime()?.block_on(async {
         let mut request = url
             .as_str()
@@ -213,7 +220,7 @@ pub fn query(
     limit: usize,
     as_json: bool,
 ) -> Result<()> {
-    let mut filter = event_filter(names, resource);
+    let mut filter = event_filter(names, resource)?;
     let now = Utc::now();
     if let Some(s) = since {
         let since = match crate::serve::parse_duration(s) {

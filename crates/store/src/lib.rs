@@ -34,6 +34,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use spur_core::Event;
+use spur_core::trigger::ResourceSpecification;
 use spur_matcher::EngineSnapshot;
 use thiserror::Error;
 use uuid::Uuid;
@@ -99,7 +100,8 @@ pub struct Checkpoint {
     pub snapshot: EngineSnapshot,
 }
 
-/// Which events a query returns. Empty lists mean "any".
+/// Which events a query returns: Prefect's `EventFilter`. Empty lists mean "any"; every
+/// part given must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EventQuery {
     /// `occurred` at or after.
@@ -110,38 +112,205 @@ pub struct EventQuery {
     pub names: Vec<String>,
     /// Event-name prefixes — any of them.
     pub name_prefixes: Vec<String>,
+    /// Event names left out.
+    pub excluded_names: Vec<String>,
+    /// Event-name prefixes left out.
+    pub excluded_prefixes: Vec<String>,
     /// Primary resource ids (exact) — any of them.
     pub resource_ids: Vec<String>,
     /// Primary resource id prefixes — any of them.
     pub resource_prefixes: Vec<String>,
+    /// Labels the primary resource must match.
+    pub resource_labels: ResourceSpecification,
     /// Related resource ids (exact) — some related resource is one of them.
     pub related_ids: Vec<String>,
+    /// Each must be satisfied by some related resource.
+    pub related: Vec<RelatedFilter>,
+    /// Each must be satisfied by the primary or some related resource.
+    pub any_resource: Vec<AnyResourceFilter>,
+    /// Event ids — any of them.
+    pub ids: Vec<Uuid>,
+    /// Prefect's text search.
+    pub text: Option<TextQuery>,
+}
+
+/// One of Prefect's `EventRelatedFilter`s: some related resource satisfies every part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelatedFilter {
+    /// Its id is one of these.
+    pub ids: Vec<String>,
+    /// Its role is one of these.
+    pub roles: Vec<String>,
+    /// Its (id, role) is one of these.
+    pub resources_in_roles: Vec<(String, String)>,
+    /// It matches these labels.
+    pub labels: ResourceSpecification,
+}
+
+impl RelatedFilter {
+    fn accepts(&self, resource: &spur_core::Resource) -> bool {
+        (self.ids.is_empty() || self.ids.iter().any(|id| id == resource.id()))
+            && (self.roles.is_empty()
+                || resource
+                    .role()
+                    .is_some_and(|role| self.roles.iter().any(|r| r == role)))
+            && (self.resources_in_roles.is_empty()
+                || self.resources_in_roles.iter().any(|(id, role)| {
+                    id == resource.id() && resource.role() == Some(role.as_str())
+                }))
+            && self.labels.matches(resource)
+    }
+}
+
+/// One of Prefect's `EventAnyResourceFilter`s: the primary or some related resource
+/// satisfies every part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AnyResourceFilter {
+    /// Its id is one of these.
+    pub ids: Vec<String>,
+    /// Its id starts with one of these.
+    pub id_prefixes: Vec<String>,
+    /// It matches these labels.
+    pub labels: ResourceSpecification,
+}
+
+impl AnyResourceFilter {
+    fn accepts(&self, resource: &spur_core::Resource) -> bool {
+        (self.ids.is_empty() || self.ids.iter().any(|id| id == resource.id()))
+            && (self.id_prefixes.is_empty()
+                || self
+                    .id_prefixes
+                    .iter()
+                    .any(|p| resource.id().starts_with(p.as_str())))
+            && self.labels.matches(resource)
+    }
+}
+
+/// Prefect's text search (`EventTextFilter`): terms are matched, case-insensitively, as
+/// substrings of the event name, the values of its resource and related resources, and its
+/// payload. Plain terms: any of them (OR); `-term`/`!term`: none of them; `+term`: all of
+/// them; `"quoted phrases"` are one term.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TextQuery {
+    /// Any of these.
+    pub include: Vec<String>,
+    /// None of these.
+    pub exclude: Vec<String>,
+    /// All of these.
+    pub required: Vec<String>,
+}
+
+impl TextQuery {
+    /// Parses a query the way Prefect's `parse_text_search_query` does.
+    pub fn parse(query: &str) -> TextQuery {
+        let mut out = TextQuery::default();
+        let chars: Vec<char> = query.chars().collect();
+        let mut i = 0;
+        while i < chars.len() {
+            if chars[i].is_whitespace() {
+                i += 1;
+                continue;
+            }
+            let mut prefix = None;
+            if matches!(chars[i], '-' | '!' | '+') {
+                // A prefix only counts when a term follows at once.
+                if i + 1 < chars.len() && !chars[i + 1].is_whitespace() {
+                    prefix = Some(chars[i]);
+                    i += 1;
+                } else {
+                    i += 1;
+                    continue;
+                }
+            }
+            let term = if chars[i] == '"' {
+                i += 1;
+                let mut phrase = String::new();
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' && i + 1 < chars.len() && matches!(chars[i + 1], '"' | '\\')
+                    {
+                        phrase.push(chars[i + 1]);
+                        i += 2;
+                    } else {
+                        phrase.push(chars[i]);
+                        i += 1;
+                    }
+                }
+                i += 1; // the closing quote, if any
+                if phrase.trim().is_empty() {
+                    continue;
+                }
+                phrase
+            } else {
+                let start = i;
+                while i < chars.len() && !chars[i].is_whitespace() && chars[i] != '"' {
+                    i += 1;
+                }
+                chars[start..i].iter().collect()
+            };
+            if term.is_empty() {
+                continue;
+            }
+            match prefix {
+                Some('-' | '!') => out.exclude.push(term),
+                Some('+') => out.required.push(term),
+                _ => out.include.push(term),
+            }
+        }
+        out
+    }
+
+    fn matches(&self, event: &Event) -> bool {
+        let mut text = event.event.clone();
+        for resource in std::iter::once(&event.resource).chain(&event.related) {
+            for (_, value) in resource.labels() {
+                text.push(' ');
+                text.push_str(value);
+            }
+        }
+        text.push(' ');
+        text.push_str(&event.payload.to_string());
+        let text = text.to_lowercase();
+        let found = |term: &String| text.contains(&term.to_lowercase());
+        (self.include.is_empty() || self.include.iter().any(found))
+            && !self.exclude.iter().any(found)
+            && self.required.iter().all(found)
+    }
 }
 
 impl EventQuery {
     /// Does `event` pass the filter?
     pub fn matches(&self, event: &Event) -> bool {
-        let name_ok = (self.names.is_empty() && self.name_prefixes.is_empty())
-            || self.names.contains(&event.event)
-            || self
-                .name_prefixes
-                .iter()
-                .any(|p| event.event.starts_with(p.as_str()));
+        let name = event.event.as_str();
         let id = event.resource.id();
-        let resource_ok = (self.resource_ids.is_empty() && self.resource_prefixes.is_empty())
-            || self.resource_ids.iter().any(|r| r == id)
-            || self
-                .resource_prefixes
+        let any_of = |list: &[String], ok: &dyn Fn(&str) -> bool| {
+            list.is_empty() || list.iter().any(|item| ok(item))
+        };
+        any_of(&self.names, &|n| n == name)
+            && any_of(&self.name_prefixes, &|p| name.starts_with(p))
+            && !self.excluded_names.iter().any(|n| n == name)
+            && !self
+                .excluded_prefixes
                 .iter()
-                .any(|p| id.starts_with(p.as_str()));
-        let related_ok = self.related_ids.is_empty()
-            || event
+                .any(|p| name.starts_with(p.as_str()))
+            && any_of(&self.resource_ids, &|r| r == id)
+            && any_of(&self.resource_prefixes, &|p| id.starts_with(p))
+            && self.resource_labels.matches(&event.resource)
+            && (self.related_ids.is_empty()
+                || event
+                    .related
+                    .iter()
+                    .any(|r| self.related_ids.iter().any(|id| id == r.id())))
+            && self
                 .related
                 .iter()
-                .any(|r| self.related_ids.iter().any(|id| id == r.id()));
-        name_ok
-            && resource_ok
-            && related_ok
+                .all(|f| event.related.iter().any(|r| f.accepts(r)))
+            && self.any_resource.iter().all(|f| {
+                std::iter::once(&event.resource)
+                    .chain(&event.related)
+                    .any(|r| f.accepts(r))
+            })
+            && (self.ids.is_empty() || self.ids.contains(&event.id))
+            && self.text.as_ref().is_none_or(|t| t.matches(event))
             && self.since.is_none_or(|s| event.occurred >= s)
             && self.until.is_none_or(|u| event.occurred <= u)
     }
@@ -919,5 +1088,38 @@ mod tests {
         let cutoff: DateTime<Utc> = "2025-01-01T00:00:00Z".parse().expect("valid");
         assert_eq!(store.prune(cutoff, 100).expect("prune"), 2);
         assert_eq!(store.get_explanation(plain).expect("read"), None);
+    }
+
+    /// Expected parts are what Prefect 3.8.8's `parse_text_search_query` returned.
+    #[test]
+    fn text_queries_parse_like_prefect() {
+        let parts = |q: &str| {
+            let t = TextQuery::parse(q);
+            (t.include, t.exclude, t.required)
+        };
+        let v = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parts("error -debug"),
+            (v(&["error"]), v(&["debug"]), v(&[]))
+        );
+        assert_eq!(
+            parts(r#""connection timeout""#),
+            (v(&["connection timeout"]), v(&[]), v(&[]))
+        );
+        assert_eq!(
+            parts("+required -excluded"),
+            (v(&[]), v(&["excluded"]), v(&["required"]))
+        );
+        assert_eq!(parts("- x"), (v(&["x"]), v(&[]), v(&[])));
+        assert_eq!(
+            parts(r#"!a "b \"c\"""#),
+            (v(&[r#"b "c""#]), v(&["a"]), v(&[]))
+        );
+        assert_eq!(parts(r#"a"b c""#), (v(&["a", "b c"]), v(&[]), v(&[])));
+        assert_eq!(parts("  "), (v(&[]), v(&[]), v(&[])));
+        assert_eq!(
+            parts(r#""unclosed phrase"#),
+            (v(&["unclosed phrase"]), v(&[]), v(&[]))
+        );
     }
 }
