@@ -554,6 +554,72 @@ asyncio.run(main())
     );
 }
 
+/// Prefect's client reads Spur's automations (`read_automations`, by id, by name), Spur's
+/// action shorthands included, in Prefect's schema.
+#[test]
+fn the_stock_prefect_client_reads_automations() {
+    let Ok(python) = std::env::var("SPUR_PREFECT_PYTHON") else {
+        support::skip_without(
+            "SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            ("threshold.yaml", THRESHOLD),
+            (
+                "deployments.yaml",
+                "deployments:\n  - {name: triage, launcher: {command: [\"true\"]}}\n",
+            ),
+            (
+                "notify.yaml",
+                r#"
+name: late-export
+trigger: {type: event, posture: Proactive, after: ["export.started"], expect: ["export.finished"], within: 60}
+actions:
+  - {type: send-notification, url: "http://127.0.0.1:9/hook", subject: late, body: "{{ event.id }}"}
+  - {type: run-deployment, deployment: triage}
+"#,
+            ),
+        ],
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let script = r#"
+import asyncio
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        listed = await client.read_automations()
+        print(" ".join(sorted(a.name for a in listed)))
+        one = await client.read_automation(listed[0].id)
+        print(one.name, type(one.trigger).__name__)
+        named = await client.read_automations_by_name("late-export")
+        print(len(named), [type(a).__name__ for a in named[0].actions])
+
+asyncio.run(main())
+"#;
+    let output = std::process::Command::new(python)
+        .args(["-c", script])
+        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
+        .env("PREFECT_HOME", dir.path().join("prefect-home"))
+        .env("DO_NOT_TRACK", "1")
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "late-export two-failures");
+    assert_eq!(lines[1], "late-export EventTrigger");
+    assert_eq!(lines[2], "1 ['SendNotification', 'RunDeployment']");
+}
+
 #[test]
 fn events_tail_shows_the_backfill_then_live_events() {
     use std::io::{BufRead, BufReader};

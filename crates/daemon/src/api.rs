@@ -5,13 +5,16 @@
 //! * `GET /api/events/out` — websocket live feed: send `{"type": "filter", "filter": …,
 //!   "backfill": true}`, receive the last 15 minutes that match, then every new match.
 //! * `GET /api/automations` — loaded automations with their live trigger state and any
-//!   load errors; `GET /api/firings` — recent firings.
+//!   load errors; `POST /api/automations/filter` and `GET /api/automations/{id}` — the same
+//!   automations in Prefect's schema, for Prefect's client; `GET /api/firings` — recent
+//!   firings.
 //! * `GET /healthz`, `GET /api/health`, `GET /metrics` (Prometheus text).
 //! * `GET /` — the web UI (event feed, event detail with explanations, automations, runs).
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
+use crate::actions::Executor;
 use axum::Router;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -63,6 +66,8 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/ready", get(|| async { axum::Json(true) }))
         .route("/metrics", get(metrics))
         .route("/api/automations", get(automations))
+        .route("/api/automations/filter", post(filter_automations))
+        .route("/api/automations/{id}", get(read_automation))
         .route("/api/automations/{id}/pause", post(pause_automation))
         .route("/api/automations/{id}/resume", post(resume_automation))
         .route("/api/firings", get(firings))
@@ -110,6 +115,135 @@ async fn describe(state: &ApiState) -> Option<Description> {
     let (tx, rx) = oneshot::channel();
     state.control.send(Control::Describe(tx)).await.ok()?;
     rx.await.ok()
+}
+
+/// An automation as Prefect's API returns it (`prefect.events.schemas.automations.Automation`),
+/// so Prefect's client (`read_automations`, `prefect automation ls`) can read Spur's.
+/// Spur's own action shorthands get the fields Prefect's schema requires: a `run-deployment`
+/// naming its deployment gets that deployment's `deployment_id`; a `send-notification` to a
+/// `url` (Spur has no blocks) gets a `block_document_id` derived from the URL, stable but
+/// not a block Prefect knows.
+fn prefect_automation(automation: &spur_core::Automation, executor: &Executor) -> Value {
+    let actions = |list: &[spur_core::Action]| -> Vec<Value> {
+        list.iter()
+            .map(|action| {
+                let mut value = serde_json::to_value(action).unwrap_or(Value::Null);
+                let field = |name: &str| action.field(name).filter(|v| !v.is_null());
+                match action.action_type.as_str() {
+                    "run-deployment"
+                        if field("deployment_id").is_none()
+                            && field("source").and_then(Value::as_str) != Some("inferred") =>
+                    {
+                        if let Some(name) = field("deployment").and_then(Value::as_str) {
+                            let id = executor
+                                .deployments()
+                                .iter()
+                                .find(|d| d.name == name)
+                                .map_or_else(
+                                    || spur_core::load::deployment_id_for_name(name),
+                                    |d| d.id,
+                                );
+                            value["deployment_id"] = json!(id);
+                        }
+                    }
+                    "send-notification" if field("block_document_id").is_none() => {
+                        if let Some(url) = field("url").and_then(Value::as_str) {
+                            value["block_document_id"] = json!(uuid::Uuid::new_v5(
+                                &spur_core::SPUR_NAMESPACE,
+                                format!("notification-url:{url}").as_bytes()
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+                value
+            })
+            .collect()
+    };
+    json!({
+        "id": automation.id,
+        "name": automation.name,
+        "description": automation.description,
+        "enabled": automation.enabled,
+        "tags": automation.tags,
+        "trigger": automation.trigger,
+        "actions": actions(&automation.actions),
+        "actions_on_trigger": actions(&automation.actions_on_trigger),
+        "actions_on_resolve": actions(&automation.actions_on_resolve),
+        "owner_resource": null,
+    })
+}
+
+/// `POST /api/automations/filter`, Prefect's shape: `{"automations": {"name": {"any_": […]},
+/// "tags": {"all_": […]}}, "limit", "offset"}`, answered with a list sorted by name.
+async fn filter_automations(
+    State(state): State<ApiState>,
+    body: Option<axum::Json<Value>>,
+) -> Response {
+    let body = body.map(|b| b.0).unwrap_or(Value::Null);
+    let Some(description) = describe(&state).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        );
+    };
+    let filter = body.get("automations").unwrap_or(&Value::Null);
+    let names: Option<Vec<&str>> = filter
+        .pointer("/name/any_")
+        .and_then(Value::as_array)
+        .map(|names| names.iter().filter_map(Value::as_str).collect());
+    let tags: Vec<&str> = filter
+        .pointer("/tags/all_")
+        .and_then(Value::as_array)
+        .map(|tags| tags.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut selected: Vec<&spur_core::Automation> = description
+        .automations
+        .iter()
+        .map(|a| a.automation.as_ref())
+        .filter(|a| names.as_ref().is_none_or(|n| n.contains(&a.name.as_str())))
+        .filter(|a| tags.iter().all(|t| a.tags.iter().any(|own| own == t)))
+        .collect();
+    selected.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+    let offset = body.get("offset").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let limit = body
+        .get("limit")
+        .and_then(Value::as_u64)
+        .map_or(usize::MAX, |l| l as usize);
+    let page: Vec<Value> = selected
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|a| prefect_automation(a, &state.executor))
+        .collect();
+    axum::Json(Value::Array(page)).into_response()
+}
+
+/// `GET /api/automations/{id}`: one automation in Prefect's shape.
+async fn read_automation(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not an automation id"),
+        );
+    };
+    let Some(description) = describe(&state).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        );
+    };
+    match description
+        .automations
+        .iter()
+        .find(|a| a.automation.id == id)
+    {
+        Some(a) => axum::Json(prefect_automation(&a.automation, &state.executor)).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no automation {id}")),
+    }
 }
 
 async fn automations(State(state): State<ApiState>) -> Response {
