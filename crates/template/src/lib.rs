@@ -253,20 +253,15 @@ fn tojson(value: &Value, indent: Option<usize>) -> Result<Value, Error> {
     // printing a dict keeps its order.
     sort_keys(&mut json);
     let mut out = Vec::new();
-    let written = match indent {
-        Some(n) => {
-            let indent = " ".repeat(n);
-            let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
-            serde::Serialize::serialize(
-                &json,
-                &mut serde_json::Serializer::with_formatter(&mut out, formatter),
-            )
-        }
-        None => serde::Serialize::serialize(
-            &json,
-            &mut serde_json::Serializer::with_formatter(&mut out, PythonSeparators),
-        ),
+    let formatter = PythonJson {
+        indent: indent.map(|n| vec![b' '; n]),
+        depth: 0,
+        has_value: false,
     };
+    let written = serde::Serialize::serialize(
+        &json,
+        &mut serde_json::Serializer::with_formatter(&mut out, formatter),
+    );
     written.map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let text = String::from_utf8(out).unwrap_or_default();
     let mut escaped = String::with_capacity(text.len());
@@ -285,20 +280,105 @@ fn tojson(value: &Value, indent: Option<usize>) -> Result<Value, Error> {
     Ok(Value::from_safe_string(escaped))
 }
 
-/// Python's default `json.dumps` separators: `", "` between items, `": "` after keys.
-struct PythonSeparators;
+/// `json.dumps` as Python writes it: `", "` between items and `": "` after keys, or with
+/// `indent`, one item a line (`","` then a newline) — and floats as Python's `repr`.
+struct PythonJson {
+    indent: Option<Vec<u8>>,
+    depth: usize,
+    has_value: bool,
+}
 
-impl serde_json::ser::Formatter for PythonSeparators {
+impl PythonJson {
+    fn new_line<W: ?Sized + std::io::Write>(&self, writer: &mut W) -> std::io::Result<()> {
+        if let Some(indent) = &self.indent {
+            writer.write_all(b"\n")?;
+            for _ in 0..self.depth {
+                writer.write_all(indent)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn separator<W: ?Sized + std::io::Write>(
+        &self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        match (&self.indent, first) {
+            (None, true) => Ok(()),
+            (None, false) => writer.write_all(b", "),
+            (Some(_), first) => {
+                if !first {
+                    writer.write_all(b",")?;
+                }
+                self.new_line(writer)
+            }
+        }
+    }
+
+    fn open<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        writer.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.depth -= 1;
+        if self.has_value {
+            self.new_line(writer)?;
+        }
+        self.has_value = true;
+        writer.write_all(bracket)
+    }
+}
+
+impl serde_json::ser::Formatter for PythonJson {
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        writer.write_all(python::float_repr(value).as_bytes())
+    }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.open(writer, b"[")
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.close(writer, b"]")
+    }
+
     fn begin_array_value<W: ?Sized + std::io::Write>(
         &mut self,
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        self.separator(writer, first)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        _writer: &mut W,
+    ) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.open(writer, b"{")
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.close(writer, b"}")
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -306,11 +386,7 @@ impl serde_json::ser::Formatter for PythonSeparators {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        self.separator(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(
@@ -318,6 +394,14 @@ impl serde_json::ser::Formatter for PythonSeparators {
         writer: &mut W,
     ) -> std::io::Result<()> {
         writer.write_all(b": ")
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        _writer: &mut W,
+    ) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
     }
 }
 
@@ -348,6 +432,7 @@ impl TemplateEngine {
         env.set_recursion_limit(100);
         // Lists and dicts print as Python prints them (`{'k': 'v'}`), as in Prefect.
         env.set_formatter(python::formatter);
+        env.add_filter("string", python::string_filter);
         env.add_function("range", capped_range);
         env.add_filter("fromjson", fromjson);
         env.add_filter("tojson", tojson);
@@ -816,6 +901,11 @@ mod tests {
             render(r#"{{ {"k": "é", "l": [1, {"a": 1}]} | tojson(2) }}"#),
             "{\n  \"k\": \"\\u00e9\",\n  \"l\": [\n    1,\n    {\n      \"a\": 1\n    }\n  ]\n}"
         );
+        assert_eq!(
+            render("{{ [1.0, 1e20, 1e-5, 0.1] | tojson }} {{ d | string }}"),
+            "[1.0, 1e+20, 1e-05, 0.1] {'k': 'v', 'n': 1, 'b': True, 'x': None, 'nested': {'a': [1, 'b']}}"
+        );
+        assert_eq!(render("{{ [[], {}] | tojson(1) }}"), "[\n [],\n {}\n]");
         // Scalars, and lone expressions in parameters (typed), are unchanged.
         assert_eq!(render("{{ d.k }} {{ d.n }} {{ d.b }}"), "v 1 True");
         assert_eq!(

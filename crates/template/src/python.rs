@@ -79,36 +79,51 @@ fn repr(value: &Value, out: &mut String, depth: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// Python's number printing: integers as they are; floats with the shortest round-trip
-/// digits, always with a `.` or an exponent, and an exponent outside 1e-4 ≤ |x| < 1e16.
+/// Python's number printing: integers as they are, floats as [`float_repr`].
 fn number(value: &Value, out: &mut String) {
     let shown = value.to_string();
     if shown.parse::<i128>().is_ok() {
         out.push_str(&shown);
         return;
     }
-    let Ok(float) = f64::try_from(value.clone()) else {
-        out.push_str(&shown);
-        return;
-    };
+    match f64::try_from(value.clone()) {
+        Ok(float) => out.push_str(&float_repr(float)),
+        Err(_) => out.push_str(&shown),
+    }
+}
+
+/// Python's `repr` of a float: the shortest round-trip digits, always with a `.` or an
+/// exponent, and an exponent (`1e+20`, `1e-05`) outside 1e-4 ≤ |x| < 1e16.
+pub(crate) fn float_repr(float: f64) -> String {
     if float.is_nan() {
-        out.push_str("nan");
-    } else if float.is_infinite() {
-        out.push_str(if float > 0.0 { "inf" } else { "-inf" });
+        return "nan".to_owned();
+    }
+    if float.is_infinite() {
+        return if float > 0.0 { "inf" } else { "-inf" }.to_owned();
+    }
+    let scientific = format!("{float:e}");
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    if float != 0.0 && !(-4..16).contains(&exponent) {
+        let sign = if exponent < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exponent.abs())
     } else {
-        let scientific = format!("{float:e}");
-        let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
-        let exponent: i32 = exponent.parse().unwrap_or(0);
-        if float != 0.0 && !(-4..16).contains(&exponent) {
-            let sign = if exponent < 0 { '-' } else { '+' };
-            let _ = write!(out, "{mantissa}e{sign}{:02}", exponent.abs());
-        } else {
-            let plain = format!("{float}");
-            out.push_str(&plain);
-            if !plain.contains('.') {
-                out.push_str(".0");
-            }
+        let mut plain = format!("{float}");
+        if !plain.contains('.') {
+            plain.push_str(".0");
         }
+        plain
+    }
+}
+
+/// Jinja's `string` filter under Python: `str(value)`, so lists and dicts give their repr.
+pub(crate) fn string_filter(state: &State, value: &Value) -> Result<Value, Error> {
+    if is_plain_container(value) {
+        let mut text = String::new();
+        repr(value, &mut text, 0)?;
+        Ok(Value::from(text))
+    } else {
+        minijinja::filters::string(state, value)
     }
 }
 
