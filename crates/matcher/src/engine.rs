@@ -1216,12 +1216,22 @@ fn restore_firing(f: &FiringSnapshot, automation: &Arc<Automation>) -> Firing {
 /// A stable hash of an automation's definition (its canonical JSON).
 pub fn fingerprint(automation: &Automation) -> u64 {
     use std::hash::Hasher;
+    /// Keys in sorted order everywhere: writing a file's keys in another order is not a
+    /// change (JSON objects keep their document order in memory).
+    fn canonical(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::Object(map) => {
+                map.sort_keys();
+                map.values_mut().for_each(canonical);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(canonical),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(automation).unwrap_or_default();
+    canonical(&mut value);
     let mut hasher = crate::index::FxHasher::default();
-    hasher.write(
-        serde_json::to_string(automation)
-            .unwrap_or_default()
-            .as_bytes(),
-    );
+    hasher.write(value.to_string().as_bytes());
     hasher.finish()
 }
 

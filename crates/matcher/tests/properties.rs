@@ -280,3 +280,33 @@ proptest! {
         prop_assert_eq!(run(&automations, &events, true, false), run(&automations, &events, true, false));
     }
 }
+
+/// Writing an automation's keys in another order is not a change: its trigger state survives.
+#[test]
+fn key_order_does_not_change_an_automations_fingerprint() {
+    let parse = |text: &str| {
+        let value: serde_json::Value = serde_json::from_str(text).expect("JSON");
+        let mut problems = spur_core::Problems::default();
+        Automation::parse(&value, Dialect::Server, &mut problems).expect("valid automation")
+    };
+    let one = parse(
+        r#"{"name": "a", "trigger": {"type": "event", "posture": "Reactive", "expect": ["x"], "threshold": 2, "within": 60},
+            "actions": [{"type": "run-deployment", "source": "selected", "deployment_id": "5e1ec7ed-0000-4000-8000-000000000001", "parameters": {"b": 1, "a": 2}}]}"#,
+    );
+    let reordered = parse(
+        r#"{"actions": [{"parameters": {"a": 2, "b": 1}, "deployment_id": "5e1ec7ed-0000-4000-8000-000000000001", "source": "selected", "type": "run-deployment"}],
+            "trigger": {"within": 60, "threshold": 2, "expect": ["x"], "posture": "Reactive", "type": "event"}, "name": "a"}"#,
+    );
+    let changed = parse(
+        r#"{"name": "a", "trigger": {"type": "event", "posture": "Reactive", "expect": ["x"], "threshold": 3, "within": 60},
+            "actions": [{"type": "run-deployment", "source": "selected", "deployment_id": "5e1ec7ed-0000-4000-8000-000000000001", "parameters": {"b": 1, "a": 2}}]}"#,
+    );
+    assert_eq!(
+        spur_matcher::fingerprint(&one),
+        spur_matcher::fingerprint(&reordered)
+    );
+    assert_ne!(
+        spur_matcher::fingerprint(&one),
+        spur_matcher::fingerprint(&changed)
+    );
+}
