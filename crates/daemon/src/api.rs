@@ -504,7 +504,8 @@ async fn firings(State(state): State<ApiState>, Query(q): Query<Limit>) -> Respo
 
 /// Parses Prefect's `EventFilter` (the shape its client and UI send): `occurred`, `event`
 /// (`name`, `prefix`, `exclude_name`, `exclude_prefix`), `resource` (`id`, `id_prefix`,
-/// `labels`, `distinct`), `related` and `any_resource` (one filter or a list, each must hold),
+/// `labels`; `distinct` is accepted but not applied), `related` and `any_resource` (one filter
+/// or a list, each must hold),
 /// `id`, `text` and `order` (only `DESC`, newest first, is served). Unknown fields are refused
 /// with their name.
 pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
