@@ -32,6 +32,26 @@ fn event(name: &str, resource: &str, id: u128) -> Value {
     json!({"id": uuid::Uuid::from_u128(id).to_string(), "event": name, "resource": {"prefect.resource.id": resource}})
 }
 
+/// Runs a Python script with the real Prefect client pointed at `daemon`; its stdout, after
+/// asserting it succeeded.
+fn run_prefect_client(python: &str, script: &str, daemon: &SpurDaemon, dir: &Path) -> String {
+    let output = std::process::Command::new(python)
+        .args(["-c", script])
+        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
+        .env("PREFECT_HOME", dir.join("prefect-home"))
+        .env("DO_NOT_TRACK", "1")
+        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 /// `spur emit job.failed --resource … --id … --nats url`: publishes through JetStream.
 fn emit_failure_via_nats(nats_url: &str, resource: &str, id: u128) {
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
@@ -432,20 +452,7 @@ ids = [str(emit_event(event="job.failed", resource={"prefect.resource.id": "job.
 EventsWorker.drain_all()
 print(" ".join(ids))
 "#;
-    let output = std::process::Command::new(python)
-        .args(["-c", script])
-        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
-        .env("PREFECT_HOME", dir.path().join("prefect-home"))
-        .env("DO_NOT_TRACK", "1")
-        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_prefect_client(&python, script, &daemon, dir.path());
     let ids: Vec<&str> = stdout.split_whitespace().collect();
     assert_eq!(ids.len(), 2, "{stdout}");
     let fired = eventually(
@@ -496,20 +503,7 @@ async def main():
 
 asyncio.run(main())
 "#;
-    let output = std::process::Command::new(python)
-        .args(["-c", script])
-        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
-        .env("PREFECT_HOME", dir.path().join("prefect-home"))
-        .env("DO_NOT_TRACK", "1")
-        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_prefect_client(&python, script, &daemon, dir.path());
     assert_eq!(
         stdout.trim(),
         "sub.reading kiln.2",
@@ -601,19 +595,7 @@ async def main():
 
 asyncio.run(main())
 "#;
-    let output = std::process::Command::new(python)
-        .args(["-c", script])
-        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
-        .env("PREFECT_HOME", dir.path().join("prefect-home"))
-        .env("DO_NOT_TRACK", "1")
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_prefect_client(&python, script, &daemon, dir.path());
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "late-export two-failures");
     assert_eq!(lines[1], "late-export EventTrigger");

@@ -111,10 +111,19 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-async fn describe(state: &ApiState) -> Option<Description> {
+/// The pipeline's live description, or the 503 to answer when the pipeline is not running.
+async fn describe(state: &ApiState) -> Result<Description, Response> {
     let (tx, rx) = oneshot::channel();
-    state.control.send(Control::Describe(tx)).await.ok()?;
-    rx.await.ok()
+    let answer = match state.control.send(Control::Describe(tx)).await {
+        Ok(()) => rx.await.ok(),
+        Err(_) => None,
+    };
+    answer.ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the pipeline is not running",
+        )
+    })
 }
 
 /// An automation as Prefect's API returns it (`prefect.events.schemas.automations.Automation`),
@@ -181,11 +190,9 @@ async fn filter_automations(
     body: Option<axum::Json<Value>>,
 ) -> Response {
     let body = body.map(|b| b.0).unwrap_or(Value::Null);
-    let Some(description) = describe(&state).await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the pipeline is not running",
-        );
+    let description = match describe(&state).await {
+        Ok(description) => description,
+        Err(unavailable) => return unavailable,
     };
     let filter = body.get("automations").unwrap_or(&Value::Null);
     let names: Option<Vec<&str>> = filter
@@ -230,11 +237,9 @@ async fn read_automation(
             format!("{id:?} is not an automation id"),
         );
     };
-    let Some(description) = describe(&state).await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the pipeline is not running",
-        );
+    let description = match describe(&state).await {
+        Ok(description) => description,
+        Err(unavailable) => return unavailable,
     };
     match description
         .automations
@@ -247,11 +252,9 @@ async fn read_automation(
 }
 
 async fn automations(State(state): State<ApiState>) -> Response {
-    let Some(description) = describe(&state).await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the pipeline is not running",
-        );
+    let description = match describe(&state).await {
+        Ok(description) => description,
+        Err(unavailable) => return unavailable,
     };
     let status = state.status.read().map(|s| s.clone()).unwrap_or_default();
     let automations: Vec<Value> = description
@@ -293,11 +296,9 @@ async fn automations(State(state): State<ApiState>) -> Response {
 }
 
 async fn set_paused(state: &ApiState, wanted: &str, paused: bool) -> Response {
-    let Some(description) = describe(state).await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the pipeline is not running",
-        );
+    let description = match describe(state).await {
+        Ok(description) => description,
+        Err(unavailable) => return unavailable,
     };
     let id = uuid::Uuid::parse_str(wanted).ok();
     let Some(found) = description
