@@ -11,26 +11,9 @@ use serde_json::{Value, json};
 use spur_ingest::webhook::auth::sign;
 use support::{SpurDaemon, automations_folder, eventually, root};
 
+/// A raw request's status (see `support::request`).
 fn request(method: &str, url: &str, headers: &[(&str, String)], body: Vec<u8>) -> u16 {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let client = reqwest::Client::new();
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut r = client.request(method, url);
-        for (k, v) in headers {
-            r = r.header(*k, v);
-        }
-        r.body(body)
-            .send()
-            .await
-            .expect("daemon answers")
-            .status()
-            .as_u16()
-    })
+    support::request(method, url, headers, body).0
 }
 
 fn api(method: &str, url: &str, body: Option<Value>) -> (u16, Value) {

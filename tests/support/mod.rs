@@ -25,6 +25,24 @@ pub fn spur(args: &[&str]) -> (bool, String, String) {
 
 /// One HTTP request over loopback: (status, body text). `body` is sent as JSON.
 pub fn http(method: &str, url: &str, body: Option<serde_json::Value>) -> (u16, String) {
+    match body {
+        Some(b) => request(
+            method,
+            url,
+            &[("content-type", "application/json".to_owned())],
+            b.to_string().into_bytes(),
+        ),
+        None => request(method, url, &[], Vec::new()),
+    }
+}
+
+/// One HTTP request over loopback with these headers and raw body: (status, body text).
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (u16, String) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -34,12 +52,10 @@ pub fn http(method: &str, url: &str, body: Option<serde_json::Value>) -> (u16, S
         let client = reqwest::Client::new();
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut request = client.request(method, url);
-        if let Some(b) = body {
-            request = request
-                .header("content-type", "application/json")
-                .body(b.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, value);
         }
-        let response = request.send().await.expect("daemon answers");
+        let response = request.body(body).send().await.expect("daemon answers");
         let status = response.status().as_u16();
         (status, response.text().await.unwrap_or_default())
     })
