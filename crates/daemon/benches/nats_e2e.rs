@@ -256,6 +256,8 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (server, url) = start_nats(Path::new(&bin), &dir.path().join("nats"));
     let nats_pid = server.0.id();
+    // As `spur serve` does; after nats-server is spawned, which keeps the system default.
+    let _ = spur_daemon::process::disable_transparent_huge_pages();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

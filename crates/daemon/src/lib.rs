@@ -16,6 +16,7 @@
 //! * [`reload`] — the automations folder watcher.
 //! * [`api`] — read API, live feed, health and metrics.
 //! * [`metrics`] — Prometheus counters and histograms.
+//! * [`process`] — process-wide memory settings the binary applies at start.
 //!
 //! Shutdown order: stop accepting HTTP, stop the NATS source, drain the pipeline's queue,
 //! checkpoint, return.
@@ -26,6 +27,7 @@ pub mod api;
 pub mod config;
 pub mod metrics;
 pub mod pipeline;
+pub mod process;
 pub mod reload;
 pub mod shared_state;
 pub mod webhooks;

@@ -246,6 +246,10 @@ async fn wait_for_signal() {
 pub fn serve(args: &ServeArgs) -> Result<()> {
     let (config, log_format) = resolve(args)?;
     init_logging(&log_format);
+    // Before the runtime and the daemon allocate anything (see the function's docs).
+    if let Err(e) = spur_daemon::process::disable_transparent_huge_pages() {
+        tracing::debug!(error = %e, "transparent huge pages stay on");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
