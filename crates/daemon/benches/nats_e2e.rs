@@ -68,9 +68,16 @@ fn start_nats(bin: &Path, dir: &Path) -> (NatsServer, String) {
     }
 }
 
+/// Event `n`'s id: random-looking like Prefect's (`uuid4`), yet known to the driver.
+/// Sequential ids would flatter the store, whose id index then only ever grows at one end.
+fn event_id(n: usize) -> uuid::Uuid {
+    let mixed = (n as u128 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+    uuid::Builder::from_random_bytes(mixed.to_le_bytes()).into_uuid()
+}
+
 fn event_json(n: usize, name: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
-        "id": uuid::Uuid::from_u128(n as u128 + 1).to_string(),
+        "id": event_id(n).to_string(),
         "event": name,
         "resource": {"prefect.resource.id": format!("load.resource.{}", n % 100)},
         "payload": {"n": n},
@@ -368,7 +375,7 @@ fn main() {
                 let i = base + next;
                 let name = if next.is_multiple_of(10) { "load.latency".to_owned() } else { format!("load.noise.{}", next % 1000) };
                 if next.is_multiple_of(10) {
-                    let id = uuid::Uuid::from_u128(i as u128 + 1).to_string();
+                    let id = event_id(i).to_string();
                     sent.insert(id, Instant::now());
                 }
                 client

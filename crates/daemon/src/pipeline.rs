@@ -33,6 +33,11 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 
+/// Merge the store's in-memory tier of recent event ids into its id table once it holds
+/// this many. Larger merges rewrite fewer index pages per event; the tier costs ~50 bytes
+/// per id and is rebuilt from the log on start, so this also bounds start-up work.
+const ID_MERGE_THRESHOLD: usize = 65_536;
+
 /// Messages other than events.
 #[derive(Debug)]
 pub enum Control {
@@ -291,6 +296,7 @@ impl Pipeline {
                         while let Some(s) = submissions.recv().await {
                             self.process(vec![s]);
                         }
+                        self.merge_recent_ids();
                         self.checkpoint();
                         info!(last_seq = self.applied, "pipeline stopped; state checkpointed");
                         let _ = done.send(());
@@ -398,7 +404,7 @@ impl Pipeline {
             encoded.append(&mut s.encoded);
         }
         // One transaction per batch: the events, and the firings they cause, commit together.
-        let result = self.store.writer().and_then(|writer| {
+        let result = self.store.writer().and_then(|mut writer| {
             let appended = writer.append_encoded(&events, &encoded)?;
             Ok((writer, appended))
         });
@@ -496,6 +502,23 @@ impl Pipeline {
         self.metrics
             .buckets
             .store(self.engine.stats().buckets as u64, Ordering::Relaxed);
+        if self.store.recent_id_count() >= ID_MERGE_THRESHOLD {
+            self.merge_recent_ids();
+        }
+    }
+
+    /// Moves the ids appended since the last merge into the store's id table (see
+    /// `spur_store`'s crate docs on the two-tier id index).
+    fn merge_recent_ids(&self) {
+        let started = Instant::now();
+        match self.store.merge_recent_ids() {
+            Ok(merged) => tracing::debug!(
+                merged,
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "merged recent event ids into the id index"
+            ),
+            Err(e) => warn!(error = %e, "cannot merge recent event ids; they stay in memory"),
+        }
     }
 
     /// After a failed commit the engine is ahead of the log: start over from the checkpoint.

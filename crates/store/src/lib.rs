@@ -5,7 +5,7 @@
 //! | table        | key                  | value                                   |
 //! |--------------|----------------------|-----------------------------------------|
 //! | `events`     | ingest sequence, u64 | the event as stored JSON (`received` in) |
-//! | `event_ids`  | event id, u128       | its sequence (de-duplication)           |
+//! | `event_ids`  | event id, u128       | its sequence (de-duplication; merged in bulk, see below) |
 //! | `firings`    | firing id, u128      | the firing record (JSON)                |
 //! | `firing_seq` | u64                  | firing id, in the order recorded        |
 //! | `meta`       | name                 | the checkpoint: `{seq, snapshot}`       |
@@ -17,6 +17,16 @@
 //! | `event_explanations` | ingest sequence, u64 | what each candidate trigger decided (only events some trigger considered) |
 //! | `webhooks`   | webhook id, u128     | the webhook (secrets sealed, keys hashed) |
 //!
+//! **The id index has two tiers.** Event ids are random (Prefect's clients use `uuid4`), so
+//! inserting each event's id into the `event_ids` B-tree as it arrives dirtied one random page
+//! per event, and every commit rewrote hundreds of pages. Ids appended since the last merge are
+//! instead held in memory ([`RecentIds`]) and merged into `event_ids` in one sorted pass
+//! ([`Store::merge_recent_ids`]), which rewrites each touched page once per merge, not once per
+//! event. The memory tier needs no persistence of its own: the log is the source of truth, and
+//! `meta["ids_merged_through"]` names the last sequence whose id is in `event_ids`, so opening
+//! the store rebuilds the tier from the log entries after it. Every id lookup (de-duplication,
+//! [`Store::get_event`], explanations) consults both tiers.
+//!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
 //! tables, so an event batch and its de-duplication entries commit together; MVCC readers
 //! serve queries while the pipeline writes; every commit is durable (fsync) by default.
@@ -27,7 +37,9 @@
 //! firings after a crash harmless.
 #![warn(missing_docs)]
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -330,7 +342,33 @@ pub struct EventPage {
 /// The embedded store. Cheap to share behind an `Arc`; redb serialises writers.
 pub struct Store {
     db: Database,
+    /// The memory tier of the id index (see the crate docs).
+    recent: Arc<RwLock<RecentIds>>,
 }
+
+/// Ids appended to the log but not yet merged into `event_ids`: id → sequence.
+#[derive(Debug, Default)]
+pub struct RecentIds {
+    ids: HashMap<u128, u64>,
+}
+
+impl RecentIds {
+    fn get(lock: &RwLock<RecentIds>, id: u128) -> Option<u64> {
+        lock.read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .ids
+            .get(&id)
+            .copied()
+    }
+
+    fn write(lock: &RwLock<RecentIds>) -> std::sync::RwLockWriteGuard<'_, RecentIds> {
+        lock.write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The `meta` key naming the last sequence whose id is in `event_ids`.
+const IDS_MERGED_THROUGH: &str = "ids_merged_through";
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -367,9 +405,100 @@ impl Store {
             txn.open_table(DISPATCHED)?;
             txn.open_table(EXPLANATIONS)?;
             txn.open_table(WEBHOOKS)?;
+            // A store written before the id index had two tiers indexed every id at once.
+            let last = txn
+                .open_table(EVENTS)?
+                .last()?
+                .map_or(0, |(k, _)| k.value());
+            let mut meta = txn.open_table(META)?;
+            if meta.get(IDS_MERGED_THROUGH)?.is_none() {
+                meta.insert(IDS_MERGED_THROUGH, last.to_be_bytes().as_slice())?;
+            }
         }
         txn.commit()?;
-        Ok(Store { db })
+        let store = Store {
+            db,
+            recent: Arc::default(),
+        };
+        store.load_recent_ids()?;
+        Ok(store)
+    }
+
+    /// Rebuilds the memory tier of the id index from the log entries after the last merge.
+    fn load_recent_ids(&self) -> Result<(), StoreError> {
+        /// Only the id of a stored event is read.
+        #[derive(Deserialize)]
+        struct IdOnly {
+            id: Uuid,
+        }
+        let txn = self.db.begin_read()?;
+        let merged = merged_through(&txn.open_table(META)?)?;
+        let log = txn.open_table(EVENTS)?;
+        let mut recent = RecentIds::write(&self.recent);
+        for entry in log.range(merged + 1..)? {
+            let (seq, bytes) = entry?;
+            let IdOnly { id } = serde_json::from_slice(bytes.value()).map_err(corrupt)?;
+            recent.ids.insert(id.as_u128(), seq.value());
+        }
+        Ok(())
+    }
+
+    /// How many ids wait in the memory tier of the id index.
+    pub fn recent_id_count(&self) -> usize {
+        self.recent
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .ids
+            .len()
+    }
+
+    /// Merges the memory tier of the id index into `event_ids`, in id order, in one
+    /// transaction; returns how many ids moved. The transaction is not synced on its own:
+    /// it becomes durable with the next durable commit, and if a crash loses it, the
+    /// merge mark is lost with it and opening the store rebuilds the tier from the log.
+    pub fn merge_recent_ids(&self) -> Result<usize, StoreError> {
+        let mut pending: Vec<(u128, u64)> = {
+            let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
+            recent.ids.iter().map(|(id, seq)| (*id, *seq)).collect()
+        };
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        pending.sort_unstable();
+        let through = pending.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| corrupt(format!("id index merge: {e}")))?;
+        {
+            let mut ids = txn.open_table(EVENT_IDS)?;
+            for (id, seq) in &pending {
+                ids.insert(id, seq)?;
+            }
+            let mut meta = txn.open_table(META)?;
+            let before = merged_through(&meta)?;
+            meta.insert(
+                IDS_MERGED_THROUGH,
+                through.max(before).to_be_bytes().as_slice(),
+            )?;
+        }
+        txn.commit()?;
+        // The merged ids are now found in the table; readers look in memory first, so an
+        // id is never missing from both tiers in between.
+        let mut recent = RecentIds::write(&self.recent);
+        recent.ids.retain(|_, seq| *seq > through);
+        Ok(pending.len())
+    }
+
+    /// The sequence of a stored event id, from either tier of the index.
+    fn seq_of(
+        &self,
+        ids: &impl ReadableTable<u128, u64>,
+        id: Uuid,
+    ) -> Result<Option<u64>, StoreError> {
+        if let Some(seq) = RecentIds::get(&self.recent, id.as_u128()) {
+            return Ok(Some(seq));
+        }
+        Ok(ids.get(id.as_u128())?.map(|v| v.value()))
     }
 
     /// Starts a write transaction: append events and record the firings they caused, then
@@ -377,12 +506,14 @@ impl Store {
     pub fn writer(&self) -> Result<StoreWriter, StoreError> {
         Ok(StoreWriter {
             txn: self.db.begin_write()?,
+            recent: self.recent.clone(),
+            staged: HashMap::new(),
         })
     }
 
     /// Appends events in one durable transaction, skipping ids already in the log.
     pub fn append(&self, events: &[Event]) -> Result<Vec<Appended>, StoreError> {
-        let writer = self.writer()?;
+        let mut writer = self.writer()?;
         let out = writer.append(events)?;
         writer.commit()?;
         Ok(out)
@@ -614,7 +745,7 @@ impl Store {
         let txn = self.db.begin_read()?;
         let ids = txn.open_table(EVENT_IDS)?;
         let table = txn.open_table(EXPLANATIONS)?;
-        let Some(seq) = ids.get(id.as_u128())?.map(|v| v.value()) else {
+        let Some(seq) = self.seq_of(&ids, id)? else {
             return Ok(None);
         };
         match table.get(seq)? {
@@ -628,7 +759,7 @@ impl Store {
         let txn = self.db.begin_read()?;
         let ids = txn.open_table(EVENT_IDS)?;
         let log = txn.open_table(EVENTS)?;
-        let Some(seq) = ids.get(id.as_u128())?.map(|v| v.value()) else {
+        let Some(seq) = self.seq_of(&ids, id)? else {
             return Ok(None);
         };
         match log.get(seq)? {
@@ -768,6 +899,7 @@ impl Store {
     pub fn prune(&self, cutoff: DateTime<Utc>, max: usize) -> Result<usize, StoreError> {
         let txn = self.db.begin_write()?;
         let mut removed = 0;
+        let mut pruned = Vec::new();
         {
             let mut log = txn.open_table(EVENTS)?;
             let mut ids = txn.open_table(EVENT_IDS)?;
@@ -788,10 +920,15 @@ impl Store {
                 log.remove(seq)?;
                 ids.remove(id.as_u128())?;
                 explanations.remove(seq)?;
+                pruned.push(id.as_u128());
                 removed += 1;
             }
         }
         txn.commit()?;
+        let mut recent = RecentIds::write(&self.recent);
+        for id in pruned {
+            recent.ids.remove(&id);
+        }
         Ok(removed)
     }
 
@@ -807,11 +944,15 @@ impl Store {
 /// [`StoreWriter::commit`]; dropping it aborts.
 pub struct StoreWriter {
     txn: redb::WriteTransaction,
+    /// The store's memory tier of the id index; the staged ids join it on commit.
+    recent: Arc<RwLock<RecentIds>>,
+    /// Ids appended in this transaction: id → sequence.
+    staged: HashMap<u128, u64>,
 }
 
 impl StoreWriter {
     /// Appends events, skipping ids already in the log.
-    pub fn append(&self, events: &[Event]) -> Result<Vec<Appended>, StoreError> {
+    pub fn append(&mut self, events: &[Event]) -> Result<Vec<Appended>, StoreError> {
         let encoded = events
             .iter()
             .map(serde_json::to_vec)
@@ -823,7 +964,7 @@ impl StoreWriter {
     /// Appends events whose stored JSON (`serde_json::to_vec(event)`) the caller already
     /// made, `encoded[i]` for `events[i]`; skips ids already in the log.
     pub fn append_encoded(
-        &self,
+        &mut self,
         events: &[Event],
         encoded: &[Vec<u8>],
     ) -> Result<Vec<Appended>, StoreError> {
@@ -837,16 +978,19 @@ impl StoreWriter {
         let mut out = Vec::with_capacity(events.len());
         {
             let mut log = self.txn.open_table(EVENTS)?;
-            let mut ids = self.txn.open_table(EVENT_IDS)?;
+            let ids = self.txn.open_table(EVENT_IDS)?;
             let mut next = log.last()?.map_or(1, |(k, _)| k.value() + 1);
             for (event, bytes) in events.iter().zip(encoded) {
                 let id = event.id.as_u128();
-                if ids.get(id)?.is_some() {
+                if self.staged.contains_key(&id)
+                    || RecentIds::get(&self.recent, id).is_some()
+                    || ids.get(id)?.is_some()
+                {
                     out.push(Appended::Duplicate);
                     continue;
                 }
                 log.insert(next, bytes.as_slice())?;
-                ids.insert(id, next)?;
+                self.staged.insert(id, next);
                 out.push(Appended::New(next));
                 next += 1;
             }
@@ -886,7 +1030,15 @@ impl StoreWriter {
         let ids = self.txn.open_table(EVENT_IDS)?;
         let mut table = self.txn.open_table(EXPLANATIONS)?;
         for (id, value) in explanations {
-            let Some(seq) = ids.get(id.as_u128())?.map(|v| v.value()) else {
+            let id = id.as_u128();
+            let seq = match self.staged.get(&id) {
+                Some(seq) => Some(*seq),
+                None => match RecentIds::get(&self.recent, id) {
+                    Some(seq) => Some(seq),
+                    None => ids.get(id)?.map(|v| v.value()),
+                },
+            };
+            let Some(seq) = seq else {
                 continue;
             };
             match value {
@@ -904,10 +1056,29 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Commits durably.
+    /// Commits durably; the appended ids join the memory tier of the id index.
     pub fn commit(self) -> Result<(), StoreError> {
         self.txn.commit()?;
+        if !self.staged.is_empty() {
+            RecentIds::write(&self.recent).ids.extend(self.staged);
+        }
         Ok(())
+    }
+}
+
+/// `meta["ids_merged_through"]`: the last sequence whose id is in `event_ids`.
+fn merged_through(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64, StoreError> {
+    match meta.get(IDS_MERGED_THROUGH)? {
+        Some(v) => {
+            let bytes: [u8; 8] = v
+                .value()
+                .try_into()
+                .map_err(|_| corrupt("ids_merged_through is not 8 bytes"))?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
     }
 }
 
@@ -952,6 +1123,86 @@ mod tests {
         let after = store.events_after(1, 10).expect("read");
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].1.event, "b");
+    }
+
+    #[test]
+    fn ids_are_found_in_either_tier_of_the_index_across_merges_and_reopens() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("spur.redb");
+        let a = event(
+            0xa1b2_0000_0000_0000_0000_0000_0000_0001,
+            "a",
+            "2024-01-01T00:00:00Z",
+        );
+        let b = event(
+            0x0000_0000_0000_0000_0000_0000_0000_0002,
+            "b",
+            "2024-01-01T00:00:01Z",
+        );
+        let c = event(
+            0x7fff_0000_0000_0000_0000_0000_0000_0003,
+            "c",
+            "2024-01-01T00:00:02Z",
+        );
+        {
+            let store = Store::open(&path).expect("opens");
+            // The same id twice in one batch is stored once.
+            assert_eq!(
+                store
+                    .append(&[a.clone(), b.clone(), a.clone()])
+                    .expect("append"),
+                [Appended::New(1), Appended::New(2), Appended::Duplicate]
+            );
+            assert_eq!(store.recent_id_count(), 2);
+            assert_eq!(
+                store.get_event(b.id).expect("read").map(|e| e.id),
+                Some(b.id)
+            );
+        }
+        {
+            // Reopened before any merge: the memory tier is rebuilt from the log.
+            let store = Store::open(&path).expect("reopens");
+            assert_eq!(store.recent_id_count(), 2);
+            assert_eq!(
+                store.append(std::slice::from_ref(&b)).expect("append"),
+                [Appended::Duplicate]
+            );
+            assert_eq!(store.merge_recent_ids().expect("merge"), 2);
+            assert_eq!(store.recent_id_count(), 0);
+            // Merged ids are still refused and still found.
+            assert_eq!(
+                store.append(&[a.clone(), c.clone()]).expect("append"),
+                [Appended::Duplicate, Appended::New(3)]
+            );
+            assert_eq!(
+                store.get_event(a.id).expect("read").map(|e| e.event),
+                Some("a".into())
+            );
+            assert_eq!(
+                store.get_event(c.id).expect("read").map(|e| e.event),
+                Some("c".into())
+            );
+            // A durable commit after the (unsynced) merge makes the merge durable too.
+            store.append(&[]).expect("append");
+        }
+        // Reopened after the merge: only the id appended since is in memory.
+        let store = Store::open(&path).expect("reopens");
+        assert_eq!(store.recent_id_count(), 1);
+        for e in [&a, &b, &c] {
+            assert_eq!(
+                store.append(std::slice::from_ref(e)).expect("append"),
+                [Appended::Duplicate]
+            );
+        }
+        // Pruning removes ids from both tiers, so a later copy is new again.
+        assert_eq!(
+            store
+                .prune("2030-01-01T00:00:00Z".parse().expect("time"), 10)
+                .expect("prune"),
+            3
+        );
+        assert_eq!(store.recent_id_count(), 0);
+        assert!(store.get_event(a.id).expect("read").is_none());
     }
 
     #[test]
@@ -1046,7 +1297,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("s.redb")).expect("opens");
         let (held, plain) = (Uuid::from_u128(1), Uuid::from_u128(2));
-        let writer = store.writer().expect("writer");
+        let mut writer = store.writer().expect("writer");
         writer
             .append(&[
                 event(1, "a", "2024-01-01T00:00:00Z"),
