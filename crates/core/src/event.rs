@@ -394,9 +394,22 @@ impl Event {
 
     /// Checks the serialized size against `limits.max_size_bytes`.
     pub fn check_size(&self, limits: &EventLimits) -> Result<(), EventError> {
-        let size = serde_json::to_vec(self)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        /// Counts the serialized bytes without keeping them (no buffer to grow and copy).
+        struct ByteCount(usize);
+        impl std::io::Write for ByteCount {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0 += bytes.len();
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = ByteCount(0);
+        let size = match serde_json::to_writer(&mut count, self) {
+            Ok(()) => count.0,
+            Err(_) => usize::MAX,
+        };
         if size > limits.max_size_bytes {
             return Err(EventError::new(
                 "event",
