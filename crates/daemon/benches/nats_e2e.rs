@@ -14,6 +14,7 @@
 //!    durable in the log and evaluated.
 //! 3. **Latency at half load**: the same mix published at half the measured Spur rate; for the
 //!    events that fire, the latency from publish to the firing being recorded (committed).
+//!    `SPUR_LATENCY_LOADS=0.1,0.25,0.5` measures one round per fraction of the rate instead.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -338,63 +339,75 @@ fn main() {
         let raw_after = raw_rate(&raw, "raw_again", n, RawAcks::EachMessage).await;
         let baseline = (raw_before + raw_after) / 2.0;
 
-        // 3. Latency at half the measured rate.
-        let rate = (spur_rate / 2.0).max(100.0);
-        // The same mix as the throughput run: one event in ten fires; latency is measured on those.
-        let total = ((rate * 5.0) as usize).clamp(1000, 100_000);
-        let firing_total = total / 10;
-        let mut firings = daemon.subscribe_firings();
-        let collector = tokio::spawn(async move {
-            let mut arrived: HashMap<String, Instant> = HashMap::new();
-            while arrived.len() < firing_total {
-                match tokio::time::timeout(Duration::from_secs(30), firings.recv()).await {
-                    Ok(Ok(record)) => {
-                        if record["automation"] == "latency"
-                            && let Some(id) = record["event"].as_str()
-                        {
-                            arrived.insert(id.to_owned(), Instant::now());
+        // 3. Latency at a fraction of the measured rate: half by default (the target's load);
+        // `SPUR_LATENCY_LOADS=0.1,0.25,0.5` runs one round per fraction, lightest first.
+        let loads: Vec<f64> = std::env::var("SPUR_LATENCY_LOADS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|f| f.trim().parse().ok()).filter(|f: &f64| *f > 0.0 && *f <= 1.0).collect())
+            .filter(|v: &Vec<f64>| !v.is_empty())
+            .unwrap_or_else(|| vec![0.5]);
+        let mut latency_rounds = Vec::new();
+        for (round, load) in loads.iter().enumerate() {
+            let rate = (spur_rate * load).max(100.0);
+            // The same mix as the throughput run: one event in ten fires; latency is measured on those.
+            let total = ((rate * 5.0) as usize).clamp(1000, 100_000);
+            let firing_total = total / 10;
+            let mut firings = daemon.subscribe_firings();
+            let collector = tokio::spawn(async move {
+                let mut arrived: HashMap<String, Instant> = HashMap::new();
+                while arrived.len() < firing_total {
+                    match tokio::time::timeout(Duration::from_secs(30), firings.recv()).await {
+                        Ok(Ok(record)) => {
+                            if record["automation"] == "latency"
+                                && let Some(id) = record["event"].as_str()
+                            {
+                                arrived.insert(id.to_owned(), Instant::now());
+                            }
                         }
+                        Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
+                        _ => break,
                     }
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
-                    _ => break,
+                }
+                arrived
+            });
+            let mut sent: HashMap<String, Instant> = HashMap::with_capacity(total);
+            let per_tick = (rate / 1000.0).max(1.0);
+            let mut ticker = tokio::time::interval(Duration::from_millis(1));
+            let mut budget = 0.0;
+            let mut next = 0usize;
+            let base = 10_000_000usize * (round + 1);
+            while next < total {
+                ticker.tick().await;
+                budget += per_tick;
+                while budget >= 1.0 && next < total {
+                    budget -= 1.0;
+                    let i = base + next;
+                    let name = if next.is_multiple_of(10) { "load.latency".to_owned() } else { format!("load.noise.{}", next % 1000) };
+                    if next.is_multiple_of(10) {
+                        let id = event_id(i).to_string();
+                        sent.insert(id, Instant::now());
+                    }
+                    client
+                        .publish(format!("events.{name}"), event_json(i, &name).into())
+                        .await
+                        .expect("publish");
+                    next += 1;
                 }
             }
-            arrived
-        });
-        let mut sent: HashMap<String, Instant> = HashMap::with_capacity(total);
-        let per_tick = (rate / 1000.0).max(1.0);
-        let mut ticker = tokio::time::interval(Duration::from_millis(1));
-        let mut budget = 0.0;
-        let mut next = 0usize;
-        let base = 10_000_000usize;
-        while next < total {
-            ticker.tick().await;
-            budget += per_tick;
-            while budget >= 1.0 && next < total {
-                budget -= 1.0;
-                let i = base + next;
-                let name = if next.is_multiple_of(10) { "load.latency".to_owned() } else { format!("load.noise.{}", next % 1000) };
-                if next.is_multiple_of(10) {
-                    let id = event_id(i).to_string();
-                    sent.insert(id, Instant::now());
-                }
-                client
-                    .publish(format!("events.{name}"), event_json(i, &name).into())
-                    .await
-                    .expect("publish");
-                next += 1;
-            }
+            client.flush().await.expect("flush");
+            let arrived = collector.await.expect("collector");
+            let mut latencies: Vec<Duration> = arrived
+                .iter()
+                .filter_map(|(id, at)| sent.get(id).map(|s| at.saturating_duration_since(*s)))
+                .collect();
+            latencies.sort();
+            latency_rounds.push((*load, rate, total, latencies));
+            // Let the daemon settle (checkpoint, acknowledge) before the next round.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        client.flush().await.expect("flush");
-        let arrived = collector.await.expect("collector");
-        let mut latencies: Vec<Duration> = arrived
-            .iter()
-            .filter_map(|(id, at)| sent.get(id).map(|s| at.saturating_duration_since(*s)))
-            .collect();
-        latencies.sort();
         let metrics = daemon.metrics().render();
         daemon.shutdown().await;
-        for line in metrics.lines().filter(|l| l.starts_with("spur_commit_seconds") || l.starts_with("spur_batch")) {
+        for line in metrics.lines().filter(|l| l.starts_with("spur_commit_seconds") || l.starts_with("spur_batch") || l.starts_with("spur_checkpoint_seconds") || l.starts_with("spur_id_merge_seconds")) {
             eprintln!("{line}");
         }
 
@@ -415,12 +428,15 @@ fn main() {
         println!("| firings during the throughput run | {fired} |");
         print_cpu("raw", &cpu_before_raw, &cpu_after_raw, n);
         print_cpu("Spur", &cpu_before_spur, &cpu_after_spur, n);
-        println!(
-            "| latency run | {total} events at {:.0} events/s (half the Spur rate), {} firings timed |",
-            rate,
-            latencies.len()
-        );
-        println!("| event → firing latency p50 | {:.2} ms |", percentile(&latencies, 0.50).as_secs_f64() * 1e3);
-        println!("| event → firing latency p99 | {:.2} ms |", percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+        for (load, rate, total, latencies) in &latency_rounds {
+            println!(
+                "| latency run at {:.0} % of the Spur rate | {total} events at {:.0} events/s, {} firings timed: event → firing p50 {:.2} ms, p99 {:.2} ms |",
+                load * 100.0,
+                rate,
+                latencies.len(),
+                percentile(latencies, 0.50).as_secs_f64() * 1e3,
+                percentile(latencies, 0.99).as_secs_f64() * 1e3
+            );
+        }
     });
 }

@@ -88,6 +88,10 @@ pub struct Metrics {
     pub timer_lag: Histogram,
     /// Durable commit time of one batch (events + firings).
     pub commit: Histogram,
+    /// Time to take and store one checkpoint of the trigger state (the pipeline waits).
+    pub checkpoint: Histogram,
+    /// Time to merge the store's recent event ids into its id table (the pipeline waits).
+    pub id_merge: Histogram,
     /// Events per committed batch.
     pub batch_events: AtomicU64,
     /// Committed batches.
@@ -223,6 +227,16 @@ impl Metrics {
         self.commit.render(
             "spur_commit_seconds",
             "Durable commit time of one batch.",
+            &mut out,
+        );
+        self.checkpoint.render(
+            "spur_checkpoint_seconds",
+            "Time to take and store one checkpoint of the trigger state.",
+            &mut out,
+        );
+        self.id_merge.render(
+            "spur_id_merge_seconds",
+            "Time to merge recent event ids into the store's id table.",
             &mut out,
         );
         counter(

@@ -33,11 +33,6 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 
-/// Merge the store's in-memory tier of recent event ids into its id table once it holds
-/// this many. Larger merges rewrite fewer index pages per event; the tier costs ~50 bytes
-/// per id and is rebuilt from the log on start, so this also bounds start-up work.
-const ID_MERGE_THRESHOLD: usize = 65_536;
-
 /// Messages other than events.
 #[derive(Debug)]
 pub enum Control {
@@ -296,7 +291,7 @@ impl Pipeline {
                         while let Some(s) = submissions.recv().await {
                             self.process(vec![s]);
                         }
-                        self.merge_recent_ids();
+                        self.merge_recent_ids(true);
                         self.checkpoint();
                         info!(last_seq = self.applied, "pipeline stopped; state checkpointed");
                         let _ = done.send(());
@@ -502,16 +497,24 @@ impl Pipeline {
         self.metrics
             .buckets
             .store(self.engine.stats().buckets as u64, Ordering::Relaxed);
-        if self.store.recent_id_count() >= ID_MERGE_THRESHOLD {
-            self.merge_recent_ids();
+        if self.store.ids_since_merge_step() >= spur_store::ID_MERGE_STEP {
+            self.merge_recent_ids(false);
         }
     }
 
-    /// Moves the ids appended since the last merge into the store's id table (see
-    /// `spur_store`'s crate docs on the two-tier id index).
-    fn merge_recent_ids(&self) {
+    /// Moves ids appended since they were last merged into the store's id table: the next
+    /// key slice of them, or all of them (see `spur_store`'s crate docs on the id index).
+    fn merge_recent_ids(&self, all: bool) {
         let started = Instant::now();
-        match self.store.merge_recent_ids() {
+        let merged = if all {
+            self.store.merge_recent_ids()
+        } else {
+            self.store.merge_recent_slice()
+        };
+        self.metrics
+            .id_merge
+            .observe(started.elapsed().as_secs_f64());
+        match merged {
             Ok(merged) => tracing::debug!(
                 merged,
                 ms = started.elapsed().as_secs_f64() * 1e3,
@@ -601,6 +604,7 @@ impl Pipeline {
     }
 
     fn checkpoint(&mut self) {
+        let started = Instant::now();
         let checkpoint = Checkpoint {
             seq: self.applied,
             snapshot: self.engine.snapshot(),
@@ -620,6 +624,9 @@ impl Pipeline {
         }
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        self.metrics
+            .checkpoint
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn prune_if_due(&mut self) {
