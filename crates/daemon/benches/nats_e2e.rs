@@ -407,7 +407,7 @@ fn main() {
         }
         let metrics = daemon.metrics().render();
         daemon.shutdown().await;
-        for line in metrics.lines().filter(|l| l.starts_with("spur_commit_seconds") || l.starts_with("spur_batch") || l.starts_with("spur_checkpoint_seconds") || l.starts_with("spur_id_merge_seconds")) {
+        for line in metrics.lines().filter(|l| l.starts_with("spur_commit_seconds") || l.starts_with("spur_batch") || l.starts_with("spur_checkpoint_seconds")) {
             eprintln!("{line}");
         }
 

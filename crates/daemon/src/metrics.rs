@@ -90,8 +90,6 @@ pub struct Metrics {
     pub commit: Histogram,
     /// Time to take and store one checkpoint of the trigger state (the pipeline waits).
     pub checkpoint: Histogram,
-    /// Time to merge the store's recent event ids into its id table (the pipeline waits).
-    pub id_merge: Histogram,
     /// Events per committed batch.
     pub batch_events: AtomicU64,
     /// Committed batches.
@@ -232,11 +230,6 @@ impl Metrics {
         self.checkpoint.render(
             "spur_checkpoint_seconds",
             "Time to take and store one checkpoint of the trigger state.",
-            &mut out,
-        );
-        self.id_merge.render(
-            "spur_id_merge_seconds",
-            "Time to merge recent event ids into the store's id table.",
             &mut out,
         );
         counter(

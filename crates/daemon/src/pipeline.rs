@@ -291,7 +291,7 @@ impl Pipeline {
                         while let Some(s) = submissions.recv().await {
                             self.process(vec![s]);
                         }
-                        self.merge_recent_ids(true);
+                        self.merge_recent_ids();
                         self.checkpoint();
                         info!(last_seq = self.applied, "pipeline stopped; state checkpointed");
                         let _ = done.send(());
@@ -403,7 +403,7 @@ impl Pipeline {
             let appended = writer.append_encoded(&events, &encoded)?;
             Ok((writer, appended))
         });
-        let (writer, appended) = match result {
+        let (mut writer, appended) = match result {
             Ok(r) => r,
             Err(e) => {
                 error!(error = %e, "cannot append to the event log");
@@ -463,8 +463,17 @@ impl Pipeline {
             })
             .collect();
         let commit_started = Instant::now();
+        // Every ID_MERGE_STEP new ids, one key slice of the store's recent-id tier joins its
+        // id table, inside this commit (see `StoreWriter::merge_recent_slice`).
+        let merge_due = self.store.ids_since_merge_step() >= spur_store::ID_MERGE_STEP;
         let committed = writer
             .put_explanations(&explanations)
+            .and_then(|()| {
+                if merge_due {
+                    writer.merge_recent_slice()?;
+                }
+                Ok(())
+            })
             .and_then(|()| writer.record_firings(&records))
             .and_then(|fresh| writer.commit().map(|()| fresh));
         self.metrics
@@ -497,23 +506,13 @@ impl Pipeline {
         self.metrics
             .buckets
             .store(self.engine.stats().buckets as u64, Ordering::Relaxed);
-        if self.store.ids_since_merge_step() >= spur_store::ID_MERGE_STEP {
-            self.merge_recent_ids(false);
-        }
     }
 
-    /// Moves ids appended since they were last merged into the store's id table: the next
-    /// key slice of them, or all of them (see `spur_store`'s crate docs on the id index).
-    fn merge_recent_ids(&self, all: bool) {
+    /// Moves every id appended since it was last merged into the store's id table (at
+    /// shutdown, so the next start has little to rebuild; see `spur_store`'s crate docs).
+    fn merge_recent_ids(&self) {
         let started = Instant::now();
-        let merged = if all {
-            self.store.merge_recent_ids()
-        } else {
-            self.store.merge_recent_slice()
-        };
-        self.metrics
-            .id_merge
-            .observe(started.elapsed().as_secs_f64());
+        let merged = self.store.merge_recent_ids();
         match merged {
             Ok(merged) => tracing::debug!(
                 merged,

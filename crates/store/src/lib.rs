@@ -21,7 +21,7 @@
 //! inserting each event's id into the `event_ids` B-tree as it arrives dirtied one random page
 //! per event, and every commit rewrote hundreds of pages. Ids appended since the last merge are
 //! instead held in memory ([`RecentIds`]) and merged into `event_ids` in sorted passes, one
-//! key range at a time ([`Store::merge_recent_slice`]), which rewrites each touched page once
+//! key range per batch ([`StoreWriter::merge_recent_slice`]), which rewrites each touched page once
 //! per pass, not once per event, and never stalls the writer for long. The memory tier needs no persistence of its own: the log is the source of truth, and
 //! `meta["ids_merged_through"]` names the last sequence whose id is in `event_ids`, so opening
 //! the store rebuilds the tier from the log entries after it. Every id lookup (de-duplication,
@@ -350,7 +350,7 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub struct RecentIds {
     ids: HashMap<u128, u64>,
-    /// The key slice [`Store::merge_recent_slice`] merges next.
+    /// The key slice [`StoreWriter::merge_recent_slice`] merges next.
     next_slice: u32,
     /// Ids committed since the last slice merge.
     since_step: usize,
@@ -475,26 +475,7 @@ impl Store {
         self.merge_ids(None)
     }
 
-    /// Merges the next of the [`ID_SLICES`] key ranges of the memory tier into `event_ids`
-    /// and moves on to the following range; returns how many ids moved.
-    ///
-    /// Why slices: merging every recent id at once rewrites most of the id table's pages
-    /// in one go (~35 ms for 65 000 ids into 200 000), a stall every event in flight waits
-    /// for. One key range at a time rewrites only that range's pages, and a full turn over
-    /// the ranges merges as many ids per page as one big merge would. Call it once per
-    /// [`ID_MERGE_STEP`] new ids ([`Store::ids_since_merge_step`]).
-    pub fn merge_recent_slice(&self) -> Result<usize, StoreError> {
-        let slice = {
-            let mut recent = RecentIds::write(&self.recent);
-            let slice = recent.next_slice;
-            recent.next_slice = (slice + 1) % ID_SLICES;
-            recent.since_step = 0;
-            slice
-        };
-        self.merge_ids(Some(slice))
-    }
-
-    /// Ids committed since the last [`Store::merge_recent_slice`].
+    /// Ids committed since the last slice merge ([`StoreWriter::merge_recent_slice`]).
     pub fn ids_since_merge_step(&self) -> usize {
         self.recent
             .read()
@@ -502,56 +483,18 @@ impl Store {
             .since_step
     }
 
-    /// Merges the memory-tier ids of one key slice (all of them for `None`), in id order, in
-    /// one transaction. The transaction is not synced on its own: it becomes durable with the
-    /// next durable commit, and if a crash loses it, the merge mark is lost with it and
-    /// opening the store rebuilds the tier from the log.
+    /// Merges the whole memory tier in its own transaction (not synced on its own: it
+    /// becomes durable with the next durable commit; if a crash loses it, the merge mark is
+    /// lost with it and opening the store rebuilds the tier from the log).
     fn merge_ids(&self, slice: Option<u32>) -> Result<usize, StoreError> {
-        let (mut pending, oldest_left) = {
-            let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
-            let mut pending = Vec::new();
-            let mut oldest_left: Option<u64> = None;
-            for (id, seq) in &recent.ids {
-                if slice.is_none_or(|s| slice_of(*id) == s) {
-                    pending.push((*id, *seq));
-                } else {
-                    oldest_left = Some(oldest_left.map_or(*seq, |o| o.min(*seq)));
-                }
-            }
-            (pending, oldest_left)
-        };
-        if pending.is_empty() {
-            return Ok(0);
-        }
-        pending.sort_unstable();
-        // Every id below the oldest one left in memory is in the table after this merge.
-        let through = match oldest_left {
-            Some(oldest) => oldest - 1,
-            None => pending.iter().map(|(_, seq)| *seq).max().unwrap_or(0),
-        };
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)
             .map_err(|e| corrupt(format!("id index merge: {e}")))?;
-        {
-            let mut ids = txn.open_table(EVENT_IDS)?;
-            for (id, seq) in &pending {
-                ids.insert(id, seq)?;
-            }
-            let mut meta = txn.open_table(META)?;
-            let before = merged_through(&meta)?;
-            meta.insert(
-                IDS_MERGED_THROUGH,
-                through.max(before).to_be_bytes().as_slice(),
-            )?;
-        }
+        let merged = merge_into(&txn, &self.recent, slice)?;
         txn.commit()?;
-        // The merged ids are now found in the table; readers look in memory first, so an
-        // id is never missing from both tiers in between.
-        let mut recent = RecentIds::write(&self.recent);
-        for (id, _) in &pending {
-            recent.ids.remove(id);
-        }
-        Ok(pending.len())
+        let count = merged.len();
+        forget_merged(&self.recent, &merged);
+        Ok(count)
     }
 
     /// The sequence of a stored event id, from either tier of the index.
@@ -573,6 +516,7 @@ impl Store {
             txn: self.db.begin_write()?,
             recent: self.recent.clone(),
             staged: HashMap::new(),
+            merged: Vec::new(),
         })
     }
 
@@ -1013,6 +957,8 @@ pub struct StoreWriter {
     recent: Arc<RwLock<RecentIds>>,
     /// Ids appended in this transaction: id → sequence.
     staged: HashMap<u128, u64>,
+    /// Memory-tier ids merged into `event_ids` in this transaction.
+    merged: Vec<u128>,
 }
 
 impl StoreWriter {
@@ -1121,15 +1067,95 @@ impl StoreWriter {
         Ok(())
     }
 
-    /// Commits durably; the appended ids join the memory tier of the id index.
+    /// Merges the next of the [`ID_SLICES`] key ranges of the id index's memory tier into
+    /// `event_ids`, as part of this transaction; returns how many ids it moves. Call it once
+    /// per [`ID_MERGE_STEP`] new ids ([`Store::ids_since_merge_step`]).
+    ///
+    /// Why slices, and why here: merging every recent id at once rewrote most of the id
+    /// table's pages in one go (~35 ms for 65 000 ids into 200 000), a stall every event in
+    /// flight waited for; a merge in its own transaction paid a commit per step. One key range
+    /// per batch rewrites only that range's pages, inside a commit that happens anyway, and a
+    /// full turn over the ranges merges as many ids per page as one big merge would.
+    pub fn merge_recent_slice(&mut self) -> Result<usize, StoreError> {
+        let slice = {
+            let mut recent = RecentIds::write(&self.recent);
+            let slice = recent.next_slice;
+            recent.next_slice = (slice + 1) % ID_SLICES;
+            recent.since_step = 0;
+            slice
+        };
+        let merged = merge_into(&self.txn, &self.recent, Some(slice))?;
+        let count = merged.len();
+        self.merged.extend(merged);
+        Ok(count)
+    }
+
+    /// Commits durably; the appended ids join the memory tier of the id index, and the ids
+    /// merged into `event_ids` leave it.
     pub fn commit(self) -> Result<(), StoreError> {
         self.txn.commit()?;
+        forget_merged(&self.recent, &self.merged);
         if !self.staged.is_empty() {
             let mut recent = RecentIds::write(&self.recent);
             recent.since_step += self.staged.len();
             recent.ids.extend(self.staged);
         }
         Ok(())
+    }
+}
+
+/// Inserts the memory-tier ids of one key slice (all of them for `None`) into `event_ids`
+/// in id order, within `txn`, and moves the merge mark; returns the merged ids, which leave
+/// the memory tier once `txn` commits ([`forget_merged`]).
+fn merge_into(
+    txn: &redb::WriteTransaction,
+    recent: &RwLock<RecentIds>,
+    slice: Option<u32>,
+) -> Result<Vec<u128>, StoreError> {
+    let (mut pending, oldest_left) = {
+        let recent = recent.read().unwrap_or_else(|p| p.into_inner());
+        let mut pending = Vec::new();
+        let mut oldest_left: Option<u64> = None;
+        for (id, seq) in &recent.ids {
+            if slice.is_none_or(|s| slice_of(*id) == s) {
+                pending.push((*id, *seq));
+            } else {
+                oldest_left = Some(oldest_left.map_or(*seq, |o| o.min(*seq)));
+            }
+        }
+        (pending, oldest_left)
+    };
+    if pending.is_empty() {
+        return Ok(Vec::new());
+    }
+    pending.sort_unstable();
+    // Every id below the oldest one left in memory is in the table after this merge.
+    let through = match oldest_left {
+        Some(oldest) => oldest - 1,
+        None => pending.iter().map(|(_, seq)| *seq).max().unwrap_or(0),
+    };
+    let mut ids = txn.open_table(EVENT_IDS)?;
+    for (id, seq) in &pending {
+        ids.insert(id, seq)?;
+    }
+    let mut meta = txn.open_table(META)?;
+    let before = merged_through(&meta)?;
+    meta.insert(
+        IDS_MERGED_THROUGH,
+        through.max(before).to_be_bytes().as_slice(),
+    )?;
+    Ok(pending.into_iter().map(|(id, _)| id).collect())
+}
+
+/// Drops committed merged ids from the memory tier. Readers look in memory first and open
+/// their read transaction after, so an id is never missing from both tiers in between.
+fn forget_merged(recent: &RwLock<RecentIds>, merged: &[u128]) {
+    if merged.is_empty() {
+        return;
+    }
+    let mut recent = RecentIds::write(recent);
+    for id in merged {
+        recent.ids.remove(id);
     }
 }
 
@@ -1284,19 +1310,18 @@ mod tests {
             let store = Store::open(&path).expect("opens");
             store.append(&[high.clone(), low.clone()]).expect("append");
             assert_eq!(store.ids_since_merge_step(), 2);
-            assert_eq!(
-                store.merge_recent_slice().expect("merge"),
-                1,
-                "slice 0: `low` only"
-            );
+            let mut writer = store.writer().expect("writer");
+            let merged = writer.merge_recent_slice().expect("merge");
+            assert_eq!(merged, 1, "slice 0: `low` only");
+            // Until the merge commits, `low` stays in memory.
+            assert_eq!(store.recent_id_count(), 2);
+            writer.commit().expect("commit");
             assert_eq!(store.ids_since_merge_step(), 0);
             assert_eq!(store.recent_id_count(), 1);
-            assert_eq!(
-                store.merge_recent_slice().expect("merge"),
-                0,
-                "slice 1 is empty"
-            );
-            store.append(&[]).expect("a durable commit");
+            let mut writer = store.writer().expect("writer");
+            let merged = writer.merge_recent_slice().expect("merge");
+            assert_eq!(merged, 0, "slice 1 is empty");
+            writer.commit().expect("commit");
         }
         // `high` (sequence 1) was never merged, so the tier is rebuilt from sequence 1 on:
         // `low` is loaded again too, which is harmless.
