@@ -7,7 +7,9 @@
 //!
 //! For each batch of submissions: append to the log in one durable transaction (dropping ids
 //! already stored), evaluate each new event at its `received` time, record the firings
-//! (each firing id at most once), then tell the sources the events are safe.
+//! (each firing id at most once), then tell the sources the events are safe. Every 1 024 new
+//! ids the same transaction also merges one key slice of the store's in-memory recent ids
+//! into its id table (see `spur_store`).
 //!
 //! **Recovery.** On start the last checkpoint is restored and the log after it is replayed
 //! through the engine. The engine is deterministic and every event carries its `received`

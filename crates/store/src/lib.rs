@@ -18,14 +18,16 @@
 //! | `webhooks`   | webhook id, u128     | the webhook (secrets sealed, keys hashed) |
 //!
 //! **The id index has two tiers.** Event ids are random (Prefect's clients use `uuid4`), so
-//! inserting each event's id into the `event_ids` B-tree as it arrives dirtied one random page
-//! per event, and every commit rewrote hundreds of pages. Ids appended since the last merge are
-//! instead held in memory ([`RecentIds`]) and merged into `event_ids` in sorted passes, one
-//! key range per batch ([`StoreWriter::merge_recent_slice`]), which rewrites each touched page once
-//! per pass, not once per event, and never stalls the writer for long. The memory tier needs no persistence of its own: the log is the source of truth, and
-//! `meta["ids_merged_through"]` names the last sequence whose id is in `event_ids`, so opening
-//! the store rebuilds the tier from the log entries after it. Every id lookup (de-duplication,
-//! [`Store::get_event`], explanations) consults both tiers.
+//! inserting each event's id into the `event_ids` B-tree as it arrived dirtied one random
+//! page per event, and every commit rewrote hundreds of pages. Ids appended since they were
+//! last merged are instead held in memory (`RecentIds`) and merged into `event_ids` in sorted
+//! passes, one key range per batch ([`StoreWriter::merge_recent_slice`]): each touched page
+//! is rewritten once per pass, not once per event, and no pass stalls the writer for long.
+//! The memory tier needs no persistence of its own: the log is the source of truth, and
+//! `meta["ids_merged_through"]` names a sequence up to which every id is in `event_ids`, so
+//! opening the store rebuilds the tier from the log entries after it. Every id lookup
+//! (de-duplication, [`Store::get_event`], explanations) consults both tiers; a Bloom filter
+//! over the table's ids (`IdFilter`) lets de-duplication skip the B-tree for new ids.
 //!
 //! **Why redb** (see ARCHITECTURE.md): pure Rust (three crates), ACID transactions across
 //! tables, so an event batch and its de-duplication entries commit together; MVCC readers
@@ -349,7 +351,7 @@ pub struct Store {
 /// Ids appended to the log but not yet merged into `event_ids`: id → sequence; and a filter
 /// over the ids that are in `event_ids`.
 #[derive(Debug, Default)]
-pub struct RecentIds {
+struct RecentIds {
     ids: HashMap<u128, u64>,
     /// Which ids `event_ids` may hold (see [`IdFilter`]).
     merged: IdFilter,
@@ -464,7 +466,7 @@ impl RecentIds {
     }
 }
 
-/// The `meta` key naming the last sequence whose id is in `event_ids`.
+/// The `meta` key naming a sequence up to which every id is in `event_ids`.
 const IDS_MERGED_THROUGH: &str = "ids_merged_through";
 
 impl std::fmt::Debug for Store {
@@ -1255,7 +1257,7 @@ fn forget_merged(recent: &RwLock<RecentIds>, merged: &[u128]) {
     }
 }
 
-/// `meta["ids_merged_through"]`: the last sequence whose id is in `event_ids`.
+/// `meta["ids_merged_through"]`: a sequence up to which every id is in `event_ids`.
 fn merged_through(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<u64, StoreError> {
