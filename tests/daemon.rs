@@ -436,10 +436,7 @@ fn nats_jetstream_ingest_survives_a_server_restart() {
 
 #[test]
 fn the_stock_prefect_client_emit_event_fires_an_automation() {
-    let Ok(python) = std::env::var("SPUR_PREFECT_PYTHON") else {
-        support::skip_without(
-            "SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)",
-        );
+    let Some(python) = support::require_prefect_python() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -472,10 +469,7 @@ print(" ".join(ids))
 /// filter selects, live; and the same filters work on `POST /api/events/filter`.
 #[test]
 fn the_stock_prefect_subscriber_receives_filtered_events() {
-    let Ok(python) = std::env::var("SPUR_PREFECT_PYTHON") else {
-        support::skip_without(
-            "SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)",
-        );
+    let Some(python) = support::require_prefect_python() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
@@ -552,10 +546,7 @@ asyncio.run(main())
 /// action shorthands included, in Prefect's schema.
 #[test]
 fn the_stock_prefect_client_reads_automations() {
-    let Ok(python) = std::env::var("SPUR_PREFECT_PYTHON") else {
-        support::skip_without(
-            "SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)",
-        );
+    let Some(python) = support::require_prefect_python() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");

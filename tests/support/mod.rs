@@ -224,6 +224,18 @@ pub fn skip_without(what: &str) {
     eprintln!("skipped: {what}");
 }
 
+/// The Python that has Prefect's client installed (`$SPUR_PREFECT_PYTHON`) for a test, or
+/// `None` once the skip is reported (see [`skip_without`]).
+pub fn require_prefect_python() -> Option<String> {
+    let python = std::env::var("SPUR_PREFECT_PYTHON").ok();
+    if python.is_none() {
+        skip_without(
+            "SPUR_PREFECT_PYTHON is not set (scripts/provision.sh installs the Prefect client)",
+        );
+    }
+    python
+}
+
 /// The `nats-server` binary for a test, or `None` once the skip is reported (see
 /// [`skip_without`]).
 pub fn require_nats_server() -> Option<PathBuf> {
