@@ -554,9 +554,18 @@ impl Store {
     }
 
     /// Merges the whole memory tier of the id index into `event_ids` (at shutdown, so the
-    /// next start has little to rebuild); returns how many ids moved.
+    /// next start has little to rebuild); returns how many ids moved. The transaction is not
+    /// synced on its own: it becomes durable with the next durable commit; if a crash loses
+    /// it, the merge mark is lost with it and opening the store rebuilds the tier from the log.
     pub fn merge_recent_ids(&self) -> Result<usize, StoreError> {
-        self.merge_ids(None)
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| corrupt(format!("id index merge: {e}")))?;
+        let merged = merge_into(&txn, &self.recent, None)?;
+        txn.commit()?;
+        let count = merged.len();
+        forget_merged(&self.recent, &merged);
+        Ok(count)
     }
 
     /// Ids committed since the last slice merge ([`StoreWriter::merge_recent_slice`]).
@@ -565,32 +574,6 @@ impl Store {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .since_step
-    }
-
-    /// Merges the whole memory tier in its own transaction (not synced on its own: it
-    /// becomes durable with the next durable commit; if a crash loses it, the merge mark is
-    /// lost with it and opening the store rebuilds the tier from the log).
-    fn merge_ids(&self, slice: Option<u32>) -> Result<usize, StoreError> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| corrupt(format!("id index merge: {e}")))?;
-        let merged = merge_into(&txn, &self.recent, slice)?;
-        txn.commit()?;
-        let count = merged.len();
-        forget_merged(&self.recent, &merged);
-        Ok(count)
-    }
-
-    /// The sequence of a stored event id, from either tier of the index.
-    fn seq_of(
-        &self,
-        ids: &impl ReadableTable<u128, u64>,
-        id: Uuid,
-    ) -> Result<Option<u64>, StoreError> {
-        if let Some(seq) = RecentIds::get(&self.recent, id.as_u128()) {
-            return Ok(Some(seq));
-        }
-        Ok(ids.get(id.as_u128())?.map(|v| v.value()))
     }
 
     /// Starts a write transaction: append events and record the firings they caused, then
@@ -835,13 +818,11 @@ impl Store {
     /// The recorded explanation of an event, if any. Events that no trigger considered have
     /// none (see [`StoreWriter::put_explanations`]).
     pub fn get_explanation(&self, id: Uuid) -> Result<Option<Value>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let ids = txn.open_table(EVENT_IDS)?;
-        let table = txn.open_table(EXPLANATIONS)?;
-        let Some(seq) = self.seq_of(&ids, id)? else {
+        let (txn, seq) = self.find(id)?;
+        let Some(seq) = seq else {
             return Ok(None);
         };
-        match table.get(seq)? {
+        match txn.open_table(EXPLANATIONS)?.get(seq)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
             None => Ok(None),
         }
@@ -849,16 +830,30 @@ impl Store {
 
     /// One stored event by id.
     pub fn get_event(&self, id: Uuid) -> Result<Option<Event>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let ids = txn.open_table(EVENT_IDS)?;
-        let log = txn.open_table(EVENTS)?;
-        let Some(seq) = self.seq_of(&ids, id)? else {
+        let (txn, seq) = self.find(id)?;
+        let Some(seq) = seq else {
             return Ok(None);
         };
-        match log.get(seq)? {
+        match txn.open_table(EVENTS)?.get(seq)? {
             Some(v) => Ok(Some(decode_event(v.value())?)),
             None => Ok(None),
         }
+    }
+
+    /// A read snapshot, and the log sequence of event `id` in it if stored. The memory tier
+    /// is consulted *before* the snapshot is taken: a merge moves ids to the table first and
+    /// out of memory after, so an id missing from memory then is in the snapshot's table.
+    fn find(&self, id: Uuid) -> Result<(redb::ReadTransaction, Option<u64>), StoreError> {
+        let remembered = RecentIds::get(&self.recent, id.as_u128());
+        let txn = self.db.begin_read()?;
+        let seq = match remembered {
+            Some(seq) => Some(seq),
+            None => txn
+                .open_table(EVENT_IDS)?
+                .get(id.as_u128())?
+                .map(|v| v.value()),
+        };
+        Ok((txn, seq))
     }
 
     /// Saves a webhook (insert or replace).
@@ -1130,6 +1125,7 @@ impl StoreWriter {
         let mut table = self.txn.open_table(EXPLANATIONS)?;
         for (id, value) in explanations {
             let id = id.as_u128();
+            // No merge can run beside this write transaction, so the order of the looks is free.
             let seq = match self.staged.get(&id) {
                 Some(seq) => Some(*seq),
                 None => match RecentIds::get(&self.recent, id) {
@@ -1245,8 +1241,8 @@ fn merge_into(
     Ok(pending.into_iter().map(|(id, _)| id).collect())
 }
 
-/// Drops committed merged ids from the memory tier. Readers look in memory first and open
-/// their read transaction after, so an id is never missing from both tiers in between.
+/// Drops committed merged ids from the memory tier. Readers look in memory first and take
+/// their snapshot after ([`Store::find`]), so an id is never missing from both in between.
 fn forget_merged(recent: &RwLock<RecentIds>, merged: &[u128]) {
     if merged.is_empty() {
         return;
