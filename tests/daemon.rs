@@ -531,15 +531,121 @@ asyncio.run(main())
         })
         .collect();
     assert_eq!(names, [("sub.reading", "kiln.2")]);
-    let (status, text) = http(
-        "POST",
-        &format!("{}/api/events/filter", daemon.url),
-        Some(json!({"filter": {"order": "ASC"}})),
-    );
+}
+
+/// `POST /api/events/filter` as Prefect serves it: ordered by `occurred` (not arrival),
+/// `ASC` or `DESC`, `resource.distinct`, `occurred` defaulting to "until now", and pages
+/// (followed through `next_page`) that each report the same total.
+#[test]
+fn event_queries_follow_prefect_order_distinct_and_paging() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let now = chrono::Utc::now();
+    let at = |minutes: i64| (now + chrono::TimeDelta::minutes(minutes)).to_rfc3339();
+    // Posted in this order; `occurred` puts them in another.
+    let posted = [
+        (1, "q.a", -10),
+        (2, "q.b", -30),
+        (3, "q.a", -20),
+        (4, "q.c", -5),
+        (5, "q.b", 60), // reported as occurring in an hour
+    ];
+    let events: Vec<Value> = posted
+        .iter()
+        .map(|(id, resource, minutes)| {
+            let mut e = event("query.test", resource, *id);
+            e["occurred"] = json!(at(*minutes));
+            e
+        })
+        .collect();
+    let (status, text) = post_events(&daemon, Value::Array(events));
+    assert_eq!(status, 204, "{text}");
+    let query = |filter: Value, limit: u64| {
+        let (status, text) = http(
+            "POST",
+            &format!("{}/api/events/filter", daemon.url),
+            Some(json!({"filter": filter, "limit": limit})),
+        );
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str::<Value>(&text).expect("JSON")
+    };
+    let resources = |page: &Value| -> Vec<String> {
+        page["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| {
+                e["resource"]["prefect.resource.id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let name = json!({"name": ["query.test"]});
+
+    // Newest `occurred` first; the future event waits for its time (until defaults to now).
+    let newest = query(json!({"event": name}), 50);
+    assert_eq!(resources(&newest), ["q.c", "q.a", "q.a", "q.b"]);
+    assert_eq!(newest["total"], 4);
+    let later = query(json!({"event": name, "occurred": {"until": at(120)}}), 50);
     assert_eq!(
-        status, 422,
-        "ascending order is refused, not ignored: {text}"
+        later["total"], 5,
+        "an explicit until reaches the future event"
     );
+
+    let oldest = query(json!({"event": name, "order": "ASC"}), 50);
+    assert_eq!(resources(&oldest), ["q.b", "q.a", "q.a", "q.c"]);
+
+    // One event per resource: its newest (or, ascending, its oldest).
+    let distinct = query(json!({"event": name, "resource": {"distinct": true}}), 50);
+    assert_eq!(resources(&distinct), ["q.c", "q.a", "q.b"]);
+    assert_eq!(distinct["total"], 3);
+    let distinct_ids: Vec<&str> = distinct["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(
+        distinct_ids,
+        [4u128, 1, 2].map(|n| uuid::Uuid::from_u128(n).to_string())
+    );
+
+    // Pages of one, followed through `next_page`: each resource once, the same total.
+    let mut page = query(
+        json!({"event": name, "resource": {"distinct": true}, "order": "ASC"}),
+        1,
+    );
+    let mut walked = Vec::new();
+    for _ in 0..10 {
+        assert_eq!(page["total"], 3, "{page}");
+        walked.extend(resources(&page));
+        let Some(next) = page["next_page"].as_str() else {
+            break;
+        };
+        let (status, text) = http("GET", &format!("{}{next}", daemon.url), None);
+        assert_eq!(status, 200, "{text}");
+        page = serde_json::from_str(&text).expect("JSON");
+    }
+    assert_eq!(walked, ["q.b", "q.a", "q.c"]);
+
+    for (filter, field) in [
+        (json!({"order": "UP"}), "order"),
+        (
+            json!({"resource": {"distinct": "yes"}}),
+            "resource.distinct",
+        ),
+    ] {
+        let (status, text) = http(
+            "POST",
+            &format!("{}/api/events/filter", daemon.url),
+            Some(json!({"filter": filter})),
+        );
+        assert_eq!(status, 422, "{text}");
+        assert!(text.contains(field), "the error names {field}: {text}");
+    }
 }
 
 /// Prefect's client reads Spur's automations (`read_automations`, by id, by name), Spur's

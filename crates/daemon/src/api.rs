@@ -1,7 +1,7 @@
 //! The daemon's read API and operations endpoints.
 //!
 //! * `POST /api/events/filter` (+ `GET /api/events/filter/next?page-token=`) — Prefect's
-//!   event query shape, newest first, pages of at most 50.
+//!   event query shape, by `occurred` (newest first unless `order` is `ASC`), pages of at most 50.
 //! * `GET /api/events/out` — websocket live feed: send `{"type": "filter", "filter": …,
 //!   "backfill": true}`, receive the last 15 minutes that match, then every new match.
 //! * `GET /api/automations` — loaded automations with their live trigger state and any
@@ -29,7 +29,9 @@ use spur_core::Event;
 use spur_core::glob::LabelPattern;
 use spur_core::time::{format_timestamp, parse_timestamp};
 use spur_core::trigger::ResourceSpecification;
-use spur_store::{AnyResourceFilter, EventQuery, RelatedFilter, Store, TextQuery};
+use spur_store::{
+    AnyResourceFilter, EventOrder, EventQuery, PagePosition, RelatedFilter, Store, TextQuery,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use spur_ingest::http::{close, constant_time_eq, offers_prefect_protocol};
@@ -505,12 +507,21 @@ async fn firings(State(state): State<ApiState>, Query(q): Query<Limit>) -> Respo
 
 /// Parses Prefect's `EventFilter` (the shape its client and UI send): `occurred`, `event`
 /// (`name`, `prefix`, `exclude_name`, `exclude_prefix`), `resource` (`id`, `id_prefix`,
-/// `labels`; `distinct` is accepted but not applied), `related` and `any_resource` (one filter
-/// or a list, each must hold),
-/// `id`, `text` and `order` (only `DESC`, newest first, is served). Unknown fields are refused
-/// with their name.
+/// `labels`, `distinct`), `related` and `any_resource` (one filter or a list, each must
+/// hold), `id`, `text` and `order` (`DESC`, newest first, by default; or `ASC`). Unknown
+/// fields are refused with their name.
+///
+/// As in Prefect, `occurred` has defaults: since the start of today (UTC) 180 days ago,
+/// until now, so an event reported with a future `occurred` shows once that time comes.
 pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
-    let mut q = EventQuery::default();
+    let now = Utc::now();
+    let mut q = EventQuery {
+        since: Some(
+            now.date_naive().and_time(chrono::NaiveTime::MIN).and_utc() - TimeDelta::days(180),
+        ),
+        until: Some(now),
+        ..EventQuery::default()
+    };
     let Value::Object(map) = filter else {
         return if filter.is_null() {
             Ok(q)
@@ -552,6 +563,11 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
         q.resource_ids = strings(resource.get("id"), "resource.id")?;
         q.resource_prefixes = strings(resource.get("id_prefix"), "resource.id_prefix")?;
         q.resource_labels = labels(resource.get("labels"), "resource.labels")?;
+        q.distinct_resources = match resource.get("distinct") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(distinct)) => *distinct,
+            Some(_) => return Err("resource.distinct: must be true or false".into()),
+        };
     }
     for (i, related) in one_or_many(map.get("related")).enumerate() {
         let field = |name: &str| format!("related[{i}].{name}");
@@ -607,14 +623,12 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
         }
         q.text = Some(TextQuery::parse(query));
     }
-    match map.get("order").and_then(Value::as_str) {
-        None | Some("DESC") => {}
-        Some(other) => {
-            return Err(format!(
-                "order: only \"DESC\" (newest first) is served, not {other:?}"
-            ));
-        }
-    }
+    q.order = match map.get("order") {
+        None | Some(Value::Null) => EventOrder::Descending,
+        Some(Value::String(order)) if order == "DESC" => EventOrder::Descending,
+        Some(Value::String(order)) if order == "ASC" => EventOrder::Ascending,
+        Some(other) => return Err(format!("order: must be \"ASC\" or \"DESC\", not {other}")),
+    };
     Ok(q)
 }
 
@@ -668,18 +682,18 @@ async fn run_query(
     filter: &Value,
     query: EventQuery,
     limit: usize,
-    before: Option<u64>,
+    after: Option<PagePosition>,
 ) -> Response {
     let store = state.store.clone();
     let q = query.clone();
     let page =
-        match tokio::task::spawn_blocking(move || store.query(&q, limit, before, 200_000)).await {
+        match tokio::task::spawn_blocking(move || store.query(&q, limit, after, 200_000)).await {
             Ok(Ok(page)) => page,
             Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         };
-    let next_page = page.next_before.map(|before| {
-        let token = json!({"filter": filter, "before": before, "limit": limit});
+    let next_page = page.next.map(|after| {
+        let token = json!({"filter": filter, "after": after, "limit": limit});
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string());
         format!("/api/events/filter/next?page-token={token}")
     });
@@ -721,10 +735,10 @@ async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToke
         return error(StatusCode::FORBIDDEN, "invalid page token");
     };
     let filter = token.get("filter").unwrap_or(&Value::Null);
-    let (Ok(query), Some(before)) = (
-        parse_filter(filter),
-        token.get("before").and_then(Value::as_u64),
-    ) else {
+    let after = token
+        .get("after")
+        .and_then(|after| serde_json::from_value::<PagePosition>(after.clone()).ok());
+    let (Ok(query), Some(after)) = (parse_filter(filter), after) else {
         return error(StatusCode::FORBIDDEN, "invalid page token");
     };
     let limit = token
@@ -732,7 +746,7 @@ async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToke
         .and_then(Value::as_u64)
         .unwrap_or(50)
         .clamp(1, 50) as usize;
-    run_query(&state, filter, query, limit, Some(before)).await
+    run_query(&state, filter, query, limit, Some(after)).await
 }
 
 async fn events_out(
@@ -822,6 +836,8 @@ async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
         let horizon = Utc::now() - TimeDelta::minutes(15);
         let mut backfill_query = query.clone();
         backfill_query.since = Some(query.since.map_or(horizon, |s| s.max(horizon)));
+        // The newest 10 000, sent oldest first (Prefect streams in `occurred` order).
+        backfill_query.order = EventOrder::Descending;
         let store = state.store.clone();
         let page = tokio::task::spawn_blocking(move || {
             store.query(&backfill_query, 10_000, None, 200_000)

@@ -423,7 +423,10 @@ pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Resu
             .map_err(anyhow::Error::msg)
             .context("--since")?,
     };
-    let mut filter = json!({"occurred": {"since": spur_core::time::format_timestamp(since)}});
+    let mut filter = json!({
+        "occurred": {"since": spur_core::time::format_timestamp(since)},
+        "order": "ASC",
+    });
     if let Some(u) = until {
         let until = spur_core::time::parse_timestamp_str(u)
             .map_err(anyhow::Error::msg)
@@ -456,8 +459,13 @@ pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Resu
                 .json()
                 .await?;
         }
-        // The daemon pages newest first; a replay runs in arrival order.
-        out.reverse();
+        // The daemon pages in `occurred` order; a replay runs in arrival order, as the
+        // daemon evaluated them (a backdated event arrived after the ones it precedes).
+        // The sort is stable: events received together keep their `occurred` order.
+        out.sort_by_cached_key(|e| {
+            e.get("received")
+                .and_then(|r| spur_core::time::parse_timestamp(r).ok())
+        });
         Ok(out)
     })
 }
