@@ -242,6 +242,33 @@ fn print_cpu(
     );
 }
 
+/// Cores kept busy between two readings over `wall`: in all, and the three largest users.
+fn cores_busy(
+    before: &HashMap<String, f64>,
+    after: &HashMap<String, f64>,
+    wall: Duration,
+) -> String {
+    let wall = wall.as_secs_f64().max(1e-9);
+    let mut rows: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (v - before.get(k).copied().unwrap_or(0.0)) / wall,
+            )
+        })
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rows.iter().map(|(_, v)| v).sum();
+    let parts: Vec<String> = rows
+        .iter()
+        .take(3)
+        .map(|(k, v)| format!("{k} {v:.2}"))
+        .collect();
+    format!("{total:.2} cores busy ({})", parts.join(", "))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -351,6 +378,12 @@ fn main() {
             let rate = (spur_rate * load).max(100.0);
             // The same mix as the throughput run: one event in ten fires; latency is measured on those.
             let total = ((rate * 5.0) as usize).clamp(1000, 100_000);
+            // CPU in use during the round (all threads of this process, plus nats-server),
+            // to tell a saturated machine from a slow path.
+            let cpu_before_round = cpu_seconds(nats_pid);
+            let round_started = Instant::now();
+            let batches_before = daemon.metrics().batches.load(Ordering::Relaxed);
+            let batch_events_before = daemon.metrics().batch_events.load(Ordering::Relaxed);
             let firing_total = total / 10;
             let mut firings = daemon.subscribe_firings();
             let collector = tokio::spawn(async move {
@@ -401,7 +434,14 @@ fn main() {
                 .filter_map(|(id, at)| sent.get(id).map(|s| at.saturating_duration_since(*s)))
                 .collect();
             latencies.sort();
-            latency_rounds.push((*load, rate, total, latencies));
+            let batches = daemon.metrics().batches.load(Ordering::Relaxed) - batches_before;
+            let batch_events = daemon.metrics().batch_events.load(Ordering::Relaxed) - batch_events_before;
+            let busy = format!(
+                "{}; {batches} commits of {:.1} events on average",
+                cores_busy(&cpu_before_round, &cpu_seconds(nats_pid), round_started.elapsed()),
+                batch_events as f64 / batches.max(1) as f64
+            );
+            latency_rounds.push((*load, rate, total, latencies, busy));
             // Let the daemon settle (checkpoint, acknowledge) before the next round.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -428,9 +468,9 @@ fn main() {
         println!("| firings during the throughput run | {fired} |");
         print_cpu("raw", &cpu_before_raw, &cpu_after_raw, n);
         print_cpu("Spur", &cpu_before_spur, &cpu_after_spur, n);
-        for (load, rate, total, latencies) in &latency_rounds {
+        for (load, rate, total, latencies, busy) in &latency_rounds {
             println!(
-                "| latency run at {:.0} % of the Spur rate | {total} events at {:.0} events/s, {} firings timed: event → firing p50 {:.2} ms, p99 {:.2} ms |",
+                "| latency run at {:.0} % of the Spur rate | {total} events at {:.0} events/s, {} firings timed: event → firing p50 {:.2} ms, p99 {:.2} ms; {busy} |",
                 load * 100.0,
                 rate,
                 latencies.len(),
