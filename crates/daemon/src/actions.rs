@@ -334,7 +334,7 @@ impl Executor {
         }
         let state_event = firing.state_change_event();
         let state_event_id = state_event.id;
-        self.emit(state_event).await;
+        self.record(vec![state_event]).await;
         let automation = &firing.automation;
         let (list, uses_state_event): (Vec<&Action>, Vec<bool>) = match firing.state {
             FiringState::Triggered => {
@@ -662,7 +662,6 @@ impl Executor {
             None,
         );
         let triggered_id = triggered.id;
-        self.emit(triggered).await;
         let done = self.action_event(
             firing,
             action,
@@ -673,7 +672,7 @@ impl Executor {
             &result,
             Some(triggered_id),
         );
-        self.emit(done).await;
+        self.record(vec![triggered, done]).await;
         match result {
             Ok(_) => {
                 info!(automation = %firing.automation.name, action = index, kind = %action.action_type, "action executed")
@@ -1223,6 +1222,28 @@ impl Executor {
     async fn emit(&self, event: Event) {
         if let Err(e) = self.inner.intake.submit(vec![event]).await {
             warn!(error = %e, "cannot emit an event");
+        }
+    }
+
+    /// Emits a firing's own records (its `automation.triggered`/`.resolved` event, an
+    /// action's `triggered` and `executed`/`failed` pair) without waiting for them to become
+    /// durable: the intake keeps submission order, so they still land in the log in order,
+    /// and they share commits with whatever else is arriving. Waiting for each made every
+    /// firing cost three durable commits of one event each; at light load those commits
+    /// (their fsync's write-back above all) were most of the pipeline's CPU. Nothing here
+    /// needs them durable first: their ids are derived from the firing's, so a firing
+    /// dispatched again after a crash emits the same ids, which the log keeps once.
+    async fn record(&self, events: Vec<Event>) {
+        match self.inner.intake.enqueue(events).await {
+            Ok(durable) => {
+                // Awaited elsewhere, so that failures are still logged (and counted).
+                tokio::spawn(async move {
+                    if let Err(e) = durable.await {
+                        warn!(error = %e, "cannot record a firing's events");
+                    }
+                });
+            }
+            Err(e) => warn!(error = %e, "cannot record a firing's events"),
         }
     }
 }
