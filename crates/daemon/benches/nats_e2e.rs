@@ -242,6 +242,20 @@ fn print_cpu(
     );
 }
 
+/// Bytes this process has handed to `write` calls so far (`wchar` in `/proc/self/io`; 0
+/// elsewhere). Nearly all of it is the store's pages: the driver and the daemon write
+/// little else.
+fn bytes_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Cores kept busy between two readings over `wall`: in all, and the three largest users.
 fn cores_busy(
     before: &HashMap<String, f64>,
@@ -383,6 +397,7 @@ fn main() {
             let cpu_before_round = cpu_seconds(nats_pid);
             let round_started = Instant::now();
             let batches_before = daemon.metrics().batches.load(Ordering::Relaxed);
+            let written_before = bytes_written();
             let batch_events_before = daemon.metrics().batch_events.load(Ordering::Relaxed);
             let firing_total = total / 10;
             let mut firings = daemon.subscribe_firings();
@@ -436,10 +451,12 @@ fn main() {
             latencies.sort();
             let batches = daemon.metrics().batches.load(Ordering::Relaxed) - batches_before;
             let batch_events = daemon.metrics().batch_events.load(Ordering::Relaxed) - batch_events_before;
+            let written = bytes_written().saturating_sub(written_before);
             let busy = format!(
-                "{}; {batches} commits of {:.1} events on average",
+                "{}; {batches} commits of {:.1} events and {:.1} kB written on average",
                 cores_busy(&cpu_before_round, &cpu_seconds(nats_pid), round_started.elapsed()),
-                batch_events as f64 / batches.max(1) as f64
+                batch_events as f64 / batches.max(1) as f64,
+                written as f64 / 1024.0 / batches.max(1) as f64
             );
             latency_rounds.push((*load, rate, total, latencies, busy));
             // Let the daemon settle (checkpoint, acknowledge) before the next round.
