@@ -479,7 +479,10 @@ fn the_stock_prefect_subscriber_receives_filtered_events() {
 import asyncio
 from prefect.events import emit_event
 from prefect.events.clients import get_events_subscriber
-from prefect.events.filters import EventFilter, EventNameFilter, EventTextFilter
+from prefect.client.orchestration import get_client
+from prefect.events.filters import (
+    EventFilter, EventNameFilter, EventOrder, EventResourceFilter, EventTextFilter,
+)
 from prefect.events.worker import EventsWorker
 
 async def main():
@@ -494,14 +497,34 @@ async def main():
         await asyncio.to_thread(EventsWorker.drain_all)
         event = await asyncio.wait_for(subscriber.__anext__(), 20)
         print(event.event, event.resource.id)
+    # The stock client's history query, a page at a time, oldest first, one per resource.
+    async with get_client() as client:
+        query = EventFilter(
+            event=EventNameFilter(prefix=["sub."]),
+            resource=EventResourceFilter(distinct=True),
+            order=EventOrder.ASC,
+        )
+        page = await client.read_events(filter=query, limit=1)
+        seen = []
+        while page is not None and len(seen) < 10:
+            seen += [(e.resource.id, page.total) for e in page.events]
+            page = await page.get_next_page(client)
+        print(seen)
 
 asyncio.run(main())
 "#;
     let stdout = run_prefect_client(&python, script, &daemon, dir.path());
+    let mut lines = stdout.lines();
     assert_eq!(
-        stdout.trim(),
-        "sub.reading kiln.2",
-        "only the event the filter selects"
+        lines.next(),
+        Some("sub.reading kiln.2"),
+        "only the event the filter selects: {stdout}"
+    );
+    // sub.skipped and sub.reading on kiln.1 make one resource; its first event is the skip.
+    assert_eq!(
+        lines.next(),
+        Some("[('kiln.1', 3), ('kiln.cold', 3), ('kiln.2', 3)]"),
+        "read_events and get_next_page walk the distinct resources: {stdout}"
     );
     // The same filter over HTTP, as Prefect's client would send it.
     let (status, text) = http(
@@ -625,7 +648,14 @@ fn event_queries_follow_prefect_order_distinct_and_paging() {
         let Some(next) = page["next_page"].as_str() else {
             break;
         };
-        let (status, text) = http("GET", &format!("{}{next}", daemon.url), None);
+        assert!(
+            next.starts_with(&format!(
+                "{}/api/events/filter/next?page-token=",
+                daemon.url
+            )),
+            "an absolute link, as Prefect's client requires: {next}"
+        );
+        let (status, text) = http("GET", next, None);
         assert_eq!(status, 200, "{text}");
         page = serde_json::from_str(&text).expect("JSON");
     }

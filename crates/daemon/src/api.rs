@@ -677,8 +677,28 @@ fn one_or_many(v: Option<&Value>) -> Box<dyn Iterator<Item = &Value> + '_> {
     }
 }
 
+/// The address the caller reached us at, as Prefect's `request.base_url` gives it: page
+/// links must be absolute, because Prefect's client validates `next_page` as a URL
+/// (`AnyHttpUrl`) and fetches it as given. A proxy's `X-Forwarded-Proto`/`-Host` win.
+fn base_url(headers: &HeaderMap) -> String {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let scheme = header("x-forwarded-proto").unwrap_or("http");
+    let host = header("x-forwarded-host")
+        .or_else(|| header("host"))
+        .unwrap_or("127.0.0.1");
+    format!("{scheme}://{host}")
+}
+
 async fn run_query(
     state: &ApiState,
+    headers: &HeaderMap,
     filter: &Value,
     query: EventQuery,
     limit: usize,
@@ -695,7 +715,10 @@ async fn run_query(
     let next_page = page.next.map(|after| {
         let token = json!({"filter": filter, "after": after, "limit": limit});
         let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string());
-        format!("/api/events/filter/next?page-token={token}")
+        format!(
+            "{}/api/events/filter/next?page-token={token}",
+            base_url(headers)
+        )
     });
     axum::Json(json!({
         "events": page.events.iter().map(|(_, e)| e.to_json()).collect::<Vec<_>>(),
@@ -705,7 +728,11 @@ async fn run_query(
     .into_response()
 }
 
-async fn filter_events(State(state): State<ApiState>, body: Option<axum::Json<Value>>) -> Response {
+async fn filter_events(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Option<axum::Json<Value>>,
+) -> Response {
     let body = body.map(|b| b.0).unwrap_or(Value::Null);
     let limit = body
         .get("limit")
@@ -717,7 +744,7 @@ async fn filter_events(State(state): State<ApiState>, body: Option<axum::Json<Va
         Ok(q) => q,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
     };
-    run_query(&state, filter, query, limit, None).await
+    run_query(&state, &headers, filter, query, limit, None).await
 }
 
 #[derive(Deserialize)]
@@ -726,7 +753,11 @@ struct PageToken {
     page_token: String,
 }
 
-async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToken>) -> Response {
+async fn filter_next(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(token): Query<PageToken>,
+) -> Response {
     let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(token.page_token.as_bytes())
         .ok()
@@ -746,7 +777,7 @@ async fn filter_next(State(state): State<ApiState>, Query(token): Query<PageToke
         .and_then(Value::as_u64)
         .unwrap_or(50)
         .clamp(1, 50) as usize;
-    run_query(&state, filter, query, limit, Some(after)).await
+    run_query(&state, &headers, filter, query, limit, Some(after)).await
 }
 
 async fn events_out(

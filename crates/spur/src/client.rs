@@ -266,7 +266,7 @@ pub fn query(
                 break;
             }
             response = client
-                .get(format!("{base}{next}"))
+                .get(page_url(&base, &next))
                 .send()
                 .await?
                 .error_for_status()?
@@ -452,7 +452,7 @@ pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Resu
                 break;
             };
             page = client
-                .get(format!("{base}{next}"))
+                .get(page_url(&base, &next))
                 .send()
                 .await?
                 .error_for_status()?
@@ -468,6 +468,16 @@ pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Resu
         });
         Ok(out)
     })
+}
+
+/// A `next_page` link as given (the daemon answers with absolute URLs, like Prefect), or
+/// joined to `base` when it is a path.
+fn page_url(base: &str, next: &str) -> String {
+    if next.starts_with("http://") || next.starts_with("https://") {
+        next.to_owned()
+    } else {
+        format!("{base}{next}")
+    }
 }
 
 /// `spur explain`: one line per candidate automation, in words.
