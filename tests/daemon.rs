@@ -719,6 +719,18 @@ async def main():
         print(one.name, type(one.trigger).__name__)
         named = await client.read_automations_by_name("late-export")
         print(len(named), [type(a).__name__ for a in named[0].actions])
+        # Pausing and resuming go through PATCH, as `prefect automation pause` does.
+        target = named[0].id
+        await client.pause_automation(target)
+        print("paused, enabled:", (await client.read_automation(target)).enabled)
+        await client.resume_automation(target)
+        print("resumed, enabled:", (await client.read_automation(target)).enabled)
+        # Files define automations: deleting through the API is refused, not ignored.
+        try:
+            await client.delete_automation(target)
+            print("deleted")
+        except Exception as e:
+            print("delete refused:", e.response.status_code)
 
 asyncio.run(main())
 "#;
@@ -727,6 +739,29 @@ asyncio.run(main())
     assert_eq!(lines[0], "late-export two-failures");
     assert_eq!(lines[1], "late-export EventTrigger");
     assert_eq!(lines[2], "1 ['SendNotification', 'RunDeployment']");
+    assert_eq!(lines[3], "paused, enabled: False", "{stdout}");
+    assert_eq!(lines[4], "resumed, enabled: True", "{stdout}");
+    assert_eq!(lines[5], "delete refused: 409", "{stdout}");
+    // An update with more than `enabled` names the field it refuses.
+    let id = serde_json::from_str::<Value>(
+        &http("GET", &format!("{}/api/automations", daemon.url), None).1,
+    )
+    .expect("JSON")["automations"]
+        .as_array()
+        .and_then(|list| list.iter().find(|a| a["name"] == "late-export"))
+        .and_then(|a| a["id"].as_str().map(str::to_owned))
+        .expect("late-export is listed");
+    let (status, text) = http(
+        "PATCH",
+        &format!("{}/api/automations/{id}", daemon.url),
+        Some(json!({"enabled": false, "name": "renamed"})),
+    );
+    assert_eq!(status, 422, "{text}");
+    let detail = serde_json::from_str::<Value>(&text).expect("JSON")["detail"].clone();
+    assert!(
+        detail.as_str().is_some_and(|d| d.starts_with("\"name\"")),
+        "{text}"
+    );
 }
 
 #[test]

@@ -6,8 +6,10 @@
 //!   "backfill": true}`, receive the last 15 minutes that match, then every new match.
 //! * `GET /api/automations` — loaded automations with their live trigger state and any
 //!   load errors; `POST /api/automations/filter` and `GET /api/automations/{id}` — the same
-//!   automations in Prefect's schema, for Prefect's client; `GET /api/firings` — recent
-//!   firings.
+//!   automations in Prefect's schema, for Prefect's client; `PATCH /api/automations/{id}`
+//!   (`{"enabled": …}`, how Prefect's client pauses and resumes; also `POST …/pause` and
+//!   `…/resume`); creating, replacing or deleting one is refused (409: files define them);
+//!   `GET /api/firings` — recent firings.
 //! * `GET /healthz`, `GET /api/health`, `GET /metrics` (Prometheus text).
 //! * `GET /` — the web UI (event feed, event detail with explanations, automations, runs).
 
@@ -67,9 +69,16 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/health", get(|| async { axum::Json(true) }))
         .route("/api/ready", get(|| async { axum::Json(true) }))
         .route("/metrics", get(metrics))
-        .route("/api/automations", get(automations))
+        .route("/api/automations", get(automations).post(defined_in_files))
+        .route("/api/automations/", post(defined_in_files))
         .route("/api/automations/filter", post(filter_automations))
-        .route("/api/automations/{id}", get(read_automation))
+        .route(
+            "/api/automations/{id}",
+            get(read_automation)
+                .patch(patch_automation)
+                .put(defined_in_files)
+                .delete(defined_in_files),
+        )
         .route("/api/automations/{id}/pause", post(pause_automation))
         .route("/api/automations/{id}/resume", post(resume_automation))
         .route("/api/firings", get(firings))
@@ -333,6 +342,56 @@ async fn set_paused(state: &ApiState, wanted: &str, paused: bool) -> Response {
             "the pipeline is not running",
         ),
     }
+}
+
+/// Prefect's `PATCH /automations/{id}` (`AutomationPartialUpdate`: only `enabled`), which
+/// its client's `pause_automation` and `resume_automation` send: `false` pauses, `true` lifts
+/// a pause (an automation its file disables stays disabled). 204, like Prefect.
+async fn patch_automation(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Option<axum::Json<Value>>,
+) -> Response {
+    let body = body.map(|b| b.0).unwrap_or(Value::Null);
+    let Value::Object(fields) = &body else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "the body must be an object: {\"enabled\": true|false}",
+        );
+    };
+    if let Some(other) = fields.keys().find(|k| k.as_str() != "enabled") {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "{other:?}: only \"enabled\" can be changed here; the rest of an automation is defined in its YAML file"
+            ),
+        );
+    }
+    let Some(enabled) = fields.get("enabled").and_then(Value::as_bool) else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "\"enabled\": must be true or false",
+        );
+    };
+    let response = set_paused(&state, &id, !enabled).await;
+    if response.status() == StatusCode::OK {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        response
+    }
+}
+
+/// Creating, replacing and deleting automations through the API (Prefect's `POST
+/// /automations/`, `PUT` and `DELETE /automations/{id}`): refused with the reason. Spur's
+/// automations live in YAML files, which hot reload picks up. Not a 404, which Prefect's
+/// client would take for "already deleted".
+async fn defined_in_files() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "Spur's automations are defined in YAML files: add, edit or remove the file in the \
+         daemon's automations folder (changes load within a second). Only pausing and \
+         resuming (PATCH {\"enabled\": false|true}) is done through the API.",
+    )
 }
 
 async fn pause_automation(
