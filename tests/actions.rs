@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::{SpurDaemon, automations_folder, eventually, spur, write};
 
-/// A loopback HTTP server that records requests and answers with `status` (changeable).
+/// A loopback HTTP server that records requests and answers with `status` (changeable),
+/// after `delay` (to keep an action in flight).
 struct Receiver {
     url: String,
     requests: Arc<Mutex<Vec<(String, String)>>>,
@@ -21,6 +22,10 @@ struct Receiver {
 
 impl Receiver {
     fn start(status: u16) -> Receiver {
+        Receiver::start_slow(status, Duration::ZERO)
+    }
+
+    fn start_slow(status: u16, delay: Duration) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -48,6 +53,7 @@ impl Receiver {
                     .expect("lock")
                     .push((head, String::from_utf8_lossy(&body).into_owned()));
                 let code = code.load(Ordering::SeqCst);
+                std::thread::sleep(delay);
                 let _ = write!(
                     stream,
                     "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
@@ -361,5 +367,46 @@ deployments:
     assert!(
         runs.contains("over-http") && runs.contains("on-prefect"),
         "{runs}"
+    );
+}
+
+/// SIGTERM while an action is in flight: the daemon lets it finish and records it, so the
+/// next start does not perform it again (the webhook is called once) and its events are in
+/// the log.
+#[test]
+fn an_action_in_flight_at_shutdown_finishes_and_is_not_repeated_after_restart() {
+    let receiver = Receiver::start_slow(200, Duration::from_millis(1500));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    write(
+        &automations,
+        "hook.yaml",
+        &format!(
+            "name: slow-hook\ntrigger: {{type: event, posture: Reactive, expect: [job.done]}}\nactions:\n  - {{type: call-webhook, url: {url}/slow, payload: '{{\"job\": \"<< event.resource.id >>\"}}'}}\n",
+            url = receiver.url
+        ),
+    );
+    let data = dir.path().join("data");
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    emit(&daemon, "job.done", "job.1", "{}");
+    // The webhook has the request; its answer is 1.5 s away.
+    eventually(Duration::from_secs(10), "the webhook call", || {
+        (!receiver.requests().is_empty()).then_some(())
+    });
+    assert_eq!(daemon.terminate(), Some(0), "a clean exit");
+
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let executed = eventually(Duration::from_secs(10), "the action's events", || {
+        let e = events(&daemon, "prefect.automation.action.executed");
+        (!e.is_empty()).then_some(e)
+    });
+    assert_eq!(executed.len(), 1, "{executed:?}");
+    assert_eq!(executed[0]["payload"]["status_code"], 200);
+    // Long enough for a re-dispatch after start to have called it again.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(receiver.requests().len(), 1, "the webhook was called once");
+    assert_eq!(
+        events(&daemon, "prefect.automation.action.executed").len(),
+        1
     );
 }

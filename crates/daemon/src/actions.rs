@@ -269,12 +269,23 @@ impl Executor {
             .cloned()
     }
 
-    /// Consumes dispatches until the channel closes.
-    pub async fn run(self, mut dispatches: mpsc::UnboundedReceiver<Dispatch>) {
+    /// Consumes dispatches until the channel closes or `shutdown` turns true. Then it
+    /// drains: dispatches still queued are left alone (their firings stay undispatched in
+    /// the store, so the next start performs them), the ones in flight get up to
+    /// [`DRAIN_TIMEOUT`] to finish, and the marks of those that did are written before it
+    /// returns. The daemon stops the pipeline only after that, so the events the last
+    /// actions emit still reach the log. Without the drain, an action cut off mid-flight (a
+    /// webhook already called) had no mark and ran again on the next start.
+    pub async fn run(
+        self,
+        mut dispatches: mpsc::UnboundedReceiver<Dispatch>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let (marks, mut pending) = mpsc::unbounded_channel::<Uuid>();
+        let mut writer = None;
         if self.inner.marks.set(marks).is_ok() {
             let store = self.inner.store.clone();
-            tokio::spawn(async move {
+            writer = Some(tokio::spawn(async move {
                 while let Some(first) = pending.recv().await {
                     let mut batch = vec![first];
                     while batch.len() < 4096
@@ -282,15 +293,63 @@ impl Executor {
                     {
                         batch.push(next);
                     }
+                    // The nil id asks for a last write, then the end (see below).
+                    let last = batch.contains(&Uuid::nil());
+                    batch.retain(|id| !id.is_nil());
                     let store = store.clone();
                     let _ =
                         tokio::task::spawn_blocking(move || store.mark_dispatched(&batch)).await;
+                    if last {
+                        return;
+                    }
                 }
-            });
+            }));
         }
-        while let Some(d) = dispatches.recv().await {
-            let executor = self.clone();
-            tokio::spawn(async move { executor.dispatch(d).await });
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                dispatch = dispatches.recv() => match dispatch {
+                    Some(d) => {
+                        let executor = self.clone();
+                        in_flight.spawn(async move { executor.dispatch(d).await });
+                    }
+                    None => break,
+                },
+                // Reap finished dispatches as they end.
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+            }
+        }
+        let unfinished = in_flight.len();
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                cut_off = in_flight.len(),
+                "actions still running at shutdown were stopped; their firings are performed again on the next start"
+            );
+            in_flight.abort_all();
+        } else if unfinished > 0 {
+            info!(
+                finished = unfinished,
+                "actions in flight finished before shutdown"
+            );
+        }
+        if let Some(writer) = writer {
+            let flushed = self
+                .inner
+                .marks
+                .get()
+                .is_some_and(|marks| marks.send(Uuid::nil()).is_ok());
+            if flushed {
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
+            }
         }
     }
 
@@ -1247,6 +1306,9 @@ impl Executor {
         }
     }
 }
+
+/// How long a stopping daemon waits for actions in flight (and then for their marks).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The first involved resource `<prefix><uuid>` (Prefect's inference rule).
 fn infer_id(event: Option<&Event>, prefix: &str, what: &str) -> Result<Uuid, String> {

@@ -291,7 +291,7 @@ impl Daemon {
             let automations = reload::runnable(&initial_automations);
             tokio::spawn(async move { executor.redispatch(leftovers, &automations).await });
         }
-        let executor_task = tokio::spawn(executor.run(dispatch_rx));
+        let executor_task = tokio::spawn(executor.run(dispatch_rx, shutdown_rx.clone()));
         info!(%addr, "spur listening on http://{addr}");
         Ok(Daemon {
             addr,
@@ -317,20 +317,29 @@ impl Daemon {
     }
 
     /// Stops intake, finishes in-flight work, checkpoints, and returns.
-    pub async fn shutdown(self) {
+    ///
+    /// The order matters: sources stop first; then the action executor drains (actions in
+    /// flight finish, for up to [`actions::DRAIN_TIMEOUT`], and their marks are written)
+    /// while the pipeline still takes the events they emit; then the pipeline drains and
+    /// checkpoints. Runs still in progress are stopped with the process and marked Crashed on
+    /// the next start.
+    pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         let _ = self.server.await;
         for task in self.tasks {
             let _ = task.await;
         }
+        let drain = actions::DRAIN_TIMEOUT * 2 + std::time::Duration::from_secs(1);
+        if tokio::time::timeout(drain, &mut self.executor_task)
+            .await
+            .is_err()
+        {
+            self.executor_task.abort();
+        }
         self.pipeline.shutdown().await;
         if let Some(mirror) = self.mirror_task {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(10), mirror).await;
         }
-        // The pipeline held the executor's dispatch channel; runs still in progress are
-        // stopped with the process and marked Crashed on the next start.
-        self.executor_task.abort();
-        let _ = self.executor_task.await;
         info!("spur stopped");
     }
 }
