@@ -698,6 +698,7 @@ fn the_stock_prefect_client_reads_automations() {
                 "notify.yaml",
                 r#"
 name: late-export
+owner_resource: team.data
 trigger: {type: event, posture: Proactive, after: ["export.started"], expect: ["export.finished"], within: 60}
 actions:
   - {type: send-notification, url: "http://127.0.0.1:9/hook", subject: late, body: "{{ event.id }}"}
@@ -719,6 +720,11 @@ async def main():
         print(one.name, type(one.trigger).__name__)
         named = await client.read_automations_by_name("late-export")
         print(len(named), [type(a).__name__ for a in named[0].actions])
+        # Related resources, as Prefect's UI asks for a deployment's automations.
+        deployment = f"prefect.deployment.{named[0].actions[1].deployment_id}"
+        for resource in [deployment, "team.data", "team.other"]:
+            related = await client.read_resource_related_automations(resource)
+            print([a.name for a in related], [a.owner_resource for a in related])
         # Pausing and resuming go through PATCH, as `prefect automation pause` does.
         target = named[0].id
         await client.pause_automation(target)
@@ -739,9 +745,12 @@ asyncio.run(main())
     assert_eq!(lines[0], "late-export two-failures");
     assert_eq!(lines[1], "late-export EventTrigger");
     assert_eq!(lines[2], "1 ['SendNotification', 'RunDeployment']");
-    assert_eq!(lines[3], "paused, enabled: False", "{stdout}");
-    assert_eq!(lines[4], "resumed, enabled: True", "{stdout}");
-    assert_eq!(lines[5], "delete refused: 409", "{stdout}");
+    assert_eq!(lines[3], "['late-export'] ['team.data']", "{stdout}");
+    assert_eq!(lines[4], "['late-export'] ['team.data']", "{stdout}");
+    assert_eq!(lines[5], "[] []", "{stdout}");
+    assert_eq!(lines[6], "paused, enabled: False", "{stdout}");
+    assert_eq!(lines[7], "resumed, enabled: True", "{stdout}");
+    assert_eq!(lines[8], "delete refused: 409", "{stdout}");
     // An update with more than `enabled` names the field it refuses.
     let id = serde_json::from_str::<Value>(
         &http("GET", &format!("{}/api/automations", daemon.url), None).1,

@@ -9,7 +9,8 @@
 //!   automations in Prefect's schema, for Prefect's client; `PATCH /api/automations/{id}`
 //!   (`{"enabled": …}`, how Prefect's client pauses and resumes; also `POST …/pause` and
 //!   `…/resume`); creating, replacing or deleting one is refused (409: files define them);
-//!   `GET /api/firings` — recent firings.
+//!   `GET /api/automations/related-to/{resource}` — those owned by it or launching it (a
+//!   deployment); `GET /api/firings` — recent firings.
 //! * `GET /healthz`, `GET /api/health`, `GET /metrics` (Prometheus text).
 //! * `GET /` — the web UI (event feed, event detail with explanations, automations, runs).
 
@@ -72,6 +73,14 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/automations", get(automations).post(defined_in_files))
         .route("/api/automations/", post(defined_in_files))
         .route("/api/automations/filter", post(filter_automations))
+        .route(
+            "/api/automations/related-to/{resource_id}",
+            get(related_automations),
+        )
+        .route(
+            "/api/automations/owned-by/{resource_id}",
+            axum::routing::delete(defined_in_files),
+        )
         .route(
             "/api/automations/{id}",
             get(read_automation)
@@ -190,8 +199,43 @@ fn prefect_automation(automation: &spur_core::Automation, executor: &Executor) -
         "actions": actions(&automation.actions),
         "actions_on_trigger": actions(&automation.actions_on_trigger),
         "actions_on_resolve": actions(&automation.actions_on_resolve),
-        "owner_resource": null,
+        "owner_resource": automation.owner_resource,
     })
+}
+
+/// Does this automation (in Prefect's schema, see [`prefect_automation`]) relate to
+/// `resource`? As Prefect's server records it: its owner, and every deployment a
+/// `run-deployment` action names (`prefect.deployment.<id>`).
+fn relates_to(automation: &Value, resource: &str) -> bool {
+    if automation["owner_resource"].as_str() == Some(resource) {
+        return true;
+    }
+    ["actions", "actions_on_trigger", "actions_on_resolve"]
+        .iter()
+        .filter_map(|list| automation[*list].as_array())
+        .flatten()
+        .filter(|action| action["type"] == "run-deployment" && action["source"] != "inferred")
+        .filter_map(|action| action["deployment_id"].as_str())
+        .any(|id| resource.strip_prefix("prefect.deployment.") == Some(id))
+}
+
+/// Prefect's `GET /automations/related-to/{resource_id}` (its client's
+/// `read_resource_related_automations`; the UI's deployment page).
+async fn related_automations(
+    State(state): State<ApiState>,
+    axum::extract::Path(resource): axum::extract::Path<String>,
+) -> Response {
+    let description = match describe(&state).await {
+        Ok(description) => description,
+        Err(unavailable) => return unavailable,
+    };
+    let related: Vec<Value> = description
+        .automations
+        .iter()
+        .map(|a| prefect_automation(&a.automation, &state.executor))
+        .filter(|a| relates_to(a, &resource))
+        .collect();
+    axum::Json(Value::Array(related)).into_response()
 }
 
 /// `POST /api/automations/filter`, Prefect's shape: `{"automations": {"name": {"any_": […]},
