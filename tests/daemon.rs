@@ -1256,3 +1256,99 @@ fn jetstream_acks_leave_nothing_pending_with_either_ack_policy() {
         );
     }
 }
+
+/// With JetStream, an event posted over HTTP is forwarded into the stream (so the stream
+/// holds every event Spur received), comes back to Spur's own consumer and is kept once; its
+/// firing is claimed in the shared KV bucket, since another instance could meet it there.
+#[test]
+fn http_events_are_forwarded_into_the_jetstream_stream_and_kept_once() {
+    use async_nats::jetstream;
+    let Some(bin) = require_nats_server() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = NatsServer::start(&bin, &dir.path().join("nats"));
+    let automations = automations_folder(
+        dir.path(),
+        &[(
+            "forwarded.yaml",
+            "name: on-forwarded\ntrigger: {type: event, posture: Reactive, expect: [http.forwarded]}\nactions: [{type: do-nothing}]\n",
+        )],
+    );
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--nats", &nats.url],
+    );
+    daemon.wait_for_jetstream();
+    let (status, text) = post_events(&daemon, json!([event("http.forwarded", "door.http", 700)]));
+    assert_eq!(status, 204, "{text}");
+    let id = uuid::Uuid::from_u128(700).to_string();
+
+    // In the stream, marked as Spur's own publish.
+    let stored = runtime.block_on(async {
+        let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+        let stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
+        let mut found = None;
+        for _ in 0..100 {
+            if let Ok(message) = stream
+                .get_last_raw_message_by_subject("events.http.forwarded")
+                .await
+            {
+                found = Some(message);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        found.expect("the forwarded event is in the stream")
+    });
+    let body: Value = serde_json::from_slice(&stored.payload).expect("JSON");
+    assert_eq!(body["id"], id.as_str());
+    assert!(
+        stored
+            .headers
+            .get(spur_ingest::nats::FORWARDED_HEADER)
+            .is_some(),
+        "{:?}",
+        stored.headers
+    );
+
+    // Spur's consumer got it back and kept it once.
+    let metrics = eventually(Duration::from_secs(10), "the echo consumed", || {
+        let (_, metrics) = http("GET", &format!("{}/metrics", daemon.url), None);
+        (metrics.contains("spur_nats_forwarded_total 1")
+            && metrics.contains("spur_nats_delivered_total 1"))
+        .then_some(metrics)
+    });
+    assert!(
+        metrics.contains("spur_events_duplicate_total 1"),
+        "{metrics}"
+    );
+    let (_, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(json!({"filter": {"resource": {"id": ["door.http"]}}})),
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("JSON")["total"],
+        1
+    );
+    let fired = firings(&daemon);
+    assert_eq!(fired.len(), 1, "{fired:?}");
+
+    // Its firing was claimed before its action ran.
+    let firing = fired[0]["id"].as_str().expect("firing id").to_owned();
+    let claimed = runtime.block_on(async {
+        let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+        let claims = js
+            .get_key_value("SPUR_FIRINGS")
+            .await
+            .expect("claims bucket");
+        claims.get(&firing).await.expect("read").is_some()
+    });
+    assert!(claimed, "firing {firing} is claimed");
+}

@@ -154,8 +154,9 @@ struct Inner {
     control: OnceLock<mpsc::Sender<Control>>,
     nats: OnceLock<async_nats::Client>,
     /// With NATS: the claims that keep two instances from running a firing's actions twice,
-    /// this instance's id, and the events JetStream redelivered (only their firings, and
-    /// firings no event caused, can have been dispatched by another instance).
+    /// this instance's id, and the events JetStream redelivered or that were forwarded
+    /// (only their firings, and firings no event caused, can have been dispatched by another
+    /// instance).
     shared: OnceLock<(crate::shared_state::SharedState, Uuid, Arc<NatsCounters>)>,
     /// The batching writer of dispatched marks (see `mark_dispatched`).
     marks: OnceLock<mpsc::UnboundedSender<Uuid>>,

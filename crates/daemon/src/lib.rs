@@ -142,6 +142,7 @@ impl Daemon {
         // another instance take over (see `shared_state`).
         let mut shared = None;
         let mut restore_from = None;
+        let mut nats_client = None;
         if let Some(nats) = &config.nats {
             match spur_ingest::nats::connect(&nats.url, nats_counters.clone()).await {
                 Ok(client) => {
@@ -161,6 +162,7 @@ impl Daemon {
                             }
                         }
                     }
+                    nats_client = Some(client.clone());
                     executor.set_nats(client);
                 }
                 Err(e) => {
@@ -220,6 +222,24 @@ impl Daemon {
         let initial_automations = initial.automations;
         let mut covered = None;
         let mut mirror_task = None;
+        // The doors other than NATS forward what they receive into the stream, when a
+        // JetStream stream and the shared claims (which keep a forwarded event's firings
+        // from running twice) are both there. See `spur_ingest::nats::Forwarder`.
+        let mut external_intake = intake.clone();
+        if let (Some(nats), Some(client), Some(_)) = (&config.nats, nats_client, &shared) {
+            match spur_ingest::nats::Forwarder::start(
+                client,
+                nats,
+                instance_id(&store)?.to_string(),
+                nats_counters.clone(),
+            ) {
+                Some(forwarder) => external_intake = intake.forwarding_to(forwarder),
+                None => warn!(
+                    subjects = ?nats.subjects,
+                    "events received over HTTP are not forwarded to JetStream: no consumed subject has the form `prefix.>`"
+                ),
+            }
+        }
         if let Some(state) = shared {
             executor.set_shared(state.clone(), instance_id(&store)?, nats_counters.clone());
             mirror_task = Some(tokio::spawn(state.mirror(mirror_rx, covered_tx)));
@@ -237,12 +257,12 @@ impl Daemon {
         }
 
         let router = spur_ingest::http::routes(HttpIngest {
-            intake: intake.clone(),
+            intake: external_intake.clone(),
             auth_string: config.auth_string.clone(),
         })
         .merge(spur_ingest::webhook::routes(
             spur_ingest::webhook::WebhookIngest {
-                intake: intake.clone(),
+                intake: external_intake.clone(),
                 registry: webhook_service.registry.clone(),
                 secrets: webhook_service.secrets.clone(),
                 replay: Arc::default(),

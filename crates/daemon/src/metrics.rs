@@ -194,6 +194,18 @@ impl Metrics {
             "Times the NATS consumer re-attached after an error.",
             load(&self.nats.reattached),
         );
+        counter(
+            &mut out,
+            "spur_nats_forwarded_total",
+            "Events received over HTTP, websockets or webhooks published to the JetStream stream.",
+            load(&self.nats.forwarded),
+        );
+        counter(
+            &mut out,
+            "spur_nats_forward_failed_total",
+            "Events that could not be forwarded to the JetStream stream (they are in the local log).",
+            load(&self.nats.forward_failed),
+        );
         gauge(
             &mut out,
             "spur_buckets",

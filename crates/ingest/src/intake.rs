@@ -93,6 +93,8 @@ pub struct Intake {
     tx: mpsc::Sender<Submission>,
     limits: EventLimits,
     counters: Arc<IngestCounters>,
+    /// For the doors other than NATS: also put what becomes durable into the stream.
+    forwarder: Option<crate::nats::Forwarder>,
 }
 
 impl Intake {
@@ -102,6 +104,17 @@ impl Intake {
             tx,
             limits,
             counters: Arc::new(IngestCounters::default()),
+            forwarder: None,
+        }
+    }
+
+    /// This intake, also forwarding every event it makes durable to the JetStream stream
+    /// (see [`crate::nats::Forwarder`]). For the HTTP, websocket and webhook doors; the NATS
+    /// source and Spur's own events use the plain intake.
+    pub fn forwarding_to(&self, forwarder: crate::nats::Forwarder) -> Intake {
+        Intake {
+            forwarder: Some(forwarder),
+            ..self.clone()
         }
     }
 
@@ -147,14 +160,22 @@ impl Intake {
             e.occurred = chrono::SubsecRound::trunc_subsecs(e.occurred, 6);
             e.received = chrono::SubsecRound::trunc_subsecs(e.received, 6);
         }
+        let forwarded = self.forwarding(&events);
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Submission::new(events, done)?)
             .await
             .map_err(|_| SubmitError::Closed)?;
         Ok(futures_util::future::Either::Right(async move {
-            intake.finish(wait).await
+            intake.finish(wait, forwarded).await
         }))
+    }
+
+    /// With a forwarder: notes `events` and keeps a copy to forward once they are durable.
+    fn forwarding(&self, events: &[Event]) -> Option<(crate::nats::Forwarder, Vec<Event>)> {
+        let forwarder = self.forwarder.as_ref()?;
+        forwarder.note(events);
+        Some((forwarder.clone(), events.to_vec()))
     }
 
     /// Submits and waits for durability, or fails at once with [`SubmitError::Busy`].
@@ -162,9 +183,10 @@ impl Intake {
         if events.is_empty() {
             return Ok(Receipt::default());
         }
+        let forwarded = self.forwarding(&events);
         let (done, wait) = oneshot::channel();
         match self.tx.try_send(Submission::new(events, done)?) {
-            Ok(()) => self.finish(wait).await,
+            Ok(()) => self.finish(wait, forwarded).await,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.counters.throttled.fetch_add(1, Ordering::Relaxed);
                 Err(SubmitError::Busy)
@@ -176,9 +198,13 @@ impl Intake {
     async fn finish(
         &self,
         wait: oneshot::Receiver<Result<Receipt, String>>,
+        forwarded: Option<(crate::nats::Forwarder, Vec<Event>)>,
     ) -> Result<Receipt, SubmitError> {
         match wait.await {
             Ok(Ok(receipt)) => {
+                if let Some((forwarder, events)) = forwarded {
+                    forwarder.forward(events);
+                }
                 self.counters
                     .accepted
                     .fetch_add(receipt.accepted as u64, Ordering::Relaxed);

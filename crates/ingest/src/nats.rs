@@ -103,13 +103,142 @@ pub struct NatsCounters {
     pub slow_consumer: AtomicU64,
     /// Times the consume loop re-attached after an error.
     pub reattached: AtomicU64,
+    /// Events received by other doors (HTTP, websocket, webhooks) published to the stream.
+    pub forwarded: AtomicU64,
+    /// Events that could not be forwarded (publish failed, or the queue was full).
+    pub forward_failed: AtomicU64,
+}
+
+/// The header on messages Spur publishes itself for events it received by another door (see
+/// [`Forwarder`]); its value is the publishing instance's name.
+pub const FORWARDED_HEADER: &str = "Spur-Forwarded";
+
+/// True if a message carries [`FORWARDED_HEADER`].
+fn is_forwarded(headers: Option<&async_nats::HeaderMap>) -> bool {
+    headers.is_some_and(|h| h.get(FORWARDED_HEADER).is_some())
+}
+
+/// Puts events that arrived over HTTP, the Prefect websocket or webhooks into the JetStream
+/// stream as well, so the stream holds every event Spur received: for other consumers of
+/// the stream, and for an instance that takes over from this one.
+///
+/// An event is forwarded after it is durable in the local log, on `<prefix>.<event name>`
+/// (the prefix of the first consumed subject of the form `prefix.>`), with `Nats-Msg-Id` =
+/// its id and [`FORWARDED_HEADER`]. This instance's own consumer gets it back and keeps it
+/// once (by id). Another instance may see it first there, so a forwarded event counts as
+/// "possibly processed elsewhere", like a redelivered one: its firings are claimed in the
+/// shared KV bucket before their actions run ([`Forwarder::note`] does that here, the
+/// consumer on the other side). Forwarding never holds up the caller: a full queue or a
+/// failed publish is counted (`spur_nats_forward_failed_total`) and logged, and the event
+/// stays in the local log.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    tx: tokio::sync::mpsc::Sender<Vec<spur_core::Event>>,
+    counters: Arc<NatsCounters>,
+}
+
+impl Forwarder {
+    /// How many submissions may wait to be published.
+    const QUEUE: usize = 1024;
+    /// Publishes awaiting JetStream's acknowledgement at once.
+    const IN_FLIGHT: usize = 256;
+
+    /// Starts forwarding through `client`, or `None` when no consumed subject has the form
+    /// `prefix.>` (a forwarded event would land on no subject the stream stores).
+    pub fn start(
+        client: async_nats::Client,
+        config: &NatsConfig,
+        instance: String,
+        counters: Arc<NatsCounters>,
+    ) -> Option<Forwarder> {
+        let prefix = config.subjects.iter().find_map(|s| {
+            s.strip_suffix(".>")
+                .filter(|p| !p.is_empty() && !p.contains(['*', '>']))
+        })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(Self::QUEUE);
+        tokio::spawn(forward(
+            jetstream::new(client),
+            prefix.to_owned(),
+            instance,
+            rx,
+            counters.clone(),
+        ));
+        Some(Forwarder { tx, counters })
+    }
+
+    /// Before `events` are submitted: they may be processed by another instance too, so
+    /// their firings are claimed (see [`Redeliveries`]).
+    pub fn note(&self, events: &[spur_core::Event]) {
+        self.counters.redeliveries.note(events.iter().map(|e| e.id));
+    }
+
+    /// Once `events` are durable: queue them for the stream.
+    pub fn forward(&self, events: Vec<spur_core::Event>) {
+        let count = events.len() as u64;
+        if self.tx.try_send(events).is_err() {
+            self.counters
+                .forward_failed
+                .fetch_add(count, Ordering::Relaxed);
+            warn!(
+                events = count,
+                "cannot forward events to JetStream: the queue is full (they are in the local log)"
+            );
+        }
+    }
+}
+
+/// The forwarding task: publishes what [`Forwarder::forward`] queues, a window of
+/// publishes at a time, until every [`Forwarder`] is gone.
+async fn forward(
+    js: jetstream::Context,
+    prefix: String,
+    instance: String,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<spur_core::Event>>,
+    counters: Arc<NatsCounters>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut events = first;
+        while events.len() < Forwarder::IN_FLIGHT
+            && let Ok(more) = rx.try_recv()
+        {
+            events.extend(more);
+        }
+        let mut acks = Vec::with_capacity(events.len());
+        for event in &events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+            headers.insert(FORWARDED_HEADER, instance.as_str());
+            let published = match serde_json::to_vec(event) {
+                Ok(body) => js
+                    .publish_with_headers(subject_for(&prefix, &event.event), headers, body.into())
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            acks.push((event.id, published));
+        }
+        for (id, published) in acks {
+            let acked = match published {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(()) => counters.forwarded.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    warn!(event = %id, error = %e, "cannot forward an event to JetStream (it is in the local log)");
+                    counters.forward_failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+    }
 }
 
 /// Event ids that JetStream delivered more than once in the last [`Redeliveries::KEEP`].
 ///
 /// Only a redelivered event can have been processed by another instance (one that stopped
-/// before acknowledging it): an event JetStream hands over for the first time was seen by no
-/// one else, so neither were the firings it causes. The executor claims firings in the shared
+/// before acknowledging it), or a forwarded one (see [`Forwarder`]): an event JetStream
+/// hands over for the first time was seen by no one else, so neither were the firings it
+/// causes. Forwarded events are noted here too. The executor claims firings in the shared
 /// KV bucket only for redelivered events (and for firings no event caused, like proactive
 /// ones), which keeps the claims exact at a fraction of the cost of claiming every firing.
 #[derive(Debug, Default)]
@@ -337,12 +466,16 @@ async fn consume(
                 let mut handled = Vec::with_capacity(batch.len());
                 let mut events = Vec::with_capacity(batch.len());
                 let mut redelivered = Vec::new();
+                let mut elsewhere = Vec::new();
                 for message in batch {
                     let message = message?;
                     match parse(&message.subject, message.headers.as_ref(), &message.payload, intake, &config.templates, &engine) {
                         Ok(event) => {
                             if message.info().is_ok_and(|info| info.delivered > 1) {
                                 redelivered.push(event.id);
+                            } else if is_forwarded(message.headers.as_ref()) {
+                                // Another instance received it first (see `Forwarder`).
+                                elsewhere.push(event.id);
                             }
                             events.push(event);
                             handled.push(message);
@@ -363,8 +496,10 @@ async fn consume(
                 let good = events.len() as u64;
                 if !redelivered.is_empty() {
                     counters.redelivered.fetch_add(redelivered.len() as u64, Ordering::Relaxed);
+                }
+                if !redelivered.is_empty() || !elsewhere.is_empty() {
                     // Noted before the pipeline sees them, so before any firing they cause.
-                    counters.redeliveries.note(redelivered);
+                    counters.redeliveries.note(redelivered.into_iter().chain(elsewhere));
                 }
                 // Handed over now, in stream order; durable when `durable` resolves.
                 let durable = intake.enqueue(events).await?;
@@ -472,7 +607,12 @@ fn parse(
                 .collect()
         })
         .unwrap_or_default();
-    let result = if let Some(t) = templates
+    let result = if is_forwarded(headers) {
+        // Spur's own publish of a Prefect event (see `Forwarder`): no template applies.
+        serde_json::from_slice::<Value>(payload)
+            .map_err(|e| format!("not JSON: {e}"))
+            .and_then(|value| normalize(&value, now, intake.limits()).map_err(|e| e.to_string()))
+    } else if let Some(t) = templates
         .iter()
         .find(|t| subject_matches(&t.subject, subject))
     {
