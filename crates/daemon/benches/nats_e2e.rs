@@ -217,6 +217,18 @@ fn cpu_seconds(nats_pid: u32) -> HashMap<String, f64> {
     out
 }
 
+/// CPU seconds per thread between two readings, largest first (threads that used none left
+/// out).
+fn cpu_between(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Vec<(String, f64)> {
+    let mut rows: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows
+}
+
 /// Prints where CPU went between two readings, per event.
 fn print_cpu(
     phase: &str,
@@ -224,12 +236,7 @@ fn print_cpu(
     after: &HashMap<String, f64>,
     events: usize,
 ) {
-    let mut rows: Vec<(String, f64)> = after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
-        .filter(|(_, v)| *v > 0.0)
-        .collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let rows = cpu_between(before, after);
     let total: f64 = rows.iter().map(|(_, v)| v).sum();
     let parts: Vec<String> = rows
         .iter()
@@ -263,22 +270,12 @@ fn cores_busy(
     wall: Duration,
 ) -> String {
     let wall = wall.as_secs_f64().max(1e-9);
-    let mut rows: Vec<(String, f64)> = after
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                (v - before.get(k).copied().unwrap_or(0.0)) / wall,
-            )
-        })
-        .filter(|(_, v)| *v > 0.0)
-        .collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let total: f64 = rows.iter().map(|(_, v)| v).sum();
+    let rows = cpu_between(before, after);
+    let total: f64 = rows.iter().map(|(_, v)| v / wall).sum();
     let parts: Vec<String> = rows
         .iter()
         .take(3)
-        .map(|(k, v)| format!("{k} {v:.2}"))
+        .map(|(k, v)| format!("{k} {:.2}", v / wall))
         .collect();
     format!("{total:.2} cores busy ({})", parts.join(", "))
 }

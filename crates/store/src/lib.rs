@@ -1444,15 +1444,20 @@ mod tests {
     use serde_json::json;
     use spur_core::EventLimits;
 
-    fn event(id: u128, name: &str, at: &str) -> Event {
+    /// Event `id` named `name`, of `resource`, occurred and received at `at`.
+    fn event_with(id: u128, name: &str, resource: &str, at: &str) -> Event {
         let at: DateTime<Utc> = at.parse().expect("valid time");
         Event::from_json(
             &json!({"id": Uuid::from_u128(id).to_string(), "event": name, "occurred": at.to_rfc3339(),
-                    "resource": {"prefect.resource.id": format!("r.{id}")}}),
+                    "resource": {"prefect.resource.id": resource}}),
             at,
             &EventLimits::default(),
         )
         .expect("valid event")
+    }
+
+    fn event(id: u128, name: &str, at: &str) -> Event {
+        event_with(id, name, &format!("r.{id}"), at)
     }
 
     #[test]
@@ -1653,14 +1658,7 @@ mod tests {
 
     /// An event of resource `resource` that occurred at `at`.
     fn event_of(id: u128, resource: &str, at: &str) -> Event {
-        let at: DateTime<Utc> = at.parse().expect("valid time");
-        Event::from_json(
-            &json!({"id": Uuid::from_u128(id).to_string(), "event": "e", "occurred": at.to_rfc3339(),
-                    "resource": {"prefect.resource.id": resource}}),
-            at,
-            &EventLimits::default(),
-        )
-        .expect("valid event")
+        event_with(id, "e", resource, at)
     }
 
     fn ids(page: &EventPage) -> Vec<u128> {
