@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream;
 use futures_util::StreamExt;
@@ -280,6 +280,41 @@ fn cores_busy(
     format!("{total:.2} cores busy ({})", parts.join(", "))
 }
 
+/// Where the time went, per timed event: publish → `received` (NATS, the consumer, parsing:
+/// the intake stamps `received`) and `received` → firing committed (the pipeline's queue,
+/// evaluation, the commit). Read from the stopped daemon's store; wall clocks, so
+/// approximate to the clock's steps.
+fn split_by_stage(store: &Path, walls: &[(String, SystemTime, SystemTime)]) -> String {
+    let store = match spur_store::Store::open(store) {
+        Ok(store) => store,
+        Err(e) => return format!("no split: {e}"),
+    };
+    let mut intake = Vec::with_capacity(walls.len());
+    let mut pipeline = Vec::with_capacity(walls.len());
+    for (id, sent, fired) in walls {
+        let Some(event) = id
+            .parse()
+            .ok()
+            .and_then(|id| store.get_event(id).ok().flatten())
+        else {
+            continue;
+        };
+        let received = SystemTime::from(event.received);
+        intake.push(received.duration_since(*sent).unwrap_or_default());
+        pipeline.push(fired.duration_since(received).unwrap_or_default());
+    }
+    intake.sort();
+    pipeline.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "publish → received p50 {:.2} / p99 {:.2} ms, received → firing p50 {:.2} / p99 {:.2} ms",
+        ms(percentile(&intake, 0.5)),
+        ms(percentile(&intake, 0.99)),
+        ms(percentile(&pipeline, 0.5)),
+        ms(percentile(&pipeline, 0.99))
+    )
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -399,14 +434,15 @@ fn main() {
             let firing_total = total / 10;
             let mut firings = daemon.subscribe_firings();
             let collector = tokio::spawn(async move {
-                let mut arrived: HashMap<String, Instant> = HashMap::new();
+                // (monotonic, wall clock): the wall clock is compared with `received` later.
+                let mut arrived: HashMap<String, (Instant, SystemTime)> = HashMap::new();
                 while arrived.len() < firing_total {
                     match tokio::time::timeout(Duration::from_secs(30), firings.recv()).await {
                         Ok(Ok(record)) => {
                             if record["automation"] == "latency"
                                 && let Some(id) = record["event"].as_str()
                             {
-                                arrived.insert(id.to_owned(), Instant::now());
+                                arrived.insert(id.to_owned(), (Instant::now(), SystemTime::now()));
                             }
                         }
                         Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => continue,
@@ -415,7 +451,7 @@ fn main() {
                 }
                 arrived
             });
-            let mut sent: HashMap<String, Instant> = HashMap::with_capacity(total);
+            let mut sent: HashMap<String, (Instant, SystemTime)> = HashMap::with_capacity(total);
             let per_tick = (rate / 1000.0).max(1.0);
             let mut ticker = tokio::time::interval(Duration::from_millis(1));
             let mut budget = 0.0;
@@ -430,7 +466,7 @@ fn main() {
                     let name = if next.is_multiple_of(10) { "load.latency".to_owned() } else { format!("load.noise.{}", next % 1000) };
                     if next.is_multiple_of(10) {
                         let id = event_id(i).to_string();
-                        sent.insert(id, Instant::now());
+                        sent.insert(id, (Instant::now(), SystemTime::now()));
                     }
                     client
                         .publish(format!("events.{name}"), event_json(i, &name).into())
@@ -443,7 +479,12 @@ fn main() {
             let arrived = collector.await.expect("collector");
             let mut latencies: Vec<Duration> = arrived
                 .iter()
-                .filter_map(|(id, at)| sent.get(id).map(|s| at.saturating_duration_since(*s)))
+                .filter_map(|(id, at)| sent.get(id).map(|s| at.0.saturating_duration_since(s.0)))
+                .collect();
+            // For the split by stage, read after the daemon stops (each event's `received`).
+            let walls: Vec<(String, SystemTime, SystemTime)> = arrived
+                .iter()
+                .filter_map(|(id, at)| sent.get(id).map(|s| (id.clone(), s.1, at.1)))
                 .collect();
             latencies.sort();
             let batches = daemon.metrics().batches.load(Ordering::Relaxed) - batches_before;
@@ -455,12 +496,16 @@ fn main() {
                 batch_events as f64 / batches.max(1) as f64,
                 written as f64 / 1024.0 / batches.max(1) as f64
             );
-            latency_rounds.push((*load, rate, total, latencies, busy));
+            latency_rounds.push((*load, rate, total, latencies, busy, walls));
             // Let the daemon settle (checkpoint, acknowledge) before the next round.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let metrics = daemon.metrics().render();
         daemon.shutdown().await;
+        let splits: Vec<String> = latency_rounds
+            .iter()
+            .map(|round| split_by_stage(&dir.path().join("data").join("spur.redb"), &round.5))
+            .collect();
         for line in metrics.lines().filter(|l| l.starts_with("spur_commit_seconds") || l.starts_with("spur_batch") || l.starts_with("spur_checkpoint_seconds")) {
             eprintln!("{line}");
         }
@@ -482,9 +527,9 @@ fn main() {
         println!("| firings during the throughput run | {fired} |");
         print_cpu("raw", &cpu_before_raw, &cpu_after_raw, n);
         print_cpu("Spur", &cpu_before_spur, &cpu_after_spur, n);
-        for (load, rate, total, latencies, busy) in &latency_rounds {
+        for ((load, rate, total, latencies, busy, _), split) in latency_rounds.iter().zip(&splits) {
             println!(
-                "| latency run at {:.0} % of the Spur rate | {total} events at {:.0} events/s, {} firings timed: event → firing p50 {:.2} ms, p99 {:.2} ms; {busy} |",
+                "| latency run at {:.0} % of the Spur rate | {total} events at {:.0} events/s, {} firings timed: event → firing p50 {:.2} ms, p99 {:.2} ms ({split}); {busy} |",
                 load * 100.0,
                 rate,
                 latencies.len(),
