@@ -225,12 +225,16 @@ impl Daemon {
         // The doors other than NATS forward what they receive into the stream, when a
         // JetStream stream and the shared claims (which keep a forwarded event's firings
         // from running twice) are both there. See `spur_ingest::nats::Forwarder`.
+        let instance = match shared {
+            Some(_) => Some(instance_id(&store)?),
+            None => None,
+        };
         let mut external_intake = intake.clone();
-        if let (Some(nats), Some(client), Some(_)) = (&config.nats, nats_client, &shared) {
+        if let (Some(nats), Some(client), Some(instance)) = (&config.nats, nats_client, instance) {
             match spur_ingest::nats::Forwarder::start(
                 client,
                 nats,
-                instance_id(&store)?.to_string(),
+                instance.to_string(),
                 nats_counters.clone(),
             ) {
                 Some(forwarder) => external_intake = intake.forwarding_to(forwarder),
@@ -240,8 +244,8 @@ impl Daemon {
                 ),
             }
         }
-        if let Some(state) = shared {
-            executor.set_shared(state.clone(), instance_id(&store)?, nats_counters.clone());
+        if let (Some(state), Some(instance)) = (shared, instance) {
+            executor.set_shared(state.clone(), instance, nats_counters.clone());
             mirror_task = Some(tokio::spawn(state.mirror(mirror_rx, covered_tx)));
             covered = Some(covered_rx);
         }
