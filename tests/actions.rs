@@ -300,6 +300,7 @@ deployments:
       prefect:
         api_url: {url}/api
         deployment_id: 0c0c0c0c-0000-4000-8000-000000000003
+        follow: false  # complete on acceptance (following is tested in tests/runs.rs)
 "#,
             url = receiver.url
         ),

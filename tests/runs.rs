@@ -304,3 +304,125 @@ fn the_chain_runs_on_a_worker_pool_over_nats() {
         .collect();
     assert_eq!(states, ["Scheduled", "Pending", "Running", "Completed"]);
 }
+
+/// A loopback stand-in for the two Prefect endpoints the `prefect` launcher uses:
+/// `create_flow_run` answers a flow run named after the deployment, and each flow run reads
+/// RUNNING for its first `running_polls` polls, then `final_state` (with `message`).
+fn fake_prefect(
+    running_polls: usize,
+    finals: &'static [(&'static str, &'static str, &'static str)],
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let url = format!("http://{}/api", listener.local_addr().expect("addr"));
+    let polls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = polls.clone();
+    std::thread::spawn(move || {
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
+        for stream in listener.incoming().take(500) {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            let _ = reader.read_exact(&mut body);
+            let path = request_line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .to_owned();
+            // /api/deployments/<deployment>/create_flow_run or /api/flow_runs/<flow run>
+            let answer = if let Some(rest) = path.strip_prefix("/api/deployments/") {
+                let deployment = rest.split('/').next().unwrap_or("");
+                serde_json::json!({"id": format!("run-of-{deployment}"), "name": "fake-run",
+                                   "state": {"type": "SCHEDULED", "name": "Scheduled"}})
+            } else if let Some(run) = path.strip_prefix("/api/flow_runs/") {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let n = seen.entry(run.to_owned()).or_default();
+                *n += 1;
+                let deployment = run.trim_start_matches("run-of-");
+                match finals.iter().find(|(d, _, _)| *d == deployment) {
+                    Some((_, state, message)) if *n > running_polls => serde_json::json!(
+                        {"id": run, "state": {"type": state, "name": state, "message": message}}
+                    ),
+                    _ => {
+                        serde_json::json!({"id": run, "state": {"type": "RUNNING", "name": "Running"}})
+                    }
+                }
+            } else {
+                serde_json::json!({"detail": "not found"})
+            };
+            let text = answer.to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                text.len()
+            );
+        }
+    });
+    (url, polls)
+}
+
+/// A `prefect` launcher follows the flow run it created: the Spur run stays Running while
+/// Prefect reports RUNNING, and ends as the flow run ends (Completed, or Failed with
+/// Prefect's message), so a chain waits for the work to be done.
+#[test]
+fn prefect_launcher_runs_end_when_the_prefect_flow_run_ends() {
+    const OK: &str = "0c0c0c0c-0000-4000-8000-00000000000a";
+    const BAD: &str = "0c0c0c0c-0000-4000-8000-00000000000b";
+    let (api, polls) = fake_prefect(3, &[(OK, "COMPLETED", ""), (BAD, "FAILED", "boom")]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    write(
+        &automations,
+        "deployments.yaml",
+        &format!(
+            "deployments:\n  - {{name: on-prefect-ok, launcher: {{prefect: {{api_url: {api}, deployment_id: {OK}, poll_interval: 0.2}}}}}}\n  - {{name: on-prefect-bad, launcher: {{prefect: {{api_url: {api}, deployment_id: {BAD}, poll_interval: 0.2}}}}}}\n"
+        ),
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    for name in ["on-prefect-ok", "on-prefect-bad"] {
+        let (ok, out, err) = spur(&["runs", "start", name, "--api", &daemon.url]);
+        assert!(ok, "{out}{err}");
+    }
+    // While Prefect says RUNNING, so does Spur.
+    eventually(Duration::from_secs(10), "a poll of the flow run", || {
+        (polls.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
+    });
+    let running = runs(&daemon);
+    assert!(
+        running.iter().all(|r| r["state"] == "Running"),
+        "{running:?}"
+    );
+    let ended = eventually(Duration::from_secs(15), "both runs ended", || {
+        let ok = finished(&daemon, "on-prefect-ok");
+        let bad = finished(&daemon, "on-prefect-bad");
+        (!ok.is_empty() && !bad.is_empty()).then(|| (ok[0].clone(), bad[0].clone()))
+    });
+    let (ok, bad) = ended;
+    assert_eq!(ok["state"], "Completed", "{ok}");
+    assert_eq!(ok["result"]["prefect_state"], "COMPLETED", "{ok}");
+    assert_eq!(ok["result"]["prefect_flow_run_id"], format!("run-of-{OK}"));
+    assert_eq!(bad["state"], "Failed", "{bad}");
+    let last = bad["history"].as_array().and_then(|h| h.last()).cloned();
+    assert_eq!(
+        last.map(|h| h["message"].clone()),
+        Some("boom".into()),
+        "Prefect's message: {bad}"
+    );
+    assert!(
+        polls.load(std::sync::atomic::Ordering::SeqCst) >= 8,
+        "each run polled past RUNNING"
+    );
+}

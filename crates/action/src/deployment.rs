@@ -241,6 +241,19 @@ fn parse_launcher(l: &Map<String, Value>) -> Result<Launcher, String> {
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             timeout: timeout_of(p)?,
+            follow: match p.get("follow") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(follow)) => *follow,
+                Some(_) => return Err("launcher.prefect.follow: must be true or false".into()),
+            },
+            poll_interval: match p.get("poll_interval") {
+                None | Some(Value::Null) => Duration::from_secs(2),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|s| *s > 0.0 && *s <= 3600.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or("launcher.prefect.poll_interval: must be seconds, more than 0 and at most 3600")?,
+            },
         }));
     }
     if l.get("command").is_none() {
@@ -302,5 +315,51 @@ fn timeout_of(l: &Map<String, Value>) -> Result<Duration, String> {
             .ok()
             .and_then(|d| d.to_std().ok())
             .ok_or_else(|| "launcher timeout: seconds or an ISO-8601 duration".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn declared(launcher: Value) -> DeploymentRef {
+        DeploymentRef {
+            name: "d".into(),
+            id: Uuid::nil(),
+            spec: json!({"name": "d", "launcher": launcher}),
+        }
+    }
+
+    #[test]
+    fn prefect_launchers_follow_by_default_and_refuse_bad_settings_by_name() {
+        let prefect = |extra: Value| {
+            let mut p = json!({"api_url": "http://127.0.0.1:4200/api", "deployment_id": "x"});
+            p.as_object_mut()
+                .expect("object")
+                .extend(extra.as_object().cloned().unwrap_or_default());
+            Deployment::from_ref(&declared(json!({"prefect": p})))
+        };
+        match prefect(json!({})).expect("valid").launcher {
+            Some(Launcher::Prefect(p)) => {
+                assert!(p.follow);
+                assert_eq!(p.poll_interval, Duration::from_secs(2));
+            }
+            other => panic!("a prefect launcher, not {other:?}"),
+        }
+        match prefect(json!({"follow": false, "poll_interval": 0.5}))
+            .expect("valid")
+            .launcher
+        {
+            Some(Launcher::Prefect(p)) => {
+                assert!(!p.follow);
+                assert_eq!(p.poll_interval, Duration::from_millis(500));
+            }
+            other => panic!("a prefect launcher, not {other:?}"),
+        }
+        let refused = prefect(json!({"follow": "yes"})).expect_err("refused");
+        assert!(refused.contains("follow"), "{refused}");
+        let refused = prefect(json!({"poll_interval": 0})).expect_err("refused");
+        assert!(refused.contains("poll_interval"), "{refused}");
     }
 }

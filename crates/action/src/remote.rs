@@ -5,10 +5,14 @@
 //!   are templates over `parameters` and `run` (`{{ parameters.x }}`, `{{ run.id }}`); the
 //!   default body is the parameters as JSON. A 2xx answer completes the run with the response
 //!   (JSON when it parses) as its result; any other status fails it; no answer crashes it.
-//! * `prefect`: `{api_url, deployment_id | deployment: "flow/deployment", auth_string?}` —
-//!   `POST {api_url}/deployments/{id}/create_flow_run` with the parameters and Prefect's
-//!   `idempotency_key`. The Spur run completes once Prefect has accepted the flow run; its
-//!   result is the Prefect flow run's id and state (the flow run itself lives on Prefect).
+//! * `prefect`: `{api_url, deployment_id | deployment: "flow/deployment", auth_string?,
+//!   follow (true), poll_interval (2 s)}` — `POST {api_url}/deployments/{id}/create_flow_run`
+//!   with the parameters and Prefect's `idempotency_key`, then (with `follow`) the flow run
+//!   is polled (`GET {api_url}/flow_runs/{id}`) until its state is final, and the Spur run
+//!   ends the same way: `COMPLETED` → Completed, `FAILED` → Failed, `CRASHED` → Crashed,
+//!   `CANCELLED` → Cancelled. So an automation waiting for the Spur run's Completed event
+//!   fires when the work is done, not when Prefect accepted it. With `follow: false` the run
+//!   completes on acceptance. The result names the Prefect flow run and its last state.
 //!
 //! Both send the run's idempotency key (`Idempotency-Key` header / `idempotency_key`), so a
 //! launch repeated after a crash is recognisable by the receiver.
@@ -49,7 +53,16 @@ pub struct PrefectLauncher {
     pub auth_string: Option<String>,
     /// Request timeout.
     pub timeout: Duration,
+    /// Wait for the flow run to end (the Spur run ends the same way), or complete on
+    /// acceptance.
+    pub follow: bool,
+    /// How often a followed flow run's state is read.
+    pub poll_interval: Duration,
 }
+
+/// Polls in a row that may fail (Prefect unreachable, a bad answer) before a followed run
+/// is given up as Crashed.
+const POLL_FAILURES_TOLERATED: u32 = 30;
 
 fn key_of(run: &Run) -> String {
     run.idempotency_key
@@ -198,14 +211,69 @@ pub async fn launch_prefect(
     let status = response.status();
     let answer: Value = response.json().await.unwrap_or(Value::Null);
     if status.is_success() {
-        Outcome {
-            state: RunState::Completed,
-            result: Some(json!({
+        let result = |state: &Value| {
+            json!({
                 "prefect_flow_run_id": answer["id"],
                 "prefect_flow_run_name": answer["name"],
-                "prefect_state": answer["state"]["type"],
-            })),
-            message: Some("flow run created on Prefect".into()),
+                "prefect_state": state["type"],
+                "prefect_state_name": state["name"],
+            })
+        };
+        if !launcher.follow {
+            return Outcome {
+                state: RunState::Completed,
+                result: Some(result(&answer["state"])),
+                message: Some("flow run created on Prefect".into()),
+            };
+        }
+        let Some(flow_run) = answer["id"].as_str() else {
+            return crashed(format!(
+                "Prefect accepted the flow run but named no id: {answer}"
+            ));
+        };
+        let url = format!("{api}/flow_runs/{flow_run}");
+        let mut failures = 0;
+        loop {
+            tokio::time::sleep(launcher.poll_interval).await;
+            let polled = match with_auth(client.get(&url).timeout(launcher.timeout))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    r.json::<Value>().await.map_err(|e| e.to_string())
+                }
+                Ok(r) => Err(format!("{url} answered {}", r.status().as_u16())),
+                Err(e) => Err(e.to_string()),
+            };
+            let state = match polled {
+                Ok(run) => {
+                    failures = 0;
+                    run["state"].clone()
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures >= POLL_FAILURES_TOLERATED {
+                        return crashed(format!("lost track of Prefect flow run {flow_run}: {e}"));
+                    }
+                    continue;
+                }
+            };
+            let ended = match state["type"].as_str() {
+                Some("COMPLETED") => RunState::Completed,
+                Some("FAILED") => RunState::Failed,
+                Some("CRASHED") => RunState::Crashed,
+                Some("CANCELLED") => RunState::Cancelled,
+                _ => continue,
+            };
+            return Outcome {
+                state: ended,
+                result: Some(result(&state)),
+                message: state["message"]
+                    .as_str()
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .or_else(|| Some(format!("Prefect flow run {flow_run} ended"))),
+            };
         }
     } else {
         Outcome {
