@@ -3,14 +3,14 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{SpurDaemon, automations_folder, eventually, spur, write};
+use support::{SpurDaemon, automations_folder, eventually, read_request, spur, write};
 
 /// A loopback HTTP server that records requests and answers with `status` (changeable),
 /// after `delay` (to keep an action in flight).
@@ -34,21 +34,7 @@ impl Receiver {
         std::thread::spawn(move || {
             for stream in listener.incoming().take(200) {
                 let Ok(mut stream) = stream else { continue };
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut head = String::new();
-                let mut length = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                    head.push_str(&line);
-                }
-                let mut body = vec![0u8; length];
-                let _ = reader.read_exact(&mut body);
+                let (head, body) = read_request(&stream);
                 log.lock()
                     .expect("lock")
                     .push((head, String::from_utf8_lossy(&body).into_owned()));

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{SpurDaemon, automations_folder, eventually, root, spur, write};
+use support::{SpurDaemon, automations_folder, eventually, read_request, root, spur, write};
 
 fn runs(daemon: &SpurDaemon) -> Vec<Value> {
     let (ok, out, err) = spur(&["runs", "ls", "--limit", "100", "--api", &daemon.url]);
@@ -313,7 +313,7 @@ fn fake_prefect(
     release: std::sync::Arc<std::sync::atomic::AtomicBool>,
     finals: &'static [(&'static str, &'static str, &'static str)],
 ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let url = format!("http://{}/api", listener.local_addr().expect("addr"));
@@ -322,26 +322,8 @@ fn fake_prefect(
     std::thread::spawn(move || {
         for stream in listener.incoming().take(500) {
             let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut request_line = String::new();
-            let _ = reader.read_line(&mut request_line);
-            let mut length = 0usize;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; length];
-            let _ = reader.read_exact(&mut body);
-            let path = request_line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("")
-                .to_owned();
+            let (head, _) = read_request(&stream);
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
             // /api/deployments/<deployment>/create_flow_run or /api/flow_runs/<flow run>
             let answer = if let Some(rest) = path.strip_prefix("/api/deployments/") {
                 let deployment = rest.split('/').next().unwrap_or("");

@@ -23,6 +23,28 @@ pub fn spur(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Reads one HTTP/1.1 request from `stream`, for the loopback servers tests stand up in
+/// place of a webhook receiver or Prefect: (the request line and headers as sent, the body).
+pub fn read_request(stream: &std::net::TcpStream) -> (String, Vec<u8>) {
+    use std::io::Read;
+    let mut reader = BufReader::new(stream);
+    let mut head = String::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0u8; length];
+    let _ = reader.read_exact(&mut body);
+    (head, body)
+}
+
 /// One HTTP request over loopback: (status, body text). `body` is sent as JSON.
 pub fn http(method: &str, url: &str, body: Option<serde_json::Value>) -> (u16, String) {
     match body {
