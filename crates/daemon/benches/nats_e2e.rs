@@ -14,7 +14,8 @@
 //!    durable in the log and evaluated.
 //! 3. **Latency at half load**: the same mix published at half the measured Spur rate; for the
 //!    events that fire, the latency from publish to the firing being recorded (committed).
-//!    `SPUR_LATENCY_LOADS=0.1,0.25,0.5` measures one round per fraction of the rate instead.
+//!    `SPUR_LATENCY_LOADS=0.1,0.25,0.5` measures one round per fraction of the rate instead;
+//!    `SPUR_LATENCY_LOADS=none` none.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -414,11 +415,19 @@ fn main() {
 
         // 3. Latency at a fraction of the measured rate: half by default (the target's load);
         // `SPUR_LATENCY_LOADS=0.1,0.25,0.5` runs one round per fraction, lightest first.
+        // `SPUR_LATENCY_LOADS=none` skips them (e.g. to profile the throughput run alone).
         let loads: Vec<f64> = std::env::var("SPUR_LATENCY_LOADS")
             .ok()
+            .filter(|v| v != "none")
             .map(|v| v.split(',').filter_map(|f| f.trim().parse().ok()).filter(|f: &f64| *f > 0.0 && *f <= 1.0).collect())
             .filter(|v: &Vec<f64>| !v.is_empty())
-            .unwrap_or_else(|| vec![0.5]);
+            .unwrap_or_else(|| {
+                if std::env::var("SPUR_LATENCY_LOADS").is_ok_and(|v| v == "none") {
+                    Vec::new()
+                } else {
+                    vec![0.5]
+                }
+            });
         let mut latency_rounds = Vec::new();
         for (round, load) in loads.iter().enumerate() {
             let rate = (spur_rate * load).max(100.0);

@@ -46,8 +46,9 @@ use crate::pipeline::Control;
 pub struct Dispatch {
     /// The firing.
     pub firing: Firing,
-    /// Its stored record (with run-deployment parameters already rendered).
-    pub record: Value,
+    /// Its stored record (with run-deployment parameters already rendered), shared with the
+    /// firing's broadcast rather than copied.
+    pub record: Arc<Value>,
 }
 
 /// An action with its templates rendered and its target resolved: what a retry re-performs.
@@ -459,6 +460,7 @@ impl Executor {
                 continue;
             };
             info!(firing = %firing.id, automation = %firing.automation.name, "dispatching a firing a crash interrupted");
+            let record = Arc::new(record);
             self.dispatch_claiming(Dispatch { firing, record }, true)
                 .await;
         }

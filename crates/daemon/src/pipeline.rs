@@ -550,8 +550,9 @@ impl Pipeline {
         }
     }
 
-    /// The stored form of each firing: the rendered actions plus ids and labels.
-    fn firing_records(&self, firings: &[Firing]) -> Vec<(Uuid, Value)> {
+    /// The stored form of each firing: the rendered actions plus ids and labels. Shared: the
+    /// store, the firing broadcast and the executor all read the same record.
+    fn firing_records(&self, firings: &[Firing]) -> Vec<(Uuid, Arc<Value>)> {
         firings
             .iter()
             .map(|f| {
@@ -563,13 +564,13 @@ impl Pipeline {
                     map.insert("trigger_id".into(), json!(f.trigger_id));
                     map.insert("labels".into(), f.labels_json());
                 }
-                (f.id, record)
+                (f.id, Arc::new(record))
             })
             .collect()
     }
 
     /// Logs, counts and broadcasts the firings that were new to the store.
-    fn announce(&self, firings: &[Firing], records: &[(Uuid, Value)], fresh: &[bool]) {
+    fn announce(&self, firings: &[Firing], records: &[(Uuid, Arc<Value>)], fresh: &[bool]) {
         for ((firing, (_, record)), is_new) in firings.iter().zip(records).zip(fresh) {
             if !is_new {
                 continue;
@@ -587,7 +588,7 @@ impl Pipeline {
                 actions = %record.get("actions").unwrap_or(&serde_json::Value::Null),
                 "automation fired"
             );
-            let _ = self.fired.send(Arc::new(record.clone()));
+            let _ = self.fired.send(record.clone());
             let _ = self.dispatch.send(crate::actions::Dispatch {
                 firing: firing.clone(),
                 record: record.clone(),

@@ -4,7 +4,7 @@
 //!
 //! | table        | key                  | value                                   |
 //! |--------------|----------------------|-----------------------------------------|
-//! | `events`     | ingest sequence, u64 | the event as stored JSON (`received` in) |
+//! | `event_log`  | first ingest sequence, u64 | a batch record: up to 256 events as stored JSON (`received` in), see `records.rs` |
 //! | `event_ids`  | event id, u128       | its sequence (de-duplication; merged in bulk, see below) |
 //! | `events_by_occurred` | (`occurred` µs, sequence) | nothing: the order queries are served in |
 //! | `firings`    | firing id, u128      | the firing record (JSON)                |
@@ -40,6 +40,8 @@
 //! firings after a crash harmless.
 #![warn(missing_docs)]
 
+mod records;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -54,7 +56,14 @@ use spur_matcher::EngineSnapshot;
 use thiserror::Error;
 use uuid::Uuid;
 
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+use records::{LogRecord, MAX_EVENTS_PER_RECORD, RecordCache, encode_record};
+
+/// The event log: batch records keyed by the sequence of their first event (see
+/// [`LogRecord`]).
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("event_log");
+/// The log as stores before batch records kept it: one entry per event, keyed by its
+/// sequence. Opening such a store moves it into [`LOG`] ([`migrate_legacy_log`]).
+const LEGACY_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const EVENT_IDS: TableDefinition<u128, u64> = TableDefinition::new("event_ids");
 /// Prefect serves event queries in `occurred` order, which is not arrival order: a client
 /// may report an event late or backdate it. Keys are [`occurred_key`]s; most events occur
@@ -527,7 +536,7 @@ impl Store {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
-            txn.open_table(EVENTS)?;
+            txn.open_table(LOG)?;
             txn.open_table(EVENT_IDS)?;
             txn.open_table(FIRINGS)?;
             txn.open_table(FIRING_SEQ)?;
@@ -539,12 +548,9 @@ impl Store {
             txn.open_table(DISPATCHED)?;
             txn.open_table(EXPLANATIONS)?;
             txn.open_table(WEBHOOKS)?;
-            index_occurred_if_needed(&txn)?;
+            migrate_legacy_log(&txn)?;
             // A store written before the id index had two tiers indexed every id at once.
-            let last = txn
-                .open_table(EVENTS)?
-                .last()?
-                .map_or(0, |(k, _)| k.value());
+            let last = records::next_seq(&txn.open_table(LOG)?)? - 1;
             let mut meta = txn.open_table(META)?;
             if meta.get(IDS_MERGED_THROUGH)?.is_none() {
                 meta.insert(IDS_MERGED_THROUGH, last.to_be_bytes().as_slice())?;
@@ -568,16 +574,15 @@ impl Store {
         }
         let txn = self.db.begin_read()?;
         let merged = merged_through(&txn.open_table(META)?)?;
-        let log = txn.open_table(EVENTS)?;
+        let log = txn.open_table(LOG)?;
         let filter = IdFilter::build(&txn.open_table(EVENT_IDS)?)?;
         let mut recent = RecentIds::write(&self.recent);
         recent.merged = filter;
-        for entry in log.range(merged + 1..)? {
-            let (seq, bytes) = entry?;
-            let IdOnly { id } = serde_json::from_slice(bytes.value()).map_err(corrupt)?;
-            recent.ids.insert(id.as_u128(), seq.value());
-        }
-        Ok(())
+        records::for_each_after(&log, merged, |seq, bytes| {
+            let IdOnly { id } = serde_json::from_slice(bytes).map_err(corrupt)?;
+            recent.ids.insert(id.as_u128(), seq);
+            Ok(true)
+        })
     }
 
     /// How many ids wait in the memory tier of the id index.
@@ -634,22 +639,21 @@ impl Store {
     /// The highest sequence in the log (0 when empty).
     pub fn last_seq(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
-        let log = txn.open_table(EVENTS)?;
-        Ok(log.last()?.map_or(0, |(k, _)| k.value()))
+        Ok(records::next_seq(&txn.open_table(LOG)?)? - 1)
     }
 
     /// Up to `limit` events with sequence greater than `after`, in order.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<(u64, Event)>, StoreError> {
         let txn = self.db.begin_read()?;
-        let log = txn.open_table(EVENTS)?;
+        let log = txn.open_table(LOG)?;
         let mut out = Vec::new();
-        for entry in log.range(after + 1..)? {
-            let (k, v) = entry?;
-            out.push((k.value(), decode_event(v.value())?));
-            if out.len() >= limit {
-                break;
-            }
+        if limit == 0 {
+            return Ok(out);
         }
+        records::for_each_after(&log, after, |seq, bytes| {
+            out.push((seq, decode_event(bytes)?));
+            Ok(out.len() < limit)
+        })?;
         Ok(out)
     }
 
@@ -671,7 +675,8 @@ impl Store {
     ) -> Result<EventPage, StoreError> {
         use std::ops::Bound::{Excluded, Included};
         let txn = self.db.begin_read()?;
-        let log = txn.open_table(EVENTS)?;
+        let log = txn.open_table(LOG)?;
+        let mut cache = RecordCache::new();
         let index = txn.open_table(EVENTS_BY_OCCURRED)?;
         let since = query.since.map_or(i64::MIN, |t| t.timestamp_micros());
         let until = query.until.map_or(i64::MAX, |t| t.timestamp_micros());
@@ -734,12 +739,12 @@ impl Store {
             let key = key.value();
             let (occurred, seq) = split_occurred_key(key);
             last_key = Some((occurred, seq));
-            let Some(bytes) = log.get(seq)? else {
+            let Some(bytes) = cache.get(&log, seq)? else {
                 return Err(StoreError::Corrupt(format!(
                     "the occurred index names sequence {seq}, which the log does not hold"
                 )));
             };
-            let event = decode_event(bytes.value())?;
+            let event = decode_event(bytes)?;
             if !query.matches(&event)
                 || (query.distinct_resources
                     && !seen_resources.insert(event.resource.id().to_owned()))
@@ -785,7 +790,10 @@ impl Store {
 
     /// Records firings; returns, per firing, whether it was new. A firing seen before (e.g.
     /// re-fired while replaying the log after a crash) is not recorded again.
-    pub fn record_firings(&self, firings: &[(Uuid, Value)]) -> Result<Vec<bool>, StoreError> {
+    pub fn record_firings(
+        &self,
+        firings: &[(Uuid, impl std::borrow::Borrow<Value>)],
+    ) -> Result<Vec<bool>, StoreError> {
         let writer = self.writer()?;
         let out = writer.record_firings(firings)?;
         writer.commit()?;
@@ -955,10 +963,9 @@ impl Store {
         let Some(seq) = seq else {
             return Ok(None);
         };
-        match txn.open_table(EVENTS)?.get(seq)? {
-            Some(v) => Ok(Some(decode_event(v.value())?)),
-            None => Ok(None),
-        }
+        let log = txn.open_table(LOG)?;
+        let mut cache = RecordCache::new();
+        cache.get(&log, seq)?.map(decode_event).transpose()
     }
 
     /// A read snapshot, and the log sequence of event `id` in it if stored. The memory tier
@@ -1107,33 +1114,49 @@ impl Store {
     /// call so a large backlog is pruned in bounded steps. Returns how many were removed.
     pub fn prune(&self, cutoff: DateTime<Utc>, max: usize) -> Result<usize, StoreError> {
         let txn = self.db.begin_write()?;
-        let mut removed = 0;
         let mut pruned = Vec::new();
         {
-            let mut log = txn.open_table(EVENTS)?;
+            let mut log = txn.open_table(LOG)?;
             let mut by_occurred = txn.open_table(EVENTS_BY_OCCURRED)?;
             let mut ids = txn.open_table(EVENT_IDS)?;
             let mut explanations = txn.open_table(EXPLANATIONS)?;
-            while removed < max {
-                let Some((seq, event)) = (match log.first()? {
-                    Some((k, v)) => Some((k.value(), decode_event(v.value())?)),
-                    None => None,
-                }) else {
+            while pruned.len() < max {
+                let Some((first, bytes)) =
+                    log.first()?.map(|(k, v)| (k.value(), v.value().to_vec()))
+                else {
                     break;
                 };
-                let (id, received) = (event.id, event.received);
-                if received >= cutoff {
+                let record = LogRecord::parse(&bytes)?;
+                // The record's events up to `kept_from` go; a record is received in one go, so
+                // it is nearly always all or nothing.
+                let mut kept_from = record.len();
+                for (index, stored) in record.events().enumerate() {
+                    let event = decode_event(stored?)?;
+                    if event.received >= cutoff || pruned.len() >= max {
+                        kept_from = index;
+                        break;
+                    }
+                    let seq = first + index as u64;
+                    by_occurred.remove(occurred_key(occurred_micros(&event), seq))?;
+                    ids.remove(event.id.as_u128())?;
+                    explanations.remove(seq)?;
+                    pruned.push(event.id.as_u128());
+                }
+                if kept_from == 0 {
                     break;
                 }
-                log.remove(seq)?;
-                by_occurred.remove(occurred_key(occurred_micros(&event), seq))?;
-                ids.remove(id.as_u128())?;
-                explanations.remove(seq)?;
-                pruned.push(id.as_u128());
-                removed += 1;
+                log.remove(first)?;
+                if kept_from < record.len() {
+                    let rest: Vec<&[u8]> =
+                        record.events().skip(kept_from).collect::<Result<_, _>>()?;
+                    let rest = encode_record(rest.iter().copied());
+                    log.insert(first + kept_from as u64, rest.as_slice())?;
+                    break;
+                }
             }
         }
         txn.commit()?;
+        let removed = pruned.len();
         let mut recent = RecentIds::write(&self.recent);
         for id in pruned {
             recent.ids.remove(&id);
@@ -1141,11 +1164,10 @@ impl Store {
         Ok(removed)
     }
 
-    /// Number of events in the log.
+    /// Number of events in the log (the occurred index has one entry per event).
     pub fn event_count(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
-        let log = txn.open_table(EVENTS)?;
-        Ok(log.len()?)
+        Ok(txn.open_table(EVENTS_BY_OCCURRED)?.len()?)
     }
 }
 
@@ -1168,25 +1190,53 @@ fn split_occurred_key(key: u128) -> (i64, u64) {
     (time as i64, key as u64)
 }
 
-/// Builds `events_by_occurred` from the log when it does not cover it: a data folder written
-/// before the index existed (or an interrupted build). Every append and prune keeps the two
-/// tables the same length, so comparing lengths is enough.
-fn index_occurred_if_needed(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let log = txn.open_table(EVENTS)?;
-    let mut index = txn.open_table(EVENTS_BY_OCCURRED)?;
-    if index.len()? == log.len()? {
+/// Moves a log written before batch records (one `events` entry per event) into batch
+/// records, and builds `events_by_occurred` from it (stores that old may predate the index
+/// too). Runs once, in the transaction that opens such a store.
+fn migrate_legacy_log(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    use redb::TableHandle;
+    if !txn.list_tables()?.any(|t| t.name() == LEGACY_EVENTS.name()) {
         return Ok(());
     }
-    index.retain(|_, ()| false)?;
-    for entry in log.iter()? {
-        let (seq, bytes) = entry?;
-        let event = decode_event(bytes.value())?;
-        index.insert(occurred_key(occurred_micros(&event), seq.value()), ())?;
+    {
+        let legacy = txn.open_table(LEGACY_EVENTS)?;
+        let mut log = txn.open_table(LOG)?;
+        let mut index = txn.open_table(EVENTS_BY_OCCURRED)?;
+        index.retain(|_, ()| false)?;
+        // A run of consecutive sequences becomes one record (pruning only ever removed the
+        // oldest events, but a gap is handled all the same).
+        let mut run: Vec<Vec<u8>> = Vec::new();
+        let mut run_first = 0;
+        let mut write_run = |run: &mut Vec<Vec<u8>>, first: u64| -> Result<(), StoreError> {
+            if !run.is_empty() {
+                let record = encode_record(run.iter().map(Vec::as_slice));
+                log.insert(first, record.as_slice())?;
+                run.clear();
+            }
+            Ok(())
+        };
+        for entry in legacy.iter()? {
+            let (seq, bytes) = entry?;
+            let seq = seq.value();
+            let event = decode_event(bytes.value())?;
+            index.insert(occurred_key(occurred_micros(&event), seq), ())?;
+            if !run.is_empty()
+                && (run_first + run.len() as u64 != seq || run.len() == MAX_EVENTS_PER_RECORD)
+            {
+                write_run(&mut run, run_first)?;
+            }
+            if run.is_empty() {
+                run_first = seq;
+            }
+            run.push(bytes.value().to_vec());
+        }
+        write_run(&mut run, run_first)?;
+        tracing::info!(
+            events = legacy.len()?,
+            "moved the event log into batch records and indexed it by occurred time"
+        );
     }
-    tracing::info!(
-        events = log.len()?,
-        "indexed the event log by occurred time"
-    );
+    txn.delete_table(LEGACY_EVENTS)?;
     Ok(())
 }
 
@@ -1229,10 +1279,13 @@ impl StoreWriter {
         }
         let mut out = Vec::with_capacity(events.len());
         {
-            let mut log = self.txn.open_table(EVENTS)?;
+            let mut log = self.txn.open_table(LOG)?;
             let mut by_occurred = self.txn.open_table(EVENTS_BY_OCCURRED)?;
             let ids = self.txn.open_table(EVENT_IDS)?;
-            let mut next = log.last()?.map_or(1, |(k, _)| k.value() + 1);
+            let mut next = records::next_seq(&log)?;
+            // The new events' stored JSON, written as records of consecutive sequences.
+            let mut fresh: Vec<&[u8]> = Vec::with_capacity(events.len());
+            let first = next;
             for (event, bytes) in events.iter().zip(encoded) {
                 let id = event.id.as_u128();
                 let (recent, maybe_merged) = {
@@ -1246,18 +1299,26 @@ impl StoreWriter {
                     out.push(Appended::Duplicate);
                     continue;
                 }
-                log.insert(next, bytes.as_slice())?;
+                fresh.push(bytes.as_slice());
                 by_occurred.insert(occurred_key(occurred_micros(event), next), ())?;
                 self.staged.insert(id, next);
                 out.push(Appended::New(next));
                 next += 1;
+            }
+            for (index, chunk) in fresh.chunks(MAX_EVENTS_PER_RECORD).enumerate() {
+                let record = encode_record(chunk.iter().copied());
+                let key = first + (index * MAX_EVENTS_PER_RECORD) as u64;
+                log.insert(key, record.as_slice())?;
             }
         }
         Ok(out)
     }
 
     /// Records firings; returns, per firing, whether it was new.
-    pub fn record_firings(&self, firings: &[(Uuid, Value)]) -> Result<Vec<bool>, StoreError> {
+    pub fn record_firings(
+        &self,
+        firings: &[(Uuid, impl std::borrow::Borrow<Value>)],
+    ) -> Result<Vec<bool>, StoreError> {
         let mut out = Vec::with_capacity(firings.len());
         {
             let mut table = self.txn.open_table(FIRINGS)?;
@@ -1268,7 +1329,7 @@ impl StoreWriter {
                     out.push(false);
                     continue;
                 }
-                let bytes = serde_json::to_vec(record).map_err(corrupt)?;
+                let bytes = serde_json::to_vec(record.borrow()).map_err(corrupt)?;
                 table.insert(id.as_u128(), bytes.as_slice())?;
                 order.insert(next, id.as_u128())?;
                 next += 1;
@@ -1797,40 +1858,114 @@ mod tests {
     }
 
     #[test]
-    fn occurred_index_is_built_for_an_older_store_and_pruned_with_the_log() {
+    fn a_log_of_one_entry_per_event_is_moved_into_records_and_indexed() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("s.redb");
+        let old = [
+            event_of(1, "r", "2024-01-01T00:00:02Z"),
+            event_of(2, "r", "2024-01-01T00:00:01Z"),
+            event_of(3, "q", "2024-01-01T00:00:03Z"),
+        ];
         {
-            let store = Store::open(&path).expect("opens");
-            store
-                .append(&[
-                    event_of(1, "r", "2024-01-01T00:00:02Z"),
-                    event_of(2, "r", "2024-01-01T00:00:01Z"),
-                ])
-                .expect("append");
-        }
-        {
-            // A data folder from before the index: the table is missing.
-            let db = Database::create(&path).expect("opens");
+            // The layout before batch records (and before the occurred index): one `events`
+            // entry per sequence, every id in `event_ids`.
+            let db = Database::create(&path).expect("creates");
             let txn = db.begin_write().expect("txn");
-            assert!(txn.delete_table(EVENTS_BY_OCCURRED).expect("delete"));
+            {
+                let mut legacy = txn.open_table(LEGACY_EVENTS).expect("table");
+                let mut ids = txn.open_table(EVENT_IDS).expect("table");
+                for (seq, event) in (1u64..).zip(&old) {
+                    let bytes = serde_json::to_vec(event).expect("encodes");
+                    legacy.insert(seq, bytes.as_slice()).expect("insert");
+                    ids.insert(event.id.as_u128(), seq).expect("insert");
+                }
+            }
             txn.commit().expect("commit");
         }
         let store = Store::open(&path).expect("reopens");
+        assert_eq!(store.last_seq().expect("last"), 3);
+        assert_eq!(store.event_count().expect("count"), 3);
         let page = store
             .query(&EventQuery::default(), 10, None, 1000)
             .expect("query");
-        assert_eq!(ids(&page), [1, 2]);
-        // Both events were received in 2024: pruning removes their index entries too.
-        assert_eq!(store.prune(Utc::now(), 10).expect("prune"), 2);
-        let txn = store.db.begin_read().expect("read");
-        assert_eq!(
-            txn.open_table(EVENTS_BY_OCCURRED)
-                .expect("table")
-                .len()
-                .expect("len"),
-            0
+        assert_eq!(ids(&page), [3, 1, 2]);
+        let got = store.get_event(Uuid::from_u128(2)).expect("get");
+        assert_eq!(got.map(|e| e.id), Some(Uuid::from_u128(2)));
+        // A redelivery of an old id is still a duplicate; a new event goes on from sequence 4.
+        let appended = store
+            .append(&[
+                event_of(2, "r", "2024-01-01T00:00:01Z"),
+                event_of(4, "r", "2024-01-01T00:00:04Z"),
+            ])
+            .expect("append");
+        assert_eq!(appended, [Appended::Duplicate, Appended::New(4)]);
+        drop(store);
+        // Reopening does not migrate again.
+        let store = Store::open(&path).expect("reopens");
+        let after: Vec<u64> = store
+            .events_after(0, 10)
+            .expect("read")
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(after, [1, 2, 3, 4]);
+        // Every event was received in 2024: pruning removes their index entries too.
+        assert_eq!(store.prune(Utc::now(), 10).expect("prune"), 4);
+        assert_eq!(store.event_count().expect("count"), 0);
+        assert!(store.get_event(Uuid::from_u128(4)).expect("get").is_none());
+    }
+
+    #[test]
+    fn batches_span_several_records_and_pruning_can_split_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("opens");
+        let count = MAX_EVENTS_PER_RECORD as u128 * 2 + 10;
+        let mut events: Vec<Event> = (1..=count)
+            .map(|i| event_of(i, "r", "2024-01-01T00:00:00Z"))
+            .collect();
+        // The first 300 were received long ago, the rest now: retention keeps the rest.
+        for (i, event) in events.iter_mut().enumerate() {
+            if i >= 300 {
+                event.received = Utc::now();
+            }
+        }
+        let appended = store.append(&events).expect("append");
+        assert!(
+            appended
+                .iter()
+                .enumerate()
+                .all(|(i, a)| *a == Appended::New(i as u64 + 1))
         );
+        for i in [1, 256, 257, 512, 513, count] {
+            let got = store.get_event(Uuid::from_u128(i)).expect("get");
+            assert_eq!(got.map(|e| e.id.as_u128()), Some(i), "event {i}");
+        }
+        let after: Vec<u64> = store
+            .events_after(255, 3)
+            .expect("read")
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(after, [256, 257, 258]);
+        // A bounded prune stops inside the first record; the next one goes on from there.
+        let cutoff = Utc::now() - chrono::TimeDelta::days(1);
+        assert_eq!(store.prune(cutoff, 100).expect("prune"), 100);
+        assert_eq!(store.prune(cutoff, 1000).expect("prune"), 200);
+        assert_eq!(store.event_count().expect("count"), count as u64 - 300);
+        assert!(
+            store
+                .get_event(Uuid::from_u128(300))
+                .expect("get")
+                .is_none()
+        );
+        let first_left = store.events_after(0, 1).expect("read");
+        assert_eq!(first_left[0].0, 301);
+        assert_eq!(first_left[0].1.id.as_u128(), 301);
+        // Appending goes on after the last record.
+        let more = store
+            .append(&[event_of(count + 1, "r", "2024-01-01T00:00:00Z")])
+            .expect("append");
+        assert_eq!(more, [Appended::New(count as u64 + 1)]);
     }
 
     #[test]
