@@ -417,7 +417,6 @@ impl Pipeline {
         };
         let mut receipts = Vec::with_capacity(batch.len());
         let mut firings = Vec::new();
-        let mut stored = Vec::new();
         let mut results = appended.into_iter();
         let mut events = events.into_iter();
         let applied_before = self.applied;
@@ -440,7 +439,7 @@ impl Pipeline {
                             .observe(started.elapsed().as_secs_f64());
                         self.metrics.evaluated.fetch_add(1, Ordering::Relaxed);
                         self.applied = seq;
-                        stored.push(event);
+                        receipt.stored.push(event);
                     }
                 }
             }
@@ -449,7 +448,9 @@ impl Pipeline {
         let records = self.firing_records(&firings);
         // Most events are considered by no trigger at all; those are stored as no record.
         // Only an event from an earlier batch (a released follower) may have a record to clear.
-        let new_ids: std::collections::HashSet<Uuid> = stored.iter().map(|e| e.id).collect();
+        let stored = || receipts.iter().flat_map(|r: &Receipt| r.stored.iter());
+        let stored_count = stored().count();
+        let new_ids: std::collections::HashSet<Uuid> = stored().map(|e| e.id).collect();
         let explanations: Vec<(Uuid, Option<Value>)> = self
             .engine
             .take_explanations()
@@ -484,7 +485,7 @@ impl Pipeline {
         self.metrics.batches.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .batch_events
-            .fetch_add(stored.len() as u64, Ordering::Relaxed);
+            .fetch_add(stored_count as u64, Ordering::Relaxed);
         let fresh = match committed {
             Ok(fresh) => fresh,
             Err(e) => {
@@ -498,9 +499,11 @@ impl Pipeline {
             }
         };
         self.announce(&firings, &records, &fresh);
-        self.since_checkpoint += stored.len() as u64;
-        for event in stored {
-            let _ = self.live.send(event);
+        self.since_checkpoint += stored_count as u64;
+        if self.live.receiver_count() > 0 {
+            for event in stored() {
+                let _ = self.live.send(event.clone());
+            }
         }
         for (submission, receipt) in batch.into_iter().zip(receipts) {
             let _ = submission.done.send(Ok(receipt));

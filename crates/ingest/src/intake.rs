@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::cloudevents;
 
 /// What the pipeline reports back for a submission.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Receipt {
     /// Events newly stored.
     pub accepted: usize,
@@ -27,6 +27,11 @@ pub struct Receipt {
     pub duplicates: usize,
     /// The highest event-log position written for this submission (0 if none).
     pub last_seq: u64,
+    /// The events newly stored, handed back once the pipeline is done with them. Most are
+    /// freed when the receipt is dropped, on the submitting task's thread: the pipeline is
+    /// the one serial stage of ingest, and freeing an event there (memory another thread
+    /// allocated) took ~10 % of its time under load.
+    pub stored: Vec<std::sync::Arc<Event>>,
 }
 
 /// A batch on its way to the pipeline, with the channel to report back on.

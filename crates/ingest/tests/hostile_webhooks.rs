@@ -27,8 +27,7 @@ fn setup(runtime: &tokio::runtime::Runtime) -> (axum::Router, Arc<std::sync::Mut
             }
             let _ = s.done.send(Ok(spur_ingest::Receipt {
                 accepted: s.events.len(),
-                duplicates: 0,
-                last_seq: 0,
+                ..Default::default()
             }));
         }
     });
