@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::time::{format_timestamp, parse_timestamp};
+use crate::time::{FormattedTimestamp, parse_timestamp};
 
 /// The label every resource must carry.
 pub const RESOURCE_ID: &str = "prefect.resource.id";
@@ -504,14 +504,14 @@ impl Event {
 impl Serialize for Event {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut s = serializer.serialize_struct("Event", 8)?;
-        s.serialize_field("occurred", &format_timestamp(self.occurred))?;
+        s.serialize_field("occurred", &FormattedTimestamp::new(self.occurred))?;
         s.serialize_field("event", &self.event)?;
         s.serialize_field("resource", &self.resource)?;
         s.serialize_field("related", &self.related)?;
         s.serialize_field("payload", &self.payload)?;
         s.serialize_field("id", &self.id)?;
         s.serialize_field("follows", &self.follows)?;
-        s.serialize_field("received", &format_timestamp(self.received))?;
+        s.serialize_field("received", &FormattedTimestamp::new(self.received))?;
         s.end()
     }
 }

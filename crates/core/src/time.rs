@@ -51,9 +51,132 @@ pub fn parse_timestamp_str(s: &str) -> Result<DateTime<Utc>, String> {
     ))
 }
 
-/// Formats a timestamp the way Spur prints it everywhere: RFC 3339, UTC, `Z`.
+/// Formats a timestamp the way Spur prints it everywhere: RFC 3339, UTC, `Z`, and only the
+/// fractional digits needed (none, 3, 6 or 9).
 pub fn format_timestamp(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    FormattedTimestamp::new(t).as_str().to_owned()
+}
+
+/// A timestamp formatted like [`format_timestamp`], on the stack.
+///
+/// Every stored event carries two timestamps, and chrono's general-purpose formatter (a
+/// `String`, a format-item interpreter) cost ~750 instructions each, a fifth of encoding an
+/// event. Years 0–9999 (all real ones) are written directly; anything else, and leap
+/// seconds, go through chrono, so the output is always chrono's.
+#[derive(Clone, Copy)]
+pub struct FormattedTimestamp {
+    bytes: [u8; 40],
+    len: usize,
+}
+
+impl FormattedTimestamp {
+    /// Formats `t`.
+    pub fn new(t: DateTime<Utc>) -> FormattedTimestamp {
+        let mut out = FormattedTimestamp {
+            bytes: [0; 40],
+            len: 0,
+        };
+        let nanos = t.timestamp_subsec_nanos();
+        let secs = t.timestamp();
+        let (days, second_of_day) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
+        // 0000-01-01 and 9999-12-31, in days since 1970-01-01.
+        if !(-719_528..=2_932_896).contains(&days) || nanos >= 1_000_000_000 {
+            let text = t.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+            let len = text.len().min(out.bytes.len());
+            out.bytes[..len].copy_from_slice(&text.as_bytes()[..len]);
+            out.len = len;
+            return out;
+        }
+        let (year, month, day) = civil_from_days(days);
+        let mut digits = |value: u32, width: usize| {
+            let mut rest = value;
+            for i in (0..width).rev() {
+                out.bytes[out.len + i] = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            out.len += width;
+        };
+        digits(year, 4);
+        let put = |out: &mut FormattedTimestamp, byte: u8| {
+            out.bytes[out.len] = byte;
+            out.len += 1;
+        };
+        put(&mut out, b'-');
+        let two = |out: &mut FormattedTimestamp, value: u32| {
+            out.bytes[out.len] = b'0' + (value / 10) as u8;
+            out.bytes[out.len + 1] = b'0' + (value % 10) as u8;
+            out.len += 2;
+        };
+        two(&mut out, month);
+        put(&mut out, b'-');
+        two(&mut out, day);
+        put(&mut out, b'T');
+        two(&mut out, second_of_day / 3600);
+        put(&mut out, b':');
+        two(&mut out, second_of_day / 60 % 60);
+        put(&mut out, b':');
+        two(&mut out, second_of_day % 60);
+        let (fraction, width) = if nanos == 0 {
+            (0, 0)
+        } else if nanos % 1_000_000 == 0 {
+            (nanos / 1_000_000, 3)
+        } else if nanos % 1_000 == 0 {
+            (nanos / 1_000, 6)
+        } else {
+            (nanos, 9)
+        };
+        if width > 0 {
+            put(&mut out, b'.');
+            let mut rest = fraction;
+            for i in (0..width).rev() {
+                out.bytes[out.len + i] = b'0' + (rest % 10) as u8;
+                rest /= 10;
+            }
+            out.len += width;
+        }
+        put(&mut out, b'Z');
+        out
+    }
+
+    /// The formatted text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII digits and separators, or chrono's own (UTF-8) output, are written.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or("")
+    }
+}
+
+/// The proleptic Gregorian (year, month, day) of a day counted from 1970-01-01, for years
+/// 0–9999 (Howard Hinnant's `civil_from_days`, shifted so every intermediate is unsigned).
+fn civil_from_days(days: i64) -> (u32, u32, u32) {
+    // Count from -0400-03-01: leap days then fall at the end of each 400-year era, and
+    // January and February of year 0 are not negative.
+    let z = (days + 719_468 + 146_097) as u64;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2) - 400;
+    (year as u32, month as u32, day as u32)
+}
+
+impl serde::Serialize for FormattedTimestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for FormattedTimestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Parses a duration given as seconds, ISO-8601 or `HH:MM:SS`. The error is a reason phrase.
@@ -176,7 +299,77 @@ fn parse_clock_duration(s: &str) -> Option<TimeDelta> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    proptest! {
+        /// The direct formatter writes exactly what chrono does, for any instant chrono can
+        /// hold (out-of-range years take chrono's own path) and every fraction width.
+        #[test]
+        fn timestamps_format_like_chrono(
+            secs in -8_334_601_228_800i64..=8_210_266_876_799i64,
+            nanos in prop_oneof![
+                Just(0u32),
+                (0u32..1000).prop_map(|ms| ms * 1_000_000),
+                (0u32..1_000_000).prop_map(|us| us * 1_000),
+                0u32..1_000_000_000,
+            ],
+        ) {
+            let t = DateTime::from_timestamp(secs, nanos).expect("in range");
+            prop_assert_eq!(
+                format_timestamp(t),
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+        }
+    }
+
+    proptest! {
+        /// Every day of years 0–9999, where the direct path is taken.
+        #[test]
+        fn every_day_of_years_0_to_9999_formats_like_chrono(
+            days in -719_528i64..=2_932_896,
+            second in 0i64..86_400,
+        ) {
+            let t = DateTime::from_timestamp(days * 86_400 + second, 0).expect("in range");
+            prop_assert_eq!(
+                format_timestamp(t),
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_at_the_edges_format_like_chrono() {
+        for text in [
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+            "1970-01-01T00:00:00.001Z",
+            "2024-02-29T12:34:56.000100Z",
+            "0000-02-29T23:59:59Z",
+            "0000-03-01T00:00:00Z",
+            "1969-12-31T23:59:59.500Z",
+            "1900-02-28T00:00:00Z",
+            "2000-02-29T00:00:00Z",
+        ] {
+            let t: DateTime<Utc> = text.parse().expect("valid");
+            assert_eq!(format_timestamp(t), text);
+        }
+        for t in [DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC] {
+            assert_eq!(
+                format_timestamp(t),
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+            );
+        }
+        // A leap second (nanoseconds past 1e9) is chrono's to write.
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .expect("leap second")
+            .and_utc();
+        assert_eq!(
+            format_timestamp(leap),
+            leap.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+        );
+    }
 
     #[test]
     fn durations() {
