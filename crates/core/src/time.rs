@@ -118,9 +118,9 @@ impl FormattedTimestamp {
         two(&mut out, second_of_day % 60);
         let (fraction, width) = if nanos == 0 {
             (0, 0)
-        } else if nanos % 1_000_000 == 0 {
+        } else if nanos.is_multiple_of(1_000_000) {
             (nanos / 1_000_000, 3)
-        } else if nanos % 1_000 == 0 {
+        } else if nanos.is_multiple_of(1_000) {
             (nanos / 1_000, 6)
         } else {
             (nanos, 9)
