@@ -402,13 +402,93 @@ type IdMap = HashMap<u128, u64, foldhash::fast::RandomState>;
 /// over the ids that are in `event_ids`.
 #[derive(Debug, Default)]
 struct RecentIds {
-    ids: IdMap,
+    ids: SlicedIds,
     /// Which ids `event_ids` may hold (see [`IdFilter`]).
     merged: IdFilter,
     /// The key slice [`StoreWriter::merge_recent_slice`] merges next.
     next_slice: u32,
     /// Ids committed since the last slice merge.
     since_step: usize,
+}
+
+/// The memory tier's ids, kept per key slice ([`slice_of`]): merging one slice then reads
+/// only that slice's ids, and the oldest id outside it is known without a scan. (With one
+/// map, every slice merge walked all the tier's ids: ~1.3 k instructions per appended event.)
+#[derive(Debug)]
+struct SlicedIds {
+    slices: Vec<IdMap>,
+    /// Per slice, a sequence at or below that of every id in it (removals may leave it
+    /// lower than needed, which only makes a merge mark more cautious).
+    oldest: Vec<Option<u64>>,
+    len: usize,
+}
+
+impl Default for SlicedIds {
+    fn default() -> SlicedIds {
+        SlicedIds {
+            slices: (0..ID_SLICES).map(|_| IdMap::default()).collect(),
+            oldest: vec![None; ID_SLICES as usize],
+            len: 0,
+        }
+    }
+}
+
+impl SlicedIds {
+    fn get(&self, id: u128) -> Option<u64> {
+        self.slices[slice_of(id) as usize].get(&id).copied()
+    }
+
+    fn contains(&self, id: u128) -> bool {
+        self.slices[slice_of(id) as usize].contains_key(&id)
+    }
+
+    fn insert(&mut self, id: u128, seq: u64) {
+        let slice = slice_of(id) as usize;
+        if self.slices[slice].insert(id, seq).is_none() {
+            self.len += 1;
+        }
+        self.oldest[slice] = Some(self.oldest[slice].map_or(seq, |o| o.min(seq)));
+    }
+
+    fn remove(&mut self, id: u128) {
+        let slice = slice_of(id) as usize;
+        if self.slices[slice].remove(&id).is_some() {
+            self.len -= 1;
+            if self.slices[slice].is_empty() {
+                self.oldest[slice] = None;
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The ids of one slice (all of them for `None`), and a sequence at or below every id
+    /// left outside it.
+    fn pending(&self, slice: Option<u32>) -> (Vec<(u128, u64)>, Option<u64>) {
+        match slice {
+            Some(slice) => {
+                let pending = self.slices[slice as usize]
+                    .iter()
+                    .map(|(id, seq)| (*id, *seq))
+                    .collect();
+                let oldest_left = (0..ID_SLICES as usize)
+                    .filter(|s| *s != slice as usize)
+                    .filter_map(|s| self.oldest[s])
+                    .min();
+                (pending, oldest_left)
+            }
+            None => {
+                let pending = self
+                    .slices
+                    .iter()
+                    .flat_map(|ids| ids.iter().map(|(id, seq)| (*id, *seq)))
+                    .collect();
+                (pending, None)
+            }
+        }
+    }
 }
 
 /// A Bloom filter over the ids in `event_ids`. Nearly every appended event is new, and
@@ -506,8 +586,7 @@ impl RecentIds {
         lock.read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .ids
-            .get(&id)
-            .copied()
+            .get(id)
     }
 
     fn write(lock: &RwLock<RecentIds>) -> std::sync::RwLockWriteGuard<'_, RecentIds> {
@@ -1165,7 +1244,7 @@ impl Store {
         let removed = pruned.len();
         let mut recent = RecentIds::write(&self.recent);
         for id in pruned {
-            recent.ids.remove(&id);
+            recent.ids.remove(id);
         }
         Ok(removed)
     }
@@ -1292,12 +1371,12 @@ impl StoreWriter {
             // The new events' stored JSON, written as records of consecutive sequences.
             let mut fresh: Vec<&[u8]> = Vec::with_capacity(events.len());
             let first = next;
+            // Read-locked once for the whole batch: the tier's only writer is this thread,
+            // after this loop (commit, merges).
+            let tiers = self.recent.read().unwrap_or_else(|p| p.into_inner());
             for (event, bytes) in events.iter().zip(encoded) {
                 let id = event.id.as_u128();
-                let (recent, maybe_merged) = {
-                    let tiers = self.recent.read().unwrap_or_else(|p| p.into_inner());
-                    (tiers.ids.contains_key(&id), tiers.merged.may_contain(id))
-                };
+                let (recent, maybe_merged) = (tiers.ids.contains(id), tiers.merged.may_contain(id));
                 if self.staged.contains_key(&id)
                     || recent
                     || (maybe_merged && ids.get(id)?.is_some())
@@ -1413,7 +1492,9 @@ impl StoreWriter {
         if !self.staged.is_empty() {
             let mut recent = RecentIds::write(&self.recent);
             recent.since_step += self.staged.len();
-            recent.ids.extend(self.staged);
+            for (id, seq) in self.staged {
+                recent.ids.insert(id, seq);
+            }
         }
         Ok(())
     }
@@ -1427,19 +1508,11 @@ fn merge_into(
     recent: &RwLock<RecentIds>,
     slice: Option<u32>,
 ) -> Result<Vec<u128>, StoreError> {
-    let (mut pending, oldest_left) = {
-        let recent = recent.read().unwrap_or_else(|p| p.into_inner());
-        let mut pending = Vec::new();
-        let mut oldest_left: Option<u64> = None;
-        for (id, seq) in &recent.ids {
-            if slice.is_none_or(|s| slice_of(*id) == s) {
-                pending.push((*id, *seq));
-            } else {
-                oldest_left = Some(oldest_left.map_or(*seq, |o| o.min(*seq)));
-            }
-        }
-        (pending, oldest_left)
-    };
+    let (mut pending, oldest_left) = recent
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .ids
+        .pending(slice);
     if pending.is_empty() {
         return Ok(Vec::new());
     }
@@ -1480,7 +1553,7 @@ fn forget_merged(recent: &RwLock<RecentIds>, merged: &[u128]) {
     }
     let mut recent = RecentIds::write(recent);
     for id in merged {
-        recent.ids.remove(id);
+        recent.ids.remove(*id);
     }
 }
 
