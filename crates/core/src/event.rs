@@ -153,20 +153,23 @@ impl Resource {
     }
 
     /// Parses and validates a resource object. `field` names it in errors.
-    fn from_json(
-        value: &Value,
+    fn from_value(
+        value: Value,
         field: &str,
         require_role: bool,
         limits: &EventLimits,
     ) -> Result<Resource, EventError> {
-        let Value::Object(map) = value else {
-            return Err(EventError::new(
-                field,
-                format!(
-                    "must be an object of string labels, got {}",
-                    json_type_name(value)
-                ),
-            ));
+        let map = match value {
+            Value::Object(map) => map,
+            other => {
+                return Err(EventError::new(
+                    field,
+                    format!(
+                        "must be an object of string labels, got {}",
+                        json_type_name(&other)
+                    ),
+                ));
+            }
         };
         if map.len() > limits.max_labels_per_resource {
             return Err(EventError::new(
@@ -181,13 +184,13 @@ impl Resource {
         let mut labels = Vec::with_capacity(map.len());
         for (key, value) in map {
             match value {
-                Value::String(s) => labels.push((key.clone(), s.clone())),
+                Value::String(s) => labels.push((key, s)),
                 other => {
                     return Err(EventError::new(
                         format!("{field}.{key}"),
                         format!(
                             "label values must be strings, got {}",
-                            json_type_name(other)
+                            json_type_name(&other)
                         ),
                     ));
                 }
@@ -271,21 +274,34 @@ impl Event {
         received: DateTime<Utc>,
         limits: &EventLimits,
     ) -> Result<Event, EventError> {
-        let Value::Object(map) = value else {
-            return Err(EventError::new(
-                "event",
-                format!(
-                    "an event must be a JSON object, got {}",
-                    json_type_name(value)
-                ),
-            ));
+        Event::from_value(value.clone(), received, limits)
+    }
+
+    /// [`Event::from_json`], taking the parsed JSON by value: its strings and payload move
+    /// into the event instead of being copied (what every ingest path has in hand).
+    pub fn from_value(
+        value: Value,
+        received: DateTime<Utc>,
+        limits: &EventLimits,
+    ) -> Result<Event, EventError> {
+        let mut map = match value {
+            Value::Object(map) => map,
+            other => {
+                return Err(EventError::new(
+                    "event",
+                    format!(
+                        "an event must be a JSON object, got {}",
+                        json_type_name(&other)
+                    ),
+                ));
+            }
         };
-        let name = match map.get("event") {
-            Some(Value::String(s)) => s.clone(),
+        let name = match map.remove("event") {
+            Some(Value::String(s)) => s,
             Some(other) => {
                 return Err(EventError::new(
                     "event",
-                    format!("must be a string, got {}", json_type_name(other)),
+                    format!("must be a string, got {}", json_type_name(&other)),
                 ));
             }
             None => return Err(EventError::new("event", "is required")),
@@ -300,11 +316,11 @@ impl Event {
                 ),
             ));
         }
-        let resource = match map.get("resource") {
-            Some(v) => Resource::from_json(v, "resource", false, limits)?,
+        let resource = match map.remove("resource") {
+            Some(v) => Resource::from_value(v, "resource", false, limits)?,
             None => return Err(EventError::new("resource", "is required")),
         };
-        let related = match map.get("related") {
+        let related = match map.remove("related") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => {
                 if items.len() > limits.max_related_resources {
@@ -318,25 +334,28 @@ impl Event {
                     ));
                 }
                 items
-                    .iter()
+                    .into_iter()
                     .enumerate()
-                    .map(|(i, v)| Resource::from_json(v, &format!("related[{i}]"), true, limits))
+                    .map(|(i, v)| Resource::from_value(v, &format!("related[{i}]"), true, limits))
                     .collect::<Result<_, _>>()?
             }
             Some(other) => {
                 return Err(EventError::new(
                     "related",
-                    format!("must be a list of resources, got {}", json_type_name(other)),
+                    format!(
+                        "must be a list of resources, got {}",
+                        json_type_name(&other)
+                    ),
                 ));
             }
         };
-        let payload = match map.get("payload") {
+        let payload = match map.remove("payload") {
             None | Some(Value::Null) => Value::Object(Map::new()),
-            Some(v @ Value::Object(_)) => v.clone(),
+            Some(v @ Value::Object(_)) => v,
             Some(other) => {
                 return Err(EventError::new(
                     "payload",
-                    format!("must be an object, got {}", json_type_name(other)),
+                    format!("must be an object, got {}", json_type_name(&other)),
                 ));
             }
         };
@@ -366,6 +385,11 @@ impl Event {
 
     /// Parses an event Spur stored itself (its own `received` is kept, not re-stamped).
     pub fn from_stored_json(value: &Value) -> Result<Event, EventError> {
+        Event::from_stored_value(value.clone())
+    }
+
+    /// [`Event::from_stored_json`], taking the parsed JSON by value.
+    pub fn from_stored_value(value: Value) -> Result<Event, EventError> {
         let received = value
             .get("received")
             .map(parse_timestamp)
@@ -378,7 +402,7 @@ impl Event {
             max_related_resources: usize::MAX,
             max_size_bytes: usize::MAX,
         };
-        Event::from_json(value, received, &limits)
+        Event::from_value(value, received, &limits)
     }
 
     /// Parses a JSON text event (see [`Event::from_json`]).
@@ -389,7 +413,7 @@ impl Event {
     ) -> Result<Event, EventError> {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| EventError::new("event", format!("not valid JSON: {e}")))?;
-        Event::from_json(&value, received, limits)
+        Event::from_value(value, received, limits)
     }
 
     /// Checks the serialized size against `limits.max_size_bytes`.

@@ -85,7 +85,7 @@ async fn post_events(State(state): State<HttpIngest>, body: Bytes) -> Response {
     let total = items.len();
     let mut events = Vec::with_capacity(total);
     let mut rejected = Vec::new();
-    for (index, item) in items.iter().enumerate() {
+    for (index, item) in items.into_iter().enumerate() {
         match normalize(item, now, state.intake.limits()) {
             Ok(event) => events.push(event),
             Err(e) => rejected.push(json!({"index": index, "field": e.field, "reason": e.reason})),
@@ -233,7 +233,7 @@ async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIng
         let now = Utc::now();
         let event = serde_json::from_str::<Value>(&text)
             .map_err(|e| format!("not valid JSON: {e}"))
-            .and_then(|v| normalize(&v, now, state.intake.limits()).map_err(|e| e.to_string()));
+            .and_then(|v| normalize(v, now, state.intake.limits()).map_err(|e| e.to_string()));
         match event {
             Ok(event) => {
                 if let Err(e) = state.intake.submit(vec![event]).await {

@@ -227,16 +227,16 @@ impl Intake {
 /// Turns one received JSON document into an event: a Prefect event (partial allowed) or a
 /// structured-mode CloudEvent. `received` is now.
 pub fn normalize(
-    value: &Value,
+    value: Value,
     received: DateTime<Utc>,
     limits: &EventLimits,
 ) -> Result<Event, EventError> {
     // Microseconds, like Prefect's timestamps (and so they survive every JSON round trip).
     let received = chrono::SubsecRound::trunc_subsecs(received, 6);
-    let mut event = if cloudevents::is_cloud_event(value) {
-        cloudevents::to_event(value, received, limits)?
+    let mut event = if cloudevents::is_cloud_event(&value) {
+        cloudevents::to_event(&value, received, limits)?
     } else {
-        Event::from_json(value, received, limits)?
+        Event::from_value(value, received, limits)?
     };
     event.occurred = chrono::SubsecRound::trunc_subsecs(event.occurred, 6);
     event.check_size(limits)?;

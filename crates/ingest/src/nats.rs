@@ -611,13 +611,13 @@ fn parse(
         // Spur's own publish of a Prefect event (see `Forwarder`): no template applies.
         serde_json::from_slice::<Value>(payload)
             .map_err(|e| format!("not JSON: {e}"))
-            .and_then(|value| normalize(&value, now, intake.limits()).map_err(|e| e.to_string()))
+            .and_then(|value| normalize(value, now, intake.limits()).map_err(|e| e.to_string()))
     } else if let Some(t) = templates
         .iter()
         .find(|t| subject_matches(&t.subject, subject))
     {
         render_template(t, subject, &header_pairs, payload, engine)
-            .and_then(|value| normalize(&value, now, intake.limits()).map_err(|e| e.to_string()))
+            .and_then(|value| normalize(value, now, intake.limits()).map_err(|e| e.to_string()))
     } else if let Some(ce) =
         crate::cloudevents::from_binary(&header_pairs, payload, now, intake.limits())
     {
@@ -625,7 +625,7 @@ fn parse(
     } else {
         serde_json::from_slice::<Value>(payload)
             .map_err(|e| format!("not JSON: {e}"))
-            .and_then(|value| normalize(&value, now, intake.limits()).map_err(|e| e.to_string()))
+            .and_then(|value| normalize(value, now, intake.limits()).map_err(|e| e.to_string()))
     };
     result.inspect_err(|_| intake.count_rejected(1))
 }

@@ -1575,7 +1575,7 @@ fn merged_through(
 
 fn decode_event(bytes: &[u8]) -> Result<Event, StoreError> {
     let value: Value = serde_json::from_slice(bytes).map_err(corrupt)?;
-    Event::from_stored_json(&value).map_err(corrupt)
+    Event::from_stored_value(value).map_err(corrupt)
 }
 
 #[cfg(test)]

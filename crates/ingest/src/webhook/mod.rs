@@ -332,8 +332,7 @@ fn render_event(
         "prefect.resource.name": hook.name,
     }));
     map.insert("related".into(), Value::Array(related));
-    normalize(&value, Utc::now(), state.intake.limits())
-        .map_err(|e| (e.to_string(), Some(rendered)))
+    normalize(value, Utc::now(), state.intake.limits()).map_err(|e| (e.to_string(), Some(rendered)))
 }
 
 /// `prefect-cloud.webhook.failed`: what came in and what the template made of it.
