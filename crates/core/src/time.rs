@@ -88,34 +88,17 @@ impl FormattedTimestamp {
             return out;
         }
         let (year, month, day) = civil_from_days(days);
-        let mut digits = |value: u32, width: usize| {
-            let mut rest = value;
-            for i in (0..width).rev() {
-                out.bytes[out.len + i] = b'0' + (rest % 10) as u8;
-                rest /= 10;
-            }
-            out.len += width;
-        };
-        digits(year, 4);
-        let put = |out: &mut FormattedTimestamp, byte: u8| {
-            out.bytes[out.len] = byte;
-            out.len += 1;
-        };
-        put(&mut out, b'-');
-        let two = |out: &mut FormattedTimestamp, value: u32| {
-            out.bytes[out.len] = b'0' + (value / 10) as u8;
-            out.bytes[out.len + 1] = b'0' + (value % 10) as u8;
-            out.len += 2;
-        };
-        two(&mut out, month);
-        put(&mut out, b'-');
-        two(&mut out, day);
-        put(&mut out, b'T');
-        two(&mut out, second_of_day / 3600);
-        put(&mut out, b':');
-        two(&mut out, second_of_day / 60 % 60);
-        put(&mut out, b':');
-        two(&mut out, second_of_day % 60);
+        out.push_digits(year, 4);
+        out.push(b'-');
+        out.push_digits(month, 2);
+        out.push(b'-');
+        out.push_digits(day, 2);
+        out.push(b'T');
+        out.push_digits(second_of_day / 3600, 2);
+        out.push(b':');
+        out.push_digits(second_of_day / 60 % 60, 2);
+        out.push(b':');
+        out.push_digits(second_of_day % 60, 2);
         let (fraction, width) = if nanos == 0 {
             (0, 0)
         } else if nanos.is_multiple_of(1_000_000) {
@@ -126,16 +109,26 @@ impl FormattedTimestamp {
             (nanos, 9)
         };
         if width > 0 {
-            put(&mut out, b'.');
-            let mut rest = fraction;
-            for i in (0..width).rev() {
-                out.bytes[out.len + i] = b'0' + (rest % 10) as u8;
-                rest /= 10;
-            }
-            out.len += width;
+            out.push(b'.');
+            out.push_digits(fraction, width);
         }
-        put(&mut out, b'Z');
+        out.push(b'Z');
         out
+    }
+
+    fn push(&mut self, byte: u8) {
+        self.bytes[self.len] = byte;
+        self.len += 1;
+    }
+
+    /// Appends `value` in decimal, zero-padded to `width` digits.
+    fn push_digits(&mut self, value: u32, width: usize) {
+        let mut rest = value;
+        for i in (0..width).rev() {
+            self.bytes[self.len + i] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        self.len += width;
     }
 
     /// The formatted text.
