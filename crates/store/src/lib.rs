@@ -56,7 +56,7 @@ use spur_matcher::EngineSnapshot;
 use thiserror::Error;
 use uuid::Uuid;
 
-use records::{LogRecord, MAX_EVENTS_PER_RECORD, RecordCache, encode_record};
+use records::{LogRecord, RecordCache, encode_record};
 
 /// The event log: batch records keyed by the sequence of their first event (see
 /// [`LogRecord`]).
@@ -1288,34 +1288,25 @@ fn migrate_legacy_log(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
         let mut log = txn.open_table(LOG)?;
         let mut index = txn.open_table(EVENTS_BY_OCCURRED)?;
         index.retain(|_, ()| false)?;
-        // A run of consecutive sequences becomes one record (pruning only ever removed the
-        // oldest events, but a gap is handled all the same).
+        // Each run of consecutive sequences is written like an appended batch (pruning only
+        // ever removed the oldest events, but a gap is handled all the same).
         let mut run: Vec<Vec<u8>> = Vec::new();
         let mut run_first = 0;
-        let mut write_run = |run: &mut Vec<Vec<u8>>, first: u64| -> Result<(), StoreError> {
-            if !run.is_empty() {
-                let record = encode_record(run.iter().map(Vec::as_slice));
-                log.insert(first, record.as_slice())?;
-                run.clear();
-            }
-            Ok(())
-        };
         for entry in legacy.iter()? {
             let (seq, bytes) = entry?;
             let seq = seq.value();
             let event = decode_event(bytes.value())?;
             index.insert(occurred_key(occurred_micros(&event), seq), ())?;
-            if !run.is_empty()
-                && (run_first + run.len() as u64 != seq || run.len() == MAX_EVENTS_PER_RECORD)
-            {
-                write_run(&mut run, run_first)?;
-            }
-            if run.is_empty() {
+            if run_first + run.len() as u64 != seq {
+                let slices: Vec<&[u8]> = run.iter().map(Vec::as_slice).collect();
+                records::insert_run(&mut log, run_first, &slices)?;
+                run.clear();
                 run_first = seq;
             }
             run.push(bytes.value().to_vec());
         }
-        write_run(&mut run, run_first)?;
+        let slices: Vec<&[u8]> = run.iter().map(Vec::as_slice).collect();
+        records::insert_run(&mut log, run_first, &slices)?;
         tracing::info!(
             events = legacy.len()?,
             "moved the event log into batch records and indexed it by occurred time"
@@ -1390,11 +1381,7 @@ impl StoreWriter {
                 out.push(Appended::New(next));
                 next += 1;
             }
-            for (index, chunk) in fresh.chunks(MAX_EVENTS_PER_RECORD).enumerate() {
-                let record = encode_record(chunk.iter().copied());
-                let key = first + (index * MAX_EVENTS_PER_RECORD) as u64;
-                log.insert(key, record.as_slice())?;
-            }
+            records::insert_run(&mut log, first, &fresh)?;
         }
         Ok(out)
     }
@@ -1581,6 +1568,7 @@ fn decode_event(bytes: &[u8]) -> Result<Event, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::records::MAX_EVENTS_PER_RECORD;
     use serde_json::json;
     use spur_core::EventLimits;
 

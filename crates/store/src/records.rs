@@ -108,6 +108,23 @@ pub(crate) fn encode_record<'e>(
     out
 }
 
+/// Writes events with consecutive sequences from `first` as records of at most
+/// [`MAX_EVENTS_PER_RECORD`] events.
+pub(crate) fn insert_run(
+    log: &mut redb::Table<u64, &'static [u8]>,
+    first: u64,
+    events: &[&[u8]],
+) -> Result<(), StoreError> {
+    for (index, chunk) in events.chunks(MAX_EVENTS_PER_RECORD).enumerate() {
+        let record = encode_record(chunk.iter().copied());
+        log.insert(
+            first + (index * MAX_EVENTS_PER_RECORD) as u64,
+            record.as_slice(),
+        )?;
+    }
+    Ok(())
+}
+
 /// The sequence after the last event in the log (1 for an empty log).
 pub(crate) fn next_seq(log: &impl ReadableTable<u64, &'static [u8]>) -> Result<u64, StoreError> {
     match log.last()? {
