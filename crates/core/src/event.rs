@@ -20,6 +20,8 @@ use uuid::Uuid;
 
 use crate::time::{FormattedTimestamp, parse_timestamp};
 
+mod direct;
+
 /// The label every resource must carry.
 pub const RESOURCE_ID: &str = "prefect.resource.id";
 /// The label every related resource must carry.
@@ -195,6 +197,27 @@ impl Resource {
                     ));
                 }
             }
+        }
+        Resource::checked(labels, field, require_role, limits)
+    }
+
+    /// Validates string labels (distinct keys) as a resource: the label limit, a non-empty
+    /// `prefect.resource.id`, and for related resources a non-empty role.
+    fn checked(
+        labels: Vec<(String, String)>,
+        field: &str,
+        require_role: bool,
+        limits: &EventLimits,
+    ) -> Result<Resource, EventError> {
+        if labels.len() > limits.max_labels_per_resource {
+            return Err(EventError::new(
+                field,
+                format!(
+                    "has {} labels; at most {} are allowed",
+                    labels.len(),
+                    limits.max_labels_per_resource
+                ),
+            ));
         }
         let resource = Resource { labels };
         match resource.get(RESOURCE_ID) {

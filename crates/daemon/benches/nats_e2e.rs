@@ -437,6 +437,9 @@ fn main() {
             // to tell a saturated machine from a slow path.
             let cpu_before_round = cpu_seconds(nats_pid);
             let round_started = Instant::now();
+            // CLOCK_MONOTONIC, as `perf record -k CLOCK_MONOTONIC` stamps samples: pass
+            // `--time start,end` to `perf report` to see this round alone.
+            eprintln!("latency round at {load}: starts at {round_started:?}");
             let batches_before = daemon.metrics().batches.load(Ordering::Relaxed);
             let written_before = bytes_written();
             let batch_events_before = daemon.metrics().batch_events.load(Ordering::Relaxed);
@@ -505,6 +508,7 @@ fn main() {
                 batch_events as f64 / batches.max(1) as f64,
                 written as f64 / 1024.0 / batches.max(1) as f64
             );
+            eprintln!("latency round at {load}: ends at {:?}", Instant::now());
             latency_rounds.push((*load, rate, total, latencies, busy, walls));
             // Let the daemon settle (checkpoint, acknowledge) before the next round.
             tokio::time::sleep(Duration::from_secs(1)).await;

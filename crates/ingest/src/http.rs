@@ -23,7 +23,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
-use crate::intake::{Intake, SubmitError, normalize};
+use crate::intake::{Intake, SubmitError, normalize, normalize_slice};
 
 /// The Prefect server version Spur reports. The stock client requires major version 3 and
 /// warns when the server is older than itself, so this is a 3.x newer than today's clients.
@@ -231,9 +231,7 @@ async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIng
             Ok(_) => continue, // pings are answered by the websocket layer
         };
         let now = Utc::now();
-        let event = serde_json::from_str::<Value>(&text)
-            .map_err(|e| format!("not valid JSON: {e}"))
-            .and_then(|v| normalize(v, now, state.intake.limits()).map_err(|e| e.to_string()));
+        let event = normalize_slice(text.as_bytes(), now, state.intake.limits());
         match event {
             Ok(event) => {
                 if let Err(e) = state.intake.submit(vec![event]).await {

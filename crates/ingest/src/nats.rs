@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::intake::{Intake, normalize};
+use crate::intake::{Intake, normalize, normalize_slice};
 
 /// NATS source settings.
 #[derive(Clone, Debug)]
@@ -609,9 +609,7 @@ fn parse(
         .unwrap_or_default();
     let result = if is_forwarded(headers) {
         // Spur's own publish of a Prefect event (see `Forwarder`): no template applies.
-        serde_json::from_slice::<Value>(payload)
-            .map_err(|e| format!("not JSON: {e}"))
-            .and_then(|value| normalize(value, now, intake.limits()).map_err(|e| e.to_string()))
+        normalize_slice(payload, now, intake.limits())
     } else if let Some(t) = templates
         .iter()
         .find(|t| subject_matches(&t.subject, subject))
@@ -623,9 +621,7 @@ fn parse(
     {
         ce.map_err(|e| e.to_string())
     } else {
-        serde_json::from_slice::<Value>(payload)
-            .map_err(|e| format!("not JSON: {e}"))
-            .and_then(|value| normalize(value, now, intake.limits()).map_err(|e| e.to_string()))
+        normalize_slice(payload, now, intake.limits())
     };
     result.inspect_err(|_| intake.count_rejected(1))
 }
