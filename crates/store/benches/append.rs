@@ -5,8 +5,9 @@
 //! the way the pipeline does (one durable commit per batch; one id-index slice merged per
 //! 1 024 new ids) into a fresh store, and reports the store's time per event, excluding event
 //! parsing and encoding: wall time (with the fsync per batch) and the thread's CPU time (from
-//! `/proc/thread-self/schedstat`; steadier, since the disk's wait drops out). Two runs in one
-//! process:
+//! `/proc/thread-self/schedstat`; steadier, since the disk's wait drops out), and the bytes
+//! handed to `write`/`pwrite` per event (`wchar` of `/proc/self/io`: nearly all of it redb's
+//! page writes at commit). Two runs in one process:
 //!
 //! * **sequential ids**: the baseline; the id index only ever grows at its end;
 //! * **random ids**, like the `uuid4`s of Prefect's clients: what the two-tier id index and
@@ -42,14 +43,30 @@ fn thread_cpu() -> Duration {
         .unwrap_or_default()
 }
 
+/// Bytes this process has passed to write calls so far (Linux; zero elsewhere).
+fn bytes_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("wchar:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Appends `fill` then `measured` events with ids from `id_of`; returns the store's wall and
-/// CPU time per measured event.
-fn run(id_of: impl Fn(u64) -> uuid::Uuid, fill: usize, measured: usize) -> (Duration, Duration) {
+/// CPU time, and the bytes written, per measured event.
+fn run(
+    id_of: impl Fn(u64) -> uuid::Uuid,
+    fill: usize,
+    measured: usize,
+) -> (Duration, Duration, u64) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(&dir.path().join("append.redb")).expect("opens");
     let now = chrono::Utc::now();
     let mut n = 0u64;
-    let (mut wall, mut cpu) = (Duration::ZERO, Duration::ZERO);
+    let (mut wall, mut cpu, mut written) = (Duration::ZERO, Duration::ZERO, 0);
     for batch in 0..(fill + measured) / BATCH {
         let events: Vec<Event> = (0..BATCH)
             .map(|_| {
@@ -61,7 +78,8 @@ fn run(id_of: impl Fn(u64) -> uuid::Uuid, fill: usize, measured: usize) -> (Dura
             .iter()
             .map(|e| serde_json::to_vec(e).expect("encodes"))
             .collect();
-        let (started, cpu_started) = (Instant::now(), thread_cpu());
+        let (started, cpu_started, written_before) =
+            (Instant::now(), thread_cpu(), bytes_written());
         let mut writer = store.writer().expect("writer");
         writer.append_encoded(&events, &encoded).expect("append");
         if store.ids_since_merge_step() >= ID_MERGE_STEP {
@@ -71,9 +89,14 @@ fn run(id_of: impl Fn(u64) -> uuid::Uuid, fill: usize, measured: usize) -> (Dura
         if batch * BATCH >= fill {
             wall += started.elapsed();
             cpu += thread_cpu().saturating_sub(cpu_started);
+            written += bytes_written().saturating_sub(written_before);
         }
     }
-    (wall / measured as u32, cpu / measured as u32)
+    (
+        wall / measured as u32,
+        cpu / measured as u32,
+        written / measured as u64,
+    )
 }
 
 fn main() {
@@ -92,20 +115,23 @@ fn main() {
         measured,
     );
     println!(
-        "\n| ids ({measured} events after {fill}, batches of {BATCH}) | wall per event | CPU per event |"
+        "\n| ids ({measured} events after {fill}, batches of {BATCH}) | wall per event | CPU per event | written per event |"
     );
-    println!("|---|---:|---:|");
+    println!("|---|---:|---:|---:|");
     let micros = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
-        "| sequential (baseline) | {:.2} µs | {:.2} µs |",
+        "| sequential (baseline) | {:.2} µs | {:.2} µs | {} B |",
         micros(sequential.0),
-        micros(sequential.1)
+        micros(sequential.1),
+        sequential.2
     );
     println!(
-        "| random (`uuid4`-like) | {:.2} µs ({:.2}×) | {:.2} µs ({:.2}×) |",
+        "| random (`uuid4`-like) | {:.2} µs ({:.2}×) | {:.2} µs ({:.2}×) | {} B ({:.2}×) |",
         micros(random.0),
         micros(random.0) / micros(sequential.0),
         micros(random.1),
-        micros(random.1) / micros(sequential.1)
+        micros(random.1) / micros(sequential.1),
+        random.2,
+        random.2 as f64 / sequential.2.max(1) as f64
     );
 }
