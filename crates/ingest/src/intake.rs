@@ -54,7 +54,7 @@ impl Submission {
     ) -> Result<Submission, SubmitError> {
         let encoded = events
             .iter()
-            .map(serde_json::to_vec)
+            .map(Event::to_json_bytes)
             .collect::<Result<_, _>>()
             .map_err(|e| SubmitError::Failed(format!("cannot encode an event: {e}")))?;
         Ok(Submission {

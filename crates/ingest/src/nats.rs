@@ -208,7 +208,7 @@ async fn forward(
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
             headers.insert(FORWARDED_HEADER, instance.as_str());
-            let published = match serde_json::to_vec(event) {
+            let published = match event.to_json_bytes() {
                 Ok(body) => js
                     .publish_with_headers(subject_for(&prefix, &event.event), headers, body.into())
                     .await
@@ -441,14 +441,13 @@ async fn consume(
     // in one transaction (group commit). Batches are handed over in stream order and the
     // pipeline keeps that order, so they become durable, and are acknowledged, in order.
     let mut in_flight = futures_util::stream::FuturesOrdered::new();
-    let mut held: std::collections::VecDeque<(u64, Vec<jetstream::Message>)> = Default::default();
+    let mut held: std::collections::VecDeque<HeldBatch> = Default::default();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let done: Result<(u64, Vec<jetstream::Message>), BoxError> = done;
-                let (seq, messages) = done?;
-                held.push_back((seq, messages));
+                let done: Result<HeldBatch, BoxError> = done;
+                held.push_back(done?);
                 ack_covered(&mut held, covered.as_ref().map(|c| *c.borrow()), acks).await?;
             }
             changed = async {
@@ -463,7 +462,20 @@ async fn consume(
             }
             batch = batches.next(), if in_flight.len() < MAX_BATCHES_IN_FLIGHT => {
                 let Some(batch) = batch else { break };
-                let mut handled = Vec::with_capacity(batch.len());
+                let count = batch.len();
+                // With `Acks::LastOfBatch` only the batch's last message is acknowledged: the
+                // others are dropped here, while still in cache, instead of being held until
+                // a checkpoint covers them.
+                let mut handled = Vec::with_capacity(match acks {
+                    Acks::EachMessage => batch.len(),
+                    Acks::LastOfBatch => 1,
+                });
+                let keep = |handled: &mut Vec<jetstream::Message>, message| {
+                    if let Acks::LastOfBatch = acks {
+                        handled.clear();
+                    }
+                    handled.push(message);
+                };
                 let mut events = Vec::with_capacity(batch.len());
                 let mut redelivered = Vec::new();
                 let mut elsewhere = Vec::new();
@@ -478,7 +490,7 @@ async fn consume(
                                 elsewhere.push(event.id);
                             }
                             events.push(event);
-                            handled.push(message);
+                            keep(&mut handled, message);
                         }
                         Err(reason) => {
                             counters.terminated.fetch_add(1, Ordering::Relaxed);
@@ -488,7 +500,7 @@ async fn consume(
                                 Acks::EachMessage => message.ack_with(AckKind::Term).await?,
                                 // A `+TERM` would acknowledge the messages before it, which may
                                 // not be durable yet: the batch's own acknowledgement covers it.
-                                Acks::LastOfBatch => handled.push(message),
+                                Acks::LastOfBatch => keep(&mut handled, message),
                             }
                         }
                     }
@@ -508,7 +520,7 @@ async fn consume(
                     // Durable first (log + trigger state), then acknowledge (see ack_covered).
                     let receipt = durable.await?;
                     delivered.fetch_add(good, Ordering::Relaxed);
-                    Ok((receipt.last_seq, handled))
+                    Ok(HeldBatch { seq: receipt.last_seq, count, messages: handled })
                 });
             }
         }
@@ -517,9 +529,8 @@ async fn consume(
     // them once a stored checkpoint covers them (bounded: the pipeline checkpoints within its
     // interval; what stays unacknowledged is redelivered, never lost).
     while let Some(done) = in_flight.next().await {
-        let done: Result<(u64, Vec<jetstream::Message>), BoxError> = done;
-        let (seq, messages) = done?;
-        held.push_back((seq, messages));
+        let done: Result<HeldBatch, BoxError> = done;
+        held.push_back(done?);
     }
     let deadline = tokio::time::Instant::now() + ACK_DRAIN_LIMIT;
     while let Some(covered) = covered.as_mut() {
@@ -532,7 +543,7 @@ async fn consume(
             Ok(Ok(())) => {}
             _ => {
                 warn!(
-                    unacknowledged = held.iter().map(|(_, m)| m.len()).sum::<usize>(),
+                    unacknowledged = held.iter().map(|batch| batch.count).sum::<usize>(),
                     "no stored checkpoint covers the last events yet; JetStream will redeliver them"
                 );
                 return Ok(());
@@ -544,6 +555,16 @@ async fn consume(
         return Ok(());
     }
     Err("JetStream consumer stream ended".into())
+}
+
+/// A durable batch waiting for its acknowledgement.
+struct HeldBatch {
+    /// The log sequence of its last event.
+    seq: u64,
+    /// How many messages it stands for.
+    count: usize,
+    /// What to acknowledge: every message, or only the last (see [`Acks`]).
+    messages: Vec<jetstream::Message>,
 }
 
 /// How a durable batch is acknowledged.
@@ -563,16 +584,16 @@ const ACK_DRAIN_LIMIT: Duration = Duration::from_secs(15);
 /// (all of them when there is no shared checkpoint: the local log and checkpoint make them
 /// durable). Stops at the first batch not covered, so nothing after it is acknowledged.
 async fn ack_covered(
-    held: &mut std::collections::VecDeque<(u64, Vec<jetstream::Message>)>,
+    held: &mut std::collections::VecDeque<HeldBatch>,
     covered: Option<u64>,
     acks: Acks,
 ) -> Result<(), BoxError> {
     let mut last = None;
-    while let Some((seq, _)) = held.front() {
-        if covered.is_some_and(|c| *seq > c) {
+    while let Some(batch) = held.front() {
+        if covered.is_some_and(|c| batch.seq > c) {
             break;
         }
-        if let Some((_, mut messages)) = held.pop_front() {
+        if let Some(HeldBatch { mut messages, .. }) = held.pop_front() {
             match acks {
                 Acks::EachMessage => {
                     for message in messages {
@@ -683,7 +704,7 @@ pub async fn publish(
     subject: String,
     event: &spur_core::Event,
 ) -> Result<(), BoxError> {
-    let body = serde_json::to_vec(event)?;
+    let body = event.to_json_bytes()?;
     let js = jetstream::new(client.clone());
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", event.id.to_string().as_str());

@@ -1339,7 +1339,7 @@ impl StoreWriter {
     pub fn append(&mut self, events: &[Event]) -> Result<Vec<Appended>, StoreError> {
         let encoded = events
             .iter()
-            .map(serde_json::to_vec)
+            .map(Event::to_json_bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(corrupt)?;
         self.append_encoded(events, &encoded)
