@@ -522,6 +522,11 @@ fn main() {
         for line in metrics.lines().filter(|l| l.starts_with("spur_commit_seconds") || l.starts_with("spur_batch") || l.starts_with("spur_checkpoint_seconds")) {
             eprintln!("{line}");
         }
+        let checkpoint_size = spur_store::Store::open(&dir.path().join("data").join("spur.redb"))
+            .ok()
+            .and_then(|store| store.load_checkpoint().ok().flatten())
+            .and_then(|checkpoint| serde_json::to_vec(&checkpoint).ok())
+            .map_or(0, |bytes| bytes.len());
 
         println!("\n| measurement | result |");
         println!("|---|---|");
@@ -538,6 +543,7 @@ fn main() {
             100.0 * spur_rate / raw_all_rate
         );
         println!("| firings during the throughput run | {fired} |");
+        println!("| the last checkpoint (engine state, JSON) | {:.1} kB |", checkpoint_size as f64 / 1024.0);
         print_cpu("raw", &cpu_before_raw, &cpu_after_raw, n);
         print_cpu("Spur", &cpu_before_spur, &cpu_after_spur, n);
         for ((load, rate, total, latencies, busy, _), split) in latency_rounds.iter().zip(&splits) {

@@ -88,7 +88,8 @@ pub struct Metrics {
     pub timer_lag: Histogram,
     /// Durable commit time of one batch (events + firings).
     pub commit: Histogram,
-    /// Time to take and store one checkpoint of the trigger state (the pipeline waits).
+    /// Pipeline time per checkpoint of the trigger state: the snapshot, and the write when
+    /// it is not part of a batch's commit (encoding runs on a worker).
     pub checkpoint: Histogram,
     /// Events per committed batch.
     pub batch_events: AtomicU64,
@@ -241,7 +242,7 @@ impl Metrics {
         );
         self.checkpoint.render(
             "spur_checkpoint_seconds",
-            "Time to take and store one checkpoint of the trigger state.",
+            "Pipeline time per checkpoint of the trigger state (snapshot, plus the write when not part of a batch commit).",
             &mut out,
         );
         counter(

@@ -1417,6 +1417,13 @@ impl StoreWriter {
         Ok(out)
     }
 
+    /// Stores a checkpoint (its JSON, see [`Checkpoint`]) as part of this transaction: the
+    /// pipeline writes one inside a batch's commit instead of paying a commit of its own.
+    pub fn put_checkpoint_json(&self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.txn.open_table(META)?.insert("checkpoint", bytes)?;
+        Ok(())
+    }
+
     /// Stores why each candidate trigger did (not) react to an event already in the log.
     /// `None` records that no trigger considered it, which is stored as no record at all
     /// (most events in a busy log; an earlier record, e.g. "held", is removed).
