@@ -181,6 +181,123 @@ async fn raw_rate(stream: &jetstream::stream::Stream, name: &str, n: usize, acks
     n as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Publishes `total` messages (`message(i)` gives subject and body) at `rate` per second,
+/// in 1 ms ticks, over core NATS; returns when every tenth message (`i % 10 == 0`, the
+/// timed ones) was published, in order.
+async fn publish_paced(
+    client: &async_nats::Client,
+    rate: f64,
+    total: usize,
+    message: impl Fn(usize) -> (String, Vec<u8>),
+) -> Vec<(Instant, SystemTime)> {
+    let mut sent = Vec::with_capacity(total / 10 + 1);
+    let per_tick = (rate / 1000.0).max(1.0);
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    let mut budget = 0.0;
+    let mut next = 0usize;
+    while next < total {
+        ticker.tick().await;
+        budget += per_tick;
+        while budget >= 1.0 && next < total {
+            budget -= 1.0;
+            let (subject, body) = message(next);
+            if next.is_multiple_of(10) {
+                sent.push((Instant::now(), SystemTime::now()));
+            }
+            client.publish(subject, body.into()).await.expect("publish");
+            next += 1;
+        }
+    }
+    client.flush().await.expect("flush");
+    sent
+}
+
+/// The machine's own latency floor at `rate`: the same messages, paced the same way, into a
+/// stream of their own, received by a durable pull consumer that does nothing but take them
+/// (acknowledging the last of each ready batch, as Spur does). Returns the publish → receipt
+/// times of every tenth message, sorted.
+async fn raw_latency(
+    js: &jetstream::Context,
+    client: &async_nats::Client,
+    round: usize,
+    rate: f64,
+    total: usize,
+) -> Vec<Duration> {
+    let prefix = format!("rawlat{round}");
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: prefix.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await
+        .expect("raw latency stream");
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            "raw",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("raw".into()),
+                ack_policy: jetstream::consumer::AckPolicy::All,
+                max_ack_pending: 200_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("raw latency consumer");
+    let mut batches = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .expect("messages")
+        .ready_chunks(1000);
+    let receiver = tokio::spawn(async move {
+        // Receipt time of each timed message, by its index / 10.
+        let mut received = vec![None; total / 10 + 1];
+        let mut seen = 0;
+        while seen < total {
+            let Ok(Some(mut batch)) =
+                tokio::time::timeout(Duration::from_secs(30), batches.next()).await
+            else {
+                break;
+            };
+            let now = Instant::now();
+            seen += batch.len();
+            for message in batch.iter().flatten() {
+                let index = message
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok());
+                if let Some(index) = index.filter(|i| i.is_multiple_of(10)) {
+                    received[index / 10] = Some(now);
+                }
+            }
+            if let Some(Ok(last)) = batch.pop() {
+                last.ack().await.expect("ack");
+            }
+        }
+        received
+    });
+    let sent = publish_paced(client, rate, total, |i| {
+        let name = if i.is_multiple_of(10) {
+            "load.latency".to_owned()
+        } else {
+            format!("load.noise.{}", i % 1000)
+        };
+        (format!("{prefix}.{i}"), event_json(i, &name))
+    })
+    .await;
+    let received = receiver.await.expect("raw receiver");
+    let mut latencies: Vec<Duration> = sent
+        .iter()
+        .zip(&received)
+        .filter_map(|((at, _), got)| got.map(|got| got.saturating_duration_since(*at)))
+        .collect();
+    latencies.sort();
+    latencies
+}
+
 /// CPU seconds used so far, per thread name of this process plus `nats-server` (Linux
 /// `/proc`; empty elsewhere). Differences between two readings attribute a phase's work.
 fn cpu_seconds(nats_pid: u32) -> HashMap<String, f64> {
@@ -432,7 +549,12 @@ fn main() {
         for (round, load) in loads.iter().enumerate() {
             let rate = (spur_rate * load).max(100.0);
             // The same mix as the throughput run: one event in ten fires; latency is measured on those.
-            let total = ((rate * 5.0) as usize).clamp(1000, 100_000);
+            // Five seconds of load. (Capped at 100 000 events until session 6, which cut the
+            // half-load round to ~2 s: one ~100 ms stall then was the whole p99.)
+            let total = ((rate * 5.0) as usize).clamp(1000, 500_000);
+            // First the floor: a do-nothing consumer of the same load on this machine.
+            let raw = raw_latency(&js, &client, round, rate, total).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             // CPU in use during the round (all threads of this process, plus nats-server),
             // to tell a saturated machine from a slow path.
             let cpu_before_round = cpu_seconds(nats_pid);
@@ -441,6 +563,7 @@ fn main() {
             // `--time start,end` to `perf report` to see this round alone.
             eprintln!("latency round at {load}: starts at {round_started:?}");
             let batches_before = daemon.metrics().batches.load(Ordering::Relaxed);
+            let slow_commits_before = daemon.metrics().commit.count_over(0.01).unwrap_or(0);
             let written_before = bytes_written();
             let batch_events_before = daemon.metrics().batch_events.load(Ordering::Relaxed);
             let firing_total = total / 10;
@@ -463,31 +586,17 @@ fn main() {
                 }
                 arrived
             });
-            let mut sent: HashMap<String, (Instant, SystemTime)> = HashMap::with_capacity(total);
-            let per_tick = (rate / 1000.0).max(1.0);
-            let mut ticker = tokio::time::interval(Duration::from_millis(1));
-            let mut budget = 0.0;
-            let mut next = 0usize;
             let base = 10_000_000usize * (round + 1);
-            while next < total {
-                ticker.tick().await;
-                budget += per_tick;
-                while budget >= 1.0 && next < total {
-                    budget -= 1.0;
-                    let i = base + next;
-                    let name = if next.is_multiple_of(10) { "load.latency".to_owned() } else { format!("load.noise.{}", next % 1000) };
-                    if next.is_multiple_of(10) {
-                        let id = event_id(i).to_string();
-                        sent.insert(id, (Instant::now(), SystemTime::now()));
-                    }
-                    client
-                        .publish(format!("events.{name}"), event_json(i, &name).into())
-                        .await
-                        .expect("publish");
-                    next += 1;
-                }
-            }
-            client.flush().await.expect("flush");
+            let published = publish_paced(&client, rate, total, |next| {
+                let name = if next.is_multiple_of(10) { "load.latency".to_owned() } else { format!("load.noise.{}", next % 1000) };
+                (format!("events.{name}"), event_json(base + next, &name))
+            })
+            .await;
+            let sent: HashMap<String, (Instant, SystemTime)> = published
+                .into_iter()
+                .enumerate()
+                .map(|(k, at)| (event_id(base + 10 * k).to_string(), at))
+                .collect();
             let arrived = collector.await.expect("collector");
             let mut latencies: Vec<Duration> = arrived
                 .iter()
@@ -499,17 +608,35 @@ fn main() {
                 .filter_map(|(id, at)| sent.get(id).map(|s| (id.clone(), s.1, at.1)))
                 .collect();
             latencies.sort();
+            {
+                // When the slowest firings were published (seconds into the round): one
+                // stall, or spread out?
+                let mut slowest: Vec<(Duration, Duration)> = arrived
+                    .iter()
+                    .filter_map(|(id, at)| {
+                        sent.get(id).map(|s| (at.0.saturating_duration_since(s.0), s.0.saturating_duration_since(round_started)))
+                    })
+                    .collect();
+                slowest.sort_by(|a, b| b.cmp(a));
+                let list: Vec<String> = slowest
+                    .iter()
+                    .take(10)
+                    .map(|(l, at)| format!("{:.1} ms at {:.3} s", l.as_secs_f64() * 1e3, at.as_secs_f64()))
+                    .collect();
+                eprintln!("latency round at {load}: slowest firings: {}", list.join(", "));
+            }
             let batches = daemon.metrics().batches.load(Ordering::Relaxed) - batches_before;
             let batch_events = daemon.metrics().batch_events.load(Ordering::Relaxed) - batch_events_before;
             let written = bytes_written().saturating_sub(written_before);
+            let slow_commits = daemon.metrics().commit.count_over(0.01).unwrap_or(0) - slow_commits_before;
             let busy = format!(
-                "{}; {batches} commits of {:.1} events and {:.1} kB written on average",
+                "{}; {batches} commits of {:.1} events and {:.1} kB written on average, {slow_commits} of them over 10 ms",
                 cores_busy(&cpu_before_round, &cpu_seconds(nats_pid), round_started.elapsed()),
                 batch_events as f64 / batches.max(1) as f64,
                 written as f64 / 1024.0 / batches.max(1) as f64
             );
             eprintln!("latency round at {load}: ends at {:?}", Instant::now());
-            latency_rounds.push((*load, rate, total, latencies, busy, walls));
+            latency_rounds.push((*load, rate, total, latencies, busy, walls, raw));
             // Let the daemon settle (checkpoint, acknowledge) before the next round.
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -546,14 +673,17 @@ fn main() {
         println!("| the last checkpoint (engine state, JSON) | {:.1} kB |", checkpoint_size as f64 / 1024.0);
         print_cpu("raw", &cpu_before_raw, &cpu_after_raw, n);
         print_cpu("Spur", &cpu_before_spur, &cpu_after_spur, n);
-        for ((load, rate, total, latencies, busy, _), split) in latency_rounds.iter().zip(&splits) {
+        for ((load, rate, total, latencies, busy, _, raw), split) in latency_rounds.iter().zip(&splits) {
             println!(
-                "| latency run at {:.0} % of the Spur rate | {total} events at {:.0} events/s, {} firings timed: event → firing p50 {:.2} ms, p99 {:.2} ms ({split}); {busy} |",
+                "| latency run at {:.0} % of the Spur rate | {total} events at {:.0} events/s, {} firings timed: event → firing p50 {:.2} ms, p99 {:.2} ms ({split}); {busy}; raw JetStream at the same rate (do-nothing consumer, {} timed): publish → receipt p50 {:.2} ms, p99 {:.2} ms |",
                 load * 100.0,
                 rate,
                 latencies.len(),
                 percentile(latencies, 0.50).as_secs_f64() * 1e3,
-                percentile(latencies, 0.99).as_secs_f64() * 1e3
+                percentile(latencies, 0.99).as_secs_f64() * 1e3,
+                raw.len(),
+                percentile(raw, 0.50).as_secs_f64() * 1e3,
+                percentile(raw, 0.99).as_secs_f64() * 1e3
             );
         }
     });

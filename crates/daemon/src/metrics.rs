@@ -43,6 +43,14 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// How many observations exceeded `bound` seconds, which must be one of the bucket
+    /// bounds (`None` otherwise). For load drivers that compare rounds.
+    pub fn count_over(&self, bound: f64) -> Option<u64> {
+        let index = LATENCY_BUCKETS.iter().position(|b| *b == bound)?;
+        let within = self.counts[index].load(Ordering::Relaxed);
+        Some(self.count.load(Ordering::Relaxed).saturating_sub(within))
+    }
+
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.counts) {
