@@ -132,33 +132,49 @@ enum RawAcks {
     LastOfBatch,
 }
 
-/// The rate at which a new durable pull consumer `name` (pulling up to 1 000 messages at a
-/// time, as Spur does) consumes and acknowledges the `n` messages of `stream`, doing nothing
-/// else: the ceiling for any JetStream consumer on this server.
-async fn raw_rate(stream: &jetstream::stream::Stream, name: &str, n: usize, acks: RawAcks) -> f64 {
+/// A new durable pull consumer `name` of `stream`, as ready batches of up to 1 000 messages
+/// (pulled 1 000 at a time, as Spur does).
+async fn pull_batches(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    ack_policy: jetstream::consumer::AckPolicy,
+) -> futures_util::stream::BoxStream<
+    'static,
+    Vec<Result<jetstream::Message, jetstream::consumer::pull::MessagesError>>,
+> {
     let consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             name,
             jetstream::consumer::pull::Config {
                 durable_name: Some(name.into()),
-                ack_policy: match acks {
-                    RawAcks::EachMessage => jetstream::consumer::AckPolicy::Explicit,
-                    RawAcks::LastOfBatch => jetstream::consumer::AckPolicy::All,
-                },
-                max_ack_pending: 100_000,
+                ack_policy,
+                max_ack_pending: 200_000,
                 ..Default::default()
             },
         )
         .await
-        .expect("raw consumer");
-    let started = Instant::now();
-    let mut batches = consumer
+        .expect("consumer");
+    consumer
         .stream()
         .max_messages_per_batch(1000)
         .messages()
         .await
         .expect("messages")
-        .ready_chunks(1000);
+        .ready_chunks(1000)
+        .boxed()
+}
+
+/// The rate at which a new durable pull consumer `name` (pulling up to 1 000 messages at a
+/// time, as Spur does) consumes and acknowledges the `n` messages of `stream`, doing nothing
+/// else: the ceiling for any JetStream consumer on this server.
+async fn raw_rate(stream: &jetstream::stream::Stream, name: &str, n: usize, acks: RawAcks) -> f64 {
+    let ack_policy = match acks {
+        RawAcks::EachMessage => jetstream::consumer::AckPolicy::Explicit,
+        RawAcks::LastOfBatch => jetstream::consumer::AckPolicy::All,
+    };
+    let mut batches = pull_batches(stream, name, ack_policy).await;
+    // Timed from here: setting up the consumer is not consuming (nor is it in Spur's time).
+    let started = Instant::now();
     let mut seen = 0;
     while seen < n {
         let mut batch = batches.next().await.expect("batch");
@@ -232,25 +248,7 @@ async fn raw_latency(
         })
         .await
         .expect("raw latency stream");
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(
-            "raw",
-            jetstream::consumer::pull::Config {
-                durable_name: Some("raw".into()),
-                ack_policy: jetstream::consumer::AckPolicy::All,
-                max_ack_pending: 200_000,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("raw latency consumer");
-    let mut batches = consumer
-        .stream()
-        .max_messages_per_batch(1000)
-        .messages()
-        .await
-        .expect("messages")
-        .ready_chunks(1000);
+    let mut batches = pull_batches(&stream, "raw", jetstream::consumer::AckPolicy::All).await;
     let receiver = tokio::spawn(async move {
         // Receipt time of each timed message, by its index / 10.
         let mut received = vec![None; total / 10 + 1];
