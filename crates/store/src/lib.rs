@@ -18,7 +18,8 @@
 //! | `event_explanations` | ingest sequence, u64 | what each candidate trigger decided (only events some trigger considered) |
 //! | `webhooks`   | webhook id, u128     | the webhook (secrets sealed, keys hashed) |
 //!
-//! **The id index has two tiers.** Event ids are random (Prefect's clients use `uuid4`), so
+//! **The id index has two tiers.** Event ids are unordered across senders (random `uuid4`s
+//! from many; Prefect's clients send time-ordered `uuid7`s, but many clients interleave), so
 //! inserting each event's id into the `event_ids` B-tree as it arrived dirtied one random
 //! page per event, and every commit rewrote hundreds of pages. Ids appended since they were
 //! last merged are instead held in memory (`RecentIds`) and merged into `event_ids` in sorted
