@@ -23,7 +23,10 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
-use crate::intake::{Intake, SubmitError, normalize, normalize_slice};
+use crate::intake::{
+    DocumentError, Intake, SubmitError, normalize, normalize_document, normalize_slice,
+};
+use spur_core::{Event, EventError};
 
 /// The Prefect server version Spur reports. The stock client requires major version 3 and
 /// warns when the server is older than itself, so this is a 3.x newer than today's clients.
@@ -61,6 +64,26 @@ fn detail(status: StatusCode, body: Value) -> Response {
 
 async fn post_events(State(state): State<HttpIngest>, body: Bytes) -> Response {
     let now = Utc::now();
+    let limits = state.intake.limits();
+    // The usual body, a list of events: each read from its own bytes (`normalize_document`:
+    // plain events skip the `Value` tree; anything else gets `normalize`'s exact answer).
+    if let Ok(items) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&body) {
+        let results = items
+            .iter()
+            .map(
+                |raw| match normalize_document(raw.get().as_bytes(), now, limits) {
+                    Ok(event) => Ok(event),
+                    Err(DocumentError::Invalid(e)) => Err(e),
+                    // Cannot happen (each item is JSON already), but is refused all the same.
+                    Err(e @ DocumentError::NotJson(_)) => Err(EventError {
+                        field: "event".into(),
+                        reason: e.to_string(),
+                    }),
+                },
+            )
+            .collect();
+        return submit_events(&state, results).await;
+    }
     let value: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -82,11 +105,21 @@ async fn post_events(State(state): State<HttpIngest>, body: Bytes) -> Response {
             );
         }
     };
-    let total = items.len();
+    let results = items
+        .into_iter()
+        .map(|item| normalize(item, now, limits))
+        .collect();
+    submit_events(&state, results).await
+}
+
+/// Stores the valid events of a `POST /api/events` and answers: 204, or 422 naming each
+/// refused item (the others are stored all the same), or the intake's refusal.
+async fn submit_events(state: &HttpIngest, results: Vec<Result<Event, EventError>>) -> Response {
+    let total = results.len();
     let mut events = Vec::with_capacity(total);
     let mut rejected = Vec::new();
-    for (index, item) in items.into_iter().enumerate() {
-        match normalize(item, now, state.intake.limits()) {
+    for (index, result) in results.into_iter().enumerate() {
+        match result {
             Ok(event) => events.push(event),
             Err(e) => rejected.push(json!({"index": index, "field": e.field, "reason": e.reason})),
         }

@@ -224,19 +224,29 @@ impl Intake {
     }
 }
 
+/// Why a received JSON document did not become an event.
+#[derive(Debug, Error)]
+pub enum DocumentError {
+    /// The bytes are not JSON.
+    #[error("not valid JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    /// JSON, but not an acceptable event (the field and the reason).
+    #[error(transparent)]
+    Invalid(#[from] EventError),
+}
+
 /// Turns one received JSON document, as bytes, into an event: [`normalize`]'s answer, and the
 /// fast way for the common case.
 ///
 /// A plain Prefect event is read straight into an [`Event`] (`Event::from_slice_direct`),
 /// skipping the `Value` tree (about a quarter of an ingest worker's time under load). Anything
 /// else (a CloudEvent, an invalid event, an unusual but valid shape) is parsed into a `Value`
-/// and goes through [`normalize`], so errors and edge cases are exactly its own. The error is
-/// the reason, ready to log or return.
-pub fn normalize_slice(
+/// and goes through [`normalize`], so errors and edge cases are exactly its own.
+pub fn normalize_document(
     bytes: &[u8],
     received: DateTime<Utc>,
     limits: &EventLimits,
-) -> Result<Event, String> {
+) -> Result<Event, DocumentError> {
     let received = chrono::SubsecRound::trunc_subsecs(received, 6);
     if let Some(mut event) = Event::from_slice_direct(bytes, received, limits) {
         event.occurred = chrono::SubsecRound::trunc_subsecs(event.occurred, 6);
@@ -244,8 +254,17 @@ pub fn normalize_slice(
             return Ok(event);
         }
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON: {e}"))?;
-    normalize(value, received, limits).map_err(|e| e.to_string())
+    let value: Value = serde_json::from_slice(bytes)?;
+    Ok(normalize(value, received, limits)?)
+}
+
+/// [`normalize_document`] with the error as its reason, ready to log or send back.
+pub fn normalize_slice(
+    bytes: &[u8],
+    received: DateTime<Utc>,
+    limits: &EventLimits,
+) -> Result<Event, String> {
+    normalize_document(bytes, received, limits).map_err(|e| e.to_string())
 }
 
 /// Turns one received JSON document into an event: a Prefect event (partial allowed) or a
