@@ -329,16 +329,7 @@ impl Event {
             }
             None => return Err(EventError::new("event", "is required")),
         };
-        let name_chars = name.chars().count();
-        if name_chars > limits.max_name_length {
-            return Err(EventError::new(
-                "event",
-                format!(
-                    "name is {name_chars} characters long; at most {} are allowed",
-                    limits.max_name_length
-                ),
-            ));
-        }
+        check_name(&name, limits)?;
         let resource = match map.remove("resource") {
             Some(v) => Resource::from_value(v, "resource", false, limits)?,
             None => return Err(EventError::new("resource", "is required")),
@@ -346,16 +337,7 @@ impl Event {
         let related = match map.remove("related") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::Array(items)) => {
-                if items.len() > limits.max_related_resources {
-                    return Err(EventError::new(
-                        "related",
-                        format!(
-                            "has {} resources; at most {} are allowed",
-                            items.len(),
-                            limits.max_related_resources
-                        ),
-                    ));
-                }
+                check_related_count(items.len(), limits)?;
                 items
                     .into_iter()
                     .enumerate()
@@ -372,16 +354,7 @@ impl Event {
                 ));
             }
         };
-        let payload = match map.remove("payload") {
-            None | Some(Value::Null) => Value::Object(Map::new()),
-            Some(v @ Value::Object(_)) => v,
-            Some(other) => {
-                return Err(EventError::new(
-                    "payload",
-                    format!("must be an object, got {}", json_type_name(&other)),
-                ));
-            }
-        };
+        let payload = payload_or_empty(map.remove("payload"))?;
         let id = match map.get("id") {
             None | Some(Value::Null) => Uuid::now_v7(),
             Some(v) => parse_uuid(v, "id")?,
@@ -597,10 +570,55 @@ impl fmt::Display for Event {
     }
 }
 
+/// Prefect's limit on an event name's length, in characters.
+fn check_name(name: &str, limits: &EventLimits) -> Result<(), EventError> {
+    let name_chars = name.chars().count();
+    if name_chars > limits.max_name_length {
+        return Err(EventError::new(
+            "event",
+            format!(
+                "name is {name_chars} characters long; at most {} are allowed",
+                limits.max_name_length
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Prefect's limit on how many related resources an event carries.
+fn check_related_count(count: usize, limits: &EventLimits) -> Result<(), EventError> {
+    if count > limits.max_related_resources {
+        return Err(EventError::new(
+            "related",
+            format!(
+                "has {count} resources; at most {} are allowed",
+                limits.max_related_resources
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The payload as stored: absent or `null` becomes `{}`; anything but an object is refused.
+fn payload_or_empty(payload: Option<Value>) -> Result<Value, EventError> {
+    match payload {
+        None | Some(Value::Null) => Ok(Value::Object(Map::new())),
+        Some(v @ Value::Object(_)) => Ok(v),
+        Some(other) => Err(EventError::new(
+            "payload",
+            format!("must be an object, got {}", json_type_name(&other)),
+        )),
+    }
+}
+
+/// A UUID in text form; `field` names it in the error.
+fn parse_uuid_str(text: &str, field: &str) -> Result<Uuid, EventError> {
+    Uuid::parse_str(text).map_err(|e| EventError::new(field, format!("is not a valid UUID ({e})")))
+}
+
 fn parse_uuid(value: &Value, field: &str) -> Result<Uuid, EventError> {
     match value {
-        Value::String(s) => Uuid::parse_str(s)
-            .map_err(|e| EventError::new(field, format!("is not a valid UUID ({e})"))),
+        Value::String(s) => parse_uuid_str(s, field),
         other => Err(EventError::new(
             field,
             format!("must be a UUID string, got {}", json_type_name(other)),

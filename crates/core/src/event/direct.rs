@@ -18,10 +18,12 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Event, EventLimits, Resource};
+use super::{
+    Event, EventLimits, Resource, check_name, check_related_count, parse_uuid_str, payload_or_empty,
+};
 use crate::time::parse_timestamp_str;
 
 impl Event {
@@ -38,31 +40,27 @@ impl Event {
         limits: &EventLimits,
     ) -> Option<Event> {
         let wire: WireEvent = serde_json::from_slice(bytes).ok()?;
+        // The same rules as the general path, in the same helpers; any refusal gives up.
         let name = wire.event?;
-        if name.chars().count() > limits.max_name_length {
-            return None;
-        }
+        check_name(&name, limits).ok()?;
         let resource = Resource::checked(wire.resource?, "resource", false, limits).ok()?;
         let related = match wire.related {
             None => Vec::new(),
-            Some(list) if list.len() > limits.max_related_resources => return None,
-            Some(list) => list
-                .into_iter()
-                .map(|labels| Resource::checked(labels, "related", true, limits).ok())
-                .collect::<Option<Vec<_>>>()?,
+            Some(list) => {
+                check_related_count(list.len(), limits).ok()?;
+                list.into_iter()
+                    .map(|labels| Resource::checked(labels, "related", true, limits).ok())
+                    .collect::<Option<Vec<_>>>()?
+            }
         };
-        let payload = match wire.payload {
-            None | Some(Value::Null) => Value::Object(Map::new()),
-            Some(v @ Value::Object(_)) => v,
-            Some(_) => return None,
-        };
+        let payload = payload_or_empty(wire.payload).ok()?;
         let id = match wire.id {
             None => Uuid::now_v7(),
-            Some(text) => Uuid::parse_str(text).ok()?,
+            Some(text) => parse_uuid_str(text, "id").ok()?,
         };
         let follows = match wire.follows {
             None => None,
-            Some(text) => Some(Uuid::parse_str(text).ok()?),
+            Some(text) => Some(parse_uuid_str(text, "follows").ok()?),
         };
         let occurred = match wire.occurred {
             None => received,
@@ -284,6 +282,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use proptest::strategy::ValueTree;
+    use serde_json::Map;
 
     fn received() -> DateTime<Utc> {
         "2024-05-01T12:00:00.123456Z"
