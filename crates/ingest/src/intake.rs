@@ -248,11 +248,10 @@ pub fn normalize_document(
     limits: &EventLimits,
 ) -> Result<Event, DocumentError> {
     let received = chrono::SubsecRound::trunc_subsecs(received, 6);
-    if let Some(mut event) = Event::from_slice_direct(bytes, received, limits) {
-        event.occurred = chrono::SubsecRound::trunc_subsecs(event.occurred, 6);
-        if event.check_size(limits).is_ok() {
-            return Ok(event);
-        }
+    if let Some(event) = Event::from_slice_direct(bytes, received, limits)
+        && let Ok(event) = finish(event, limits)
+    {
+        return Ok(event);
     }
     let value: Value = serde_json::from_slice(bytes)?;
     Ok(normalize(value, received, limits)?)
@@ -276,11 +275,17 @@ pub fn normalize(
 ) -> Result<Event, EventError> {
     // Microseconds, like Prefect's timestamps (and so they survive every JSON round trip).
     let received = chrono::SubsecRound::trunc_subsecs(received, 6);
-    let mut event = if cloudevents::is_cloud_event(&value) {
+    let event = if cloudevents::is_cloud_event(&value) {
         cloudevents::to_event(&value, received, limits)?
     } else {
         Event::from_value(value, received, limits)?
     };
+    finish(event, limits)
+}
+
+/// What every parsed event goes through last, whichever way it was parsed: `occurred` to
+/// microseconds, and the size limit.
+fn finish(mut event: Event, limits: &EventLimits) -> Result<Event, EventError> {
     event.occurred = chrono::SubsecRound::trunc_subsecs(event.occurred, 6);
     event.check_size(limits)?;
     Ok(event)
