@@ -363,7 +363,7 @@ impl Pipeline {
                     self.tick();
                     // Quiet for a while: no batch commit for an encoded checkpoint to join.
                     if let Some((job, bytes)) = self.take_encoded_checkpoint() {
-                        self.write_checkpoint_alone(job, bytes);
+                        self.write_checkpoint_alone(job.seq, bytes, job.spent);
                     }
                 }
             }
@@ -650,11 +650,8 @@ impl Pipeline {
             return;
         }
         let started = Instant::now();
-        let seq = self.applied;
-        let checkpoint = Checkpoint {
-            seq,
-            snapshot: self.engine.snapshot(),
-        };
+        let checkpoint = self.snapshot();
+        let seq = checkpoint.seq;
         let (done, encoded) = oneshot::channel();
         tokio::task::spawn_blocking(move || {
             let _ = done.send(serde_json::to_vec(&checkpoint).map_err(|e| e.to_string()));
@@ -686,12 +683,27 @@ impl Pipeline {
         }
     }
 
-    /// Writes an encoded checkpoint in a commit of its own (when no batch is coming).
-    fn write_checkpoint_alone(&mut self, job: EncodingCheckpoint, bytes: Vec<u8>) {
+    /// The engine's state after the last applied event.
+    fn snapshot(&self) -> Checkpoint {
+        Checkpoint {
+            seq: self.applied,
+            snapshot: self.engine.snapshot(),
+        }
+    }
+
+    /// Writes an encoded checkpoint in a commit of its own (when no batch commit is there to
+    /// carry it); `spent` is the pipeline time it took so far. False if it could not.
+    fn write_checkpoint_alone(&mut self, seq: u64, bytes: Vec<u8>, spent: Duration) -> bool {
         let started = Instant::now();
         match self.store.save_checkpoint_json(&bytes) {
-            Ok(()) => self.checkpoint_stored(job.seq, bytes, job.spent + started.elapsed()),
-            Err(e) => warn!(error = %e, "cannot write a checkpoint; the log still has every event"),
+            Ok(()) => {
+                self.checkpoint_stored(seq, bytes, spent + started.elapsed());
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot write a checkpoint; the log still has every event");
+                false
+            }
         }
     }
 
@@ -701,20 +713,17 @@ impl Pipeline {
     fn checkpoint(&mut self) {
         self.encoding = None;
         let started = Instant::now();
-        let checkpoint = Checkpoint {
-            seq: self.applied,
-            snapshot: self.engine.snapshot(),
-        };
-        let saved = serde_json::to_vec(&checkpoint)
-            .map_err(|e| StoreError::Corrupt(format!("checkpoint: {e}")))
-            .and_then(|bytes| self.store.save_checkpoint_json(&bytes).map(|()| bytes));
-        match saved {
-            Ok(bytes) => {
-                self.since_checkpoint = 0;
-                self.last_checkpoint = Instant::now();
-                self.checkpoint_stored(checkpoint.seq, bytes, started.elapsed());
+        let checkpoint = self.snapshot();
+        let bytes = match serde_json::to_vec(&checkpoint) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "cannot encode a checkpoint; the log still has every event");
+                return;
             }
-            Err(e) => warn!(error = %e, "cannot write a checkpoint; the log still has every event"),
+        };
+        if self.write_checkpoint_alone(checkpoint.seq, bytes, started.elapsed()) {
+            self.since_checkpoint = 0;
+            self.last_checkpoint = Instant::now();
         }
     }
 
