@@ -1207,10 +1207,7 @@ impl Store {
     /// elsewhere serialize once).
     pub fn save_checkpoint_json(&self, bytes: &[u8]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            meta.insert("checkpoint", bytes)?;
-        }
+        put_checkpoint(&txn, bytes)?;
         txn.commit()?;
         Ok(())
     }
@@ -1219,7 +1216,7 @@ impl Store {
     pub fn load_checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
-        match meta.get("checkpoint")? {
+        match meta.get(CHECKPOINT)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
             None => Ok(None),
         }
@@ -1308,6 +1305,15 @@ fn split_occurred_key(key: u128) -> (i64, u64) {
 /// Moves a log written before batch records (one `events` entry per event) into batch
 /// records, and builds `events_by_occurred` from it (stores that old may predate the index
 /// too). Runs once, in the transaction that opens such a store.
+/// `meta[CHECKPOINT]`: the last checkpoint's JSON.
+const CHECKPOINT: &str = "checkpoint";
+
+/// Writes a checkpoint's JSON within `txn`, replacing the previous one.
+fn put_checkpoint(txn: &redb::WriteTransaction, bytes: &[u8]) -> Result<(), StoreError> {
+    txn.open_table(META)?.insert(CHECKPOINT, bytes)?;
+    Ok(())
+}
+
 /// Keys `event_ids` by [`ids_key`] if a store written before did not (once; see
 /// [`IDS_KEYED`]). A new store's empty table just gets the mark.
 fn rekey_event_ids(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -1469,8 +1475,7 @@ impl StoreWriter {
     /// Stores a checkpoint (its JSON, see [`Checkpoint`]) as part of this transaction: the
     /// pipeline writes one inside a batch's commit instead of paying a commit of its own.
     pub fn put_checkpoint_json(&self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.txn.open_table(META)?.insert("checkpoint", bytes)?;
-        Ok(())
+        put_checkpoint(&self.txn, bytes)
     }
 
     /// Stores why each candidate trigger did (not) react to an event already in the log.
