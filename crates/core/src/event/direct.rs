@@ -153,8 +153,8 @@ impl<'de: 'a, 'a> Visitor<'de> for WireEventVisitor<'a> {
             }
             match key {
                 Key::Event => wire.event = map.next_value()?,
-                Key::Resource => wire.resource = map.next_value_seed(OptionalLabels)?,
-                Key::Related => wire.related = map.next_value_seed(OptionalResourceList)?,
+                Key::Resource => wire.resource = map.next_value_seed(Optional(Labels))?,
+                Key::Related => wire.related = map.next_value_seed(Optional(ResourceList))?,
                 Key::Payload => wire.payload = map.next_value()?,
                 Key::Id => wire.id = map.next_value()?,
                 Key::Follows => wire.follows = map.next_value()?,
@@ -166,22 +166,22 @@ impl<'de: 'a, 'a> Visitor<'de> for WireEventVisitor<'a> {
     }
 }
 
-/// A resource's labels, or `null`: a JSON object of string values, in order, no key twice.
-struct OptionalLabels;
+/// `null` as `None`, anything else read by the seed `S` (a resource's labels, `related`).
+struct Optional<S>(S);
 
-impl<'de> DeserializeSeed<'de> for OptionalLabels {
-    type Value = Option<Vec<(String, String)>>;
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Optional<S> {
+    type Value = Option<S::Value>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_option(self)
     }
 }
 
-impl<'de> Visitor<'de> for OptionalLabels {
-    type Value = Option<Vec<(String, String)>>;
+impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for Optional<S> {
+    type Value = Option<S::Value>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("an object of string labels")
+        f.write_str("null or a value")
     }
 
     fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
@@ -193,11 +193,11 @@ impl<'de> Visitor<'de> for OptionalLabels {
     }
 
     fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_map(Labels).map(Some)
+        self.0.deserialize(deserializer).map(Some)
     }
 }
 
-/// The labels themselves (inside [`OptionalLabels`], and each item of `related`).
+/// A resource's labels: a JSON object of string values, in order, no key twice.
 struct Labels;
 
 impl<'de> DeserializeSeed<'de> for Labels {
@@ -227,39 +227,16 @@ impl<'de> Visitor<'de> for Labels {
     }
 }
 
-/// `related`: a list of label objects, or `null`.
-struct OptionalResourceList;
+/// `related`: a list of label objects.
+struct ResourceList;
 
-impl<'de> DeserializeSeed<'de> for OptionalResourceList {
-    type Value = Option<Vec<Vec<(String, String)>>>;
+impl<'de> DeserializeSeed<'de> for ResourceList {
+    type Value = Vec<Vec<(String, String)>>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_option(self)
+        deserializer.deserialize_seq(self)
     }
 }
-
-impl<'de> Visitor<'de> for OptionalResourceList {
-    type Value = Option<Vec<Vec<(String, String)>>>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list of resources")
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_seq(ResourceList).map(Some)
-    }
-}
-
-/// The list inside [`OptionalResourceList`].
-struct ResourceList;
 
 impl<'de> Visitor<'de> for ResourceList {
     type Value = Vec<Vec<(String, String)>>;
