@@ -267,13 +267,13 @@ async fn receive(
     if !state.registry.allow(&hook) {
         return quiet(StatusCode::TOO_MANY_REQUESTS);
     }
-    let visible = visible_headers(&headers);
-    let content_type = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let parsed = parse_body(content_type, &body);
-    let context_json = json!({"method": method.as_str(), "headers": visible, "body": parsed});
-    let outcome = render_event(&state, &hook, &context_json, &headers, &body);
+    let context_json = request_context(&method, &headers, &body);
+    let outcome = map_request(
+        &state.templates,
+        state.intake.limits(),
+        &hook,
+        &context_json,
+    );
     match outcome {
         Ok(event) => match state.intake.submit(vec![event]).await {
             Ok(_) => quiet(StatusCode::NO_CONTENT),
@@ -289,18 +289,29 @@ async fn receive(
     }
 }
 
-/// Renders the template and turns the output into an event.
-fn render_event(
-    state: &WebhookIngest,
+/// What a webhook template sees of a request: `{method, headers, body}` (headers lower-cased,
+/// `Authorization` removed; the body read by [`parse_body`]).
+pub fn request_context(method: &Method, headers: &HeaderMap, body: &[u8]) -> Value {
+    let visible = visible_headers(headers);
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let parsed = parse_body(content_type, body);
+    json!({"method": method.as_str(), "headers": visible, "body": parsed})
+}
+
+/// The webhook request mapping: renders `hook`'s template over a [`request_context`] and turns
+/// the output into an event (webhook added as a related resource, default payload). Pure, so
+/// the fuzz target exercises exactly what `/hooks/{slug}` does. The error is the reason and
+/// the rendered text, if rendering got that far.
+pub fn map_request(
+    templates: &TemplateEngine,
+    limits: &EventLimits,
     hook: &Webhook,
     context_json: &Value,
-    headers: &HeaderMap,
-    body: &[u8],
 ) -> Result<Event, (String, Option<String>)> {
-    let _ = (headers, body);
     let context = spur_template::json_context(context_json);
-    let rendered = state
-        .templates
+    let rendered = templates
         .render(&hook.template, &context)
         .map_err(|e| (e.to_string(), None))?;
     let mut value: Value = serde_json::from_str(&rendered).map_err(|e| {
@@ -332,7 +343,7 @@ fn render_event(
         "prefect.resource.name": hook.name,
     }));
     map.insert("related".into(), Value::Array(related));
-    normalize(value, Utc::now(), state.intake.limits()).map_err(|e| (e.to_string(), Some(rendered)))
+    normalize(value, Utc::now(), limits).map_err(|e| (e.to_string(), Some(rendered)))
 }
 
 /// `prefect-cloud.webhook.failed`: what came in and what the template made of it.
