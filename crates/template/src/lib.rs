@@ -441,17 +441,39 @@ impl TemplateEngine {
         TemplateEngine { env }
     }
 
-    /// Checks syntax and loop limits without rendering.
+    /// Checks syntax, loop limits and filter and test names without rendering. (minijinja
+    /// looks filters up as it renders, so a template naming an unknown filter would otherwise
+    /// parse and then fail every render.)
     pub fn validate(&self, source: &str) -> Result<(), TemplateError> {
         let source = rewrite_angle_syntax(source);
         check_loop_limits(&source)?;
         self.env
             .template_from_str(&source)
-            .map(|_| ())
-            .map_err(|e| TemplateError::Invalid(describe(&e)))
+            .map_err(|e| TemplateError::Invalid(describe(&e)))?;
+        for (kind, name) in filter_and_test_names(&source) {
+            if !self.knows(kind, name) {
+                return Err(TemplateError::Invalid(format!("unknown {kind} {name:?}")));
+            }
+        }
+        Ok(())
     }
 
-    /// Renders `source` (a template, `<< >>` allowed) with `context`.
+    /// Is `name` a filter (or test) of this environment? Asked by rendering it once on
+    /// `none`: only an unknown name fails with `UnknownFilter` (`UnknownTest`).
+    fn knows(&self, kind: &str, name: &str) -> bool {
+        let (probe, unknown) = match kind {
+            "filter" => (format!("{{{{ none | {name} }}}}"), ErrorKind::UnknownFilter),
+            _ => (format!("{{{{ none is {name} }}}}"), ErrorKind::UnknownTest),
+        };
+        match self.env.render_str(&probe, ()) {
+            Ok(_) => true,
+            Err(e) => e.kind() != unknown,
+        }
+    }
+
+    /// Renders `source` (a template, `<< >>` allowed) with `context`. Output is written into
+    /// a buffer that refuses to grow past [`MAX_OUTPUT_BYTES`], so rendering stops there
+    /// instead of building the whole output first.
     pub fn render(&self, source: &str, context: &Value) -> Result<String, TemplateError> {
         let source = rewrite_angle_syntax(source);
         check_loop_limits(&source)?;
@@ -459,16 +481,16 @@ impl TemplateEngine {
             .env
             .template_from_str(&source)
             .map_err(|e| TemplateError::Invalid(describe(&e)))?;
-        let output = template
-            .render(context)
-            .map_err(|e| TemplateError::Render(describe(&e)))?;
-        if output.len() > MAX_OUTPUT_BYTES {
-            return Err(TemplateError::Render(format!(
-                "output is {} bytes; the limit is {MAX_OUTPUT_BYTES}",
-                output.len()
-            )));
+        let mut out = CappedWriter::default();
+        if let Err(e) = template.render_captured_to(context, &mut out) {
+            if out.exceeded {
+                return Err(TemplateError::Render(format!(
+                    "output is over the limit of {MAX_OUTPUT_BYTES} bytes"
+                )));
+            }
+            return Err(TemplateError::Render(describe(&e)));
         }
-        Ok(output)
+        String::from_utf8(out.bytes).map_err(|e| TemplateError::Render(e.to_string()))
     }
 
     /// Renders a string field the way Prefect renders action text: verbatim unless it looks
@@ -480,6 +502,121 @@ impl TemplateEngine {
             Ok(source.to_owned())
         }
     }
+}
+
+/// Collects rendered output up to [`MAX_OUTPUT_BYTES`]; a write past it fails, which
+/// minijinja turns into a render error at once.
+#[derive(Default)]
+struct CappedWriter {
+    bytes: Vec<u8>,
+    exceeded: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_OUTPUT_BYTES {
+            self.exceeded = true;
+            return Err(std::io::Error::other("template output limit reached"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The filters (`x | name`, `{% filter name %}`) and tests (`x is [not] name`) a template
+/// names, read from its `{{ }}` and `{% %}` tags with string literals skipped (comments and
+/// `{% raw %}` blocks are left out). A scan, not a parse: the template has parsed already.
+fn filter_and_test_names(source: &str) -> Vec<(&'static str, &str)> {
+    let mut names = Vec::new();
+    let bytes = source.as_bytes();
+    let mut i = 0;
+    let ident_at = |at: usize| -> &str {
+        let end = bytes[at..]
+            .iter()
+            .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_'))
+            .map_or(bytes.len(), |n| at + n);
+        &source[at..end]
+    };
+    let skip_space = |mut at: usize| {
+        while at < bytes.len() && bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        at
+    };
+    while i + 1 < bytes.len() {
+        let opener = &bytes[i..i + 2];
+        if opener == b"{#" {
+            i = source[i..].find("#}").map_or(bytes.len(), |n| i + n + 2);
+            continue;
+        }
+        if opener != b"{{" && opener != b"{%" {
+            i += 1;
+            continue;
+        }
+        let close: &[u8] = if opener == b"{{" { b"}}" } else { b"%}" };
+        let mut j = skip_space(i + 2 + usize::from(matches!(bytes.get(i + 2), Some(b'-' | b'+'))));
+        if opener == b"{%" {
+            match ident_at(j) {
+                "raw" => {
+                    i = source[j..].find("endraw").map_or(bytes.len(), |n| j + n);
+                    continue;
+                }
+                "filter" => {
+                    let at = skip_space(j + "filter".len());
+                    let name = ident_at(at);
+                    if !name.is_empty() {
+                        names.push(("filter", name));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut previous_word = "";
+        while j < bytes.len() && !bytes[j..].starts_with(close) {
+            match bytes[j] {
+                quote @ (b'"' | b'\'') => {
+                    j += 1;
+                    while j < bytes.len() && bytes[j] != quote {
+                        j += if bytes[j] == b'\\' { 2 } else { 1 };
+                    }
+                    j += 1;
+                    previous_word = "";
+                }
+                b'|' => {
+                    let at = skip_space(j + 1);
+                    let name = ident_at(at);
+                    if !name.is_empty() {
+                        names.push(("filter", name));
+                    }
+                    j = at + name.len().max(1);
+                    previous_word = "";
+                }
+                b if b.is_ascii_alphabetic() || b == b'_' => {
+                    let word = ident_at(j);
+                    if previous_word == "is" && word != "not" {
+                        names.push(("test", word));
+                    }
+                    previous_word = if word == "not" && previous_word == "is" {
+                        "is"
+                    } else {
+                        word
+                    };
+                    j += word.len();
+                }
+                b if b.is_ascii_whitespace() => j += 1,
+                _ => {
+                    previous_word = "";
+                    j += 1;
+                }
+            }
+        }
+        i = j + 2;
+    }
+    names
 }
 
 fn describe(error: &Error) -> String {
@@ -1024,5 +1161,58 @@ mod tests {
             engine.render("{{ missing.deeper }}", &ctx()).as_deref(),
             Ok("")
         );
+    }
+
+    /// Rendering stops at the output cap: a 100 × 100 loop printing 10 KB each time (100 MB)
+    /// fails after about a megabyte instead of building all of it, also inside parameters.
+    #[test]
+    fn rendering_stops_at_the_output_cap() {
+        let engine = TemplateEngine::new();
+        let bomb = "{% set s = 'x' * 10000 %}{% for a in range(100) %}{% for b in range(100) %}{{ s }}{% endfor %}{% endfor %}";
+        let started = std::time::Instant::now();
+        let err = engine.render(bomb, &ctx());
+        assert!(
+            matches!(&err, Err(TemplateError::Render(m)) if m.contains("limit of 1048576 bytes")),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let err = render_parameters(&engine, Some(&json!({"p": bomb})), &ctx());
+        assert!(matches!(err, Err(TemplateError::Render(_))), "{err:?}");
+        // Exactly at the cap is still fine.
+        let full = format!("{{{{ 'x' * {MAX_OUTPUT_BYTES} }}}}");
+        assert_eq!(
+            engine.render(&full, &ctx()).map(|s| s.len()),
+            Ok(MAX_OUTPUT_BYTES)
+        );
+    }
+
+    /// An unknown filter or test fails validation (it would fail every render), with its name;
+    /// known ones, and `|` inside strings and comments, pass.
+    #[test]
+    fn validation_names_unknown_filters_and_tests() {
+        let engine = TemplateEngine::new();
+        for bad in [
+            "{{ body | no_such_filter }}",
+            "{{ body|upper|nope(1) }}",
+            "{% if x is no_such_test %}{% endif %}",
+            "{% if x is not nosuch %}{% endif %}",
+            "{% filter shout %}x{% endfilter %}",
+            "<< body | nope >>",
+        ] {
+            let err = engine.validate(bad);
+            assert!(
+                matches!(&err, Err(TemplateError::Invalid(m)) if m.contains("unknown")),
+                "{bad}: {err:?}"
+            );
+        }
+        for good in [
+            "{{ body | default('|nope') | tojson }}",
+            "{{ \"a | b\" }} {# x | nope #} {% raw %}{{ x | nope }}{% endraw %}",
+            "{{ 1234 | humanize_intcomma }} {{ x | fromjson }} {{ s | string | upper }}",
+            "{% if x is defined and y is not none %}{% endif %}{% filter upper %}x{% endfilter %}",
+            "{{ x|length }}{{ x | join(', ') }}",
+        ] {
+            assert_eq!(engine.validate(good), Ok(()), "{good}");
+        }
     }
 }
