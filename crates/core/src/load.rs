@@ -12,12 +12,29 @@
 //! While parsing, every node's position is recorded in a [`SourceMap`] keyed by its
 //! [`FieldPath`], so a validation [`Problem`] deep in a trigger becomes
 //! `file:line:column: field: reason`.
+//!
+//! Files are untrusted input (anyone who can write to the watched folder), so loading is
+//! bounded and never gives up silently:
+//!
+//! * **Nesting depth.** saphyr builds its tree, and this module converts it, by recursion:
+//!   2 000 nested mappings overflowed a 2 MiB tokio worker stack and aborted the daemon. The
+//!   parser's event stream (which is iterative) is read first and a document nested deeper
+//!   than [`MAX_NESTING_DEPTH`] is refused at the line where it crosses the limit, before
+//!   any tree exists.
+//! * **Files that cannot be read** (a dangling symbolic link, a link loop, no permission)
+//!   each get an error naming the file; a directory linked into itself is walked once.
+//! * **Name clashes.** Automation names are unique. When the daemon reloads, the file that
+//!   already provides a running automation keeps it and the *newcomer* is refused (its own
+//!   `file:line`), whatever the sort order ([`Incumbents`]). With nothing running yet (start,
+//!   `spur check`) the file modified longest ago counts as the incumbent, then sort order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
+use saphyr_parser::{Event as YamlEvent, Parser as YamlParser};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -125,6 +142,133 @@ pub struct LoadOutcome {
     pub diagnostics: Vec<Diagnostic>,
     /// Source maps by (file, document), to place later findings.
     source_maps: HashMap<(PathBuf, usize), SourceMap>,
+    /// Modification times of the files read, to tell an old file from a newcomer.
+    modified: HashMap<PathBuf, SystemTime>,
+}
+
+/// Deepest nesting of mappings and lists accepted in a YAML or JSON file (the document's own
+/// top-level collection is level 1). Real automation files stay under 15; the limit is
+/// serde_json's own recursion limit, so a file is refused exactly when the same structure
+/// sent as JSON would be. It keeps every recursive step of loading (saphyr's tree builder,
+/// the conversion to JSON, validation, dropping the tree) well inside a 2 MiB thread stack.
+pub const MAX_NESTING_DEPTH: usize = 128;
+
+/// The automations already running and the file each comes from. On a name clash the file
+/// that already provides the name keeps it; the other file (the newcomer) is refused.
+#[derive(Clone, Debug, Default)]
+pub struct Incumbents {
+    by_name: HashMap<String, PathBuf>,
+}
+
+impl Incumbents {
+    /// The names and files of what is loaded now.
+    pub fn of(running: &[LoadedAutomation]) -> Incumbents {
+        Incumbents {
+            by_name: running
+                .iter()
+                .map(|a| (a.automation.name.clone(), a.origin.file.clone()))
+                .collect(),
+        }
+    }
+
+    /// The file that provides the running automation `name`, if one runs.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.by_name.get(name).map(PathBuf::as_path)
+    }
+}
+
+/// One automation file found under the loaded path, or why it cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundFile {
+    /// The path as found (a symbolic link keeps its own name).
+    pub path: PathBuf,
+    /// Size and modification time of what it points at, when it can be read.
+    pub stamp: Option<(u64, Option<SystemTime>)>,
+    /// Why it cannot be read (a dangling link, a link loop, …), naming what went wrong.
+    pub problem: Option<String>,
+}
+
+/// Every `.yaml`/`.yml`/`.json` file under `path` (or `path` itself if it is a file), sorted,
+/// skipping names that start with `.`. Symbolic links are followed; a link whose target is
+/// missing or that loops comes back with its `problem` instead of vanishing, and a directory
+/// reached twice (a link to a parent) is walked once. The daemon's folder watcher and the
+/// loader share this walk, so what is watched is exactly what is loaded.
+///
+/// The error is for `path` itself (missing, unreadable).
+pub fn automation_files(path: &Path) -> Result<Vec<FoundFile>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
+    if !meta.is_dir() {
+        return Ok(vec![FoundFile {
+            path: path.to_owned(),
+            stamp: Some((meta.len(), meta.modified().ok())),
+            problem: None,
+        }]);
+    }
+    let mut files = Vec::new();
+    let mut visited: HashSet<PathBuf> = HashSet::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        // A directory linked into itself (or reached by two links) is listed once.
+        if let Ok(real) = std::fs::canonicalize(&dir)
+            && !visited.insert(real)
+        {
+            continue;
+        }
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if dir == path => return Err(format!("cannot list: {e}")),
+            Err(_) => continue,
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let wanted = matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            );
+            match std::fs::metadata(&p) {
+                Ok(meta) if meta.is_dir() => stack.push(p),
+                Ok(meta) if wanted => files.push(FoundFile {
+                    path: p,
+                    stamp: Some((meta.len(), meta.modified().ok())),
+                    problem: None,
+                }),
+                Ok(_) => {}
+                Err(e) if wanted => {
+                    let problem = unreadable_reason(&p, &e);
+                    files.push(FoundFile {
+                        path: p,
+                        stamp: None,
+                        problem: Some(problem),
+                    });
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+/// Why `path` cannot be opened, in words: a symbolic link says where it points.
+fn unreadable_reason(path: &Path, error: &std::io::Error) -> String {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return format!("cannot read: {error}");
+    }
+    let target = std::fs::read_link(path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_else(|_| "?".to_owned());
+    if error.kind() == std::io::ErrorKind::NotFound {
+        format!("is a symbolic link to {target}, which does not exist")
+    } else if error.raw_os_error() == Some(40) {
+        // ELOOP (Linux): the chain of links never reaches a file.
+        format!("is a symbolic link to {target} that loops back on itself ({error})")
+    } else {
+        format!("is a symbolic link to {target}, which cannot be read ({error})")
+    }
 }
 
 impl LoadOutcome {
@@ -163,8 +307,14 @@ pub fn deployment_id_for_name(name: &str) -> Uuid {
 
 /// Loads a file, or every `.yaml`/`.yml`/`.json` file under a folder (recursively, sorted).
 pub fn load_path(path: &Path) -> LoadOutcome {
+    load_path_with(path, &Incumbents::default())
+}
+
+/// [`load_path`] for a reload: on a name clash, the file in `incumbents` that already
+/// provides the name keeps it and the other file is refused.
+pub fn load_path_with(path: &Path, incumbents: &Incumbents) -> LoadOutcome {
     let mut outcome = LoadOutcome::default();
-    let files = match collect_files(path) {
+    let files = match automation_files(path) {
         Ok(files) => files,
         Err(reason) => {
             outcome.diagnostics.push(Diagnostic {
@@ -178,20 +328,30 @@ pub fn load_path(path: &Path) -> LoadOutcome {
             return outcome;
         }
     };
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => load_source(&mut outcome, &file, &text),
-            Err(e) => outcome.diagnostics.push(Diagnostic {
-                file: file.clone(),
+    for found in files {
+        let file = found.path;
+        let text = match found.problem {
+            Some(problem) => Err(problem),
+            None => std::fs::read_to_string(&file).map_err(|e| unreadable_reason(&file, &e)),
+        };
+        match text {
+            Ok(text) => {
+                if let Some((_, Some(modified))) = found.stamp {
+                    outcome.modified.insert(file.clone(), modified);
+                }
+                load_source(&mut outcome, &file, &text);
+            }
+            Err(reason) => outcome.diagnostics.push(Diagnostic {
+                file,
                 line: 1,
                 column: 1,
                 field: "(file)".to_owned(),
-                reason: format!("cannot read: {e}"),
+                reason,
                 severity: Severity::Error,
             }),
         }
     }
-    check_unique_names(&mut outcome);
+    check_unique_names(&mut outcome, incumbents);
     check_deployment_references(&mut outcome);
     outcome
 }
@@ -249,7 +409,7 @@ fn check_deployment_references(outcome: &mut LoadOutcome) {
 pub fn load_str(file: &Path, text: &str) -> LoadOutcome {
     let mut outcome = LoadOutcome::default();
     load_source(&mut outcome, file, text);
-    check_unique_names(&mut outcome);
+    check_unique_names(&mut outcome, &Incumbents::default());
     outcome
 }
 
@@ -263,37 +423,8 @@ pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPa
         .unwrap_or_default();
     outcome.source_maps.insert((file.to_owned(), 0), map);
     load_document(&mut outcome, file, 0, value, base);
-    check_unique_names(&mut outcome);
+    check_unique_names(&mut outcome, &Incumbents::default());
     outcome
-}
-
-fn collect_files(path: &Path) -> Result<Vec<PathBuf>, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot open: {e}"))?;
-    if meta.is_file() {
-        return Ok(vec![path.to_owned()]);
-    }
-    let mut files = Vec::new();
-    let mut stack = vec![path.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list: {e}"))?;
-        for entry in entries.flatten() {
-            let p = entry.path();
-            let name = entry.file_name();
-            if name.to_string_lossy().starts_with('.') {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
-                files.push(p);
-            }
-        }
-    }
-    files.sort();
-    Ok(files)
 }
 
 fn load_source(outcome: &mut LoadOutcome, file: &Path, text: &str) {
@@ -605,33 +736,72 @@ fn remap_deployment_trigger_path(path: &FieldPath) -> FieldPath {
     }
 }
 
-fn check_unique_names(outcome: &mut LoadOutcome) {
-    let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
-    let mut duplicates = Vec::new();
-    for (i, loaded) in outcome.automations.iter().enumerate() {
-        let origin = &loaded.origin;
-        let (line, _) = outcome
+/// Automation names are unique. For each name defined more than once, one definition is kept
+/// and every other one is refused with an error at its own `file:line`:
+///
+/// 1. the one from the file that provides the running automation of that name
+///    (`incumbents`), so a new file never displaces what runs;
+/// 2. else the one from the file modified longest ago (the newer file is the newcomer, so a
+///    restart keeps what ran before it);
+/// 3. else the first in file order.
+fn check_unique_names(outcome: &mut LoadOutcome, incumbents: &Incumbents) {
+    let line_of = |outcome: &LoadOutcome, origin: &Origin| {
+        outcome
             .source_maps
             .get(&(origin.file.clone(), origin.document))
-            .map_or((1, 1), |m| m.locate(&origin.base));
-        if let Some((file, first_line)) = seen.get(&loaded.automation.name) {
-            duplicates.push((
-                i,
-                format!(
-                    "duplicate automation name {:?} (first defined at {}:{})",
-                    loaded.automation.name,
-                    file.display(),
-                    first_line
-                ),
-            ));
+            .map_or(1, |m| m.locate(&origin.base).0)
+    };
+    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, loaded) in outcome.automations.iter().enumerate() {
+        by_name
+            .entry(loaded.automation.name.as_str())
+            .or_default()
+            .push(i);
+    }
+    let mut refused: Vec<(usize, String)> = Vec::new();
+    for (name, indexes) in by_name {
+        if indexes.len() < 2 {
+            continue;
+        }
+        let file = |i: usize| &outcome.automations[i].origin.file;
+        let running = incumbents.file_of(name);
+        let keep = indexes
+            .iter()
+            .copied()
+            .find(|&i| Some(file(i).as_path()) == running)
+            .or_else(|| {
+                // Oldest file first; without a time (in-memory text), order decides.
+                indexes.iter().copied().min_by_key(|&i| {
+                    (
+                        outcome
+                            .modified
+                            .get(file(i))
+                            .copied()
+                            .unwrap_or(SystemTime::UNIX_EPOCH),
+                        i,
+                    )
+                })
+            })
+            .unwrap_or(indexes[0]);
+        let kept = &outcome.automations[keep].origin;
+        let what = if running == Some(kept.file.as_path()) {
+            "already running from"
         } else {
-            seen.insert(loaded.automation.name.clone(), (origin.file.clone(), line));
+            "first defined at"
+        };
+        let at = format!("{}:{}", kept.file.display(), line_of(outcome, kept));
+        for &i in indexes.iter().filter(|&&i| i != keep) {
+            refused.push((
+                i,
+                format!("duplicate automation name {name:?} ({what} {at})"),
+            ));
         }
     }
-    for (i, reason) in duplicates.iter().rev() {
-        let loaded = outcome.automations.remove(*i);
+    refused.sort_unstable_by_key(|(i, _)| *i);
+    for (i, reason) in refused.into_iter().rev() {
+        let loaded = outcome.automations.remove(i);
         let mut problem = Problems::new();
-        problem.error(&FieldPath::root().key("name"), reason.clone());
+        problem.error(&FieldPath::root().key("name"), reason);
         for p in problem.into_vec() {
             let d = outcome.diagnose(&loaded.origin, p);
             outcome.diagnostics.push(d);
@@ -653,6 +823,7 @@ pub fn parse_yaml(text: &str) -> Result<Value, (usize, usize, String)> {
 /// Parses every YAML document of `text` into JSON plus a source map. The error is
 /// `(line, column, reason)`.
 fn parse_documents(text: &str) -> Result<Vec<(Value, SourceMap)>, (usize, usize, String)> {
+    check_nesting(text)?;
     let docs = MarkedYaml::load_from_str(text).map_err(|e| {
         let m = e.marker();
         (m.line(), m.col() + 1, e.info().to_owned())
@@ -664,6 +835,39 @@ fn parse_documents(text: &str) -> Result<Vec<(Value, SourceMap)>, (usize, usize,
             Ok((value, map))
         })
         .collect()
+}
+
+/// Refuses text nested deeper than [`MAX_NESTING_DEPTH`], reading saphyr's event stream
+/// (an iterative state machine, so any depth is safe to read) before a tree is built by
+/// recursion. The error points at the collection that crosses the limit; a syntax error met
+/// on the way is reported as the tree builder would.
+fn check_nesting(text: &str) -> Result<(), (usize, usize, String)> {
+    let mut parser = YamlParser::new_from_str(text);
+    let mut depth = 0usize;
+    while let Some(next) = parser.next_event() {
+        let (event, span) = next.map_err(|e| {
+            let m = e.marker();
+            (m.line(), m.col() + 1, e.info().to_owned())
+        })?;
+        match event {
+            YamlEvent::SequenceStart(..) | YamlEvent::MappingStart(..) => {
+                depth += 1;
+                if depth > MAX_NESTING_DEPTH {
+                    return Err((
+                        span.start.line(),
+                        span.start.col() + 1,
+                        format!(
+                            "nested too deeply: more than {MAX_NESTING_DEPTH} levels of \
+                             mappings and lists inside each other"
+                        ),
+                    ));
+                }
+            }
+            YamlEvent::SequenceEnd | YamlEvent::MappingEnd => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Converts a YAML node to JSON (YAML 1.2 core schema: only `true`/`false` are booleans, so
@@ -789,6 +993,157 @@ deployments:
         let d = &outcome.diagnostics[0];
         assert_eq!(d.field, "enabled");
         assert_eq!(d.line, 2);
+    }
+
+    /// `levels` block mappings nested inside each other under `trigger`.
+    fn nested_mappings(levels: usize) -> String {
+        let mut text = String::from("name: deep\ntrigger:\n");
+        for i in 0..levels {
+            text.push_str(&" ".repeat(2 * (i + 1)));
+            text.push_str(&format!("k{i}:\n"));
+        }
+        text
+    }
+
+    /// Runs `f` on a thread with a small stack: loading must not need more.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(f)
+            .expect("spawn")
+            .join()
+            .expect("loading overflowed or panicked")
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_at_the_line_that_crosses_the_limit() {
+        let outcome = on_small_stack(|| load_str(Path::new("deep.yaml"), &nested_mappings(2000)));
+        assert!(outcome.automations.is_empty());
+        let d = &outcome.diagnostics[0];
+        assert_eq!(d.field, "(syntax)");
+        assert!(d.reason.contains("nested too deeply"), "{d}");
+        // Level 1 is the document, level 2 `trigger`'s value (line 3): level 129 is line 130.
+        assert_eq!((d.line, d.column), (130, 257), "{d}");
+        assert!(d.to_string().starts_with("deep.yaml:130:257: "), "{d}");
+    }
+
+    #[test]
+    fn compact_and_flow_nesting_is_bounded_too() {
+        let dashes = "- ".repeat(100_000) + "x\n";
+        let brackets = "[".repeat(100_000);
+        let mixed = "a: ".repeat(50_000) + "b\n";
+        for text in [dashes, brackets, mixed] {
+            let outcome = on_small_stack(move || load_str(Path::new("c.yaml"), &text));
+            assert!(outcome.has_errors());
+            assert_eq!(outcome.diagnostics[0].line, 1);
+        }
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_loads() {
+        // The document is level 1, `actions` 2, the action 3, `parameters` 4, then 124 more.
+        let mut deep = String::from("1");
+        for _ in 0..(MAX_NESTING_DEPTH - 4) {
+            deep = format!("[{deep}]");
+        }
+        let text = format!(
+            "name: a\ntrigger: {{posture: Reactive, expect: [x]}}\nactions:\n  - type: do-nothing\n    parameters: {{v: {deep}}}\n"
+        );
+        let outcome = on_small_stack(move || load_str(Path::new("ok.yaml"), &text));
+        assert!(!outcome.has_errors(), "{:?}", outcome.diagnostics);
+        let text = format!(
+            "name: a\ntrigger: {{posture: Reactive, expect: [x]}}\nactions:\n  - type: do-nothing\n    parameters: {{v: [{deep}]}}\n"
+        );
+        let outcome = on_small_stack(move || load_str(Path::new("no.yaml"), &text));
+        assert!(outcome.diagnostics[0].reason.contains("nested too deeply"));
+    }
+
+    #[test]
+    fn a_dangling_link_and_a_link_loop_each_get_an_error_naming_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = "name: ok\ntrigger: {posture: Reactive, expect: [x]}\nactions: []\n";
+        std::fs::write(dir.path().join("ok.yaml"), ok).expect("write");
+        std::os::unix::fs::symlink("missing.yaml", dir.path().join("dangling.yaml")).expect("link");
+        std::os::unix::fs::symlink("b.yaml", dir.path().join("a.yaml")).expect("link");
+        std::os::unix::fs::symlink("a.yaml", dir.path().join("b.yaml")).expect("link");
+        // A directory linked into itself is walked once (no repeated files, no endless walk).
+        std::os::unix::fs::symlink(".", dir.path().join("again")).expect("link");
+        let outcome = load_path(dir.path());
+        assert_eq!(outcome.automations.len(), 1, "{:?}", outcome.diagnostics);
+        let errors: Vec<String> = outcome.diagnostics.iter().map(|d| d.to_string()).collect();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        for (file, says) in [
+            ("a.yaml", "loops back on itself"),
+            ("b.yaml", "loops back on itself"),
+            ("dangling.yaml", "missing.yaml, which does not exist"),
+        ] {
+            let path = dir.path().join(file);
+            assert!(
+                errors.iter().any(
+                    |e| e.starts_with(&format!("{}:1:1: (file): ", path.display()))
+                        && e.contains(says)
+                ),
+                "{file}: {errors:?}"
+            );
+        }
+        let found = automation_files(dir.path()).expect("walk");
+        assert_eq!(found.len(), 4, "{found:?}");
+    }
+
+    fn write_with_age(path: &Path, text: &str, age_secs: u64) {
+        std::fs::write(path, text).expect("write");
+        let when = SystemTime::now() - std::time::Duration::from_secs(age_secs);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_modified(when))
+            .expect("set mtime");
+    }
+
+    #[test]
+    fn on_a_name_clash_the_newcomer_is_refused_whatever_the_sort_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ok = dir.path().join("ok.yaml");
+        let dup = dir.path().join("dup.yaml"); // sorts first
+        let tick = |expect: &str| {
+            format!(
+                "name: ok-tick\ntrigger: {{posture: Reactive, expect: [{expect}]}}\nactions: []\n"
+            )
+        };
+        write_with_age(&ok, &tick("a"), 3600);
+        write_with_age(&dup, &format!("# a newcomer\n{}", tick("b")), 0);
+
+        // Nothing running (start, `spur check`): the older file keeps the name.
+        let outcome = load_path(dir.path());
+        assert_eq!(outcome.automations.len(), 1);
+        assert_eq!(outcome.automations[0].origin.file, ok);
+        let d = &outcome.diagnostics[0];
+        assert_eq!((d.file.as_path(), d.line), (dup.as_path(), 2), "{d}");
+        assert!(
+            d.reason
+                .contains(&format!("first defined at {}:1", ok.display())),
+            "{d}"
+        );
+
+        // Reload: the file running the name keeps it, even when it is the newer one.
+        write_with_age(&ok, &tick("a"), 0);
+        write_with_age(&dup, &format!("# a newcomer\n{}", tick("b")), 3600);
+        let running = load_path(dir.path()); // what runs: ok.yaml's, by the incumbents below
+        let incumbents = Incumbents {
+            by_name: [("ok-tick".to_owned(), ok.clone())].into(),
+        };
+        let outcome = load_path_with(dir.path(), &incumbents);
+        assert_eq!(outcome.automations.len(), 1);
+        assert_eq!(outcome.automations[0].origin.file, ok);
+        let d = &outcome.diagnostics[0];
+        assert_eq!((d.file.as_path(), d.line), (dup.as_path(), 2), "{d}");
+        assert!(
+            d.reason
+                .contains(&format!("already running from {}:1", ok.display())),
+            "{d}"
+        );
+        // Without incumbents the older file (now dup.yaml) would have won.
+        assert_eq!(running.automations[0].origin.file, dup);
     }
 
     #[test]
