@@ -1,6 +1,7 @@
 //! The `spur` command. A thin layer: argument parsing and printing; the work lives in the
 //! library crates (`spur-daemon` for `serve`, `spur-replay` for `replay`/`test`, …).
 
+mod check;
 mod client;
 mod serve;
 
@@ -126,10 +127,16 @@ enum Command {
         api: Option<String>,
     },
     /// Validate automation and deployment files; print a summary line per automation.
+    /// Warns (`file:line:col: warning: …`, exit status 0) about what loads but would not
+    /// work: a deployment without a launcher, a `run-deployment` to an undeclared
+    /// deployment id, a template reading a variable templates do not have.
     Check {
         /// Files or folders of YAML/JSON automations and deployments.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Exit with status 1 on warnings too.
+        #[arg(long)]
+        strict: bool,
     },
     /// Run automations over a recorded event stream on a virtual clock; print each firing as
     /// a JSON line.
@@ -518,7 +525,7 @@ fn main() -> ExitCode {
         Command::Firings { limit, api } => {
             client::firings(api.as_deref(), limit).map(|()| ExitCode::SUCCESS)
         }
-        Command::Check { paths } => check(&paths),
+        Command::Check { paths, strict } => check(&paths, strict),
         Command::Replay {
             automations,
             events,
@@ -554,15 +561,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(paths: &[PathBuf]) -> Result<ExitCode> {
+fn check(paths: &[PathBuf], strict: bool) -> Result<ExitCode> {
     let templates = TemplateEngine::new();
     let mut errors = 0usize;
+    let mut warnings = 0usize;
     let mut automations = 0usize;
     for path in paths {
         let outcome = load_automations(path, &templates);
-        for d in &outcome.diagnostics {
-            if d.severity == Severity::Error {
-                errors += 1;
+        let found = check::warnings(path, &outcome);
+        for d in outcome.diagnostics.iter().chain(&found) {
+            match d.severity {
+                Severity::Error => errors += 1,
+                Severity::Warning => warnings += 1,
             }
             eprintln!("{d}");
         }
@@ -571,11 +581,20 @@ fn check(paths: &[PathBuf]) -> Result<ExitCode> {
             println!("ok  {}", loaded.automation.summary());
         }
     }
+    let tail = if warnings > 0 {
+        format!(", {warnings} warning(s)")
+    } else {
+        String::new()
+    };
     if errors > 0 {
-        eprintln!("{automations} automation(s) valid, {errors} error(s)");
+        eprintln!("{automations} automation(s) valid, {errors} error(s){tail}");
         return Ok(ExitCode::FAILURE);
     }
-    println!("{automations} automation(s) valid");
+    println!("{automations} automation(s) valid{tail}");
+    if strict && warnings > 0 {
+        eprintln!("--strict: warnings count as failures");
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
