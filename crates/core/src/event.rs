@@ -335,7 +335,7 @@ impl Event {
             None => return Err(EventError::new("resource", "is required")),
         };
         let related = match map.remove("related") {
-            None | Some(Value::Null) => Vec::new(),
+            None => Vec::new(),
             Some(Value::Array(items)) => {
                 check_related_count(items.len(), limits)?;
                 items
@@ -355,8 +355,10 @@ impl Event {
             }
         };
         let payload = payload_or_empty(map.remove("payload"))?;
+        // Absent: Prefect's client default (a fresh UUIDv7). `null` is refused, as both of
+        // Prefect's models refuse it (docs/event-validation.md).
         let id = match map.get("id") {
-            None | Some(Value::Null) => Uuid::now_v7(),
+            None => Uuid::now_v7(),
             Some(v) => parse_uuid(v, "id")?,
         };
         let follows = match map.get("follows") {
@@ -364,7 +366,13 @@ impl Event {
             Some(v) => Some(parse_uuid(v, "follows")?),
         };
         let occurred = match map.get("occurred") {
-            None | Some(Value::Null) => received,
+            None => received,
+            Some(Value::Null) => {
+                return Err(EventError::new(
+                    "occurred",
+                    "must be a timestamp, got null (leave it out to mean now)",
+                ));
+            }
             Some(v) => parse_timestamp(v).map_err(|reason| EventError::new("occurred", reason))?,
         };
         Ok(Event {
@@ -599,10 +607,11 @@ fn check_related_count(count: usize, limits: &EventLimits) -> Result<(), EventEr
     Ok(())
 }
 
-/// The payload as stored: absent or `null` becomes `{}`; anything but an object is refused.
+/// The payload as stored: absent becomes `{}`; anything but an object is refused (`null`
+/// too: Prefect's `dict[str, Any]` field refuses it).
 fn payload_or_empty(payload: Option<Value>) -> Result<Value, EventError> {
     match payload {
-        None | Some(Value::Null) => Ok(Value::Object(Map::new())),
+        None => Ok(Value::Object(Map::new())),
         Some(v @ Value::Object(_)) => Ok(v),
         Some(other) => Err(EventError::new(
             "payload",
@@ -619,6 +628,10 @@ fn parse_uuid_str(text: &str, field: &str) -> Result<Uuid, EventError> {
 fn parse_uuid(value: &Value, field: &str) -> Result<Uuid, EventError> {
     match value {
         Value::String(s) => parse_uuid_str(s, field),
+        Value::Null => Err(EventError::new(
+            field,
+            "must be a UUID string, got null (leave it out to get a fresh id)",
+        )),
         other => Err(EventError::new(
             field,
             format!("must be a UUID string, got {}", json_type_name(other)),
@@ -734,6 +747,76 @@ mod tests {
         for (value, field) in cases {
             let err = Event::from_json(&value, now(), &limits).expect_err("must be refused");
             assert_eq!(err.field, field, "{value}");
+        }
+    }
+
+    /// Verdicts of Prefect 3.8.8's event models (pydantic 2, `model_validate_json`) on the same
+    /// inputs, checked side by side with the pinned client venv (docs/event-validation.md).
+    /// `true` = accepted. Where the server and client models differ (a missing `id` or
+    /// `occurred`), Spur follows the client, which fills them in.
+    #[test]
+    fn accepts_and_refuses_what_prefects_event_model_does() {
+        let base = json!({"occurred": "2024-01-01T00:00:00Z", "event": "x",
+                          "resource": {"prefect.resource.id": "r"},
+                          "id": "0b6f1a4e-6f2c-4d1e-9a57-6c1d2b0e8f11"});
+        let with = |key: &str, value: Option<Value>| {
+            let mut event = base.clone();
+            let map = event.as_object_mut().expect("an object");
+            match value {
+                Some(v) => map.insert(key.to_owned(), v),
+                None => map.remove(key),
+            };
+            event
+        };
+        let cases = [
+            ("occurred", Some(Value::Null), false),
+            ("occurred", None, true), // client default: now
+            ("occurred", Some(json!(1714564800)), true),
+            ("occurred", Some(json!("2024-01-01T00:00:00")), true),
+            ("id", Some(Value::Null), false),
+            ("id", None, true), // client default: a fresh uuid7
+            ("id", Some(json!(5)), false),
+            ("id", Some(json!("0b6f1a4e6f2c4d1e9a576c1d2b0e8f11")), true),
+            (
+                "id",
+                Some(json!("{0b6f1a4e-6f2c-4d1e-9a57-6c1d2b0e8f11}")),
+                true,
+            ),
+            (
+                "id",
+                Some(json!("urn:uuid:0b6f1a4e-6f2c-4d1e-9a57-6c1d2b0e8f11")),
+                true,
+            ),
+            ("event", Some(json!("")), true),
+            ("event", Some(json!(" ")), true),
+            ("event", Some(Value::Null), false),
+            ("related", Some(Value::Null), false),
+            ("payload", Some(Value::Null), false),
+            ("payload", Some(json!([1])), false),
+            ("follows", Some(Value::Null), true),
+            ("resource", Some(Value::Null), false),
+            (
+                "resource",
+                Some(json!({"prefect.resource.id": "r", "": "v"})),
+                true,
+            ),
+            (
+                "related",
+                Some(json!([{"prefect.resource.id": "q", "prefect.resource.role": ""}])),
+                false,
+            ),
+        ];
+        let limits = EventLimits::default();
+        for (key, value, accepted) in cases {
+            let event = with(key, value);
+            let general = Event::from_json(&event, now(), &limits);
+            assert_eq!(general.is_ok(), accepted, "{event}: {general:?}");
+            if let Err(e) = &general {
+                assert!(e.field.starts_with(key), "{event}: {e}");
+            }
+            let bytes = serde_json::to_vec(&event).expect("encodes");
+            let direct = Event::from_slice_direct(&bytes, now(), &limits);
+            assert!(direct.is_none() || accepted, "direct lane took {event}");
         }
     }
 

@@ -464,9 +464,16 @@ impl EventTrigger {
                 );
             }
         } else if self.threshold <= 0 {
+            // Accepted, as Prefect 3.8.8 accepts it: both its server and client models declare
+            // `threshold: int` with no bound, and `count >= threshold` then holds for every
+            // event. Refusing it would reject automations Prefect runs.
             problems.warn(
                 &path.key("threshold"),
-                "a Reactive trigger with threshold <= 0 fires on every matching event",
+                format!(
+                    "a Reactive trigger with threshold {} fires on every matching event, like \
+                     threshold 1 (Prefect accepts it too); did you mean a positive count?",
+                    self.threshold
+                ),
             );
         }
     }
@@ -887,6 +894,36 @@ mod tests {
         let mut problems = Problems::new();
         let t = Trigger::parse(&value, &FieldPath::root(), dialect, "t", &mut problems);
         (t, problems.into_vec())
+    }
+
+    /// Prefect 3.8.8 declares `threshold: int` without a bound in both its server and client
+    /// trigger models, so a negative threshold loads (with a warning), in both dialects.
+    #[test]
+    fn a_negative_threshold_loads_with_a_warning_as_prefect_accepts_it() {
+        for dialect in [Dialect::Server, Dialect::Client] {
+            let (t, problems) = parse(
+                json!({"posture": "Reactive", "expect": ["a"], "threshold": -3}),
+                dialect,
+            );
+            let Some(Trigger::Event(t)) = t else {
+                panic!("a negative threshold must load: {problems:?}");
+            };
+            assert_eq!(t.threshold, -3);
+            assert!(t.meets_threshold(1), "fires like threshold 1");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].severity, crate::Severity::Warning);
+            assert_eq!(problems[0].path.to_string(), "threshold");
+            assert!(
+                problems[0]
+                    .reason
+                    .contains("threshold -3 fires on every matching event")
+            );
+        }
+        let (_, problems) = parse(
+            json!({"posture": "Reactive", "expect": ["a"], "threshold": 1.5}),
+            Dialect::Server,
+        );
+        assert_eq!(problems[0].severity, crate::Severity::Error, "{problems:?}");
     }
 
     #[test]

@@ -51,13 +51,17 @@ pub fn to_event(
         Some(Value::Null) | None => json!({}),
         Some(other) => json!({ "data": other }),
     };
-    let prefect = json!({
+    let mut prefect = json!({
         "id": id.to_string(),
         "event": ce_type,
-        "occurred": value.get("time").cloned().unwrap_or(Value::Null),
         "resource": Value::Object(resource),
         "payload": payload,
     });
+    // `time` is optional in a CloudEvent; without it `occurred` is left out (= received), as
+    // an explicit `null` is refused.
+    if let (Some(time), Some(map)) = (value.get("time"), prefect.as_object_mut()) {
+        map.insert("occurred".into(), time.clone());
+    }
     Event::from_json(&prefect, received, limits).map_err(|e| {
         let field = match e.field.as_str() {
             "occurred" => "time".to_owned(),
