@@ -1,6 +1,9 @@
 //! The web UI in a real headless Chromium, driven over WebDriver (chromedriver): the feed
 //! shows an event sent by `spur emit` live, filters it, opens its detail and reads why a
-//! trigger did not fire. A screenshot is kept under `target/browser/` as a CI artifact.
+//! trigger did not fire; every page (automations, an automation, runs, a run, webhooks)
+//! renders its data, links from a firing to its run and back, shows why a run failed, stays
+//! live, fits a phone-width screen and logs no console errors. Screenshots of each page are
+//! kept under `target/screenshots/` as CI artifacts.
 
 mod support;
 
@@ -12,6 +15,20 @@ use serde_json::{Value, json};
 use support::{SpurDaemon, automations_folder, eventually, root};
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// Polls `check` every 100 ms until it returns `Some` or `timeout` passes.
+fn poll<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
 
 fn which(program: &str) -> Option<PathBuf> {
     let out = Command::new("sh")
@@ -66,6 +83,7 @@ impl Browser {
         };
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": chromium.to_string_lossy(),
                 "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -147,8 +165,58 @@ impl Browser {
             .expect("click");
     }
 
+    /// Runs `script` (a function body) in the page and returns its value.
+    fn script(&self, script: &str) -> Value {
+        self.session(
+            "POST",
+            "/execute/sync",
+            Some(json!({"script": script, "args": []})),
+        )
+        .map(|v| v["value"].clone())
+        .unwrap_or(Value::Null)
+    }
+
+    /// Waits until `css` exists and its text satisfies `ok`; returns the text.
+    fn wait_text(&self, css: &str, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let mut last = String::new();
+        let found = poll(Duration::from_secs(15), || {
+            let text = self.text(css)?;
+            let accepted = ok(&text);
+            last = text.clone();
+            accepted.then_some(text)
+        });
+        found.unwrap_or_else(|| panic!("timed out waiting for {what} ({css}); last text: {last}"))
+    }
+
+    /// Console messages at level SEVERE since the last call.
+    fn console_errors(&self) -> Vec<String> {
+        let logs = self
+            .session("POST", "/se/log", Some(json!({"type": "browser"})))
+            .map(|v| v["value"].clone())
+            .expect("chromedriver hands over the browser's console log");
+        logs.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["level"] == "SEVERE")
+            .map(|l| l["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    fn resize(&self, width: u32, height: u32) {
+        self.session(
+            "POST",
+            "/window/rect",
+            Some(json!({"width": width, "height": height})),
+        )
+        .expect("resize");
+    }
+
+    /// A screenshot of the top of the page.
     fn screenshot(&self, path: &std::path::Path) {
         use base64::Engine as _;
+        self.script(
+            "window.scrollTo(0, 0); document.activeElement && document.activeElement.blur()",
+        );
         if let Ok(v) = self.session("GET", "/screenshot", None)
             && let Some(data) = v["value"].as_str()
             && let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data)
@@ -257,7 +325,7 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
         (text.contains("job.failed") && !text.contains("other.thing")).then_some(())
     });
 
-    browser.click(&format!("tr[data-id='{id}']"));
+    browser.click(&format!("tr[data-id='{id}'] td:nth-child(2) a"));
     let decisions = eventually(Duration::from_secs(10), "the explanation", || {
         browser.text("#decisions")
     });
@@ -276,7 +344,7 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
         injected["value"], 0,
         "no markup from event data reached the detail page"
     );
-    browser.screenshot(&root().join("target/browser/event-detail.png"));
+    browser.screenshot(&root().join("target/screenshots/event-detail.png"));
 
     // The other pages render too, with their data.
     browser.goto(&format!("{}/#/automations", daemon.url));
@@ -296,5 +364,353 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
     eventually(Duration::from_secs(10), "the feed again", || {
         browser.text("#feed").filter(|t| t.contains("job.failed"))
     });
-    browser.screenshot(&root().join("target/browser/feed.png"));
+    browser.screenshot(&root().join("target/screenshots/feed.png"));
+}
+
+const PAGES_DEPLOYMENTS: &str = r#"deployments:
+  - name: greet
+    launcher: {command: ["sh", "-c", "echo hello from greet; echo '\"greeted\"'"], timeout: 30}
+  - name: follow-up
+    launcher: {command: ["sh", "-c", "cat"], timeout: 30}
+  - name: broken
+    launcher: {command: ["sh", "-c", "echo about to fail; echo 'disk is full' >&2; exit 3"], timeout: 30}
+"#;
+
+const PAGES_AUTOMATIONS: &str = r#"name: greet-on-failure
+description: Greets whoever failed.
+trigger:
+  type: event
+  posture: Reactive
+  expect: ["job.failed"]
+  for_each: ["prefect.resource.id"]
+  threshold: 1
+  within: 0
+actions:
+  - type: run-deployment
+    deployment: greet
+    parameters: {who: << event.resource.id >>}
+---
+name: follow-greetings
+trigger:
+  type: event
+  posture: Reactive
+  expect: ["prefect.flow-run.Completed"]
+  match_related: {prefect.resource.role: flow, prefect.resource.name: greet}
+actions:
+  - type: run-deployment
+    deployment: follow-up
+    parameters: {prev_result: << event.payload.result >>}
+---
+name: break-things
+trigger: {type: event, posture: Reactive, expect: ["job.broken"]}
+actions:
+  - type: run-deployment
+    deployment: broken
+---
+name: waits-for-done
+trigger:
+  type: event
+  posture: Reactive
+  after: ["job.started"]
+  expect: ["job.done"]
+  for_each: ["prefect.resource.id"]
+  threshold: 1
+  within: 3600
+actions: [{type: do-nothing}]
+"#;
+
+fn api_get(url: &str) -> Value {
+    let (status, body) = support::http("GET", url, None);
+    assert_eq!(status, 200, "{url}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+#[test]
+fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_run_failed() {
+    let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
+        support::skip_without(
+            "chromium and chromedriver are not installed (scripts/provision.sh installs them)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            ("deployments.yaml", PAGES_DEPLOYMENTS),
+            ("automations.yaml", PAGES_AUTOMATIONS),
+        ],
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let emit = |name: &str, resource: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_spur"))
+            .args(["emit", name, "--resource", resource, "--api", &daemon.url])
+            .current_dir(root())
+            .output()
+            .expect("spur emit runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let shots = root().join("target/screenshots");
+    let failed = emit("job.failed", "job.nightly");
+    emit("job.started", "job.export");
+    emit("job.broken", "job.disk");
+    // The chain: greet (by greet-on-failure) → follow-up (by follow-greetings); broken fails.
+    let runs = eventually(Duration::from_secs(20), "three finished runs", || {
+        let runs = api_get(&format!("{}/api/runs", daemon.url))["runs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let done = |d: &str| {
+            runs.iter()
+                .find(|r| {
+                    r["deployment"] == d
+                        && ["Completed", "Failed", "Crashed"]
+                            .contains(&r["state"].as_str().unwrap_or(""))
+                })
+                .cloned()
+        };
+        Some((done("greet")?, done("follow-up")?, done("broken")?))
+    });
+    let (greet, follow, broken) = runs;
+    assert_eq!(greet["state"], "Completed", "{greet:#}");
+    assert_eq!(broken["state"], "Failed", "{broken:#}");
+    let greet_id = greet["id"].as_str().expect("run id").to_owned();
+    let follow_id = follow["id"].as_str().expect("run id").to_owned();
+    let broken_id = broken["id"].as_str().expect("run id").to_owned();
+
+    let browser = Browser::start(&chromium, &chromedriver, &dir.path().join("profile"));
+    let live = |page: &str| {
+        browser.wait_text("#status", &format!("the live indicator on {page}"), |t| {
+            t == "live"
+        });
+    };
+
+    // The feed: a chart of the volume, names instead of ids.
+    browser.goto(&format!("{}/#/events", daemon.url));
+    live("the feed");
+    browser.wait_text("#feed", "the feed", |t| {
+        t.contains("job.broken") && t.contains("prefect.flow-run.Completed")
+    });
+    let bars = poll(Duration::from_secs(10), || {
+        let n = browser.script("return document.querySelectorAll('#chart svg rect.bar').length");
+        (n.as_u64().unwrap_or(0) > 0).then_some(n)
+    });
+    assert!(bars.is_some(), "the chart draws bars");
+    let tooltip =
+        browser.script("return document.querySelector('#chart svg rect.bar title').textContent");
+    assert!(
+        tooltip.as_str().is_some_and(|t| t.contains("event")),
+        "{tooltip}"
+    );
+    let feed = browser.text("#feed").expect("feed");
+    assert!(
+        feed.contains("ago") || feed.contains("just now"),
+        "relative times: {feed}"
+    );
+    assert!(
+        feed.contains("greet-"),
+        "a flow run shows by its name: {feed}"
+    );
+    let exact = browser.script("return document.querySelector('#feed time').getAttribute('title')");
+    assert!(
+        exact.as_str().is_some_and(|t| t.contains('T')),
+        "the exact time on hover: {exact}"
+    );
+    browser.screenshot(&shots.join("feed.png"));
+
+    // The automations list links each automation to its page.
+    browser.goto(&format!("{}/#/automations", daemon.url));
+    live("the automations page");
+    browser.wait_text("main", "the automations list", |t| {
+        t.contains("greet-on-failure") && t.contains("waits-for-done")
+    });
+    browser.screenshot(&shots.join("automations.png"));
+    browser.click("tr[data-name='greet-on-failure'] td:first-child a");
+
+    // An automation's page: trigger as YAML, where it is defined, firings with their
+    // triggering event and rendered parameters, its runs.
+    let title = browser.wait_text("#automation-title", "the automation page", |t| {
+        t == "greet-on-failure"
+    });
+    assert_eq!(title, "greet-on-failure");
+    live("an automation's page");
+    let trigger = browser.text("#trigger-yaml").expect("trigger");
+    assert!(
+        trigger.contains("expect: [job.failed]") && trigger.contains("posture: Reactive"),
+        "{trigger}"
+    );
+    let source = browser.text("#source").expect("source");
+    assert!(source.contains("automations.yaml:1"), "{source}");
+    let firings = browser.wait_text("#firings", "its firing", |t| t.contains("job.nightly"));
+    assert!(
+        firings.contains("job.failed on job.nightly"),
+        "the triggering event by name: {firings}"
+    );
+    let linked = browser.script(&format!(
+        "return document.querySelector('#firings a[href=\"#/events/{failed}\"]') !== null"
+    ));
+    assert_eq!(
+        linked,
+        json!(true),
+        "the triggering event links to its page"
+    );
+    assert!(firings.contains("greet-"), "the run it launched: {firings}");
+    // Explain, for a chosen event.
+    browser.type_into("#explain-id", &failed);
+    browser.click("#explain ~ form button, form.toolbar button[type=submit]");
+    let explained = browser.wait_text("#explain", "the explanation", |t| t.contains("fired"));
+    assert!(explained.contains("greet-on-failure"), "{explained}");
+    browser.screenshot(&shots.join("automation.png"));
+
+    // Click-through: the firing's run, then back to the automation from the run's page.
+    browser.click("#firings td.launched a");
+    let run_title = browser.wait_text("#run-title", "the run page", |t| t.starts_with("greet-"));
+    assert!(run_title.starts_with("greet-"));
+    live("a run's page");
+    let hash = browser.script("return location.hash");
+    assert_eq!(hash, json!(format!("#/runs/{greet_id}")));
+    assert_eq!(browser.text("#run-state").as_deref(), Some("Completed"));
+    let launched = browser.text("#launched-by").expect("launched by");
+    assert!(
+        launched.contains("greet-on-failure") && launched.contains("job.failed"),
+        "{launched}"
+    );
+    assert!(
+        browser
+            .text("#run-parameters")
+            .is_some_and(|p| p.contains("job.nightly"))
+    );
+    assert!(
+        browser
+            .text("#run-result")
+            .is_some_and(|p| p.contains("greeted"))
+    );
+    let children = browser.wait_text("#children", "the run it started", |t| {
+        t.contains("follow-up")
+    });
+    assert!(children.contains("follow-greetings"), "{children}");
+    browser.screenshot(&shots.join("run.png"));
+    browser.click("#launched-by a[href^='#/automations/']");
+    browser.wait_text("#automation-title", "back on the automation", |t| {
+        t == "greet-on-failure"
+    });
+
+    // The chained run's page names its launcher and links back to its parent's event.
+    browser.goto(&format!("{}/#/runs/{follow_id}", daemon.url));
+    let launched = browser.wait_text("#launched-by", "the chained run", |t| {
+        t.contains("follow-greetings")
+    });
+    assert!(
+        launched.contains("prefect.flow-run.Completed"),
+        "{launched}"
+    );
+
+    // A failed run says why: the reason, exit code and output tail on its page.
+    browser.goto(&format!("{}/#/runs/{broken_id}", daemon.url));
+    let reason = browser.wait_text("#run-reason", "the failure reason", |t| {
+        t.contains("Failed")
+    });
+    assert!(
+        reason.contains('3'),
+        "the exit status is in the reason: {reason}"
+    );
+    if broken.get("exit_code").is_some_and(|c| !c.is_null()) {
+        assert_eq!(browser.text("#exit-code").as_deref(), Some("3"));
+    }
+    if broken.get("output").is_some_and(|o| !o.is_null()) {
+        let output = browser.text("#run-output").expect("output");
+        assert!(
+            output.contains("disk is full") && output.contains("about to fail"),
+            "{output}"
+        );
+    }
+    browser.screenshot(&shots.join("run-failed.png"));
+
+    // The runs list filters by state and updates live.
+    browser.goto(&format!("{}/#/runs?state=Failed", daemon.url));
+    live("the runs page");
+    let listed = browser.wait_text("#runs", "failed runs", |t| t.contains("broken-"));
+    assert!(!listed.contains("greet-"), "{listed}");
+    browser.goto(&format!("{}/#/runs", daemon.url));
+    browser.wait_text("#runs", "all runs", |t| t.contains("greet-"));
+    emit("job.failed", "job.weekly");
+    browser.wait_text("#runs", "a new run, live", |t| {
+        t.matches("greet-").count() >= 2
+    });
+    browser.screenshot(&shots.join("runs.png"));
+
+    // A proactive automation shows its open bucket and deadline, and pauses from its page.
+    browser.goto(&format!("{}/#/automations/waits-for-done", daemon.url));
+    let buckets = browser.wait_text("#buckets", "the open bucket", |t| t.contains("job.export"));
+    assert!(
+        buckets.contains("in "),
+        "the deadline is relative: {buckets}"
+    );
+    browser.click("#toggle");
+    browser.wait_text("#state-pill", "paused", |t| t == "paused");
+    browser.click("#toggle");
+    browser.wait_text("#state-pill", "resumed", |t| t == "enabled");
+
+    browser.goto(&format!("{}/#/webhooks", daemon.url));
+    live("the webhooks page");
+    browser.wait_text("main", "the webhooks page", |t| {
+        t.to_lowercase().contains("last failure")
+    });
+
+    // Keyboard: links are reachable and Enter follows them.
+    browser.goto(&format!("{}/#/runs", daemon.url));
+    browser.wait_text("#runs", "runs", |t| t.contains("broken-"));
+    let first = browser
+        .find("#runs tr td:first-child a")
+        .expect("a run link");
+    browser
+        .session(
+            "POST",
+            &format!("/element/{first}/value"),
+            Some(json!({"text": "\u{E007}"})),
+        )
+        .expect("Enter on a link");
+    browser.wait_text("#run-title", "the run opened from the keyboard", |t| {
+        !t.is_empty()
+    });
+
+    // Phone width: the run page fits, without sideways scrolling of the page itself.
+    browser.resize(390, 844);
+    browser.goto(&format!("{}/#/runs/{broken_id}", daemon.url));
+    browser.wait_text("#run-reason", "the run page on a phone", |t| {
+        t.contains("Failed")
+    });
+    let overflow =
+        browser.script("return document.documentElement.scrollWidth - window.innerWidth");
+    assert!(
+        overflow.as_i64().unwrap_or(1) <= 0,
+        "the page scrolls sideways by {overflow}px"
+    );
+    browser.screenshot(&shots.join("run-phone.png"));
+    browser.goto(&format!("{}/#/events", daemon.url));
+    browser.wait_text("#feed", "the feed on a phone", |t| t.contains("job.failed"));
+    let overflow =
+        browser.script("return document.documentElement.scrollWidth - window.innerWidth");
+    assert!(
+        overflow.as_i64().unwrap_or(1) <= 0,
+        "the feed scrolls sideways by {overflow}px"
+    );
+    browser.screenshot(&shots.join("feed-phone.png"));
+
+    // The console log is read for real: a probe shows up, and nothing else is an error.
+    browser.script("console.error('spur-console-probe')");
+    let mut errors = browser.console_errors();
+    let probes = errors.len();
+    errors.retain(|e| !e.contains("spur-console-probe"));
+    assert_eq!(
+        probes,
+        errors.len() + 1,
+        "the probe was logged: {errors:#?}"
+    );
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
 }

@@ -11,6 +11,10 @@
 //!   `…/resume`); creating, replacing or deleting one is refused (409: files define them);
 //!   `GET /api/automations/related-to/{resource}` — those owned by it or launching it (a
 //!   deployment); `GET /api/firings` — recent firings.
+//! * For the web UI's pages (read-only): `GET /api/automations/{id or name}/detail` (live
+//!   state, source file and line, recent firings and runs), `GET /api/runs/{id}/lineage`
+//!   (the firing and event that launched a run, the runs it set off), `POST
+//!   /api/events/histogram` (event volume per time slice of a filter's range, by name).
 //! * `GET /healthz`, `GET /api/health`, `GET /metrics` (Prometheus text).
 //! * `GET /` — the web UI (event feed, event detail with explanations, automations, runs).
 
@@ -71,6 +75,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/ready", get(|| async { axum::Json(true) }))
         .route("/metrics", get(metrics))
         .route("/api/automations", get(automations).post(defined_in_files))
+        .route("/favicon.ico", get(favicon))
         .route("/api/automations/", post(defined_in_files))
         .route("/api/automations/filter", post(filter_automations))
         .route(
@@ -95,13 +100,16 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/events/filter/next", get(filter_next))
         .route("/api/events/out", get(events_out))
         .route("/api/events/{id}/explain", get(explain_event))
+        .route("/api/automations/{id}/detail", get(automation_detail))
         .route("/api/runs", get(list_runs).post(start_run))
         .route("/api/runs/{id}", get(get_run))
         .route("/api/runs/{id}/cancel", post(cancel_run))
+        .route("/api/events/histogram", post(event_histogram))
         .route("/api/deployments", get(list_deployments))
         .route("/api/actions/failed", get(failed_actions))
         .route("/api/actions/failed/{id}/retry", post(retry_failed_action))
         .with_state(state)
+        .route("/api/runs/{id}/lineage", get(run_lineage))
 }
 
 /// The web UI: one page, compiled into the binary (no CDN, works offline).
@@ -1011,4 +1019,234 @@ async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
             },
         }
     }
+}
+
+// ---- Read-only views for the web UI's automation, run and feed pages. ----
+
+/// How many recent firings and runs the UI views scan for one automation or run.
+const UI_SCAN: usize = 5_000;
+
+/// `GET /api/automations/{id or name}/detail`: the automation with its live state, the file
+/// and line it is defined at, its recent firings (newest first, at most 50) and the runs it
+/// launched (at most 50), from the newest 5 000 of each.
+async fn automation_detail(
+    State(state): State<ApiState>,
+    axum::extract::Path(wanted): axum::extract::Path<String>,
+) -> Response {
+    let description = match describe(&state).await {
+        Ok(description) => description,
+        Err(unavailable) => return unavailable,
+    };
+    let id = uuid::Uuid::parse_str(&wanted).ok();
+    let Some(a) = description
+        .automations
+        .iter()
+        .find(|a| Some(a.automation.id) == id || a.automation.name == wanted)
+    else {
+        return error(StatusCode::NOT_FOUND, format!("no automation {wanted:?}"));
+    };
+    let source = state
+        .status
+        .read()
+        .ok()
+        .and_then(|s| s.sources.get(&a.automation.name).cloned());
+    let name = a.automation.name.clone();
+    let store = state.store.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let mut firings: Vec<Value> = store
+            .recent_firings(UI_SCAN)?
+            .into_iter()
+            .filter(|f| f["automation"] == name.as_str())
+            .take(50)
+            .collect();
+        // Each firing's triggering event, by name and resource (the record holds its id).
+        for firing in &mut firings {
+            let id = firing["event"].as_str().and_then(|e| uuid::Uuid::parse_str(e).ok());
+            if let Some(event) = id.map(|id| store.get_event(id)).transpose()?.flatten() {
+                let json = event.to_json();
+                firing["triggering_event"] =
+                    json!({"id": event.id, "event": event.event, "resource": json["resource"]});
+            }
+        }
+        let runs: Vec<Value> = store
+            .list_runs(UI_SCAN)?
+            .into_iter()
+            .filter(|r| r["automation"] == name.as_str())
+            .take(50)
+            .collect();
+        Ok::<_, spur_store::StoreError>((firings, runs))
+    })
+    .await;
+    let (firings, runs) = match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let automation = &a.automation;
+    axum::Json(json!({
+        "id": automation.id,
+        "name": automation.name,
+        "enabled": automation.enabled,
+        "description": automation.description,
+        "tags": automation.tags,
+        "summary": automation.summary(),
+        "trigger": automation.trigger,
+        "actions": automation.actions,
+        "actions_on_trigger": automation.actions_on_trigger,
+        "actions_on_resolve": automation.actions_on_resolve,
+        "owner_resource": automation.owner_resource,
+        "source": source,
+        "next_deadline": a.next_deadline.map(format_timestamp),
+        "buckets": a.buckets.iter().map(|(trigger, key, b)| json!({
+            "trigger_id": trigger,
+            "key": key,
+            "start": format_timestamp(b.start),
+            "end": format_timestamp(b.end),
+            "count": b.count,
+            "last_event": b.last_event.as_ref().map(|e| e.id),
+        })).collect::<Vec<_>>(),
+        "firings": firings,
+        "runs": runs,
+    }))
+    .into_response()
+}
+
+/// `GET /api/runs/{id}/lineage`: where a run came from and what it set off — the firing that
+/// launched it (from its idempotency key `<firing id>:<action index>`), that firing's
+/// triggering event, and the runs launched by firings its own flow-run events triggered.
+/// Searched among the newest 5 000 firings and runs.
+async fn run_lineage(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, "not a run id");
+    };
+    let store = state.store.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let Some(run) = store.get_run(id)? else {
+            return Ok(None);
+        };
+        let firings = store.recent_firings(UI_SCAN)?;
+        let firing_of = |run: &Value| -> Option<Value> {
+            let key = run["idempotency_key"].as_str()?;
+            let firing = key.split(':').next()?;
+            firings.iter().find(|f| f["id"] == firing).cloned()
+        };
+        let firing = firing_of(&run);
+        let event = match firing
+            .as_ref()
+            .and_then(|f| f["event"].as_str())
+            .and_then(|e| uuid::Uuid::parse_str(e).ok())
+        {
+            Some(event) => store.get_event(event)?.map(|e| e.to_json()),
+            None => None,
+        };
+        let emitted: HashSet<&str> = run["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|h| h["event_id"].as_str())
+            .collect();
+        let children: Vec<Value> = store
+            .list_runs(UI_SCAN)?
+            .into_iter()
+            .filter(|r| {
+                firing_of(r)
+                    .and_then(|f| f["event"].as_str().map(|e| emitted.contains(e)))
+                    .unwrap_or(false)
+            })
+            .collect();
+        Ok::<_, spur_store::StoreError>(Some(
+            json!({"run": run, "firing": firing, "event": event, "children": children}),
+        ))
+    })
+    .await;
+    match found {
+        Ok(Ok(Some(lineage))) => axum::Json(lineage).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "Run not found"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /api/events/histogram {"filter": EventFilter, "buckets": N}`: how many events match
+/// per time slice (N slices, default 60, at most 200) of the filter's `occurred` range —
+/// from the oldest match when `since` is not given, until now when `until` is not — with
+/// counts by event name. Counts at most the newest 50 000 matches (`counted` < `total`
+/// says when the chart leaves older ones out).
+async fn event_histogram(
+    State(state): State<ApiState>,
+    body: Option<axum::Json<Value>>,
+) -> Response {
+    let body = body.map(|b| b.0).unwrap_or(Value::Null);
+    let filter = body.get("filter").unwrap_or(&Value::Null);
+    let mut query = match parse_filter(filter) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    query.order = EventOrder::Descending;
+    let slices = body
+        .get("buckets")
+        .and_then(Value::as_u64)
+        .unwrap_or(60)
+        .clamp(1, 200) as i64;
+    let given_since = filter
+        .pointer("/occurred/since")
+        .is_some_and(|s| !s.is_null());
+    let store = state.store.clone();
+    let q = query.clone();
+    let page =
+        match tokio::task::spawn_blocking(move || store.query(&q, 50_000, None, 200_000)).await {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        };
+    let until = query.until.unwrap_or_else(Utc::now);
+    let oldest = page.events.last().map(|(_, e)| e.occurred);
+    let since = match (given_since, query.since, oldest) {
+        (true, Some(since), _) => since,
+        (_, _, Some(oldest)) => oldest.min(until - TimeDelta::minutes(1)),
+        _ => until - TimeDelta::hours(1),
+    };
+    let span = (until - since).num_milliseconds().max(1);
+    let width = (span + slices - 1) / slices;
+    let mut buckets: Vec<(usize, serde_json::Map<String, Value>)> =
+        vec![(0, serde_json::Map::new()); slices as usize];
+    for (_, event) in &page.events {
+        let offset = (event.occurred - since).num_milliseconds();
+        if offset < 0 || offset > span {
+            continue;
+        }
+        let slot = ((offset / width) as usize).min(buckets.len() - 1);
+        let (count, names) = &mut buckets[slot];
+        *count += 1;
+        let n = names.get(&event.event).and_then(Value::as_u64).unwrap_or(0);
+        names.insert(event.event.clone(), json!(n + 1));
+    }
+    axum::Json(json!({
+        "since": format_timestamp(since),
+        "until": format_timestamp(until),
+        "bucket_ms": width,
+        "total": page.total,
+        "counted": page.events.len(),
+        "buckets": buckets.into_iter().enumerate().map(|(i, (count, names))| json!({
+            "start": format_timestamp(since + TimeDelta::milliseconds(width * i as i64)),
+            "count": count,
+            "names": names,
+        })).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+/// The UI's icon (so a browser's automatic `/favicon.ico` request is not a 404).
+async fn favicon() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "max-age=86400"),
+        ],
+        r##"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" fill="#2f5bd3"/><path d="M4 11l4-6 4 6" stroke="#fff" stroke-width="2" fill="none"/></svg>"##,
+    )
+        .into_response()
 }

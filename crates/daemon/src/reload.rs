@@ -37,6 +37,8 @@ pub struct LoadStatus {
 pub struct Loaded {
     /// Automations with their origin.
     pub automations: Vec<LoadedAutomation>,
+    /// Where each loaded automation is defined, by name: `file:line`.
+    pub sources: BTreeMap<String, String>,
     /// Status for the API.
     pub status: LoadStatus,
     /// Declared deployments.
@@ -100,6 +102,18 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
         {
             automations.push(kept.clone());
         }
+    for a in &automations {
+        let at = spur_core::Problem {
+            path: spur_core::FieldPath::root(),
+            reason: String::new(),
+            severity: Severity::Warning,
+        };
+        let d = outcome.diagnose(&a.origin, at);
+        status.sources.insert(
+            a.automation.name.clone(),
+            format!("{}:{}", d.file.display(), d.line),
+        );
+    }
     }
     Loaded {
         automations,
