@@ -41,7 +41,9 @@ use spur_store::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use spur_ingest::http::{close, constant_time_eq, offers_prefect_protocol};
+use spur_ingest::http::{
+    ReadError, close, constant_time_eq, next_text_within, offers_prefect_protocol, too_big,
+};
 
 use crate::metrics::Metrics;
 use crate::pipeline::{Control, Description};
@@ -62,6 +64,8 @@ pub struct ApiState {
     pub live: broadcast::Sender<Arc<Event>>,
     /// Prefect auth string for websocket clients.
     pub auth_string: Option<String>,
+    /// How long an `/api/events/out` client has to send its `auth` and `filter` messages.
+    pub auth_timeout: std::time::Duration,
     /// Starts and cancels runs.
     pub executor: crate::actions::Executor,
 }
@@ -616,11 +620,28 @@ async fn firings(State(state): State<ApiState>, Query(q): Query<Limit>) -> Respo
     }
 }
 
+/// Most values one list of an event filter may hold (names, prefixes, ids, roles, …): longer
+/// lists are refused with 422. Matching uses sets and sorted prefixes, so a list at the limit
+/// costs about as much as a short one (`spur_store::QueryMatcher`).
+pub const MAX_FILTER_VALUES: usize = 1_000;
+
+/// Most label patterns one event filter may hold, over all its `labels` (globs, each tried
+/// on every event scanned).
+pub const MAX_LABEL_PATTERNS: usize = 100;
+
+/// Most `related` and `any_resource` filters one event filter may hold (each).
+pub const MAX_SUBFILTERS: usize = 20;
+
+/// Largest websocket message `/api/events/out` reads (its `auth` and `filter` messages).
+pub const MAX_OUT_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
 /// Parses Prefect's `EventFilter` (the shape its client and UI send): `occurred`, `event`
 /// (`name`, `prefix`, `exclude_name`, `exclude_prefix`), `resource` (`id`, `id_prefix`,
 /// `labels`, `distinct`), `related` and `any_resource` (one filter or a list, each must
 /// hold), `id`, `text` and `order` (`DESC`, newest first, by default; or `ASC`). Unknown
-/// fields are refused with their name.
+/// fields are refused with their name; lists are lists (as in Prefect's schema, a lone
+/// string is refused, except as a label's value), bounded by [`MAX_FILTER_VALUES`],
+/// [`MAX_LABEL_PATTERNS`] and [`MAX_SUBFILTERS`].
 ///
 /// As in Prefect, `occurred` has defaults: since the start of today (UTC) 180 days ago,
 /// until now, so an event reported with a future `occurred` shows once that time comes.
@@ -680,10 +701,23 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
             Some(_) => return Err("resource.distinct: must be true or false".into()),
         };
     }
+    for name in ["related", "any_resource"] {
+        if one_or_many(map.get(name)).count() > MAX_SUBFILTERS {
+            return Err(format!(
+                "{name}: at most {MAX_SUBFILTERS} filters (MAX_SUBFILTERS)"
+            ));
+        }
+    }
     for (i, related) in one_or_many(map.get("related")).enumerate() {
         let field = |name: &str| format!("related[{i}].{name}");
         let pairs = match related.get("resources_in_roles") {
             None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) if items.len() > MAX_FILTER_VALUES => {
+                return Err(format!(
+                    "{}: at most {MAX_FILTER_VALUES} values (MAX_FILTER_VALUES)",
+                    field("resources_in_roles")
+                ));
+            }
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|pair| match pair.as_array().map(Vec::as_slice) {
@@ -734,6 +768,16 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
         }
         q.text = Some(TextQuery::parse(query));
     }
+    let patterns = std::iter::once(&q.resource_labels)
+        .chain(q.related.iter().map(|r| &r.labels))
+        .chain(q.any_resource.iter().map(|a| &a.labels))
+        .flat_map(|spec| spec.labels.iter().map(|(_, values)| values.len()))
+        .sum::<usize>();
+    if patterns > MAX_LABEL_PATTERNS {
+        return Err(format!(
+            "labels: at most {MAX_LABEL_PATTERNS} label patterns in one filter, got {patterns} (MAX_LABEL_PATTERNS)"
+        ));
+    }
     q.order = match map.get("order") {
         None | Some(Value::Null) => EventOrder::Descending,
         Some(Value::String(order)) if order == "DESC" => EventOrder::Descending,
@@ -743,10 +787,16 @@ pub fn parse_filter(filter: &Value) -> Result<EventQuery, String> {
     Ok(q)
 }
 
-/// A list of strings (a lone string counts as a list of one; null as none).
+/// A list of strings (null as none), at most [`MAX_FILTER_VALUES`] of them. A lone string
+/// is refused, as Prefect's `List[str]` fields refuse it (`{"prefix": "flow"}` is a 422
+/// there, not a filter that quietly matches nothing).
 fn strings(v: Option<&Value>, field: &str) -> Result<Vec<String>, String> {
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) if items.len() > MAX_FILTER_VALUES => Err(format!(
+            "{field}: at most {MAX_FILTER_VALUES} values, got {} (MAX_FILTER_VALUES)",
+            items.len()
+        )),
         Some(Value::Array(items)) => items
             .iter()
             .map(|i| {
@@ -755,7 +805,6 @@ fn strings(v: Option<&Value>, field: &str) -> Result<Vec<String>, String> {
                     .ok_or_else(|| format!("{field}: must be a list of strings"))
             })
             .collect(),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
         Some(_) => Err(format!("{field}: must be a list of strings")),
     }
 }
@@ -767,7 +816,12 @@ fn labels(v: Option<&Value>, field: &str) -> Result<ResourceSpecification, Strin
         None | Some(Value::Null) => {}
         Some(Value::Object(map)) => {
             for (label, values) in map {
-                let values = strings(Some(values), &format!("{field}.{label}"))?;
+                // Prefect's `ResourceSpecification`: a value or a list of values.
+                let field = format!("{field}.{label}");
+                let values = match values {
+                    Value::String(one) => vec![one.clone()],
+                    other => strings(Some(other), &field)?,
+                };
                 spec.labels.push((
                     label.clone(),
                     values.iter().map(|v| LabelPattern::new(v)).collect(),
@@ -839,12 +893,32 @@ async fn run_query(
     .into_response()
 }
 
+/// `POST /api/events/filter`: the body is JSON whatever its content type (as Prefect reads
+/// it); an empty body is no filter, anything else that is not JSON a 400.
 async fn filter_events(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: Option<axum::Json<Value>>,
+    body: axum::body::Bytes,
 ) -> Response {
-    let body = body.map(|b| b.0).unwrap_or(Value::Null);
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(body @ (Value::Object(_) | Value::Null)) => body,
+            Ok(_) => {
+                return error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "the body must be an object: {\"filter\": …, \"limit\": …}",
+                );
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not valid JSON: {e}"),
+                );
+            }
+        }
+    };
     let limit = body
         .get("limit")
         .and_then(Value::as_u64)
@@ -898,24 +972,46 @@ async fn events_out(
 ) -> Response {
     let handshake = offers_prefect_protocol(&headers);
     ws.protocols(["prefect"])
+        .max_message_size(MAX_OUT_MESSAGE_BYTES)
+        .max_frame_size(MAX_OUT_MESSAGE_BYTES)
         .on_upgrade(move |socket| stream_out(socket, handshake, state))
 }
 
-async fn next_text(socket: &mut WebSocket) -> Option<String> {
-    loop {
-        match socket.recv().await {
-            Some(Ok(Message::Text(t))) => return Some(t.to_string()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            _ => return None,
+/// The next text message of an `/api/events/out` client, within the auth timeout; on a
+/// timeout or an oversized message the socket is closed (1008 or 1009) and `None` returned.
+async fn next_text(
+    socket: &mut WebSocket,
+    state: &ApiState,
+    expected: &str,
+) -> Option<Option<String>> {
+    match next_text_within(socket, state.auth_timeout).await {
+        Ok(text) => Some(text),
+        Err(ReadError::TimedOut) => {
+            let reason = format!(
+                "no '{expected}' message within {} s",
+                state.auth_timeout.as_secs_f64()
+            );
+            let _ = socket
+                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                    code: 1008,
+                    reason: reason.into(),
+                })))
+                .await;
+            None
+        }
+        Err(ReadError::TooBig) => {
+            too_big(socket, "/api/events/out", MAX_OUT_MESSAGE_BYTES).await;
+            None
         }
     }
 }
 
 async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
     if handshake {
-        let auth = next_text(&mut socket)
-            .await
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+        let Some(auth) = next_text(&mut socket, &state, "auth").await else {
+            return;
+        };
+        let auth = auth.and_then(|t| serde_json::from_str::<Value>(&t).ok());
         let ok_type = auth
             .as_ref()
             .and_then(|a| a.get("type"))
@@ -954,7 +1050,10 @@ async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
     }
     // Subscribe before the backfill so nothing falls between the two.
     let mut live = state.live.subscribe();
-    let Some(first) = next_text(&mut socket).await else {
+    let Some(first) = next_text(&mut socket, &state, "filter").await else {
+        return;
+    };
+    let Some(first) = first else {
         return;
     };
     let message: Value = serde_json::from_str(&first).unwrap_or(Value::Null);
@@ -996,15 +1095,19 @@ async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
         }
     }
     query.until = None;
+    let matcher = query.matcher();
     loop {
         tokio::select! {
             incoming = socket.recv() => match incoming {
+                Some(Err(e)) if spur_ingest::http::is_too_big(&e) => {
+                    return too_big(&mut socket, "/api/events/out", MAX_OUT_MESSAGE_BYTES).await;
+                }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 _ => {}
             },
             event = live.recv() => match event {
                 Ok(event) => {
-                    if !query.matches(&event) || sent.remove(&event.id) {
+                    if !matcher.matches(&event) || sent.remove(&event.id) {
                         continue;
                     }
                     let frame = json!({"type": "event", "event": event.to_json()}).to_string();

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use spur_ingest::nats::NatsConfig;
 
+use crate::server::ServerLimits;
+
 /// Everything `spur serve` can be told.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
@@ -33,6 +35,11 @@ pub struct DaemonConfig {
     pub reload_interval: Duration,
     /// Refuse webhooks without authentication, and serve existing ones as disabled.
     pub webhooks_require_auth: bool,
+    /// Connection timeouts and limit (see `server.rs` and docs/limits.md).
+    pub server: ServerLimits,
+    /// A websocket client using the `prefect` subprotocol must send its `auth` message (and
+    /// an `/api/events/out` client its `filter`) within this time of connecting.
+    pub websocket_auth_timeout: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -49,6 +56,8 @@ impl Default for DaemonConfig {
             checkpoint_interval: Duration::from_secs(5),
             reload_interval: Duration::from_millis(500),
             webhooks_require_auth: false,
+            server: ServerLimits::default(),
+            websocket_auth_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -17,6 +17,7 @@
 //! * [`api`] — read API, live feed, health and metrics.
 //! * [`metrics`] — Prometheus counters and histograms.
 //! * [`process`] — process-wide memory settings the binary applies at start.
+//! * [`server`] — the HTTP server: connection timeouts and limit, JSON error bodies.
 //!
 //! Shutdown order: stop accepting HTTP, stop the NATS source, drain the pipeline's queue,
 //! checkpoint, return.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod process;
 pub mod reload;
+pub mod server;
 pub mod shared_state;
 pub mod webhooks;
 
@@ -263,6 +265,7 @@ impl Daemon {
         let router = spur_ingest::http::routes(HttpIngest {
             intake: external_intake.clone(),
             auth_string: config.auth_string.clone(),
+            auth_timeout: config.websocket_auth_timeout,
         })
         .merge(spur_ingest::webhook::routes(
             spur_ingest::webhook::WebhookIngest {
@@ -281,6 +284,7 @@ impl Daemon {
             metrics: metrics.clone(),
             live,
             auth_string: config.auth_string.clone(),
+            auth_timeout: config.websocket_auth_timeout,
             executor: executor.clone(),
         }));
         let listener = tokio::net::TcpListener::bind(config.http)
@@ -293,17 +297,12 @@ impl Daemon {
             addr: config.http,
             source,
         })?;
-        let mut server_shutdown = shutdown_rx.clone();
-        let server = tokio::spawn(async move {
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = server_shutdown.changed().await;
-                })
-                .await;
-            if let Err(e) = result {
-                error!(error = %e, "HTTP server stopped");
-            }
-        });
+        let server = tokio::spawn(server::serve(
+            listener,
+            router,
+            config.server,
+            shutdown_rx.clone(),
+        ));
         drop(intake);
         executor.set_api_url(format!("http://{addr}"));
         if let Ok(mut base) = webhook_service.base_url.write() {

@@ -10,6 +10,10 @@
 //!   earlier event is stored (that ping/pong is how the client confirms delivery). A malformed
 //!   frame is logged and skipped instead of killing the socket (Prefect closes it, and the
 //!   client then re-sends the bad event forever).
+//!
+//! Websocket limits: the `auth` message must come within the configured auth timeout (else
+//! close 1008); a message over [`MAX_WS_MESSAGE_BYTES`] is answered with close code 1009
+//! (Message Too Big) and logged, on this socket and on `/api/events/out` ([`too_big`]).
 //! * `GET /api/admin/version` — the Prefect version string the client checks before connecting.
 
 use axum::Router;
@@ -35,6 +39,9 @@ pub const PREFECT_COMPATIBLE_VERSION: &str = "3.99.0";
 /// Largest accepted request body (a batch of events).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
+/// Largest websocket message (and frame) `/api/events/in` reads: one event.
+pub const MAX_WS_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Shared state of the ingest routes.
 #[derive(Clone, Debug)]
 pub struct HttpIngest {
@@ -42,6 +49,8 @@ pub struct HttpIngest {
     pub intake: Intake,
     /// Prefect's `PREFECT_SERVER_API_AUTH_STRING`: when set, websocket clients must send it.
     pub auth_string: Option<String>,
+    /// How long a websocket client has to send its `auth` message.
+    pub auth_timeout: std::time::Duration,
 }
 
 /// The ingest routes, ready to merge into the daemon's router.
@@ -183,6 +192,8 @@ async fn events_in(
 ) -> Response {
     let handshake = offers_prefect_protocol(&headers);
     ws.protocols(["prefect"])
+        .max_message_size(MAX_WS_MESSAGE_BYTES)
+        .max_frame_size(MAX_WS_MESSAGE_BYTES)
         .on_upgrade(move |socket| stream_events_in(socket, handshake, state))
 }
 
@@ -196,17 +207,82 @@ pub async fn close(mut socket: WebSocket, code: u16, reason: &str) {
         .await;
 }
 
+/// Is this websocket read error a message (or frame) over the size limit? tungstenite
+/// refuses it as soon as it reads the frame header, before buffering the payload.
+pub fn is_too_big(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = e.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Answers a message over the size limit: logs it and closes with 1009 (Message Too Big).
+/// The rest of the oversized frame is not read; the socket is held for a moment after the
+/// close frame so the client can read it before the connection goes away (dropping a
+/// socket with unread input resets it).
+pub async fn too_big(socket: &mut WebSocket, route: &str, limit: usize) {
+    warn!(
+        route,
+        limit, "websocket message over the size limit: closing with 1009"
+    );
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: 1009,
+            reason: format!("message too big (the limit is {limit} bytes)").into(),
+        })))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+}
+
+/// Waits for the next text message (pings skipped) for at most `limit`.
+pub async fn next_text_within(
+    socket: &mut WebSocket,
+    limit: std::time::Duration,
+) -> Result<Option<String>, ReadError> {
+    let read = async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Text(t))) => return Ok(Some(t.to_string())),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Err(e)) if is_too_big(&e) => return Err(ReadError::TooBig),
+                _ => return Ok(None),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or(Err(ReadError::TimedOut))
+}
+
+/// Why [`next_text_within`] got no message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadError {
+    /// Nothing came in time.
+    TimedOut,
+    /// The message was over the size limit.
+    TooBig,
+}
+
 /// Prefect's in-band auth: `{"type": "auth", "token": …}` → `{"type": "auth_success"}`.
 async fn authenticate(
     socket: &mut WebSocket,
     auth_string: Option<&str>,
+    limit: std::time::Duration,
 ) -> Result<(), (u16, String)> {
-    let first = loop {
-        match socket.recv().await {
-            Some(Ok(Message::Text(t))) => break t.to_string(),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            _ => return Err((1008, "Expected 'auth' message".into())),
+    let first = match next_text_within(socket, limit).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return Err((1008, "Expected 'auth' message".into())),
+        Err(ReadError::TimedOut) => {
+            return Err((
+                1008,
+                format!("no 'auth' message within {} s", limit.as_secs_f64()),
+            ));
         }
+        Err(ReadError::TooBig) => return Err((1009, "message too big".into())),
     };
     let message: Value =
         serde_json::from_str(&first).map_err(|_| (1008, "Expected 'auth' message".to_owned()))?;
@@ -240,7 +316,17 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIngest) {
     if handshake {
-        if let Err((code, reason)) = authenticate(&mut socket, state.auth_string.as_deref()).await {
+        if let Err((code, reason)) = authenticate(
+            &mut socket,
+            state.auth_string.as_deref(),
+            state.auth_timeout,
+        )
+        .await
+        {
+            if code == 1009 {
+                too_big(&mut socket, "/api/events/in", MAX_WS_MESSAGE_BYTES).await;
+                return;
+            }
             debug!(code, reason, "websocket auth refused");
             close(socket, code, &reason).await;
             return;
@@ -260,6 +346,11 @@ async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIng
                     continue;
                 }
             },
+            Err(e) if is_too_big(&e) => {
+                state.intake.count_rejected(1);
+                too_big(&mut socket, "/api/events/in", MAX_WS_MESSAGE_BYTES).await;
+                return;
+            }
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => continue, // pings are answered by the websocket layer
         };

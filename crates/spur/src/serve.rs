@@ -48,6 +48,22 @@ pub struct ServeArgs {
     /// Refuse webhooks without authentication (existing ones answer 404 until given some).
     #[arg(long, env = "SPUR_WEBHOOKS_REQUIRE_AUTH")]
     pub webhooks_require_auth: bool,
+    /// A request head must arrive within this time of its first byte [default: 10s].
+    #[arg(long, env = "SPUR_HEADER_READ_TIMEOUT")]
+    pub header_read_timeout: Option<String>,
+    /// A request body must arrive within this time of its head, else 408 [default: 60s].
+    #[arg(long, env = "SPUR_BODY_READ_TIMEOUT")]
+    pub body_read_timeout: Option<String>,
+    /// A connection with no request in progress is closed after this time [default: 60s].
+    #[arg(long, env = "SPUR_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// A websocket client must send its auth (and feed filter) message within this time
+    /// [default: 10s].
+    #[arg(long, env = "SPUR_WEBSOCKET_AUTH_TIMEOUT")]
+    pub websocket_auth_timeout: Option<String>,
+    /// Open connections (websockets included) beyond which new ones get 503 [default: 1024].
+    #[arg(long, env = "SPUR_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 }
 
 /// Parses `45`, `45s`, `30m`, `12h`, `7d`, or an ISO-8601 duration.
@@ -101,6 +117,12 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         "retention",
         "auth_string",
         "log_format",
+        "webhooks_require_auth",
+        "header_read_timeout",
+        "body_read_timeout",
+        "idle_timeout",
+        "websocket_auth_timeout",
+        "max_connections",
     ];
     for key in file.keys() {
         if !KNOWN.contains(&key.as_str()) {
@@ -144,6 +166,44 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         })
     }) {
         config.retention = parse_duration(&r).with_context(|| format!("retention: {r:?}"))?;
+    }
+    // Connection limits: a duration flag or setting (`10`, `10s`, `2m`, ISO-8601), more than 0.
+    let duration = |flag: &Option<String>, key: &str| -> Result<Option<Duration>> {
+        let Some(t) = flag.clone().or_else(|| {
+            file.get(key).map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+        }) else {
+            return Ok(None);
+        };
+        let d = parse_duration(&t).with_context(|| format!("{key}: {t:?}"))?;
+        if d.is_zero() {
+            bail!("{key}: must be more than 0");
+        }
+        Ok(Some(d))
+    };
+    if let Some(d) = duration(&args.header_read_timeout, "header_read_timeout")? {
+        config.server.header_read_timeout = d;
+    }
+    if let Some(d) = duration(&args.body_read_timeout, "body_read_timeout")? {
+        config.server.body_read_timeout = d;
+    }
+    if let Some(d) = duration(&args.idle_timeout, "idle_timeout")? {
+        config.server.idle_timeout = d;
+    }
+    if let Some(d) = duration(&args.websocket_auth_timeout, "websocket_auth_timeout")? {
+        config.websocket_auth_timeout = d;
+    }
+    if let Some(n) = args.max_connections.or_else(|| {
+        file.get("max_connections")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+    }) {
+        if n == 0 {
+            bail!("max_connections: must be at least 1");
+        }
+        config.server.max_connections = n;
     }
     config.auth_string = args.auth_string.clone().or_else(|| text("auth_string"));
     config.webhooks_require_auth = args.webhooks_require_auth

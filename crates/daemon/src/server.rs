@@ -1,0 +1,497 @@
+//! The HTTP server: hyper's HTTP/1 connections under the limits that keep slow, idle or
+//! too many clients from holding the daemon's resources, and one error shape for every route.
+//!
+//! `axum::serve` has no timeouts and no connection limit (a socket that sends nothing stays
+//! open forever), so the daemon accepts connections itself and serves each with hyper:
+//!
+//! ```text
+//!  accept ─► permit? ──no──► 503 {"detail": …}, close        (at most `max_connections`)
+//!              │yes
+//!              ▼
+//!  Metered<TcpStream> (holds the permit, notes when a request head starts)
+//!              │
+//!  hyper http1 connection ─► service: body under a deadline ─► Router ─► JSON error bodies
+//!              ▲
+//!  connection task: idle → `idle_timeout`; head begun → `header_read_timeout`; else none
+//! ```
+//!
+//! * **Header read timeout**: a request head must be complete within this time of its first
+//!   byte. (hyper's own `header_read_timeout` starts when the connection goes idle, so it
+//!   cannot tell an idle keep-alive connection from a slow head; the daemon tracks both.)
+//! * **Idle timeout**: a connection with no request in progress is closed after it (this
+//!   also bounds how long a response may wait for a client that does not read it).
+//! * **Body read timeout**: the whole body must arrive within this time of its head, else
+//!   408 and the connection is closed. Handlers may take as long as they need.
+//! * **Connections**: each socket holds a permit for its whole life, websockets included
+//!   (the permit travels with the socket through the upgrade). Beyond the limit a socket gets
+//!   one 503 answer and is closed; at most [`REFUSALS_IN_FLIGHT`] such answers are written at
+//!   once, further sockets are closed at once.
+//! * **Error shape**: every 4xx/5xx answer whose body is not JSON (axum's extractor
+//!   rejections, unknown routes, wrong methods, quiet webhook answers) is rewritten to
+//!   `{"detail": <its text or the status's reason>}`, headers kept. hyper's own answers to
+//!   requests it cannot parse (400, and 431 for oversized headers) come before any service
+//!   and stay bodiless.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes, HttpBody};
+use axum::http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+/// How many "too many connections" answers are written at once; sockets beyond that are
+/// closed without one.
+pub const REFUSALS_IN_FLIGHT: usize = 64;
+
+/// How long shutdown waits for requests in progress before it stops serving them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The largest error body rewritten into `{"detail": …}` (longer ones are cut).
+const MAX_DETAIL_BYTES: usize = 4096;
+
+/// The connection limits (see the module docs); [`crate::DaemonConfig`] holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// A request head must be complete within this time of its first byte.
+    pub header_read_timeout: Duration,
+    /// A request body must be complete within this time of its head.
+    pub body_read_timeout: Duration,
+    /// A connection with no request in progress is closed after this time.
+    pub idle_timeout: Duration,
+    /// Open connections (websockets included) beyond which new ones are refused with 503.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// What a connection is doing, shared by its socket, its service and its task.
+struct Activity {
+    started: Instant,
+    /// Requests whose answer is not made yet.
+    in_flight: AtomicUsize,
+    /// Milliseconds since `started` at which the connection last became idle.
+    idle_since: AtomicU64,
+    /// Milliseconds since `started` at which bytes of a new request head arrived while idle
+    /// (`u64::MAX`: none yet).
+    head_started: AtomicU64,
+    /// Wakes the connection task when the deadline may have moved.
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(u64::MAX),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// When the connection must be closed unless something happens first, and why; `None`
+    /// while a request is in progress.
+    fn deadline(&self, limits: &ServerLimits) -> Option<(Instant, &'static str)> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let at = |ms: u64, limit: Duration| self.started + Duration::from_millis(ms) + limit;
+        match self.head_started.load(Ordering::Acquire) {
+            u64::MAX => Some((
+                at(self.idle_since.load(Ordering::Acquire), limits.idle_timeout),
+                "idle",
+            )),
+            ms => Some((at(ms, limits.header_read_timeout), "request head too slow")),
+        }
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(u64::MAX, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    fn request_answered(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle_since.store(self.now_ms(), Ordering::Release);
+            self.head_started.store(u64::MAX, Ordering::Release);
+        }
+        self.changed.notify_one();
+    }
+}
+
+/// Marks a request answered when dropped (also when its connection goes away mid-request).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_answered();
+    }
+}
+
+/// A socket that holds its connection permit and tells [`Activity`] when a request head
+/// begins. It stays under the websocket after an upgrade, so the permit lasts as long as
+/// the socket does.
+struct Metered {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let activity = &self.activity;
+            if activity.in_flight.load(Ordering::Acquire) == 0
+                && activity.head_started.load(Ordering::Acquire) == u64::MAX
+            {
+                activity
+                    .head_started
+                    .store(activity.now_ms(), Ordering::Release);
+                activity.changed.notify_one();
+            }
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Why a request body was cut off.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+struct BodyTimedOut(Duration);
+
+/// A request body that fails once its deadline passes (and says so in `timed_out`).
+struct TimedBody {
+    inner: Body,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.timed_out.store(true, Ordering::Release);
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut(self.limit)))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A JSON error answer: `{"detail": …}`.
+pub fn json_error(status: StatusCode, detail: &str) -> Response<Body> {
+    let body = serde_json::json!({ "detail": detail }).to_string();
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The body limit of the route at `path` (what its 413 names).
+fn body_limit(path: &str) -> usize {
+    if path.starts_with("/hooks/") {
+        spur_ingest::webhook::MAX_WEBHOOK_BODY
+    } else if path == "/api/events" {
+        spur_ingest::http::MAX_BODY_BYTES
+    } else {
+        AXUM_DEFAULT_BODY_LIMIT
+    }
+}
+
+/// axum's `DefaultBodyLimit` where a route sets none.
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Rewrites a 4xx/5xx answer whose body is not JSON into `{"detail": …}` (headers kept); a
+/// 413 names the route's body limit.
+async fn with_json_error_body(response: Response<Body>, path: &str) -> Response<Body> {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, MAX_DETAIL_BYTES).await {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
+        Err(_) => String::new(),
+    };
+    let detail = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "the request body is over the limit of {} bytes",
+            body_limit(path)
+        )
+    } else if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let body = serde_json::json!({ "detail": detail }).to_string();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body))
+}
+
+/// Serves one request: body under its deadline, the router, JSON error bodies.
+async fn handle(
+    router: Router,
+    request: Request<Incoming>,
+    activity: Arc<Activity>,
+    limits: ServerLimits,
+) -> Result<Response<Body>, std::convert::Infallible> {
+    activity.request_started();
+    let _in_flight = InFlight(activity);
+    let path = request.uri().path().to_owned();
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let request = request.map(|incoming| {
+        let inner = Body::new(incoming);
+        if inner.is_end_stream() {
+            inner
+        } else {
+            Body::new(TimedBody {
+                inner,
+                sleep: Box::pin(tokio::time::sleep(limits.body_read_timeout)),
+                limit: limits.body_read_timeout,
+                timed_out: timed_out.clone(),
+            })
+        }
+    });
+    let response = match tower_service::Service::call(&mut router.clone(), request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    if timed_out.load(Ordering::Acquire) {
+        debug!(limit = ?limits.body_read_timeout, "request body too slow; closing the connection");
+        let mut answer = json_error(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the request body did not arrive within {} s",
+                limits.body_read_timeout.as_secs_f64()
+            ),
+        );
+        answer
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Ok(answer);
+    }
+    Ok(with_json_error_body(response, &path).await)
+}
+
+/// Answers a socket beyond the connection limit with 503 and closes it, reading (and
+/// dropping) what the client sends meanwhile so the answer is not lost to a reset.
+async fn refuse(mut stream: TcpStream, limit: usize) {
+    let body = serde_json::json!({
+        "detail": format!("too many connections (the limit is {limit}); retry later")
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut read = 0;
+        while read < 64 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true; then stops accepting, lets
+/// requests in progress finish (for up to [`SHUTDOWN_GRACE`]) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+    let last_refusal_log = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let (open_tx, open_rx) = watch::channel(());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                debug!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let now = started.elapsed().as_secs();
+            let last = last_refusal_log.swap(now, Ordering::Relaxed);
+            if now >= last + 10 || last == 0 {
+                warn!(limit = limits.max_connections, %peer, "too many connections: refusing new ones with 503");
+            }
+            if let Ok(writer) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream, limits.max_connections).await;
+                    drop(writer);
+                });
+            }
+            continue;
+        };
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Metered {
+            stream,
+            activity: activity.clone(),
+            _permit: permit,
+        });
+        let router = router.clone();
+        let mut shutdown = shutdown.clone();
+        let open = open_rx.clone();
+        tokio::spawn(async move {
+            let service = {
+                let activity = activity.clone();
+                hyper::service::service_fn(move |request| {
+                    handle(router.clone(), request, activity.clone(), limits)
+                })
+            };
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.keep_alive(true).header_read_timeout(None);
+            let conn = builder.serve_connection(io, service).with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let mut draining = false;
+            loop {
+                let deadline = activity.deadline(&limits);
+                let changed = activity.changed.notified();
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = changed => {}
+                    _ = async {
+                        match deadline {
+                            Some((at, _)) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        // Only if nothing moved the deadline meanwhile.
+                        if let Some((at, why)) = activity.deadline(&limits)
+                            && at <= Instant::now()
+                        {
+                            debug!(%peer, reason = why, "closing connection");
+                            break;
+                        }
+                    }
+                    _ = shutdown.changed(), if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(open_rx);
+    if tokio::time::timeout(SHUTDOWN_GRACE, open_tx.closed())
+        .await
+        .is_err()
+    {
+        warn!("requests still in progress after {SHUTDOWN_GRACE:?}; stopping anyway");
+    }
+}
