@@ -344,7 +344,7 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
         injected["value"], 0,
         "no markup from event data reached the detail page"
     );
-    browser.screenshot(&root().join("target/screenshots/event-detail.png"));
+    browser.screenshot(&root().join("target/screenshots/event-markup.png"));
 
     // The other pages render too, with their data.
     browser.goto(&format!("{}/#/automations", daemon.url));
@@ -364,59 +364,19 @@ fn the_feed_shows_live_events_filters_them_and_explains_a_trigger_that_did_not_f
     eventually(Duration::from_secs(10), "the feed again", || {
         browser.text("#feed").filter(|t| t.contains("job.failed"))
     });
-    browser.screenshot(&root().join("target/screenshots/feed.png"));
+    browser.screenshot(&root().join("target/screenshots/feed-markup.png"));
 }
 
-const PAGES_DEPLOYMENTS: &str = r#"deployments:
-  - name: greet
-    launcher: {command: ["sh", "-c", "echo hello from greet; echo '\"greeted\"'"], timeout: 30}
-  - name: follow-up
-    launcher: {command: ["sh", "-c", "cat"], timeout: 30}
+/// Beside the shipped `config/automations/`: a deployment that fails, for its page.
+const BROKEN: &str = r#"deployments:
   - name: broken
     launcher: {command: ["sh", "-c", "echo about to fail; echo 'disk is full' >&2; exit 3"], timeout: 30}
-"#;
-
-const PAGES_AUTOMATIONS: &str = r#"name: greet-on-failure
-description: Greets whoever failed.
-trigger:
-  type: event
-  posture: Reactive
-  expect: ["job.failed"]
-  for_each: ["prefect.resource.id"]
-  threshold: 1
-  within: 0
-actions:
-  - type: run-deployment
-    deployment: greet
-    parameters: {who: << event.resource.id >>}
----
-name: follow-greetings
-trigger:
-  type: event
-  posture: Reactive
-  expect: ["prefect.flow-run.Completed"]
-  match_related: {prefect.resource.role: flow, prefect.resource.name: greet}
-actions:
-  - type: run-deployment
-    deployment: follow-up
-    parameters: {prev_result: << event.payload.result >>}
 ---
 name: break-things
 trigger: {type: event, posture: Reactive, expect: ["job.broken"]}
 actions:
   - type: run-deployment
     deployment: broken
----
-name: waits-for-done
-trigger:
-  type: event
-  posture: Reactive
-  after: ["job.started"]
-  expect: ["job.done"]
-  for_each: ["prefect.resource.id"]
-  threshold: 1
-  within: 3600
-actions: [{type: do-nothing}]
 "#;
 
 fn api_get(url: &str) -> Value {
@@ -425,6 +385,7 @@ fn api_get(url: &str) -> Value {
     serde_json::from_str(&body).expect("JSON")
 }
 
+/// The shipped config, as the README's first automation and chain use it, seen page by page.
 #[test]
 fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_run_failed() {
     let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
@@ -434,54 +395,75 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let automations = automations_folder(
-        dir.path(),
-        &[
-            ("deployments.yaml", PAGES_DEPLOYMENTS),
-            ("automations.yaml", PAGES_AUTOMATIONS),
-        ],
-    );
+    let automations = automations_folder(dir.path(), &[("broken.yaml", BROKEN)]);
+    for file in ["deployments.yaml", "flow-failures.yaml", "nightly-sla.yaml"] {
+        std::fs::copy(
+            root().join("config/automations").join(file),
+            automations.join(file),
+        )
+        .expect("copy the shipped config");
+    }
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
-    let emit = |name: &str, resource: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_spur"))
-            .args(["emit", name, "--resource", resource, "--api", &daemon.url])
-            .current_dir(root())
-            .output()
-            .expect("spur emit runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let spur_ok = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api", daemon.url.as_str()]);
+        let (ok, out, err) = support::spur(&all);
+        assert!(ok, "spur {args:?}: {err}");
+        out.trim().to_owned()
+    };
+    let flow_failed = |run: &str, flow: &str, message: &str| {
+        spur_ok(&[
+            "emit",
+            "prefect.flow-run.Failed",
+            "--resource",
+            &format!(
+                r#"{{"prefect.resource.id": "prefect.flow-run.{run}", "prefect.resource.name": "{flow}-run-{run}"}}"#
+            ),
+            "--related",
+            &format!(
+                r#"[{{"prefect.resource.id": "prefect.flow.{flow}", "prefect.resource.role": "flow", "prefect.resource.name": "{flow}"}}]"#
+            ),
+            "--payload",
+            &format!(r#"{{"message": "{message}"}}"#),
+        ])
     };
     let shots = root().join("target/screenshots");
-    let failed = emit("job.failed", "job.nightly");
-    emit("job.started", "job.export");
-    emit("job.broken", "job.disk");
-    // The chain: greet (by greet-on-failure) → follow-up (by follow-greetings); broken fails.
-    let runs = eventually(Duration::from_secs(20), "three finished runs", || {
-        let runs = api_get(&format!("{}/api/runs", daemon.url))["runs"]
-            .as_array()
+    // The README's first automation: three failures of one flow launch `triage`.
+    flow_failed("1", "etl", "disk full");
+    flow_failed("2", "etl", "disk full");
+    let third = flow_failed("3", "etl", "disk still full");
+    // The chain: upstream, then downstream by its deployment trigger.
+    spur_ok(&["runs", "start", "upstream"]);
+    // A proactive SLA with an open bucket, and a run that fails.
+    spur_ok(&["emit", "export.started", "--resource", "export.sales"]);
+    spur_ok(&["emit", "job.broken", "--resource", "job.disk"]);
+    let finished = |runs: &[Value], d: &str| {
+        runs.iter()
+            .find(|r| {
+                r["deployment"] == d
+                    && ["Completed", "Failed", "Crashed"]
+                        .contains(&r["state"].as_str().unwrap_or(""))
+            })
             .cloned()
-            .unwrap_or_default();
-        let done = |d: &str| {
-            runs.iter()
-                .find(|r| {
-                    r["deployment"] == d
-                        && ["Completed", "Failed", "Crashed"]
-                            .contains(&r["state"].as_str().unwrap_or(""))
-                })
+    };
+    let (triage, upstream, downstream, broken) =
+        eventually(Duration::from_secs(20), "four finished runs", || {
+            let runs = api_get(&format!("{}/api/runs", daemon.url))["runs"]
+                .as_array()
                 .cloned()
-        };
-        Some((done("greet")?, done("follow-up")?, done("broken")?))
-    });
-    let (greet, follow, broken) = runs;
-    assert_eq!(greet["state"], "Completed", "{greet:#}");
+                .unwrap_or_default();
+            Some((
+                finished(&runs, "triage")?,
+                finished(&runs, "upstream")?,
+                finished(&runs, "downstream")?,
+                finished(&runs, "broken")?,
+            ))
+        });
+    assert_eq!(triage["state"], "Completed", "{triage:#}");
+    assert_eq!(downstream["state"], "Completed", "{downstream:#}");
     assert_eq!(broken["state"], "Failed", "{broken:#}");
-    let greet_id = greet["id"].as_str().expect("run id").to_owned();
-    let follow_id = follow["id"].as_str().expect("run id").to_owned();
-    let broken_id = broken["id"].as_str().expect("run id").to_owned();
+    let id = |run: &Value| run["id"].as_str().expect("run id").to_owned();
+    let (triage_id, upstream_id, broken_id) = (id(&triage), id(&upstream), id(&broken));
 
     let browser = Browser::start(&chromium, &chromedriver, &dir.path().join("profile"));
     let live = |page: &str| {
@@ -490,7 +472,7 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
         });
     };
 
-    // The feed: a chart of the volume, names instead of ids.
+    // The feed: a chart of the volume, names instead of ids, relative times.
     browser.goto(&format!("{}/#/events", daemon.url));
     live("the feed");
     browser.wait_text("#feed", "the feed", |t| {
@@ -504,8 +486,10 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
     let tooltip =
         browser.script("return document.querySelector('#chart svg rect.bar title').textContent");
     assert!(
-        tooltip.as_str().is_some_and(|t| t.contains("event")),
-        "{tooltip}"
+        tooltip
+            .as_str()
+            .is_some_and(|t| t.contains("prefect.flow-run.")),
+        "the bar's tooltip counts by event name: {tooltip}"
     );
     let feed = browser.text("#feed").expect("feed");
     assert!(
@@ -513,9 +497,10 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
         "relative times: {feed}"
     );
     assert!(
-        feed.contains("greet-"),
-        "a flow run shows by its name: {feed}"
+        feed.contains("etl-run-3") && feed.contains("flow: etl"),
+        "names: {feed}"
     );
+    assert!(feed.contains("triage-"), "a run shows by its name: {feed}");
     let exact = browser.script("return document.querySelector('#feed time').getAttribute('title')");
     assert!(
         exact.as_str().is_some_and(|t| t.contains('T')),
@@ -527,87 +512,121 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
     browser.goto(&format!("{}/#/automations", daemon.url));
     live("the automations page");
     browser.wait_text("main", "the automations list", |t| {
-        t.contains("greet-on-failure") && t.contains("waits-for-done")
+        t.contains("repeated-flow-failures") && t.contains("nightly-export-sla")
     });
     browser.screenshot(&shots.join("automations.png"));
-    browser.click("tr[data-name='greet-on-failure'] td:first-child a");
+    browser.click("tr[data-name='repeated-flow-failures'] td:first-child a");
 
     // An automation's page: trigger as YAML, where it is defined, firings with their
-    // triggering event and rendered parameters, its runs.
-    let title = browser.wait_text("#automation-title", "the automation page", |t| {
-        t == "greet-on-failure"
+    // triggering event and rendered parameters, its runs, explain.
+    browser.wait_text("#automation-title", "the automation page", |t| {
+        t == "repeated-flow-failures"
     });
-    assert_eq!(title, "greet-on-failure");
     live("an automation's page");
     let trigger = browser.text("#trigger-yaml").expect("trigger");
     assert!(
-        trigger.contains("expect: [job.failed]") && trigger.contains("posture: Reactive"),
+        trigger.contains("expect: [prefect.flow-run.Failed]") && trigger.contains("threshold: 3"),
         "{trigger}"
     );
     let source = browser.text("#source").expect("source");
-    assert!(source.contains("automations.yaml:1"), "{source}");
-    let firings = browser.wait_text("#firings", "its firing", |t| t.contains("job.nightly"));
+    assert!(source.contains("flow-failures.yaml:3"), "{source}");
+    let firings = browser.wait_text("#firings", "its firing", |t| t.contains("triage-"));
     assert!(
-        firings.contains("job.failed on job.nightly"),
+        firings.contains("prefect.flow-run.Failed on etl-run-3"),
         "the triggering event by name: {firings}"
     );
+    assert!(
+        firings.contains("disk still full"),
+        "rendered parameters: {firings}"
+    );
     let linked = browser.script(&format!(
-        "return document.querySelector('#firings a[href=\"#/events/{failed}\"]') !== null"
+        "return document.querySelector('#firings a[href=\"#/events/{third}\"]') !== null"
     ));
     assert_eq!(
         linked,
         json!(true),
         "the triggering event links to its page"
     );
-    assert!(firings.contains("greet-"), "the run it launched: {firings}");
-    // Explain, for a chosen event.
-    browser.type_into("#explain-id", &failed);
-    browser.click("#explain ~ form button, form.toolbar button[type=submit]");
+    browser.type_into("#explain-id", &third);
+    browser.click("#explain-form button[type=submit]");
     let explained = browser.wait_text("#explain", "the explanation", |t| t.contains("fired"));
-    assert!(explained.contains("greet-on-failure"), "{explained}");
+    assert!(explained.contains("repeated-flow-failures"), "{explained}");
     browser.screenshot(&shots.join("automation.png"));
+
+    // The triggering event's page: why each automation did or did not react.
+    browser.click(&format!("#firings a[href='#/events/{third}']"));
+    let decisions = browser.wait_text("#decisions", "the event's decisions", |t| {
+        t.contains("fired")
+    });
+    assert!(decisions.contains("repeated-flow-failures"), "{decisions}");
+    browser.screenshot(&shots.join("event.png"));
+    browser.script("history.back()");
+    browser.wait_text("#firings", "back on the automation", |t| {
+        t.contains("triage-")
+    });
 
     // Click-through: the firing's run, then back to the automation from the run's page.
     browser.click("#firings td.launched a");
-    let run_title = browser.wait_text("#run-title", "the run page", |t| t.starts_with("greet-"));
-    assert!(run_title.starts_with("greet-"));
+    browser.wait_text("#run-title", "the run page", |t| t.starts_with("triage-"));
     live("a run's page");
-    let hash = browser.script("return location.hash");
-    assert_eq!(hash, json!(format!("#/runs/{greet_id}")));
+    assert_eq!(
+        browser.script("return location.hash"),
+        json!(format!("#/runs/{triage_id}"))
+    );
     assert_eq!(browser.text("#run-state").as_deref(), Some("Completed"));
     let launched = browser.text("#launched-by").expect("launched by");
     assert!(
-        launched.contains("greet-on-failure") && launched.contains("job.failed"),
+        launched.contains("repeated-flow-failures") && launched.contains("prefect.flow-run.Failed"),
         "{launched}"
     );
     assert!(
         browser
             .text("#run-parameters")
-            .is_some_and(|p| p.contains("job.nightly"))
+            .is_some_and(|p| p.contains("prefect.flow.etl"))
     );
     assert!(
         browser
             .text("#run-result")
-            .is_some_and(|p| p.contains("greeted"))
+            .is_some_and(|p| p.contains("flow_id"))
     );
-    let children = browser.wait_text("#children", "the run it started", |t| {
-        t.contains("follow-up")
-    });
-    assert!(children.contains("follow-greetings"), "{children}");
+    if triage.get("output").is_some_and(|o| !o.is_null()) {
+        let output = browser.text("#run-output").expect("output");
+        assert!(output.contains("triage:"), "{output}");
+    }
+    let stray = browser.script(
+        "return [...document.querySelectorAll('main > *')].filter(n => ['null', 'undefined'].includes(n.textContent.trim())).length",
+    );
+    assert_eq!(stray, json!(0), "no absent value is shown as text");
     browser.screenshot(&shots.join("run.png"));
     browser.click("#launched-by a[href^='#/automations/']");
     browser.wait_text("#automation-title", "back on the automation", |t| {
-        t == "greet-on-failure"
+        t == "repeated-flow-failures"
     });
 
-    // The chained run's page names its launcher and links back to its parent's event.
-    browser.goto(&format!("{}/#/runs/{follow_id}", daemon.url));
+    // The chain: upstream's page lists the run it started; that run names its launcher.
+    browser.goto(&format!("{}/#/runs/{upstream_id}", daemon.url));
+    let children = browser.wait_text("#children", "the run it started", |t| {
+        t.contains("downstream-")
+    });
+    assert!(children.contains("downstream__automation_1"), "{children}");
+    assert!(
+        browser
+            .text("#launched-by")
+            .is_some_and(|t| t.contains("by hand"))
+    );
+    browser.screenshot(&shots.join("run-chain.png"));
+    browser.click("#children td:first-child a");
     let launched = browser.wait_text("#launched-by", "the chained run", |t| {
-        t.contains("follow-greetings")
+        t.contains("downstream__automation_1")
     });
     assert!(
-        launched.contains("prefect.flow-run.Completed"),
+        launched.contains("prefect.flow-run.Completed on upstream-"),
         "{launched}"
+    );
+    assert!(
+        browser
+            .text("#run-parameters")
+            .is_some_and(|p| p.contains("foobar"))
     );
 
     // A failed run says why: the reason, exit code and output tail on its page.
@@ -635,26 +654,31 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
     browser.goto(&format!("{}/#/runs?state=Failed", daemon.url));
     live("the runs page");
     let listed = browser.wait_text("#runs", "failed runs", |t| t.contains("broken-"));
-    assert!(!listed.contains("greet-"), "{listed}");
+    assert!(!listed.contains("triage-"), "{listed}");
     browser.goto(&format!("{}/#/runs", daemon.url));
-    browser.wait_text("#runs", "all runs", |t| t.contains("greet-"));
-    emit("job.failed", "job.weekly");
+    browser.wait_text("#runs", "all runs", |t| t.contains("triage-"));
+    for run in ["4", "5", "6"] {
+        flow_failed(run, "report", "timeout");
+    }
     browser.wait_text("#runs", "a new run, live", |t| {
-        t.matches("greet-").count() >= 2
+        t.matches("triage-").count() >= 2
     });
     browser.screenshot(&shots.join("runs.png"));
 
     // A proactive automation shows its open bucket and deadline, and pauses from its page.
-    browser.goto(&format!("{}/#/automations/waits-for-done", daemon.url));
-    let buckets = browser.wait_text("#buckets", "the open bucket", |t| t.contains("job.export"));
+    browser.goto(&format!("{}/#/automations/nightly-export-sla", daemon.url));
+    let buckets = browser.wait_text("#buckets", "the open bucket", |t| {
+        t.contains("export.sales")
+    });
     assert!(
-        buckets.contains("in "),
+        buckets.contains("in 30 min"),
         "the deadline is relative: {buckets}"
     );
     browser.click("#toggle");
     browser.wait_text("#state-pill", "paused", |t| t == "paused");
     browser.click("#toggle");
     browser.wait_text("#state-pill", "resumed", |t| t == "enabled");
+    browser.screenshot(&shots.join("automation-proactive.png"));
 
     browser.goto(&format!("{}/#/webhooks", daemon.url));
     live("the webhooks page");
@@ -679,28 +703,31 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
         !t.is_empty()
     });
 
-    // Phone width: the run page fits, without sideways scrolling of the page itself.
+    // Phone width: pages fit, without sideways scrolling of the page itself.
     browser.resize(390, 844);
-    browser.goto(&format!("{}/#/runs/{broken_id}", daemon.url));
-    browser.wait_text("#run-reason", "the run page on a phone", |t| {
-        t.contains("Failed")
-    });
-    let overflow =
-        browser.script("return document.documentElement.scrollWidth - window.innerWidth");
-    assert!(
-        overflow.as_i64().unwrap_or(1) <= 0,
-        "the page scrolls sideways by {overflow}px"
-    );
-    browser.screenshot(&shots.join("run-phone.png"));
-    browser.goto(&format!("{}/#/events", daemon.url));
-    browser.wait_text("#feed", "the feed on a phone", |t| t.contains("job.failed"));
-    let overflow =
-        browser.script("return document.documentElement.scrollWidth - window.innerWidth");
-    assert!(
-        overflow.as_i64().unwrap_or(1) <= 0,
-        "the feed scrolls sideways by {overflow}px"
-    );
-    browser.screenshot(&shots.join("feed-phone.png"));
+    for (page, ready, shot) in [
+        (
+            format!("#/runs/{broken_id}"),
+            "#run-reason",
+            "run-phone.png",
+        ),
+        ("#/events".to_owned(), "#feed", "feed-phone.png"),
+        (
+            "#/automations/repeated-flow-failures".to_owned(),
+            "#firings",
+            "automation-phone.png",
+        ),
+    ] {
+        browser.goto(&format!("{}/{page}", daemon.url));
+        browser.wait_text(ready, page.as_str(), |t| !t.is_empty());
+        let overflow =
+            browser.script("return document.documentElement.scrollWidth - window.innerWidth");
+        assert!(
+            overflow.as_i64().unwrap_or(1) <= 0,
+            "{page} scrolls sideways by {overflow}px"
+        );
+        browser.screenshot(&shots.join(shot));
+    }
 
     // The console log is read for real: a probe shows up, and nothing else is an error.
     browser.script("console.error('spur-console-probe')");
