@@ -48,7 +48,11 @@ fn finished_run(daemon: &SpurDaemon, deployment: &str) -> Value {
 
 #[test]
 fn the_shipped_config_and_the_chain_example_check_clean_even_with_strict() {
-    for folder in ["config/automations", "config/examples/chain"] {
+    for folder in [
+        "config/automations",
+        "config/examples/chain",
+        "config/examples/chain-worker",
+    ] {
         let (code, out, err) = spur_code(&["check", "--strict", folder]);
         assert_eq!(code, Some(0), "{folder}:\n{out}\n{err}");
         assert!(!err.contains("warning:"), "{folder}: {err}");
@@ -218,5 +222,26 @@ fn the_readme_chain_example_runs_downstream_with_the_upstream_result() {
 fn the_shipped_config_chains_upstream_to_downstream() {
     let downstream = chain_runs_to_downstream(&root().join("config/automations"));
     assert_eq!(downstream["state"], "Completed", "{downstream:#}");
+    assert_eq!(downstream["parameters"]["prev_result"], "foobar");
+}
+
+/// The chain example's custom-event variant, as its comments describe it: `produce` emits
+/// `prefect.result.produced` itself (with `$SPUR_BIN emit`, to `$SPUR_API_URL`), and
+/// `downstream-from-result-event` runs `downstream` with the result it carries.
+#[test]
+fn the_chain_examples_custom_event_variant_runs_downstream() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &root().join("config/examples/chain"),
+        &[],
+    );
+    let (ok, _, err) = spur(&["runs", "start", "produce", "--api", &daemon.url]);
+    assert!(ok, "{err}");
+    let produce = finished_run(&daemon, "produce");
+    assert_eq!(produce["state"], "Completed", "{produce:#}");
+    let downstream = finished_run(&daemon, "downstream");
+    assert_eq!(downstream["state"], "Completed", "{downstream:#}");
+    assert_eq!(downstream["automation"], "downstream-from-result-event");
     assert_eq!(downstream["parameters"]["prev_result"], "foobar");
 }
