@@ -1164,7 +1164,9 @@ async fn automation_detail(
             .collect();
         // Each firing's triggering event, by name and resource (the record holds its id).
         for firing in &mut firings {
-            let id = firing["event"].as_str().and_then(|e| uuid::Uuid::parse_str(e).ok());
+            let id = firing["event"]
+                .as_str()
+                .and_then(|e| uuid::Uuid::parse_str(e).ok());
             if let Some(event) = id.map(|id| store.get_event(id)).transpose()?.flatten() {
                 let json = event.to_json();
                 firing["triggering_event"] =
