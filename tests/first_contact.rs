@@ -67,7 +67,7 @@ fn check_warns_with_file_and_line_and_strict_makes_warnings_fail() {
     support::write(
         folder,
         "deployments.yaml",
-        "deployments:\n  - name: has-one\n    launcher: {command: [\"sh\", \"-c\", \"cat\"]}\n  - name: bare\n    entrypoint: flows.py:bare\n",
+        "deployments:\n  - name: has-one\n    launcher: {command: [\"sh\", \"-c\", \"cat\"]}\n  - name: bare\n    entrypoint: flows.py:bare\n  - name: triggered\n    launcher: {command: [\"sh\", \"-c\", \"cat\"]}\n    triggers:\n      - type: event\n        expect: [x.y]\n        parameters:\n          p: << evnt.id >>\n",
     );
     support::write(
         folder,
@@ -92,7 +92,7 @@ actions:
     let (code, out, err) = spur_code(&["check", &path]);
     assert_eq!(code, Some(0), "warnings alone pass:\n{out}\n{err}");
     assert!(out.contains("ok  uses-them"), "{out}");
-    assert!(out.contains("1 automation(s) valid, 4 warning(s)"), "{out}");
+    assert!(out.contains("2 automation(s) valid, 5 warning(s)"), "{out}");
     let deployments = folder.join("deployments.yaml").display().to_string();
     let automation = folder.join("a.yaml").display().to_string();
     let has = |prefix: &str, needle: &str| {
@@ -104,6 +104,10 @@ actions:
         "{err}"
     );
     assert!(!err.contains("\"has-one\" has no launcher"), "{err}");
+    assert!(
+        has(&format!("{deployments}:12:"), "reads \"evnt\""),
+        "a deployment trigger's parameters are checked on their line: {err}"
+    );
     assert!(
         has(&format!("{automation}:8:"), "reads \"evnt\""),
         "the typo is found on its line: {err}"
