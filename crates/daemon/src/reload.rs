@@ -7,6 +7,13 @@
 //! published for `/api/automations` and the log; files that load replace their previous
 //! automations. Unchanged automations keep their trigger state (the engine matches them by
 //! id and definition).
+//!
+//! What runs is never displaced by a newcomer: on a name clash the file that provides the
+//! running automation keeps it and the other file is refused (`spur_core::load::Incumbents`).
+//! The folder is walked by the loader's own walk (`automation_files`), so a dangling or
+//! looping symbolic link is noticed and reported like any broken file. Loading reads files
+//! and parses untrusted text, so it runs on a blocking thread, not on a tokio worker; its
+//! recursion is bounded by the loader's nesting limit, not by a thread's stack.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,8 +22,8 @@ use std::time::{Duration, SystemTime};
 
 use spur_core::Automation;
 use spur_core::Severity;
-use spur_core::load::LoadedAutomation;
-use spur_replay::load_automations;
+use spur_core::load::{Incumbents, LoadedAutomation, automation_files, load_path_with};
+use spur_replay::check_templates;
 use spur_template::TemplateEngine;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -30,6 +37,8 @@ pub struct LoadStatus {
     pub errors: Vec<String>,
     /// Warnings, same form.
     pub warnings: Vec<String>,
+    /// Where each loaded automation is defined, by name: `file:line`.
+    pub sources: BTreeMap<String, String>,
 }
 
 /// What a folder scan found: the automations to run and the diagnostics.
@@ -37,8 +46,6 @@ pub struct LoadStatus {
 pub struct Loaded {
     /// Automations with their origin.
     pub automations: Vec<LoadedAutomation>,
-    /// Where each loaded automation is defined, by name: `file:line`.
-    pub sources: BTreeMap<String, String>,
     /// Status for the API.
     pub status: LoadStatus,
     /// Declared deployments.
@@ -47,32 +54,24 @@ pub struct Loaded {
     pub webhooks: Vec<serde_json::Value>,
 }
 
-type Fingerprint = BTreeMap<PathBuf, (u64, Option<SystemTime>)>;
+/// Each file's size and modification time (`None` for one that cannot be read, such as a
+/// dangling link: its appearing or going away is a change too).
+type Fingerprint = BTreeMap<PathBuf, Option<(u64, Option<SystemTime>)>>;
 
 fn fingerprint(path: &Path) -> Fingerprint {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![path.to_owned()];
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&p) else {
-            continue;
-        };
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&p) {
-                stack.extend(entries.flatten().map(|e| e.path()));
-            }
-        } else if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            out.insert(p, (meta.len(), meta.modified().ok()));
-        }
-    }
-    out
+    automation_files(path)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| (f.path, f.stamp))
+        .collect()
 }
 
 /// Loads the folder; for files with errors, keeps the automations `previous` had from them.
+/// A name `previous` runs stays with the file it comes from: another file defining it is
+/// refused.
 pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomation]) -> Loaded {
-    let outcome = load_automations(path, templates);
+    let mut outcome = load_path_with(path, &Incumbents::of(previous));
+    check_templates(&mut outcome, templates);
     let mut status = LoadStatus::default();
     let mut failed_files: Vec<PathBuf> = Vec::new();
     for d in &outcome.diagnostics {
@@ -102,6 +101,7 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
         {
             automations.push(kept.clone());
         }
+    }
     for a in &automations {
         let at = spur_core::Problem {
             path: spur_core::FieldPath::root(),
@@ -113,7 +113,6 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
             a.automation.name.clone(),
             format!("{}:{}", d.file.display(), d.line),
         );
-    }
     }
     Loaded {
         automations,
@@ -166,19 +165,33 @@ pub async fn watch_folder(
         executor,
         webhooks,
     } = watcher;
-    let templates = TemplateEngine::new();
+    let templates = Arc::new(TemplateEngine::new());
     let mut seen = fingerprint(&path);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,
         }
-        let now = fingerprint(&path);
-        if now == seen {
-            continue;
-        }
+        let (now, loaded) = {
+            let (path, templates, previous) = (path.clone(), templates.clone(), current.clone());
+            let seen = seen.clone();
+            let scan = tokio::task::spawn_blocking(move || {
+                let now = fingerprint(&path);
+                let loaded = (now != seen).then(|| load(&path, &templates, &previous));
+                (now, loaded)
+            });
+            match scan.await {
+                Ok(scan) => scan,
+                Err(e) => {
+                    error!(error = %e, "automations folder scan failed; keeping what runs");
+                    continue;
+                }
+            }
+        };
         seen = now;
-        let mut loaded = load(&path, &templates, &current);
+        let Some(mut loaded) = loaded else {
+            continue;
+        };
         loaded
             .status
             .errors
