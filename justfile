@@ -29,3 +29,7 @@ check PATH="config/automations":
 # Run the trigger scenarios and the public conformance examples.
 scenarios:
     cargo run --release -- test tests/scenarios ../shared/conformance/examples
+
+# Fuzz every cargo-fuzz target for SECONDS each (libFuzzer; see docs/fuzzing.md).
+fuzz-targets SECONDS="60":
+    ./scripts/fuzz.sh {{SECONDS}}
