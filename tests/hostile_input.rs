@@ -166,6 +166,17 @@ async fn send(
     )
 }
 
+/// A request and the error it must get: method, path, content type, body, status, a part of
+/// the detail.
+type Check = (
+    &'static str,
+    String,
+    Option<&'static str>,
+    Vec<u8>,
+    u16,
+    &'static str,
+);
+
 /// Asserts an error answer in the one shape: `{"detail": "…"}` as JSON.
 fn assert_json_error(answer: &(u16, String, Value), status: u16, needle: &str, what: &str) {
     assert_eq!(answer.0, status, "{what}: {answer:?}");
@@ -269,7 +280,7 @@ async fn hostile_input_gets_bounded_answers_and_good_events_all_land() {
     let rss_start = daemon.rss_kb();
 
     // One error shape on every route.
-    let checks: Vec<(&str, String, Option<&str>, Vec<u8>, u16, &str)> = vec![
+    let checks: Vec<Check> = vec![
         (
             "GET",
             "/no/such/route".into(),
@@ -418,7 +429,26 @@ async fn hostile_input_gets_bounded_answers_and_good_events_all_land() {
     let addr = daemon.addr.clone();
     let silent = async {
         let mut s = TcpStream::connect(&addr).await.expect("connects");
-        read_until_closed(&mut s, Duration::from_secs(6)).await.0
+        let t = Instant::now();
+        let closed = read_until_closed(&mut s, Duration::from_secs(6)).await.0;
+        (closed, t.elapsed())
+    };
+    // Idle after a first request: closed after the idle timeout (2 s), not before.
+    let idle = async {
+        let mut s = TcpStream::connect(&addr).await.expect("connects");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("writes");
+        let t = Instant::now();
+        let (closed, answer) = read_until_closed(&mut s, Duration::from_secs(8)).await;
+        (closed && answer.starts_with(b"HTTP/1.1 200"), t.elapsed())
+    };
+    let ws_out_no_filter = async {
+        let mut ws = raw_websocket(&addr, "/api/events/out").await;
+        let t = Instant::now();
+        let (closed, got) = read_until_closed(&mut ws, Duration::from_secs(6)).await;
+        let code = (got.len() >= 4 && got[0] == 0x88).then(|| u16::from_be_bytes([got[2], got[3]]));
+        (closed, code, t.elapsed())
     };
     let half_header = async {
         let mut s = TcpStream::connect(&addr).await.expect("connects");
@@ -452,11 +482,32 @@ async fn hostile_input_gets_bounded_answers_and_good_events_all_land() {
         let message = tokio::time::timeout(Duration::from_secs(6), ws.next()).await;
         (message, t.elapsed())
     };
-    let (silent, (half_header, header_time), (body_closed, body_answer), (no_auth, auth_time)) =
-        tokio::join!(silent, half_header, half_body, ws_no_auth);
-    assert!(
+    let (
+        (silent, silent_time),
+        (idle, idle_time),
+        (half_header, header_time),
+        (body_closed, body_answer),
+        (no_auth, auth_time),
+        (out_closed, out_code, out_time),
+    ) = tokio::join!(
         silent,
-        "a silent connection is closed after the idle timeout"
+        idle,
+        half_header,
+        half_body,
+        ws_no_auth,
+        ws_out_no_filter
+    );
+    assert!(
+        silent && silent_time < Duration::from_secs(4),
+        "a connection that sends nothing is closed after the header timeout: {silent_time:?}"
+    );
+    assert!(
+        idle && idle_time >= Duration::from_millis(1900) && idle_time < Duration::from_secs(5),
+        "an idle keep-alive connection is closed after the idle timeout: {idle_time:?}"
+    );
+    assert!(
+        out_closed && out_code == Some(1008) && out_time < Duration::from_secs(4),
+        "a feed socket that sends no filter: {out_closed} {out_code:?} {out_time:?}"
     );
     assert!(
         half_header && header_time < Duration::from_secs(4),

@@ -16,7 +16,7 @@
 //! ```
 //!
 //! * **Header read timeout**: a request head must be complete within this time of its first
-//!   byte. (hyper's own `header_read_timeout` starts when the connection goes idle, so it
+//!   byte, and a new connection must send its first head within it. (hyper's own `header_read_timeout` starts when the connection goes idle, so it
 //!   cannot tell an idle keep-alive connection from a slow head; the daemon tracks both.)
 //! * **Idle timeout**: a connection with no request in progress is closed after it (this
 //!   also bounds how long a response may wait for a client that does not read it).
@@ -89,7 +89,8 @@ struct Activity {
     started: Instant,
     /// Requests whose answer is not made yet.
     in_flight: AtomicUsize,
-    /// Milliseconds since `started` at which the connection last became idle.
+    /// Milliseconds since `started` at which the connection last became idle (`u64::MAX`:
+    /// no request yet).
     idle_since: AtomicU64,
     /// Milliseconds since `started` at which bytes of a new request head arrived while idle
     /// (`u64::MAX`: none yet).
@@ -103,7 +104,7 @@ impl Activity {
         Activity {
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
-            idle_since: AtomicU64::new(0),
+            idle_since: AtomicU64::new(u64::MAX),
             head_started: AtomicU64::new(u64::MAX),
             changed: Notify::new(),
         }
@@ -120,12 +121,16 @@ impl Activity {
             return None;
         }
         let at = |ms: u64, limit: Duration| self.started + Duration::from_millis(ms) + limit;
-        match self.head_started.load(Ordering::Acquire) {
-            u64::MAX => Some((
-                at(self.idle_since.load(Ordering::Acquire), limits.idle_timeout),
-                "idle",
+        match (
+            self.head_started.load(Ordering::Acquire),
+            self.idle_since.load(Ordering::Acquire),
+        ) {
+            (u64::MAX, u64::MAX) => Some((at(0, limits.header_read_timeout), "no request")),
+            (u64::MAX, idle) => Some((at(idle, limits.idle_timeout), "idle")),
+            (head, _) => Some((
+                at(head, limits.header_read_timeout),
+                "request head too slow",
             )),
-            ms => Some((at(ms, limits.header_read_timeout), "request head too slow")),
         }
     }
 
@@ -419,9 +424,11 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let now = started.elapsed().as_secs();
-            let last = last_refusal_log.swap(now, Ordering::Relaxed);
-            if now >= last + 10 || last == 0 {
+            // Logged once per 10 s at most (a flood must not flood the log too).
+            let now = started.elapsed().as_secs() + 10;
+            let last = last_refusal_log.load(Ordering::Relaxed);
+            if now >= last + 10 {
+                last_refusal_log.store(now, Ordering::Relaxed);
                 warn!(limit = limits.max_connections, %peer, "too many connections: refusing new ones with 503");
             }
             if let Ok(writer) = refusals.clone().try_acquire_owned() {
@@ -493,5 +500,87 @@ pub async fn serve(
         .is_err()
     {
         warn!("requests still in progress after {SHUTDOWN_GRACE:?}; stopping anyway");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_follow_what_the_connection_is_doing() {
+        let limits = ServerLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            ..ServerLimits::default()
+        };
+        let a = Activity::new();
+        let (at, why) = a.deadline(&limits).expect("a deadline");
+        assert_eq!(
+            (at, why),
+            (a.started + limits.header_read_timeout, "no request")
+        );
+        a.request_started();
+        assert_eq!(
+            a.deadline(&limits),
+            None,
+            "handlers take as long as they need"
+        );
+        a.request_answered();
+        assert_eq!(a.deadline(&limits).map(|d| d.1), Some("idle"));
+        a.head_started.store(5_000, Ordering::Release);
+        let (at, why) = a.deadline(&limits).expect("a deadline");
+        assert_eq!(why, "request head too slow");
+        assert_eq!(at, a.started + Duration::from_secs(15));
+    }
+
+    #[tokio::test]
+    async fn error_bodies_become_json_and_keep_their_headers() {
+        let mut response = Response::new(Body::from("Failed to deserialize query string"));
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let rewritten = with_json_error_body(response, "/api/runs").await;
+        assert_eq!(rewritten.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(rewritten.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            rewritten.headers()[header::CONTENT_TYPE],
+            "application/json"
+        );
+        let body = axum::body::to_bytes(rewritten.into_body(), 1024)
+            .await
+            .expect("body");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).expect("JSON"),
+            serde_json::json!({"detail": "Failed to deserialize query string"})
+        );
+        // An empty 405 says its reason; a 413 names the route's limit; JSON and 2xx stay.
+        let mut empty = Response::new(Body::empty());
+        *empty.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        let body = axum::body::to_bytes(with_json_error_body(empty, "/x").await.into_body(), 1024)
+            .await
+            .expect("body");
+        assert_eq!(&body[..], br#"{"detail":"Method Not Allowed"}"#);
+        let mut large = Response::new(Body::from("length limit exceeded"));
+        *large.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        let body = axum::body::to_bytes(
+            with_json_error_body(large, "/hooks/abc").await.into_body(),
+            1024,
+        )
+        .await
+        .expect("body");
+        assert!(String::from_utf8_lossy(&body).contains("1048576 bytes"));
+        let json = json_error(StatusCode::CONFLICT, "already");
+        let body = axum::body::to_bytes(with_json_error_body(json, "/x").await.into_body(), 1024)
+            .await
+            .expect("body");
+        assert_eq!(&body[..], br#"{"detail":"already"}"#);
+        let ok = Response::new(Body::from("ok"));
+        let body =
+            axum::body::to_bytes(with_json_error_body(ok, "/healthz").await.into_body(), 1024)
+                .await
+                .expect("body");
+        assert_eq!(&body[..], b"ok");
     }
 }
