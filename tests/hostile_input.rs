@@ -255,6 +255,8 @@ async fn hostile_input_gets_bounded_answers_and_good_events_all_land() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(4)
+        // Below the daemon's idle timeout, so a pooled connection is never one it is closing.
+        .pool_idle_timeout(Duration::from_millis(1000))
         .build()
         .expect("client");
 
@@ -557,6 +559,19 @@ async fn hostile_input_gets_bounded_answers_and_good_events_all_land() {
         "{refused}"
     );
     drop(held);
+    // Room again once the daemon has seen them go.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while send(&client, "GET", &format!("{url}/healthz"), None, "")
+        .await
+        .0
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no room after the connections closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The mixed stream: per round, good events over every door between bad input.
     let nats_client = async_nats::connect(&nats.url).await.expect("NATS");

@@ -367,8 +367,10 @@ async fn handle(
     Ok(with_json_error_body(response, &path).await)
 }
 
-/// Answers a socket beyond the connection limit with 503 and closes it, reading (and
-/// dropping) what the client sends meanwhile so the answer is not lost to a reset.
+/// Answers a socket beyond the connection limit with 503 and closes it: reads the request
+/// head first (an HTTP client takes an answer that comes before its request for a broken
+/// connection), then answers, then drops what else the client sends for a moment, so the
+/// answer is not lost to a reset. All of it within about a second.
 async fn refuse(mut stream: TcpStream, limit: usize) {
     let body = serde_json::json!({
         "detail": format!("too many connections (the limit is {limit}); retry later")
@@ -380,14 +382,21 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            match stream.read(&mut buf).await? {
+                0 => return Ok(()),
+                n => head.extend_from_slice(&buf[..n]),
+            }
+        }
         stream.write_all(answer.as_bytes()).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        let mut read = 0;
-        while read < 64 * 1024 {
-            match stream.read(&mut sink).await? {
+        let mut drained = 0;
+        while drained < 64 * 1024 {
+            match stream.read(&mut buf).await? {
                 0 => break,
-                n => read += n,
+                n => drained += n,
             }
         }
         Ok::<_, std::io::Error>(())

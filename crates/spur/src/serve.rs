@@ -347,3 +347,42 @@ pub fn worker(pool: &str, nats: &str, name: Option<String>) -> Result<()> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_come_from_flags_or_the_config_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("spur.yaml");
+        std::fs::write(
+            &file,
+            "idle_timeout: 30s\nmax_connections: 200\nbody_read_timeout: 5\n",
+        )
+        .expect("config file");
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            header_read_timeout: Some("2s".into()),
+            websocket_auth_timeout: Some("PT3S".into()),
+            ..ServeArgs::default()
+        };
+        let (config, _) = resolve(&args).expect("resolves");
+        assert_eq!(config.server.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(config.server.idle_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.body_read_timeout, Duration::from_secs(5));
+        assert_eq!(config.server.max_connections, 200);
+        assert_eq!(config.websocket_auth_timeout, Duration::from_secs(3));
+        let defaults = resolve(&ServeArgs {
+            config: Some(dir.path().join("missing-is-not-read.yaml")),
+            ..ServeArgs::default()
+        });
+        assert!(defaults.is_err(), "a named config file must exist");
+        let zero = ServeArgs {
+            config: Some(file),
+            max_connections: Some(0),
+            ..ServeArgs::default()
+        };
+        assert!(resolve(&zero).is_err());
+    }
+}
