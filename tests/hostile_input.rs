@@ -530,6 +530,21 @@ async fn hostile_input_gets_bounded_answers_and_good_events_all_land() {
         other => panic!("a websocket without its auth message: {other:?}"),
     }
 
+    // Too many headers: hyper's own 431 (before any route, so without a body).
+    let mut s = TcpStream::connect(&addr).await.expect("connects");
+    let mut head = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..120 {
+        head.push_str(&format!("x-h{i}: v\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await.expect("writes");
+    let (_, got) = read_until_closed(&mut s, Duration::from_secs(3)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
     // Oversized websocket frames get a 1009 close frame, on both sockets, and a log line.
     assert_eq!(
         oversized_frame_close_code(&addr, "/api/events/in", 17 * 1024 * 1024).await,
