@@ -39,7 +39,12 @@ impl Event {
         received: DateTime<Utc>,
         limits: &EventLimits,
     ) -> Option<Event> {
-        let wire: WireEvent = serde_json::from_slice(bytes).ok()?;
+        // UTF-8 first: serde_json skips ignored values (unknown keys) without checking their
+        // bytes, so invalid UTF-8 there would pass here while the general lane refuses the
+        // document (found by the `event_parser` fuzz target). One validation pass, then the
+        // `str` reader, which does not check again.
+        let text = std::str::from_utf8(bytes).ok()?;
+        let wire: WireEvent = serde_json::from_str(text).ok()?;
         // The same rules as the general path, in the same helpers; any refusal gives up.
         let name = wire.event?;
         check_name(&name, limits).ok()?;
@@ -335,6 +340,22 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// Regression (fuzzing): invalid UTF-8 inside an ignored member made the direct lane
+    /// accept a document that is not JSON, which the general lane refuses.
+    #[test]
+    fn invalid_utf8_in_an_ignored_member_is_left_to_the_general_lane() {
+        let limits = EventLimits::default();
+        for bytes in [
+            &b"{\"event\": \"x\", \"resource\": {\"prefect.resource.id\": \"r\"}, \"other\": \"\x90\x96\"}"[..],
+            &b"{\"event\": \"x\", \"resource\": {\"prefect.resource.id\": \"r\"}, \"o\": [{\"k\xff\": 1}]}"[..],
+        ] {
+            assert!(serde_json::from_slice::<Value>(bytes).is_err());
+            assert!(Event::from_slice_direct(bytes, received(), &limits).is_none());
+        }
+        let fuzzed = b"{\"occurred\": \"2024-05-01T11:59:59.5+02:00\", \"event\": \"prCfect.flow-run.Completed\", \"resource\": {\"prefect.resource.id\": \"prefect.flow-run.0\", \"prefect.resource.name\": \"nice-fox\"}, \"payloid\": [{\"prefect.resource.id\": \"prefect.flow.2\", \"prefect.resource\xd2\x8d\x90\x96e\": \"flow\"}], \"payload\": {\"n\": [1, 2.5, null]}, \"id\": \"0b6f1a4e-6f2c-4d1e-9a57-6c1d2b0e8f11\"}";
+        assert!(Event::from_slice_direct(fuzzed, received(), &limits).is_none());
     }
 
     /// One JSON member for a field: mostly a plain valid value, sometimes an odd or invalid
