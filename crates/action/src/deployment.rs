@@ -13,7 +13,13 @@
 //!       env: {MODE: fast}
 //!       cwd: .
 //!       timeout: 600                   # seconds (default 3600)
+//!     on_crash: rerun                  # optional: rerun a run a daemon crash cut short
 //! ```
+//!
+//! `on_crash: rerun` is for jobs that are safe to run twice: a run that was already running
+//! when the daemon died (so it is Crashed at the next start) gets a new run with the same
+//! parameters, linked to it by `rerun_of`. Off by default: runs that had not started are
+//! launched after a restart anyway, and a run that had started may have done its work.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,22 +29,15 @@ use serde_json::{Map, Value};
 use spur_core::load::DeploymentRef;
 use uuid::Uuid;
 
+use crate::launcher::CommandSpec;
+use crate::run::RunTarget;
 use crate::schema;
 
 /// How a deployment's runs are started.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Launcher {
     /// A local process.
-    Command {
-        /// Program and arguments.
-        argv: Vec<String>,
-        /// Extra environment.
-        env: BTreeMap<String, String>,
-        /// Working directory.
-        cwd: Option<PathBuf>,
-        /// Killed (and the run Crashed) after this long.
-        timeout: Duration,
-    },
+    Command(CommandSpec),
     /// A templated HTTP request.
     Http(crate::remote::HttpLauncher),
     /// A flow run on a Prefect server.
@@ -47,15 +46,19 @@ pub enum Launcher {
     Worker {
         /// The pool (NATS queue group) to hand runs to.
         pool: String,
-        /// Program and arguments, run by the worker.
-        argv: Vec<String>,
-        /// Extra environment.
-        env: BTreeMap<String, String>,
-        /// Working directory on the worker.
-        cwd: Option<PathBuf>,
-        /// Killed (and the run Crashed) after this long.
-        timeout: Duration,
+        /// The program the worker runs (its `cwd` is on the worker's machine).
+        command: CommandSpec,
     },
+}
+
+/// What happens to a run a daemon crash cut short while it was running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnCrash {
+    /// It stays Crashed; `spur runs rerun` starts it again by hand (the default).
+    #[default]
+    Leave,
+    /// A new run with the same parameters starts at once, linked by `rerun_of`.
+    Rerun,
 }
 
 /// A deployment Spur can run.
@@ -73,9 +76,21 @@ pub struct Deployment {
     pub schema: Option<Value>,
     /// How runs start; `None` for a declaration without a launcher (its runs fail at once).
     pub launcher: Option<Launcher>,
+    /// What a daemon crash during a run leads to.
+    pub on_crash: OnCrash,
 }
 
 impl Deployment {
+    /// What its runs are runs of.
+    pub fn target(&self) -> RunTarget {
+        RunTarget {
+            deployment_id: self.id,
+            deployment: self.name.clone(),
+            flow_id: self.flow_id(),
+            flow: self.flow.clone(),
+        }
+    }
+
     /// The flow's id: a UUIDv5 of its name.
     pub fn flow_id(&self) -> Uuid {
         Uuid::new_v5(
@@ -111,6 +126,12 @@ impl Deployment {
             Some(Value::Object(l)) => Some(parse_launcher(l)?),
             Some(_) => return Err("launcher: must be a mapping".into()),
         };
+        let on_crash = match spec.get("on_crash") {
+            None | Some(Value::Null) => OnCrash::Leave,
+            Some(Value::String(s)) if s == "leave" => OnCrash::Leave,
+            Some(Value::String(s)) if s == "rerun" => OnCrash::Rerun,
+            Some(_) => return Err("on_crash: `rerun` or `leave`".into()),
+        };
         Ok(Deployment {
             name: declared.name.clone(),
             id: declared.id,
@@ -118,6 +139,7 @@ impl Deployment {
             parameters,
             schema,
             launcher,
+            on_crash,
         })
     }
 
@@ -149,21 +171,9 @@ fn parse_launcher(l: &Map<String, Value>) -> Result<Launcher, String> {
             .filter(|p| !p.is_empty() && !p.contains(['.', '*', '>', ' ']))
             .ok_or("launcher.worker.pool: a name without dots, spaces, `*` or `>`")?
             .to_owned();
-        let Launcher::Command {
-            argv,
-            env,
-            cwd,
-            timeout,
-        } = parse_command(w)?
-        else {
-            return Err("launcher.worker: expected a command".into());
-        };
         return Ok(Launcher::Worker {
             pool,
-            argv,
-            env,
-            cwd,
-            timeout,
+            command: parse_command(w)?,
         });
     }
     if let Some(http) = l.get("http") {
@@ -262,10 +272,10 @@ fn parse_launcher(l: &Map<String, Value>) -> Result<Launcher, String> {
             "launcher: one of `command`, `worker`, `http`, `prefect` (got {kind:?})"
         ));
     }
-    parse_command(l)
+    parse_command(l).map(Launcher::Command)
 }
 
-fn parse_command(l: &Map<String, Value>) -> Result<Launcher, String> {
+fn parse_command(l: &Map<String, Value>) -> Result<CommandSpec, String> {
     let Some(command) = l.get("command") else {
         return Err("launcher.command: is required".into());
     };
@@ -300,7 +310,7 @@ fn parse_command(l: &Map<String, Value>) -> Result<Launcher, String> {
     };
     let cwd = l.get("cwd").and_then(Value::as_str).map(PathBuf::from);
     let timeout = timeout_of(l)?;
-    Ok(Launcher::Command {
+    Ok(CommandSpec {
         argv,
         env,
         cwd,

@@ -5,29 +5,55 @@
 //! `"$SPUR_BIN" emit` events of its own). Exit 0 completes the run, with the result
 //! taken from the last stdout line that parses as JSON (else the last line, as a string). A
 //! non-zero exit fails it; a missing program, a crash by signal or a timeout crashes it.
+//!
+//! Launching is two steps, so the daemon can record the process between them:
+//! [`spawn`] starts it and returns a [`RunningProcess`] (its pid and start time), and
+//! [`RunningProcess::wait`] feeds it its parameters, gathers its output and reports the
+//! [`Outcome`].
+//!
+//! **A run's process never outlives the daemon that started it** (on Linux). Each process
+//! gets a process group of its own (so a cancel, a timeout or a restart can stop everything
+//! it started), and `PR_SET_PDEATHSIG` kills it when the daemon dies. Before it executes the
+//! program, the child creates a *start marker* (`<marker dir>/<run id>`, holding its pid):
+//! a restarted daemon that finds no marker for an unfinished run knows, for certain, that
+//! the program never started, and may launch it without repeating any work.
 
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
 
-use crate::deployment::Launcher;
-use crate::run::{Run, RunState};
+use crate::run::{OUTPUT_TAIL, Outcome, Run, RunProcess, RunState, tail};
 
-/// How a launched run ended.
+/// A local program and how to run it (`launcher: {command, env, cwd, timeout}`).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Outcome {
-    /// Completed, Failed or Crashed.
-    pub state: RunState,
-    /// The result, for Completed runs.
-    pub result: Option<Value>,
-    /// Why (exit status, stderr tail, timeout…).
-    pub message: Option<String>,
+pub struct CommandSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Killed (and the run Crashed) after this long.
+    pub timeout: Duration,
 }
 
-const OUTPUT_CAP: usize = 1 << 20;
+/// Where a launch happens: what the daemon (or a worker) adds to every process.
+#[derive(Clone, Debug, Default)]
+pub struct LaunchContext {
+    /// The daemon's API URL, passed as `SPUR_API_URL`.
+    pub api_url: Option<String>,
+    /// Where start markers go (see the module docs); `None` writes none.
+    pub marker_dir: Option<PathBuf>,
+}
+
+/// How much of stdout is searched for the result (the last JSON line): the last 1 MiB.
+const STDOUT_TAIL: usize = 1 << 20;
 
 /// The result rule: the last stdout line that parses as JSON, else the last non-empty line.
 pub fn result_from_stdout(stdout: &str) -> Option<Value> {
@@ -43,57 +69,54 @@ pub fn result_from_stdout(stdout: &str) -> Option<Value> {
         .or_else(|| lines.last().map(|l| Value::String((*l).to_owned())))
 }
 
-fn tail(text: &str, max: usize) -> String {
-    let t = text.trim();
-    if t.len() <= max {
-        return t.to_owned();
-    }
-    let mut start = t.len() - max;
-    while !t.is_char_boundary(start) {
-        start += 1;
-    }
-    format!("…{}", &t[start..])
+/// The start marker of a run, in `dir`.
+pub fn marker_path(dir: &Path, run: uuid::Uuid) -> PathBuf {
+    dir.join(run.to_string())
 }
 
-/// Runs the process to its end (or timeout) and reports the outcome.
-pub async fn launch(launcher: &Launcher, run: &Run, api_url: Option<&str>) -> Outcome {
-    // A worker runs the same command on its own machine (see `worker`).
-    let (Launcher::Http(_) | Launcher::Prefect(_)) = launcher else {
-        return run_command(launcher, run, api_url).await;
-    };
-    Outcome {
-        state: RunState::Crashed,
-        result: None,
-        message: Some("http and prefect launchers run through `remote`, not as a command".into()),
+/// The pid a start marker holds, if it exists (`Some(None)`: it exists but is unreadable).
+pub fn read_marker(dir: &Path, run: uuid::Uuid) -> Option<Option<u32>> {
+    let text = std::fs::read_to_string(marker_path(dir, run)).ok()?;
+    Some(text.trim().parse().ok())
+}
+
+/// A process started for a run, not yet waited for. Dropping it (a cancelled run, a daemon
+/// shutting down) kills its whole process group.
+#[derive(Debug)]
+pub struct RunningProcess {
+    child: Child,
+    /// The pid and start time, to record on the run.
+    pub process: RunProcess,
+    parameters: String,
+    timeout: Duration,
+    reaped: bool,
+}
+
+/// Why a run's program could not start (its run is Crashed with this reason).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SpawnError(String);
+
+impl From<SpawnError> for Outcome {
+    fn from(e: SpawnError) -> Outcome {
+        Outcome::crashed(e.0)
     }
 }
 
-async fn run_command(launcher: &Launcher, run: &Run, api_url: Option<&str>) -> Outcome {
-    let (Launcher::Command {
-        argv,
-        env,
-        cwd,
-        timeout,
-    }
-    | Launcher::Worker {
-        argv,
-        env,
-        cwd,
-        timeout,
-        ..
-    }) = launcher
-    else {
-        return Outcome {
-            state: RunState::Crashed,
-            result: None,
-            message: Some("not a command launcher".into()),
-        };
+/// Starts the run's program.
+pub fn spawn(
+    spec: &CommandSpec,
+    run: &Run,
+    context: &LaunchContext,
+) -> Result<RunningProcess, SpawnError> {
+    let Some(program) = spec.argv.first() else {
+        return Err(SpawnError("the launcher has an empty command".into()));
     };
     let parameters = serde_json::to_string(&run.parameters).unwrap_or_else(|_| "{}".into());
-    let mut command = Command::new(&argv[0]);
+    let mut command = Command::new(program);
     command
-        .args(&argv[1..])
-        .envs(env)
+        .args(&spec.argv[1..])
+        .envs(&spec.env)
         .env("SPUR_PARAMETERS", &parameters)
         .env("SPUR_RUN_ID", run.id.to_string())
         .env("SPUR_DEPLOYMENT", &run.deployment)
@@ -102,90 +125,280 @@ async fn run_command(launcher: &Launcher, run: &Run, api_url: Option<&str>) -> O
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(url) = api_url {
+    if let Some(url) = &context.api_url {
         command.env("SPUR_API_URL", url);
     }
     if let Ok(exe) = std::env::current_exe() {
         command.env("SPUR_BIN", exe);
     }
-    if let Some(dir) = cwd {
+    if let Some(dir) = &spec.cwd {
         command.current_dir(dir);
     }
-    let mut child = match command.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return Outcome {
+    let marker = match &context.marker_dir {
+        Some(dir) => {
+            let path = marker_path(dir, run.id);
+            match CString::new(path.as_os_str().as_encoded_bytes()) {
+                Ok(c) => Some(c),
+                Err(_) => return Err(SpawnError("the start marker path holds a NUL byte".into())),
+            }
+        }
+        None => None,
+    };
+    child_setup(&mut command, marker);
+    let child = command
+        .spawn()
+        .map_err(|e| SpawnError(format!("cannot start {program:?}: {e}")))?;
+    let pid = child.id().unwrap_or(0);
+    Ok(RunningProcess {
+        child,
+        process: RunProcess {
+            pid,
+            start_ticks: process_start_ticks(pid),
+        },
+        parameters,
+        timeout: spec.timeout,
+        reaped: false,
+    })
+}
+
+/// What the child does between `fork` and `exec`: its own process group, death with the
+/// daemon, and the start marker. Only async-signal-safe calls are allowed here.
+#[cfg(unix)]
+fn child_setup(command: &mut Command, marker: Option<CString>) {
+    let daemon = std::process::id() as libc::pid_t;
+    // SAFETY: the closure only calls async-signal-safe libc functions (setpgid, prctl,
+    // getppid, getpid, open, write, close, _exit) on memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            #[cfg(target_os = "linux")]
+            {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The daemon died before the signal was armed: do not start at all.
+                if libc::getppid() != daemon {
+                    libc::_exit(125);
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = daemon;
+            if let Some(path) = &marker {
+                let fd = libc::open(
+                    path.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC | libc::O_CLOEXEC,
+                    0o600,
+                );
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut digits = [0u8; 12];
+                let text = format_pid(libc::getpid() as u32, &mut digits);
+                libc::write(fd, text.as_ptr().cast(), text.len());
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(unix))]
+fn child_setup(_command: &mut Command, _marker: Option<CString>) {}
+
+/// Writes `pid` in decimal into `buf` without allocating (the child may not allocate).
+fn format_pid(mut pid: u32, buf: &mut [u8; 12]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    &buf[at..]
+}
+
+/// A process's start time in clock ticks after boot, from `/proc/<pid>/stat` (Linux).
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields count from the
+    // last ')'. Field 22 (starttime) is the 20th after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Stops whatever is left of a run's process group after the daemon that started it died:
+/// kills the group unless its leader's pid now names another process. Returns a sentence
+/// for the run's history.
+pub fn stop_leftover_group(process: &RunProcess) -> String {
+    let pid = process.pid;
+    if pid == 0 {
+        return "no process was recorded".into();
+    }
+    let leader_now = process_start_ticks(pid);
+    if let (Some(now), Some(then)) = (leader_now, process.start_ticks)
+        && now != then
+    {
+        return format!("its process {pid} is gone (the pid now names another process)");
+    }
+    #[cfg(unix)]
+    {
+        // SAFETY: killpg only sends a signal. A process group id cannot be handed to a new
+        // process while any member of the group lives, so this group is the run's.
+        let killed = unsafe { libc::killpg(pid as libc::pid_t, libc::SIGKILL) } == 0;
+        if killed {
+            return format!("what was left of its process group {pid} was killed");
+        }
+    }
+    format!("its process {pid} was gone (it dies with the daemon)")
+}
+
+/// Keeps the last `cap` bytes pushed into it.
+struct Tail {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Tail {
+        Tail {
+            bytes: Vec::new(),
+            cap,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes.extend_from_slice(chunk);
+        if self.bytes.len() > self.cap * 2 {
+            let cut = self.bytes.len() - self.cap;
+            self.bytes.drain(..cut);
+        }
+    }
+
+    fn text(&self, max: usize) -> String {
+        tail(&String::from_utf8_lossy(&self.bytes), max)
+    }
+}
+
+/// Reads both pipes to their ends, in arrival order: stdout's tail (for the result) and the
+/// interleaved tail of both (the run's output). Reading never stops early, so a chatty
+/// program is never blocked on a full pipe.
+async fn gather(
+    mut stdout: Option<impl AsyncRead + Unpin>,
+    mut stderr: Option<impl AsyncRead + Unpin>,
+) -> (Tail, Tail) {
+    let mut out = Tail::new(STDOUT_TAIL);
+    let mut both = Tail::new(OUTPUT_TAIL);
+    let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
+    loop {
+        let (out_open, err_open) = (stdout.is_some(), stderr.is_some());
+        if !out_open && !err_open {
+            break;
+        }
+        tokio::select! {
+            read = async { stdout.as_mut().map(|s| s.read(&mut out_buf)).expect("open").await }, if out_open => match read {
+                Ok(n) if n > 0 => {
+                    out.push(&out_buf[..n]);
+                    both.push(&out_buf[..n]);
+                }
+                _ => stdout = None,
+            },
+            read = async { stderr.as_mut().map(|s| s.read(&mut err_buf)).expect("open").await }, if err_open => match read {
+                Ok(n) if n > 0 => both.push(&err_buf[..n]),
+                _ => stderr = None,
+            },
+        }
+    }
+    (out, both)
+}
+
+impl RunningProcess {
+    /// Feeds the parameters on stdin, gathers the output and waits for the end (or the
+    /// timeout, which kills the process group).
+    pub async fn wait(mut self) -> Outcome {
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(self.parameters.as_bytes()).await;
+        }
+        let stdout = self.child.stdout.take();
+        let stderr = self.child.stderr.take();
+        let timeout = self.timeout;
+        let waited = tokio::time::timeout(timeout, async {
+            let (out, both) = gather(stdout, stderr).await;
+            (self.child.wait().await, out, both)
+        })
+        .await;
+        let (status, out, both) = match waited {
+            Err(_) => {
+                return Outcome::crashed(format!("timed out after {}s", timeout.as_secs_f64()));
+            }
+            Ok((Err(e), _, _)) => return Outcome::crashed(format!("lost the process: {e}")),
+            Ok((Ok(status), out, both)) => (status, out, both),
+        };
+        self.reaped = true;
+        let output = Some(both.text(OUTPUT_TAIL)).filter(|o| !o.is_empty());
+        let last_words = both.text(500);
+        if status.success() {
+            Outcome {
+                state: RunState::Completed,
+                result: result_from_stdout(&String::from_utf8_lossy(&out.bytes)),
+                message: None,
+                exit_code: Some(0),
+                output,
+            }
+        } else if let Some(code) = status.code() {
+            Outcome {
+                state: RunState::Failed,
+                result: None,
+                message: Some(format!("exited with status {code}: {last_words}")),
+                exit_code: Some(code),
+                output,
+            }
+        } else {
+            #[cfg(unix)]
+            let signal = std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0);
+            #[cfg(not(unix))]
+            let signal = 0;
+            Outcome {
                 state: RunState::Crashed,
                 result: None,
-                message: Some(format!("cannot start {:?}: {e}", argv[0])),
-            };
-        }
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(parameters.as_bytes()).await;
-    }
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let read_all = async move {
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.take(OUTPUT_CAP as u64).read_to_end(&mut out).await;
-        }
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.take(OUTPUT_CAP as u64).read_to_end(&mut err).await;
-        }
-        (out, err)
-    };
-    let waited = tokio::time::timeout(*timeout, async {
-        let (out, err) = read_all.await;
-        (child.wait().await, out, err)
-    })
-    .await;
-    match waited {
-        Err(_) => Outcome {
-            state: RunState::Crashed,
-            result: None,
-            message: Some(format!("timed out after {}", describe(*timeout))),
-        },
-        Ok((Err(e), _, _)) => Outcome {
-            state: RunState::Crashed,
-            result: None,
-            message: Some(format!("lost the process: {e}")),
-        },
-        Ok((Ok(status), out, err)) => {
-            let stdout = String::from_utf8_lossy(&out);
-            let stderr = String::from_utf8_lossy(&err);
-            if status.success() {
-                Outcome {
-                    state: RunState::Completed,
-                    result: result_from_stdout(&stdout),
-                    message: None,
-                }
-            } else if let Some(code) = status.code() {
-                Outcome {
-                    state: RunState::Failed,
-                    result: None,
-                    message: Some(format!("exited with status {code}: {}", tail(&stderr, 500))),
-                }
-            } else {
-                Outcome {
-                    state: RunState::Crashed,
-                    result: None,
-                    message: Some(format!("killed by a signal: {}", tail(&stderr, 500))),
-                }
+                message: Some(format!("killed by signal {signal}: {last_words}")),
+                exit_code: None,
+                output,
             }
         }
     }
 }
 
-fn describe(d: Duration) -> String {
-    format!("{}s", d.as_secs_f64())
+impl Drop for RunningProcess {
+    fn drop(&mut self) {
+        if self.reaped || self.process.pid == 0 {
+            return;
+        }
+        // Cancelled, timed out or shutting down: stop the program and everything it started.
+        #[cfg(unix)]
+        // SAFETY: the child was not reaped, so its pid (the group's id) is still ours.
+        unsafe {
+            libc::killpg(self.process.pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}
+
+/// Runs the process to its end (or timeout) and reports the outcome, in one step (a worker,
+/// or a test, that has nothing to record in between).
+pub async fn run_to_end(spec: &CommandSpec, run: &Run, context: &LaunchContext) -> Outcome {
+    match spawn(spec, run, context) {
+        Ok(process) => process.wait().await,
+        Err(e) => e.into(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::run::RunTarget;
     use serde_json::json;
 
     #[test]
@@ -197,5 +410,90 @@ mod tests {
         assert_eq!(result_from_stdout("{\"a\": 1}\n"), Some(json!({"a": 1})));
         assert_eq!(result_from_stdout("just text\n"), Some(json!("just text")));
         assert_eq!(result_from_stdout(""), None);
+    }
+
+    #[test]
+    fn pids_are_written_in_decimal() {
+        let mut buf = [0u8; 12];
+        assert_eq!(format_pid(0, &mut buf), b"0");
+        assert_eq!(format_pid(4_194_304, &mut buf), b"4194304");
+        assert_eq!(format_pid(u32::MAX, &mut buf), b"4294967295");
+    }
+
+    fn a_run() -> Run {
+        let target = RunTarget {
+            deployment_id: uuid::Uuid::nil(),
+            deployment: "d".into(),
+            flow_id: uuid::Uuid::nil(),
+            flow: "f".into(),
+        };
+        Run::new(&target, json!({"x": 1}), None, None, chrono::Utc::now())
+    }
+
+    fn sh(script: &str) -> CommandSpec {
+        CommandSpec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            env: BTreeMap::new(),
+            cwd: None,
+            timeout: Duration::from_secs(20),
+        }
+    }
+
+    #[tokio::test]
+    async fn output_keeps_both_streams_and_the_exit_code() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let context = LaunchContext {
+            api_url: None,
+            marker_dir: Some(dir.path().to_owned()),
+        };
+        let run = a_run();
+        let process = spawn(&sh("cat; echo oops >&2; exit 3"), &run, &context).expect("spawned");
+        let pid = process.process.pid;
+        let outcome = process.wait().await;
+        assert_eq!(outcome.state, RunState::Failed);
+        assert_eq!(outcome.exit_code, Some(3));
+        let output = outcome.output.expect("output");
+        assert!(
+            output.contains(r#"{"x":1}"#) && output.contains("oops"),
+            "{output}"
+        );
+        // The child wrote its start marker, with its pid, before it ran the program.
+        assert_eq!(read_marker(dir.path(), run.id), Some(Some(pid)));
+    }
+
+    #[tokio::test]
+    async fn a_chatty_program_is_never_blocked_and_only_its_tail_is_kept() {
+        let run = a_run();
+        // 4 MiB on stdout, then the result line.
+        let script = "head -c 4194304 /dev/zero | tr '\\0' 'a'; echo; echo '{\"done\": true}'";
+        let outcome = run_to_end(&sh(script), &run, &LaunchContext::default()).await;
+        assert_eq!(outcome.state, RunState::Completed);
+        assert_eq!(outcome.result, Some(json!({"done": true})));
+        assert!(outcome.output.expect("output").len() <= OUTPUT_TAIL + 4);
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flag = dir.path().join("survived");
+        let run = a_run();
+        let mut spec = sh(&format!("(sleep 2; touch {}) & sleep 30", flag.display()));
+        spec.timeout = Duration::from_millis(300);
+        let outcome = run_to_end(&spec, &run, &LaunchContext::default()).await;
+        assert_eq!(outcome.state, RunState::Crashed);
+        assert!(outcome.message.expect("message").contains("timed out"));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            !flag.exists(),
+            "a background child of the run outlived its timeout"
+        );
+    }
+
+    #[test]
+    fn start_ticks_name_this_process() {
+        let me = std::process::id();
+        let first = process_start_ticks(me);
+        assert!(first.is_some());
+        assert_eq!(first, process_start_ticks(me));
     }
 }

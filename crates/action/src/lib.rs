@@ -17,4 +17,4 @@ pub mod schema;
 pub mod worker;
 
 pub use deployment::{Deployment, Launcher};
-pub use run::{Run, RunState};
+pub use run::{Outcome, Run, RunState, RunTarget};

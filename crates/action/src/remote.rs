@@ -22,8 +22,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use spur_template::TemplateEngine;
 
-use crate::launcher::Outcome;
-use crate::run::{Run, RunState};
+use crate::run::{OUTPUT_TAIL, Outcome, Run, RunState, tail};
 
 /// An `http` launcher's settings.
 #[derive(Clone, Debug, PartialEq)]
@@ -71,11 +70,7 @@ fn key_of(run: &Run) -> String {
 }
 
 fn crashed(message: String) -> Outcome {
-    Outcome {
-        state: RunState::Crashed,
-        result: None,
-        message: Some(message),
-    }
+    Outcome::crashed(message)
 }
 
 /// Performs an `http` launch.
@@ -130,17 +125,19 @@ pub async fn launch_http(
         Outcome {
             state: RunState::Completed,
             result: Some(result),
-            message: None,
+            output: Some(tail(&text, OUTPUT_TAIL)),
+            ..Outcome::default()
         }
     } else {
         Outcome {
             state: RunState::Failed,
-            result: None,
             message: Some(format!(
                 "{url} answered {}: {}",
                 status.as_u16(),
                 text.chars().take(500).collect::<String>()
             )),
+            output: Some(tail(&text, OUTPUT_TAIL)),
+            ..Outcome::default()
         }
     }
 }
@@ -171,14 +168,10 @@ pub async fn launch_prefect(
                 Err(e) => return crashed(format!("cannot reach Prefect at {api}: {e}")),
             };
             if !response.status().is_success() {
-                return Outcome {
-                    state: RunState::Failed,
-                    result: None,
-                    message: Some(format!(
-                        "Prefect has no deployment {name:?} ({})",
-                        response.status().as_u16()
-                    )),
-                };
+                return Outcome::failed(format!(
+                    "Prefect has no deployment {name:?} ({})",
+                    response.status().as_u16()
+                ));
             }
             match response
                 .json::<Value>()
@@ -224,6 +217,7 @@ pub async fn launch_prefect(
                 state: RunState::Completed,
                 result: Some(result(&answer["state"])),
                 message: Some("flow run created on Prefect".into()),
+                ..Outcome::default()
             };
         }
         let Some(flow_run) = answer["id"].as_str() else {
@@ -273,6 +267,8 @@ pub async fn launch_prefect(
                     .filter(|m| !m.is_empty())
                     .map(str::to_owned)
                     .or_else(|| Some(format!("Prefect flow run {flow_run} ended"))),
+                output: Some(tail(&state.to_string(), OUTPUT_TAIL)),
+                ..Outcome::default()
             };
         }
     } else {
@@ -284,6 +280,7 @@ pub async fn launch_prefect(
                 status.as_u16(),
                 answer.get("detail").cloned().unwrap_or(answer.clone())
             )),
+            ..Outcome::default()
         }
     }
 }

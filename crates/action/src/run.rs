@@ -1,4 +1,14 @@
-//! Flow runs: their states, and the `prefect.flow-run.<State>` events they emit.
+//! Flow runs: their states, what a launch reports back, and the `prefect.flow-run.<State>`
+//! events they emit.
+//!
+//! This module is the bottom of the crate: launchers ([`crate::launcher`], [`crate::remote`],
+//! [`crate::worker`]) report an [`Outcome`] for a [`Run`], and deployments
+//! ([`crate::deployment`]) create runs; nothing here depends on them.
+//!
+//! A run's record is the source of truth for its states. Every state it enters is one
+//! [`StateRecord`] with the id of the event that announces it; [`Run::state_event`] rebuilds
+//! that event from the record alone, so the daemon can emit any a crash cut off (the ids are
+//! derived, the event log keeps each once).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -7,12 +17,74 @@ use spur_core::time::format_timestamp;
 use spur_core::{Event, EventLimits};
 use uuid::Uuid;
 
-use crate::deployment::Deployment;
+/// How a launched run ended, as its launcher saw it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Completed, Failed, Crashed or Cancelled.
+    pub state: RunState,
+    /// The result, for Completed runs.
+    pub result: Option<Value>,
+    /// Why (exit status, timeout, the remote side's message…).
+    pub message: Option<String>,
+    /// The process's exit code, if a process ran and exited.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// The tail of what the run printed or answered (bounded, [`OUTPUT_TAIL`]).
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+impl Outcome {
+    /// A Crashed outcome with a reason and nothing else.
+    pub fn crashed(message: impl Into<String>) -> Outcome {
+        Outcome {
+            state: RunState::Crashed,
+            message: Some(message.into()),
+            ..Outcome::default()
+        }
+    }
+
+    /// A Failed outcome with a reason and nothing else.
+    pub fn failed(message: impl Into<String>) -> Outcome {
+        Outcome {
+            state: RunState::Failed,
+            message: Some(message.into()),
+            ..Outcome::default()
+        }
+    }
+}
+
+/// How much of a run's output is kept with it: the last 64 KiB.
+pub const OUTPUT_TAIL: usize = 64 * 1024;
+
+/// The last `max` bytes of `text` (cut at a character boundary, marked with `…`).
+pub fn tail(text: &str, max: usize) -> String {
+    let t = text.trim_end();
+    if t.len() <= max {
+        return t.to_owned();
+    }
+    let mut start = t.len() - max;
+    while !t.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &t[start..])
+}
+
+/// The process a `command` run started: what a restarted daemon needs to find it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunProcess {
+    /// Its pid, which is also its process group (every run gets a group of its own).
+    pub pid: u32,
+    /// Its start time in clock ticks after boot (`/proc/<pid>/stat`, field 22), so a pid
+    /// reused by another process is not mistaken for it.
+    pub start_ticks: Option<u64>,
+}
 
 /// Prefect's state names for a flow run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RunState {
     /// Created, waiting to start.
+    #[default]
     Scheduled,
     /// Being started.
     Pending,
@@ -53,6 +125,21 @@ impl RunState {
             RunState::Crashed => "CRASHED",
             RunState::Cancelled => "CANCELLED",
         }
+    }
+
+    /// Reads a state name (`Completed`) or type (`COMPLETED`), in any case.
+    pub fn parse(name: &str) -> Option<RunState> {
+        const ALL: [RunState; 7] = [
+            RunState::Scheduled,
+            RunState::Pending,
+            RunState::Running,
+            RunState::Completed,
+            RunState::Failed,
+            RunState::Crashed,
+            RunState::Cancelled,
+        ];
+        ALL.into_iter()
+            .find(|s| s.name().eq_ignore_ascii_case(name))
     }
 
     /// True once the run can change no more.
@@ -106,12 +193,41 @@ pub struct Run {
     pub result: Option<Value>,
     /// When it was created.
     pub created: DateTime<Utc>,
+    /// The message of the state it is in (a failure's or crash's reason).
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The exit code of its process (`command` and `worker` runs).
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// The tail of its output: stdout and stderr of a process as they came (bounded,
+    /// [`OUTPUT_TAIL`]), the answer of an `http` run, the final state of a Prefect flow run.
+    #[serde(default)]
+    pub output: Option<String>,
+    /// The process of a `command` run, once started.
+    #[serde(default)]
+    pub process: Option<RunProcess>,
+    /// The run this one reruns (`spur runs rerun`, or `on_crash: rerun`).
+    #[serde(default)]
+    pub rerun_of: Option<Uuid>,
+}
+
+/// What a run is a run of: its deployment and flow, by name and id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunTarget {
+    /// The deployment's id.
+    pub deployment_id: Uuid,
+    /// The deployment's name.
+    pub deployment: String,
+    /// The flow's id.
+    pub flow_id: Uuid,
+    /// The flow's name.
+    pub flow: String,
 }
 
 impl Run {
     /// A new Scheduled run (no event emitted yet: see [`Run::transition`]).
     pub fn new(
-        deployment: &Deployment,
+        deployment: &RunTarget,
         parameters: Value,
         idempotency_key: Option<String>,
         automation: Option<String>,
@@ -125,10 +241,10 @@ impl Run {
         let short = id.simple().to_string();
         Run {
             id,
-            name: format!("{}-{}", deployment.name, &short[short.len() - 8..]),
-            deployment_id: deployment.id,
-            deployment: deployment.name.clone(),
-            flow_id: deployment.flow_id(),
+            name: format!("{}-{}", deployment.deployment, &short[short.len() - 8..]),
+            deployment_id: deployment.deployment_id,
+            deployment: deployment.deployment.clone(),
+            flow_id: deployment.flow_id,
             flow: deployment.flow.clone(),
             parameters,
             idempotency_key,
@@ -137,6 +253,11 @@ impl Run {
             history: Vec::new(),
             result: None,
             created: now,
+            message: None,
+            exit_code: None,
+            output: None,
+            process: None,
+            rerun_of: None,
         }
     }
 
@@ -148,24 +269,29 @@ impl Run {
         message: Option<String>,
         now: DateTime<Utc>,
     ) -> Event {
-        let previous = self.history.last().cloned();
+        let index = self.history.len();
         let event_id = Uuid::new_v5(
             &spur_core::SPUR_NAMESPACE,
-            format!(
-                "flow-run-state:{}:{}:{}",
-                self.id,
-                self.history.len(),
-                state.name()
-            )
-            .as_bytes(),
+            format!("flow-run-state:{}:{index}:{}", self.id, state.name()).as_bytes(),
         );
         self.state = state;
+        self.message = message.clone();
         self.history.push(StateRecord {
             state,
             at: now,
-            message: message.clone(),
+            message,
             event_id,
         });
+        self.state_event(index)
+            .unwrap_or_else(|| unreachable_event(now))
+    }
+
+    /// The event that announced the `index`th state of the run's history, rebuilt from the
+    /// record (same id, same content), or `None` past the end of the history.
+    pub fn state_event(&self, index: usize) -> Option<Event> {
+        let record = self.history.get(index)?;
+        let previous = index.checked_sub(1).and_then(|i| self.history.get(i));
+        let (state, now) = (record.state, record.at);
         let mut resource = json!({
             "prefect.resource.id": format!("prefect.flow-run.{}", self.id),
             "prefect.resource.name": self.name,
@@ -173,20 +299,20 @@ impl Run {
             "prefect.state-type": state.state_type(),
             "prefect.state-timestamp": format_timestamp(now),
         });
-        if let Some(m) = &message {
+        if let Some(m) = &record.message {
             resource["prefect.state-message"] = json!(m);
         }
         let state_json = |s: RunState, m: &Option<String>| json!({"type": s.state_type(), "name": s.name(), "message": m});
         let mut payload = json!({
-            "intended": {"from": previous.as_ref().map(|p| p.state.state_type()), "to": state.state_type()},
-            "initial_state": previous.as_ref().map(|p| state_json(p.state, &p.message)),
-            "validated_state": state_json(state, &message),
+            "intended": {"from": previous.map(|p| p.state.state_type()), "to": state.state_type()},
+            "initial_state": previous.map(|p| state_json(p.state, &p.message)),
+            "validated_state": state_json(state, &record.message),
         });
         if state == RunState::Completed {
             payload["result"] = self.result.clone().unwrap_or(Value::Null);
         }
         let raw = json!({
-            "id": event_id,
+            "id": record.event_id,
             "occurred": format_timestamp(now),
             "event": format!("prefect.flow-run.{}", state.name()),
             "resource": resource,
@@ -200,11 +326,24 @@ impl Run {
             "follows": previous.map(|p| p.event_id),
         });
         // Built from known-valid parts; the only failure would be a bug, so fall back loudly.
-        Event::from_json(&raw, now, &EventLimits::default()).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "could not build a flow-run event");
-            Event::from_json(&json!({"event": "spur.internal-error", "resource": {"prefect.resource.id": "spur"}}), now, &EventLimits::default())
-                .unwrap_or_else(|_| unreachable_event(now))
-        })
+        Some(
+            Event::from_json(&raw, now, &EventLimits::default()).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "could not build a flow-run event");
+                unreachable_event(now)
+            }),
+        )
+    }
+
+    /// Takes what a launch reported (result, exit code, output) and moves to its final state.
+    pub fn finish(&mut self, outcome: Outcome, now: DateTime<Utc>) -> Event {
+        self.result = outcome.result;
+        if outcome.exit_code.is_some() {
+            self.exit_code = outcome.exit_code;
+        }
+        if outcome.output.is_some() {
+            self.output = outcome.output;
+        }
+        self.transition(outcome.state, outcome.message, now)
     }
 }
 

@@ -9,9 +9,17 @@
 //! 2. The worker publishes [`StateReport`]s to `spur.runs.<run id>.state`: `Running`, then the
 //!    final state with the result, exactly as the command launcher would report it locally.
 //!
-//! A worker remembers recent idempotency keys and never runs the same key twice.
+//! A worker remembers recent runs by id (10 000 of them) with their last reported state, and
+//! never runs the same run twice: a repeated request is answered by re-publishing that
+//! state (the run is re-adopted by whoever asked).
+//!
+//! 3. **Reconciling after a daemon restart.** A restarted daemon cannot know whether a run it
+//!    had handed over reached a worker. Before it asks again it sends an *inquiry* to every
+//!    worker of the pool (`spur.workers.<pool>.inquire`, a plain subscription, not the queue
+//!    group): the worker that knows the run answers with its last [`StateReport`] and keeps
+//!    reporting; no answer means no worker of the pool has it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,9 +29,8 @@ use serde_json::Value;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::deployment::Launcher;
-use crate::launcher::{Outcome, launch};
-use crate::run::{Run, RunState};
+use crate::launcher::{CommandSpec, LaunchContext, spawn};
+use crate::run::{Outcome, Run, RunState};
 
 /// What a worker is asked to run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -42,6 +49,33 @@ pub struct RunRequest {
     pub api_url: Option<String>,
 }
 
+impl RunRequest {
+    /// The request for `run` of a `worker` launcher's command.
+    pub fn new(run: &Run, command: &CommandSpec, api_url: Option<String>) -> RunRequest {
+        RunRequest {
+            run: run.clone(),
+            argv: command.argv.clone(),
+            env: command
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            cwd: command.cwd.as_ref().map(|c| c.display().to_string()),
+            timeout_secs: command.timeout.as_secs_f64(),
+            api_url,
+        }
+    }
+
+    fn command(&self) -> CommandSpec {
+        CommandSpec {
+            argv: self.argv.clone(),
+            env: self.env.iter().cloned().collect(),
+            cwd: self.cwd.as_ref().map(Into::into),
+            timeout: Duration::from_secs_f64(self.timeout_secs),
+        }
+    }
+}
+
 /// A state change reported by a worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StateReport {
@@ -53,6 +87,34 @@ pub struct StateReport {
     pub message: Option<String>,
     /// Which worker.
     pub worker: String,
+    /// The process's exit code (final states).
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// The tail of the process's output (final states).
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// The subject every worker of a pool answers inquiries on (not a queue group).
+pub fn inquiry_subject(pool: &str) -> String {
+    format!("spur.workers.{pool}.inquire")
+}
+
+/// After a restart: asks every worker of `pool` whether one of them has `run`. Returns its
+/// last report, or `None` if no worker answers within `wait`.
+pub async fn inquire(
+    client: &async_nats::Client,
+    pool: &str,
+    run: Uuid,
+    wait: Duration,
+) -> Option<StateReport> {
+    let asked = tokio::time::timeout(
+        wait,
+        client.request(inquiry_subject(pool), run.to_string().into()),
+    )
+    .await;
+    let answer = asked.ok()?.ok()?;
+    serde_json::from_slice(&answer.payload).ok()
 }
 
 /// The subject a pool listens on.
@@ -67,62 +129,70 @@ pub fn state_subject(run: Uuid) -> String {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Daemon side: hands the run to a worker of `pool`; `on_running` is called when the worker
-/// reports Running; returns the final outcome (Crashed when no worker answers or it goes
-/// silent past the timeout).
+/// How a daemon hands a run to a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handover {
+    /// A run no worker can have yet: ask the pool to run it.
+    New,
+    /// A run a previous daemon may already have handed over (found unfinished at start):
+    /// follow the worker that has it; only if none has, ask the pool to run it.
+    Reconcile,
+    /// A run that was already Running on a worker: follow it if a worker still has it,
+    /// never start it again.
+    FollowOnly,
+}
+
+/// Daemon side: hands the run to a worker of `pool` (see [`Handover`]); `on_running` is
+/// called when the worker reports Running; returns the final outcome (Crashed when no worker
+/// answers or it goes silent past the timeout).
 pub async fn launch_remote(
     client: &async_nats::Client,
     pool: &str,
     request: &RunRequest,
+    handover: Handover,
     on_running: impl std::future::Future<Output = ()>,
 ) -> Outcome {
-    let crashed = |message: String| Outcome {
-        state: RunState::Crashed,
-        result: None,
-        message: Some(message),
-    };
+    let crashed = Outcome::crashed;
     let mut states = match client.subscribe(state_subject(request.run.id)).await {
         Ok(s) => s,
         Err(e) => return crashed(format!("cannot subscribe for run states: {e}")),
     };
-    let body = match serde_json::to_vec(request) {
-        Ok(b) => b,
-        Err(e) => return crashed(format!("cannot encode the run request: {e}")),
+    let mut on_running = Some(Box::pin(on_running));
+    let known = match handover {
+        Handover::New => None,
+        Handover::Reconcile | Handover::FollowOnly => {
+            inquire(client, pool, request.run.id, Duration::from_secs(2)).await
+        }
     };
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(pool_subject(pool), body.into()),
-    )
-    .await
-    {
-        Err(_) => {
+    match known {
+        Some(report) if report.state.is_final() => return final_outcome(report),
+        Some(report) => {
+            info!(run = %request.run.id, worker = %report.worker, "a worker still has the run: following it");
+            if report.state == RunState::Running
+                && let Some(f) = on_running.take()
+            {
+                f.await;
+            }
+        }
+        None if handover == Handover::FollowOnly => {
             return crashed(format!(
-                "no worker of pool {pool:?} accepted the run within 10s"
+                "no worker of pool {pool:?} has the run any more (the worker that ran it is gone)"
             ));
         }
-        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
-            return crashed(format!(
-                "no worker is serving pool {pool:?} (start one: spur worker --pool {pool})"
-            ));
+        None => {
+            if let Err(refused) = hand_over(client, pool, request).await {
+                return refused;
+            }
         }
-        Ok(Err(e)) => return crashed(format!("cannot reach pool {pool:?}: {e}")),
-        Ok(Ok(_accepted)) => {}
     }
     let deadline = Duration::from_secs_f64(request.timeout_secs + 30.0);
-    let mut on_running = Some(Box::pin(on_running));
     let wait = async {
         while let Some(message) = states.next().await {
             let Ok(report) = serde_json::from_slice::<StateReport>(&message.payload) else {
                 continue;
             };
             if report.state.is_final() {
-                return Outcome {
-                    state: report.state,
-                    result: report.result,
-                    message: report
-                        .message
-                        .map(|m| format!("{m} (worker {})", report.worker)),
-                };
+                return final_outcome(report);
             }
             if report.state == RunState::Running
                 && let Some(f) = on_running.take()
@@ -130,7 +200,7 @@ pub async fn launch_remote(
                 f.await;
             }
         }
-        crashed("the connection to the worker pool closed".into())
+        crashed("the connection to the worker pool closed".to_owned())
     };
     match tokio::time::timeout(deadline, wait).await {
         Ok(outcome) => outcome,
@@ -139,6 +209,90 @@ pub async fn launch_remote(
             deadline.as_secs()
         )),
     }
+}
+
+fn final_outcome(report: StateReport) -> Outcome {
+    Outcome {
+        state: report.state,
+        result: report.result,
+        message: report
+            .message
+            .map(|m| format!("{m} (worker {})", report.worker)),
+        exit_code: report.exit_code,
+        output: report.output,
+    }
+}
+
+/// Sends the run request to the pool's queue group; the error is the Crashed outcome.
+async fn hand_over(
+    client: &async_nats::Client,
+    pool: &str,
+    request: &RunRequest,
+) -> Result<(), Outcome> {
+    let body = serde_json::to_vec(request)
+        .map_err(|e| Outcome::crashed(format!("cannot encode the run request: {e}")))?;
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(pool_subject(pool), body.into()),
+    )
+    .await
+    {
+        Err(_) => Err(Outcome::crashed(format!(
+            "no worker of pool {pool:?} accepted the run within 10s"
+        ))),
+        Ok(Err(e)) if e.kind() == async_nats::client::RequestErrorKind::NoResponders => {
+            Err(Outcome::crashed(format!(
+                "no worker is serving pool {pool:?} (start one: spur worker --pool {pool})"
+            )))
+        }
+        Ok(Err(e)) => Err(Outcome::crashed(format!("cannot reach pool {pool:?}: {e}"))),
+        Ok(Ok(_accepted)) => Ok(()),
+    }
+}
+
+/// The runs a worker has taken, with their last report, oldest first (bounded).
+#[derive(Default)]
+struct Taken {
+    last: HashMap<Uuid, Option<StateReport>>,
+    order: VecDeque<Uuid>,
+}
+
+impl Taken {
+    const CAP: usize = 10_000;
+
+    /// Takes `run`; false if it was taken before.
+    fn take(&mut self, run: Uuid) -> bool {
+        if self.last.contains_key(&run) {
+            return false;
+        }
+        self.last.insert(run, None);
+        self.order.push_back(run);
+        if self.order.len() > Self::CAP
+            && let Some(old) = self.order.pop_front()
+        {
+            self.last.remove(&old);
+        }
+        true
+    }
+}
+
+type Shared = Arc<Mutex<Taken>>;
+
+/// Publishes a report on the run's state subject and remembers it as the run's last.
+async fn publish(client: &async_nats::Client, taken: &Shared, run: Uuid, report: StateReport) {
+    if let Ok(mut t) = taken.lock()
+        && let Some(slot) = t.last.get_mut(&run)
+    {
+        *slot = Some(report.clone());
+    }
+    if let Ok(body) = serde_json::to_vec(&report) {
+        let _ = client.publish(state_subject(run), body.into()).await;
+        let _ = client.flush().await;
+    }
+}
+
+fn last_report(taken: &Shared, run: Uuid) -> Option<Option<StateReport>> {
+    taken.lock().ok()?.last.get(&run).cloned()
 }
 
 /// Worker side: serves `pool` until the connection closes.
@@ -150,9 +304,18 @@ pub async fn serve_pool(
     let mut requests = client
         .queue_subscribe(pool_subject(pool), format!("spur-worker-{pool}"))
         .await?;
+    let mut inquiries = client.subscribe(inquiry_subject(pool)).await?;
     info!(%pool, worker = %name, "worker ready");
-    let seen: Arc<Mutex<(HashSet<String>, VecDeque<String>)>> = Arc::default();
-    while let Some(message) = requests.next().await {
+    let taken: Shared = Arc::default();
+    loop {
+        let message = tokio::select! {
+            m = requests.next() => match m { Some(m) => m, None => break },
+            m = inquiries.next() => {
+                let Some(m) = m else { break };
+                answer_inquiry(&client, &taken, m).await;
+                continue;
+            }
+        };
         let request: RunRequest = match serde_json::from_slice(&message.payload) {
             Ok(r) => r,
             Err(e) => {
@@ -165,52 +328,71 @@ pub async fn serve_pool(
                 .publish(reply, br#"{"accepted": true}"#.to_vec().into())
                 .await?;
         }
-        if let Some(key) = &request.run.idempotency_key {
-            let mut guard = seen.lock().map_err(|_| "lock poisoned")?;
-            let (set, order) = &mut *guard;
-            if !set.insert(key.clone()) {
-                warn!(%key, "ignored a repeated run request");
-                continue;
+        let run_id = request.run.id;
+        let first_time = taken.lock().map_err(|_| "lock poisoned")?.take(run_id);
+        if !first_time {
+            // Asked again (a daemon restarted): re-adopted, not re-run. Repeat where it is.
+            warn!(run = %run_id, "a repeated run request: reporting its state instead");
+            if let Some(Some(report)) = last_report(&taken, run_id) {
+                publish(&client, &taken, run_id, report).await;
             }
-            order.push_back(key.clone());
-            if order.len() > 10_000
-                && let Some(old) = order.pop_front()
-            {
-                set.remove(&old);
-            }
+            continue;
         }
         let client = client.clone();
         let worker = name.to_owned();
+        let taken = taken.clone();
         tokio::spawn(async move {
-            let subject = state_subject(request.run.id);
-            let report = |state, result, message| StateReport {
+            let report = |state, outcome: Outcome| StateReport {
                 state,
-                result,
-                message,
+                result: outcome.result,
+                message: outcome.message,
                 worker: worker.clone(),
+                exit_code: outcome.exit_code,
+                output: outcome.output,
             };
-            let publish = |r: StateReport| {
-                let client = client.clone();
-                let subject = subject.clone();
-                async move {
-                    if let Ok(body) = serde_json::to_vec(&r) {
-                        let _ = client.publish(subject, body.into()).await;
-                        let _ = client.flush().await;
-                    }
+            let context = LaunchContext {
+                api_url: request.api_url.clone(),
+                marker_dir: None,
+            };
+            info!(run = %run_id, deployment = %request.run.deployment, "running");
+            let outcome = match spawn(&request.command(), &request.run, &context) {
+                Ok(process) => {
+                    let running = report(RunState::Running, Outcome::default());
+                    publish(&client, &taken, run_id, running).await;
+                    process.wait().await
                 }
+                Err(e) => e.into(),
             };
-            publish(report(RunState::Running, None, None)).await;
-            let launcher = Launcher::Command {
-                argv: request.argv.clone(),
-                env: request.env.iter().cloned().collect(),
-                cwd: request.cwd.as_ref().map(Into::into),
-                timeout: Duration::from_secs_f64(request.timeout_secs),
-            };
-            info!(run = %request.run.id, deployment = %request.run.deployment, "running");
-            let outcome = launch(&launcher, &request.run, request.api_url.as_deref()).await;
-            info!(run = %request.run.id, state = outcome.state.name(), "finished");
-            publish(report(outcome.state, outcome.result, outcome.message)).await;
+            info!(run = %run_id, state = outcome.state.name(), "finished");
+            publish(&client, &taken, run_id, report(outcome.state, outcome)).await;
         });
     }
     Ok(())
+}
+
+/// Answers an inquiry for a run this worker has taken (others stay silent).
+async fn answer_inquiry(client: &async_nats::Client, taken: &Shared, message: async_nats::Message) {
+    let Some(reply) = message.reply else { return };
+    let Ok(run) = std::str::from_utf8(&message.payload)
+        .unwrap_or_default()
+        .trim()
+        .parse::<Uuid>()
+    else {
+        return;
+    };
+    let Some(last) = last_report(taken, run) else {
+        return;
+    };
+    // Taken but not started yet: it is about to be Running.
+    let report = last.unwrap_or(StateReport {
+        state: RunState::Pending,
+        result: None,
+        message: None,
+        worker: String::new(),
+        exit_code: None,
+        output: None,
+    });
+    if let Ok(body) = serde_json::to_vec(&report) {
+        let _ = client.publish(reply, body.into()).await;
+    }
 }
