@@ -13,6 +13,7 @@
 //! | `runs`       | run id, u128         | the run (JSON)                          |
 //! | `run_keys`   | idempotency key      | run id (one run per key)                |
 //! | `run_order`  | u64                  | run id, in creation order               |
+//! | `runs_unsettled` | run id, u128     | runs not final, or whose last state's event may not be in the log yet (see `runs.rs`) |
 //! | `failed_actions` | invocation id, u128 | dead-lettered action (JSON)          |
 //! | `dispatched` | firing id, u128      | its actions were all performed          |
 //! | `event_explanations` | ingest sequence, u64 | what each candidate trigger decided (only events some trigger considered) |
@@ -42,6 +43,7 @@
 #![warn(missing_docs)]
 
 mod records;
+mod runs;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -58,6 +60,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use records::{LogRecord, RecordCache, encode_record};
+pub use runs::{RunPage, RunQuery};
 
 /// The event log: batch records keyed by the sequence of their first event (see
 /// [`LogRecord`]).
@@ -1049,92 +1052,6 @@ impl Store {
         for entry in order.iter()?.rev().take(limit) {
             let (_, id) = entry?;
             if let Some(v) = table.get(id.value())? {
-                out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Creates a run unless one already has its idempotency key. Returns the stored run: the
-    /// new one, or the existing one for that key.
-    pub fn create_run(
-        &self,
-        id: Uuid,
-        key: Option<&str>,
-        run: &Value,
-    ) -> Result<(Value, bool), StoreError> {
-        let txn = self.db.begin_write()?;
-        let created;
-        let stored;
-        {
-            let mut runs = txn.open_table(RUNS)?;
-            let mut keys = txn.open_table(RUN_KEYS)?;
-            let mut order = txn.open_table(RUN_ORDER)?;
-            let existing = match key {
-                Some(k) => keys.get(k)?.map(|v| v.value()),
-                None => None,
-            };
-            if let Some(existing) = existing {
-                let bytes = runs.get(existing)?.map(|v| v.value().to_vec());
-                stored = match bytes {
-                    Some(b) => serde_json::from_slice(&b).map_err(corrupt)?,
-                    None => run.clone(),
-                };
-                created = false;
-            } else {
-                let bytes = serde_json::to_vec(run).map_err(corrupt)?;
-                runs.insert(id.as_u128(), bytes.as_slice())?;
-                if let Some(k) = key {
-                    keys.insert(k, id.as_u128())?;
-                }
-                let next = order.last()?.map_or(1, |(k, _)| k.value() + 1);
-                order.insert(next, id.as_u128())?;
-                stored = run.clone();
-                created = true;
-            }
-        }
-        txn.commit()?;
-        Ok((stored, created))
-    }
-
-    /// Replaces a run's record (state changes).
-    pub fn update_run(&self, id: Uuid, run: &Value) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(run).map_err(corrupt)?;
-        let txn = self.db.begin_write()?;
-        {
-            let mut runs = txn.open_table(RUNS)?;
-            runs.insert(id.as_u128(), bytes.as_slice())?;
-        }
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// One run.
-    pub fn get_run(&self, id: Uuid) -> Result<Option<Value>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let runs = txn.open_table(RUNS)?;
-        match runs.get(id.as_u128())? {
-            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(corrupt)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// True if a run exists for this idempotency key.
-    pub fn has_run_key(&self, key: &str) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read()?;
-        let keys = txn.open_table(RUN_KEYS)?;
-        Ok(keys.get(key)?.is_some())
-    }
-
-    /// The newest runs first.
-    pub fn list_runs(&self, limit: usize) -> Result<Vec<Value>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let order = txn.open_table(RUN_ORDER)?;
-        let runs = txn.open_table(RUNS)?;
-        let mut out = Vec::new();
-        for entry in order.iter()?.rev().take(limit) {
-            let (_, id) = entry?;
-            if let Some(v) = runs.get(id.value())? {
                 out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
             }
         }
