@@ -25,7 +25,10 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use spur_action::{Deployment, Run, RunState, launcher};
+use spur_action::deployment::OnCrash;
+use spur_action::launcher::{self, LaunchContext};
+use spur_action::worker::{Handover, RunRequest};
+use spur_action::{Deployment, Launcher, Run, RunState};
 use spur_core::load::DeploymentRef;
 use spur_core::{Action, Event, EventLimits, Resource};
 use spur_ingest::Intake;
@@ -161,6 +164,8 @@ struct Inner {
     shared: OnceLock<(crate::shared_state::SharedState, Uuid, Arc<NatsCounters>)>,
     /// The batching writer of dispatched marks (see `mark_dispatched`).
     marks: OnceLock<mpsc::UnboundedSender<Uuid>>,
+    /// Where run processes leave their start markers (`launcher` module docs).
+    marker_dir: OnceLock<std::path::PathBuf>,
     retry_base: Duration,
     max_attempts: u32,
 }
@@ -196,6 +201,7 @@ impl Executor {
                 nats: OnceLock::new(),
                 shared: OnceLock::new(),
                 marks: OnceLock::new(),
+                marker_dir: OnceLock::new(),
                 retry_base: Duration::from_millis(500),
                 max_attempts: 5,
             }),
@@ -206,6 +212,22 @@ impl Executor {
     pub fn set_api_url(&self, url: String) {
         if let Ok(mut u) = self.inner.api_url.write() {
             *u = Some(url);
+        }
+    }
+
+    /// The folder where run processes leave their start markers (created if missing). Without
+    /// one, a restart cannot tell a `command` run that never started from one that did, and
+    /// crashes both.
+    pub fn set_marker_dir(&self, dir: std::path::PathBuf) -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        let _ = self.inner.marker_dir.set(dir);
+        Ok(())
+    }
+
+    fn launch_context(&self) -> LaunchContext {
+        LaunchContext {
+            api_url: self.inner.api_url.read().ok().and_then(|u| u.clone()),
+            marker_dir: self.inner.marker_dir.get().cloned(),
         }
     }
 
@@ -363,22 +385,191 @@ impl Executor {
         }
     }
 
-    /// Marks runs left unfinished by a previous daemon as Crashed (their processes are gone).
-    pub async fn recover(&self) {
-        let Ok(runs) = self.inner.store.list_runs(10_000) else {
-            return;
+    /// After a restart: settles the runs a previous daemon left unsettled (see
+    /// `spur_store::Store::unsettled_runs`). Each run's log is completed first (the events of
+    /// states its record has but the log lacks, in order: a crash between the two writes cuts
+    /// off at most the last). Then each unfinished run continues or becomes Crashed, by what
+    /// can be known of it ([`RecoveryVerdict`]). Returns how many of each.
+    pub async fn recover(&self) -> Recovered {
+        let store = self.inner.store.clone();
+        let runs = match tokio::task::spawn_blocking(move || store.unsettled_runs()).await {
+            Ok(Ok(runs)) => runs,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the runs to recover");
+                return Recovered::default();
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the runs to recover");
+                return Recovered::default();
+            }
         };
+        let mut recovered = Recovered::default();
         for value in runs {
             let Ok(mut run) = serde_json::from_value::<Run>(value) else {
                 continue;
             };
+            self.complete_log(&run).await;
             if run.state.is_final() {
+                self.settle(&run).await;
                 continue;
             }
-            let message = Some("the daemon restarted while the run was in progress".to_owned());
-            let event = run.transition(RunState::Crashed, message, Utc::now());
-            self.store_and_emit(&run, event).await;
+            let deployment = self.find(Some(run.deployment_id), Some(&run.deployment));
+            match self.verdict(&run, deployment.as_ref()) {
+                RecoveryVerdict::Continue => {
+                    recovered.continued += 1;
+                    info!(run = %run.id, deployment = %run.deployment, state = run.state.name(), "continuing a run the daemon's restart interrupted");
+                    let launcher = deployment.and_then(|d| d.launcher);
+                    self.spawn_drive(run, launcher, true);
+                }
+                RecoveryVerdict::Crashed(message) => {
+                    recovered.crashed += 1;
+                    warn!(run = %run.id, deployment = %run.deployment, %message, "run crashed by the daemon's restart");
+                    let event = run.transition(RunState::Crashed, Some(message), Utc::now());
+                    self.store_and_emit(&run, event).await;
+                    if deployment.is_some_and(|d| d.on_crash == OnCrash::Rerun) {
+                        let key = format!("rerun:{}", run.id);
+                        match self.rerun_with_key(run.id, Some(key)).await {
+                            Ok(_) => recovered.rerun += 1,
+                            Err(e) => warn!(run = %run.id, error = %e, "on_crash: rerun failed"),
+                        }
+                    }
+                }
+            }
         }
+        if recovered != Recovered::default() {
+            info!(
+                continued = recovered.continued,
+                crashed = recovered.crashed,
+                rerun = recovered.rerun,
+                "runs recovered after a restart"
+            );
+        }
+        recovered
+    }
+
+    /// Emits the state events of `run` that are not in the log (in history order).
+    async fn complete_log(&self, run: &Run) {
+        let store = self.inner.store.clone();
+        let ids: Vec<Uuid> = run.history.iter().map(|h| h.event_id).collect();
+        let missing = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| store.get_event(*id).map(|e| e.is_none()).unwrap_or(true))
+                .collect::<Vec<bool>>()
+        })
+        .await
+        .unwrap_or_default();
+        let events: Vec<Event> = missing
+            .iter()
+            .enumerate()
+            .filter(|(_, missing)| **missing)
+            .filter_map(|(i, _)| run.state_event(i))
+            .collect();
+        if events.is_empty() {
+            return;
+        }
+        info!(run = %run.id, events = events.len(), "emitting run state events a crash cut off");
+        if let Err(e) = self.inner.intake.submit(events).await {
+            warn!(run = %run.id, error = %e, "cannot emit a run's missing state events");
+        }
+    }
+
+    /// What a restart does with an unfinished run: whether its work can have started.
+    fn verdict(&self, run: &Run, deployment: Option<&Deployment>) -> RecoveryVerdict {
+        use RecoveryVerdict::{Continue, Crashed};
+        let Some(deployment) = deployment else {
+            return Crashed(format!(
+                "the daemon restarted, and deployment {:?} is no longer declared",
+                run.deployment
+            ));
+        };
+        let not_started = matches!(run.state, RunState::Scheduled | RunState::Pending);
+        match &deployment.launcher {
+            // Its run fails at once, saying so.
+            None => Continue,
+            Some(Launcher::Command(_)) => {
+                let marker = self
+                    .inner
+                    .marker_dir
+                    .get()
+                    .map(|dir| launcher::read_marker(dir, run.id));
+                match marker {
+                    // The child writes its marker before it runs the program: none, no start.
+                    Some(None) if not_started => Continue,
+                    Some(Some(pid)) => {
+                        let process = run.process.clone().or(pid.map(|pid| {
+                            spur_action::run::RunProcess {
+                                pid,
+                                start_ticks: None,
+                            }
+                        }));
+                        let stopped = process
+                            .as_ref()
+                            .map(launcher::stop_leftover_group)
+                            .unwrap_or_else(|| "its pid is unknown".into());
+                        if let Some(dir) = self.inner.marker_dir.get() {
+                            let _ = std::fs::remove_file(launcher::marker_path(dir, run.id));
+                        }
+                        Crashed(format!(
+                            "the daemon stopped while the run's process was running (its start marker shows the program had started{}); {stopped}",
+                            process.map(|p| format!(", pid {}", p.pid)).unwrap_or_default()
+                        ))
+                    }
+                    _ if not_started => Crashed(
+                        "the daemon restarted before the run started, and without a marker folder it cannot tell whether its process ran"
+                            .into(),
+                    ),
+                    _ => Crashed(
+                        "the daemon stopped while the run was Running (recorded before start markers existed)".into(),
+                    ),
+                }
+            }
+            Some(Launcher::Http(_)) if not_started => Continue,
+            Some(Launcher::Http(_)) => Crashed(
+                "the daemon stopped while the run's HTTP request was in flight: it may have reached the receiver (it carried the run's Idempotency-Key)"
+                    .into(),
+            ),
+            // Prefect answers a repeated create_flow_run with the flow run it already has for
+            // the run's idempotency key; a worker that has the run is followed, not asked again.
+            Some(Launcher::Prefect(_) | Launcher::Worker { .. }) => Continue,
+        }
+    }
+
+    /// Marks a finished run as needing no look at the next start, and drops its marker.
+    async fn settle(&self, run: &Run) {
+        if let Some(dir) = self.inner.marker_dir.get() {
+            let _ = std::fs::remove_file(launcher::marker_path(dir, run.id));
+        }
+        let store = self.inner.store.clone();
+        let id = run.id;
+        if !matches!(
+            tokio::task::spawn_blocking(move || store.settle_run(id)).await,
+            Ok(Ok(()))
+        ) {
+            warn!(run = %run.id, "cannot settle a run");
+        }
+    }
+
+    /// Starts a new run with the parameters of run `id`, linked to it by `rerun_of`.
+    pub async fn rerun(&self, id: Uuid) -> Result<Value, String> {
+        self.rerun_with_key(id, None).await
+    }
+
+    async fn rerun_with_key(&self, id: Uuid, key: Option<String>) -> Result<Value, String> {
+        let old = self
+            .load_run(id)
+            .await
+            .ok_or_else(|| format!("no run {id}"))?;
+        let deployment = self
+            .find(Some(old.deployment_id), Some(&old.deployment))
+            .ok_or_else(|| format!("deployment {:?} is no longer declared", old.deployment))?;
+        self.start_run(
+            &deployment,
+            &old.parameters,
+            key,
+            old.automation.clone(),
+            Some(id),
+        )
+        .await
     }
 
     async fn dispatch(&self, d: Dispatch) {
@@ -1099,12 +1290,32 @@ impl Executor {
         key: Option<String>,
         automation: Option<String>,
     ) -> Result<Value, String> {
+        self.start_run(deployment, rendered, key, automation, None)
+            .await
+    }
+
+    async fn start_run(
+        &self,
+        deployment: &Deployment,
+        rendered: &Value,
+        key: Option<String>,
+        automation: Option<String>,
+        rerun_of: Option<Uuid>,
+    ) -> Result<Value, String> {
         if self.is_paused(&deployment.name) {
             return Err(format!("deployment {:?} is paused", deployment.name));
         }
         let parameters = deployment.prepare_parameters(rendered)?;
-        let mut run = Run::new(deployment, parameters, key.clone(), automation, Utc::now());
-        let scheduled = run.transition(RunState::Scheduled, None, Utc::now());
+        let mut run = Run::new(
+            &deployment.target(),
+            parameters,
+            key.clone(),
+            automation,
+            Utc::now(),
+        );
+        run.rerun_of = rerun_of;
+        let message = rerun_of.map(|old| format!("a rerun of run {old}"));
+        let scheduled = run.transition(RunState::Scheduled, message, Utc::now());
         let value = serde_json::to_value(&run).map_err(|e| e.to_string())?;
         let store = self.inner.store.clone();
         let id = run.id;
@@ -1118,35 +1329,54 @@ impl Executor {
         }
         self.emit(scheduled).await;
         info!(run = %run.id, deployment = %deployment.name, "run scheduled");
-        let executor = self.clone();
-        let launcher = deployment.launcher.clone();
-        let handle = tokio::spawn(async move { executor.drive(run, launcher).await });
-        if let Ok(mut running) = self.inner.running.lock() {
-            running.insert(id, handle.abort_handle());
-        }
+        self.spawn_drive(run, deployment.launcher.clone(), false);
         Ok(stored)
     }
 
-    async fn drive(&self, mut run: Run, launcher: Option<spur_action::Launcher>) {
+    fn spawn_drive(&self, run: Run, launcher: Option<Launcher>, after_restart: bool) {
+        let id = run.id;
+        let executor = self.clone();
+        let handle =
+            tokio::spawn(async move { executor.drive(run, launcher, after_restart).await });
+        if let Ok(mut running) = self.inner.running.lock() {
+            running.insert(id, handle.abort_handle());
+        }
+    }
+
+    /// Takes a run from where it is (Scheduled, or where a restart found it) to its end.
+    ///
+    /// A state is recorded only once it is true: a `command` run is Running once its
+    /// process exists (with its pid and start time on the record), a remote one once the
+    /// request is about to leave.
+    async fn drive(&self, mut run: Run, launcher: Option<Launcher>, after_restart: bool) {
         let Some(launcher) = launcher else {
-            let message = Some(format!("deployment {:?} has no launcher", run.deployment));
+            let message = Some(format!(
+                "deployment {:?} has no launcher: give it one (`launcher: {{command: …}}`) in its YAML",
+                run.deployment
+            ));
             let event = run.transition(RunState::Failed, message, Utc::now());
             self.store_and_emit(&run, event).await;
             self.forget(run.id);
             return;
         };
-        let api_url = self.inner.api_url.read().ok().and_then(|u| u.clone());
-        let pending = run.transition(RunState::Pending, None, Utc::now());
-        self.store_and_emit(&run, pending).await;
+        let context = self.launch_context();
+        if run.state == RunState::Scheduled {
+            let message = after_restart.then(|| "continued after the daemon restarted".to_owned());
+            let pending = run.transition(RunState::Pending, message, Utc::now());
+            self.store_and_emit(&run, pending).await;
+        }
         let outcome = match &launcher {
-            spur_action::Launcher::Command { .. } => {
-                let running = run.transition(RunState::Running, None, Utc::now());
-                self.store_and_emit(&run, running).await;
-                launcher::launch(&launcher, &run, api_url.as_deref()).await
-            }
-            spur_action::Launcher::Http(http) => {
-                let running = run.transition(RunState::Running, None, Utc::now());
-                self.store_and_emit(&run, running).await;
+            Launcher::Command(spec) => match launcher::spawn(spec, &run, &context) {
+                Err(e) => e.into(),
+                Ok(process) => {
+                    run.process = Some(process.process.clone());
+                    let running = run.transition(RunState::Running, None, Utc::now());
+                    self.store_and_emit(&run, running).await;
+                    process.wait().await
+                }
+            },
+            Launcher::Http(http) => {
+                self.enter_running(&mut run).await;
                 spur_action::remote::launch_http(
                     &self.inner.http,
                     &self.inner.templates,
@@ -1155,18 +1385,11 @@ impl Executor {
                 )
                 .await
             }
-            spur_action::Launcher::Prefect(prefect) => {
-                let running = run.transition(RunState::Running, None, Utc::now());
-                self.store_and_emit(&run, running).await;
+            Launcher::Prefect(prefect) => {
+                self.enter_running(&mut run).await;
                 spur_action::remote::launch_prefect(&self.inner.http, prefect, &run).await
             }
-            spur_action::Launcher::Worker {
-                pool,
-                argv,
-                env,
-                cwd,
-                timeout,
-            } => {
+            Launcher::Worker { pool, command } => {
                 let Some(client) = self.inner.nats.get().cloned() else {
                     let message = Some(
                         "worker launchers need NATS: start the daemon with --nats URL".to_owned(),
@@ -1176,21 +1399,27 @@ impl Executor {
                     self.forget(run.id);
                     return;
                 };
-                let request = spur_action::worker::RunRequest {
-                    run: run.clone(),
-                    argv: argv.clone(),
-                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    cwd: cwd.as_ref().map(|c| c.display().to_string()),
-                    timeout_secs: timeout.as_secs_f64(),
-                    api_url: api_url.clone(),
+                let handover = match (after_restart, run.state) {
+                    (false, _) => Handover::New,
+                    (true, RunState::Running) => Handover::FollowOnly,
+                    (true, _) => Handover::Reconcile,
                 };
+                let request = RunRequest::new(&run, command, context.api_url.clone());
+                let was_running = run.state == RunState::Running;
                 let mut running_run = run.clone();
-                let running = running_run.transition(RunState::Running, None, Utc::now());
+                let running = (!was_running)
+                    .then(|| running_run.transition(RunState::Running, None, Utc::now()));
                 let executor = self.clone();
                 let reported = running_run.clone();
-                let on_running = async move { executor.store_and_emit(&reported, running).await };
-                let outcome =
-                    spur_action::worker::launch_remote(&client, pool, &request, on_running).await;
+                let on_running = async move {
+                    if let Some(running) = running {
+                        executor.store_and_emit(&reported, running).await;
+                    }
+                };
+                let outcome = spur_action::worker::launch_remote(
+                    &client, pool, &request, handover, on_running,
+                )
+                .await;
                 if self
                     .load_run(run.id)
                     .await
@@ -1208,11 +1437,18 @@ impl Executor {
             self.forget(run.id);
             return;
         }
-        run.result = outcome.result;
-        let done = run.transition(outcome.state, outcome.message.clone(), Utc::now());
+        let done = run.finish(outcome, Utc::now());
         self.store_and_emit(&run, done).await;
-        info!(run = %run.id, state = run.state.name(), message = ?outcome.message, "run finished");
+        info!(run = %run.id, state = run.state.name(), message = ?run.message, "run finished");
         self.forget(run.id);
+    }
+
+    /// Records Running before a remote launch (unless a restart found the run Running).
+    async fn enter_running(&self, run: &mut Run) {
+        if run.state != RunState::Running {
+            let running = run.transition(RunState::Running, None, Utc::now());
+            self.store_and_emit(run, running).await;
+        }
     }
 
     fn forget(&self, id: Uuid) {
@@ -1286,12 +1522,21 @@ impl Executor {
                 warn!(run = %run.id, "cannot store a run state");
             }
         }
-        self.emit(event).await;
+        // The record leads and its event follows (see `spur_store::Store::settle_run`): once
+        // a final state's event is durable, a restart has nothing left to do for the run.
+        if self.emit(event).await && run.state.is_final() {
+            self.settle(run).await;
+        }
     }
 
-    async fn emit(&self, event: Event) {
-        if let Err(e) = self.inner.intake.submit(vec![event]).await {
-            warn!(error = %e, "cannot emit an event");
+    /// Emits one event and waits until it is durable; false if it could not be.
+    async fn emit(&self, event: Event) -> bool {
+        match self.inner.intake.submit(vec![event]).await {
+            Ok(_) => true,
+            Err(e) => {
+                warn!(error = %e, "cannot emit an event");
+                false
+            }
         }
     }
 
@@ -1316,6 +1561,26 @@ impl Executor {
             Err(e) => warn!(error = %e, "cannot record a firing's events"),
         }
     }
+}
+
+/// What [`Executor::recover`] did with the runs a previous daemon left unfinished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Runs that continued (they had not started, or their launch is idempotent).
+    pub continued: usize,
+    /// Runs marked Crashed (their work may have started; nothing may repeat it).
+    pub crashed: usize,
+    /// New runs started for Crashed ones of `on_crash: rerun` deployments.
+    pub rerun: usize,
+}
+
+/// What a restart does with one unfinished run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum RecoveryVerdict {
+    /// Its work provably never started, or its launcher reconciles: take it to its end.
+    Continue,
+    /// Its work may have started: Crashed, saying how we know.
+    Crashed(String),
 }
 
 /// How long a stopping daemon waits for actions in flight (and then for their marks).

@@ -104,6 +104,9 @@ impl Daemon {
         let (submit_tx, submit_rx) = mpsc::channel(config.queue_capacity);
         let intake = Intake::new(submit_tx, EventLimits::default());
         let executor = actions::Executor::new(store.clone(), intake.clone());
+        if let Err(e) = executor.set_marker_dir(config.data.join("run-markers")) {
+            warn!(error = %e, "cannot create the run marker folder: runs a crash interrupts will be marked Crashed");
+        }
         let deployment_errors = executor.set_deployments(&initial.deployments);
         for e in &deployment_errors {
             error!(diagnostic = %e, "deployment refused");
