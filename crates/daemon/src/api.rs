@@ -32,6 +32,7 @@ use base64::Engine as _;
 use chrono::{TimeDelta, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use spur_action::RunState;
 use spur_core::Event;
 use spur_core::glob::LabelPattern;
 use spur_core::time::{format_timestamp, parse_timestamp};
@@ -74,12 +75,12 @@ pub struct ApiState {
 pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/", get(ui))
+        .route("/favicon.ico", get(favicon))
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/health", get(|| async { axum::Json(true) }))
         .route("/api/ready", get(|| async { axum::Json(true) }))
         .route("/metrics", get(metrics))
         .route("/api/automations", get(automations).post(defined_in_files))
-        .route("/favicon.ico", get(favicon))
         .route("/api/automations/", post(defined_in_files))
         .route("/api/automations/filter", post(filter_automations))
         .route(
@@ -99,21 +100,22 @@ pub fn routes(state: ApiState) -> Router {
         )
         .route("/api/automations/{id}/pause", post(pause_automation))
         .route("/api/automations/{id}/resume", post(resume_automation))
+        .route("/api/automations/{id}/detail", get(automation_detail))
         .route("/api/firings", get(firings))
         .route("/api/events/filter", post(filter_events))
         .route("/api/events/filter/next", get(filter_next))
+        .route("/api/events/histogram", post(event_histogram))
         .route("/api/events/out", get(events_out))
         .route("/api/events/{id}/explain", get(explain_event))
-        .route("/api/automations/{id}/detail", get(automation_detail))
         .route("/api/runs", get(list_runs).post(start_run))
         .route("/api/runs/{id}", get(get_run))
+        .route("/api/runs/{id}/lineage", get(run_lineage))
         .route("/api/runs/{id}/cancel", post(cancel_run))
-        .route("/api/events/histogram", post(event_histogram))
+        .route("/api/runs/{id}/rerun", post(rerun_run))
         .route("/api/deployments", get(list_deployments))
         .route("/api/actions/failed", get(failed_actions))
         .route("/api/actions/failed/{id}/retry", post(retry_failed_action))
         .with_state(state)
-        .route("/api/runs/{id}/lineage", get(run_lineage))
 }
 
 /// The web UI: one page, compiled into the binary (no CDN, works offline).
@@ -502,13 +504,110 @@ async fn explain_event(
     }
 }
 
-async fn list_runs(State(state): State<ApiState>, Query(q): Query<Limit>) -> Response {
-    let limit = q.limit.unwrap_or(50).min(1000);
+/// `GET /api/runs` query: a page of runs, newest first, and what to filter by.
+#[derive(Debug, Deserialize)]
+struct RunsQuery {
+    /// Page size (default 50, at most 1 000).
+    limit: Option<usize>,
+    /// The previous page's `next`.
+    cursor: Option<String>,
+    /// States, comma-separated (`Crashed,Failed`).
+    state: Option<String>,
+    /// Deployment name.
+    deployment: Option<String>,
+    /// Automation name.
+    automation: Option<String>,
+    /// Created at or after (RFC 3339).
+    since: Option<String>,
+    /// Created before (RFC 3339).
+    until: Option<String>,
+}
+
+fn parse_time(
+    field: &str,
+    value: Option<&str>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    value
+        .map(|v| {
+            chrono::DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|e| format!("{field}: not an RFC 3339 time ({e})"))
+        })
+        .transpose()
+}
+
+/// `GET /api/runs?limit=&cursor=&state=&deployment=&automation=&since=&until=`: runs,
+/// newest first, one page at a time (`next` is the cursor of the page after, absent on the
+/// last); pages never shift as runs are added.
+async fn list_runs(State(state): State<ApiState>, Query(q): Query<RunsQuery>) -> Response {
+    let states: Vec<String> = q
+        .state
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(bad) = states.iter().find(|s| RunState::parse(s).is_none()) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "state: {bad:?} is not a run state (Scheduled, Pending, Running, Completed, Failed, Crashed, Cancelled)"
+            ),
+        );
+    }
+    let cursor = match q.cursor.as_deref().map(str::parse::<u64>).transpose() {
+        Ok(c) => c,
+        Err(_) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "cursor: not a cursor from a previous page",
+            );
+        }
+    };
+    let (since, until) = match (
+        parse_time("since", q.since.as_deref()),
+        parse_time("until", q.until.as_deref()),
+    ) {
+        (Ok(s), Ok(u)) => (s, u),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    let query = spur_store::RunQuery {
+        states,
+        deployment: q.deployment,
+        automation: q.automation,
+        since,
+        until,
+        limit: q.limit.unwrap_or(50).clamp(1, 1000),
+        cursor,
+    };
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.list_runs(limit)).await {
-        Ok(Ok(runs)) => axum::Json(json!({"runs": runs})).into_response(),
+    match tokio::task::spawn_blocking(move || store.query_runs(&query)).await {
+        Ok(Ok(page)) => {
+            let mut body = json!({"runs": page.runs});
+            if let Some(next) = page.next {
+                body["next"] = json!(next.to_string());
+            }
+            axum::Json(body).into_response()
+        }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /api/runs/{id}/rerun`: a new run with the same parameters, linked by `rerun_of`.
+async fn rerun_run(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Ok(id) = uuid::Uuid::parse_str(&id) else {
+        return error(StatusCode::BAD_REQUEST, "not a run id");
+    };
+    match state.executor.rerun(id).await {
+        Ok(run) => (StatusCode::CREATED, axum::Json(run)).into_response(),
+        Err(e) if e.starts_with("no run") => error(StatusCode::NOT_FOUND, e),
+        Err(e) => error(StatusCode::CONFLICT, e),
     }
 }
 

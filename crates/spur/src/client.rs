@@ -351,11 +351,149 @@ fn run_line(r: &Value) -> String {
     )
 }
 
+/// Which runs `spur runs ls` and `spur runs rerun` mean.
+#[derive(clap::Args, Debug, Default)]
+pub struct RunFilter {
+    /// Only runs in this state (Scheduled, Pending, Running, Completed, Failed, Crashed,
+    /// Cancelled). Repeatable.
+    #[arg(long = "state")]
+    pub states: Vec<String>,
+    /// Only runs of this deployment.
+    #[arg(long)]
+    pub deployment: Option<String>,
+    /// Only runs launched by this automation.
+    #[arg(long)]
+    pub automation: Option<String>,
+    /// Only runs created since: a duration back from now (`1h`, `30m`) or a timestamp.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only runs created before: a duration back from now or a timestamp.
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl RunFilter {
+    fn is_empty(&self) -> bool {
+        self.states.is_empty()
+            && self.deployment.is_none()
+            && self.automation.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    /// The query string for `/api/runs` (without limit and cursor).
+    fn query(&self) -> Result<String> {
+        let mut parts = Vec::new();
+        let enc = |v: &str| url_encode(v);
+        if !self.states.is_empty() {
+            parts.push(format!("state={}", enc(&self.states.join(","))));
+        }
+        if let Some(d) = &self.deployment {
+            parts.push(format!("deployment={}", enc(d)));
+        }
+        if let Some(a) = &self.automation {
+            parts.push(format!("automation={}", enc(a)));
+        }
+        for (name, value) in [("since", &self.since), ("until", &self.until)] {
+            if let Some(v) = value {
+                let at = time_arg(v).with_context(|| format!("--{name}"))?;
+                parts.push(format!(
+                    "{name}={}",
+                    enc(&spur_core::time::format_timestamp(at))
+                ));
+            }
+        }
+        Ok(parts.join("&"))
+    }
+}
+
+/// A duration back from now (`1h`) or a timestamp.
+fn time_arg(value: &str) -> Result<chrono::DateTime<Utc>> {
+    match crate::serve::parse_duration(value) {
+        Ok(d) => Ok(Utc::now() - chrono::TimeDelta::from_std(d).context("too large")?),
+        Err(_) => spur_core::time::parse_timestamp_str(value).map_err(|e| {
+            anyhow::anyhow!("{value:?}: neither a duration (1h) nor a timestamp: {e}")
+        }),
+    }
+}
+
+fn url_encode(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Every run `filter` matches (up to `limit`), newest first, following the API's pages.
+fn matching_runs(
+    api: Option<&str>,
+    limit: Option<usize>,
+    filter: &RunFilter,
+) -> Result<Vec<Value>> {
+    let query = filter.query()?;
+    let mut runs = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let want = limit.map_or(1000, |l| (l - runs.len()).min(1000));
+        let mut path = format!("/api/runs?limit={want}");
+        if !query.is_empty() {
+            path.push('&');
+            path.push_str(&query);
+        }
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={}", url_encode(c)));
+        }
+        let body = get_json(api, &path)?;
+        runs.extend(body["runs"].as_array().cloned().unwrap_or_default());
+        cursor = body["next"].as_str().map(str::to_owned);
+        if cursor.is_none() || limit.is_some_and(|l| runs.len() >= l) {
+            return Ok(runs);
+        }
+    }
+}
+
 /// `spur runs ls`.
-pub fn runs_ls(api: Option<&str>, limit: usize) -> Result<()> {
-    let body = get_json(api, &format!("/api/runs?limit={limit}"))?;
-    for r in body["runs"].as_array().cloned().unwrap_or_default() {
+pub fn runs_ls(api: Option<&str>, limit: Option<usize>, filter: &RunFilter) -> Result<()> {
+    for r in matching_runs(api, limit, filter)? {
         println!("{}", run_line(&r));
+    }
+    Ok(())
+}
+
+/// `spur runs rerun`: by id, or every run the filter matches.
+pub fn runs_rerun(api: Option<&str>, ids: &[String], filter: &RunFilter) -> Result<()> {
+    let ids: Vec<String> = if ids.is_empty() {
+        if filter.is_empty() {
+            bail!("name the runs to rerun: ids, or a filter such as --state Crashed --since 1h");
+        }
+        matching_runs(api, None, filter)?
+            .iter()
+            .filter_map(|r| r["id"].as_str().map(str::to_owned))
+            .collect()
+    } else {
+        ids.to_vec()
+    };
+    if ids.is_empty() {
+        eprintln!("no run matches");
+    }
+    let mut failed = 0;
+    for id in &ids {
+        match send_json(api, &format!("/api/runs/{id}/rerun"), json!({})) {
+            Ok(run) => println!("{}  (rerun of {id})", run_line(&run)),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{id}: {e:#}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} run(s) could not be rerun", ids.len());
     }
     Ok(())
 }

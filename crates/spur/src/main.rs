@@ -225,11 +225,27 @@ enum EventsCommand {
 
 #[derive(Subcommand, Debug)]
 enum RunsCommand {
-    /// Recent runs, newest first.
+    /// Runs, newest first (e.g. `spur runs ls --state Crashed --since 1h`).
     Ls {
-        /// How many.
+        /// How many (pages through the API as needed).
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Every matching run, however many.
+        #[arg(long, conflicts_with = "limit")]
+        all: bool,
+        #[command(flatten)]
+        filter: client::RunFilter,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Start runs again with the same parameters, each linked to the one it reruns: by id,
+    /// or every run a filter matches (`spur runs rerun --state Crashed --since 1h`).
+    Rerun {
+        /// Run ids.
+        ids: Vec<String>,
+        #[command(flatten)]
+        filter: client::RunFilter,
         /// Daemon URL.
         #[arg(long, env = "SPUR_API_URL")]
         api: Option<String>,
@@ -467,7 +483,15 @@ fn main() -> ExitCode {
             AutomationsCommand::Diff { path, api } => diff(&path, api.as_deref()),
         },
         Command::Runs { command } => match command {
-            RunsCommand::Ls { limit, api } => client::runs_ls(api.as_deref(), limit),
+            RunsCommand::Ls {
+                limit,
+                all,
+                filter,
+                api,
+            } => client::runs_ls(api.as_deref(), (!all).then_some(limit), &filter),
+            RunsCommand::Rerun { ids, filter, api } => {
+                client::runs_rerun(api.as_deref(), &ids, &filter)
+            }
             RunsCommand::Get { id, api } => client::runs_get(api.as_deref(), &id),
             RunsCommand::Start {
                 deployment,
