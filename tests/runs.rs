@@ -237,16 +237,21 @@ fn a_restarted_daemon_never_launches_a_duplicate_run_and_crashes_orphans() {
             .into_iter()
             .find(|r| r["deployment"] == "slow" && r["state"] == "Crashed")
     });
-    assert!(
-        slow["history"]
-            .as_array()
-            .expect("history")
-            .last()
-            .expect("state")["message"]
-            .as_str()
-            .unwrap_or("")
-            .contains("restarted")
-    );
+    let message = slow["history"]
+        .as_array()
+        .expect("history")
+        .last()
+        .expect("state")["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(message.contains("start marker"), "{message}");
+    assert_eq!(slow["message"].as_str(), Some(message.as_str()));
+    // Its process died with the daemon (PR_SET_PDEATHSIG): no `sleep 30` is left doing its work.
+    let pid = slow["process"]["pid"].as_u64().expect("the run's pid");
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.starts_with("sleep"));
+    assert!(!alive, "the crashed run's process {pid} is still running");
 }
 
 #[test]
