@@ -6,8 +6,12 @@
 //! `follows` link to a causally preceding event. `received` is stamped by Spur on arrival.
 //!
 //! [`Event::from_json`] is the single entry point for untrusted input: it applies Prefect's
-//! defaults (a fresh UUIDv7 `id`, `occurred` = arrival time), ignores unknown fields (as Prefect's
-//! server does), and enforces Prefect's limits, naming the offending field in the error.
+//! client defaults to fields left out (a fresh UUIDv7 `id`, `occurred` = arrival time),
+//! ignores unknown fields (as Prefect's server does), and enforces Prefect's limits, naming
+//! the offending field in the error. It accepts and refuses what Prefect 3.8.8's pydantic
+//! `Event` model does: an explicit `null` is not "left out" (`occurred`, `id`, `related` and
+//! `payload` refuse it; `follows` takes it), and an empty event name is accepted. The verdicts,
+//! checked side by side with Prefect, are in docs/event-validation.md.
 
 use std::fmt;
 
