@@ -13,7 +13,10 @@ fuzz_target!(|data: &[u8]| {
     spur_fuzz::on_worker_stack(move || {
         let outcome = spur_core::load::load_str(Path::new("fuzz.yaml"), &text);
         for d in &outcome.diagnostics {
-            assert!(d.line >= 1 && d.column >= 1, "a diagnostic without a position: {d}");
+            assert!(
+                d.line >= 1 && d.column >= 1,
+                "a diagnostic without a position: {d}"
+            );
         }
     });
 });

@@ -13,8 +13,8 @@ use serde_json::Value;
 use spur_core::{Event, EventLimits};
 
 fuzz_target!(|data: &[u8]| {
-    let received: DateTime<Utc> = DateTime::from_timestamp(1_714_564_800, 123_456_000)
-        .expect("a valid fixed timestamp");
+    let received: DateTime<Utc> =
+        DateTime::from_timestamp(1_714_564_800, 123_456_000).expect("a valid fixed timestamp");
     let limits = EventLimits::default();
     let direct = Event::from_slice_direct(data, received, &limits);
     let general = serde_json::from_slice::<Value>(data)
