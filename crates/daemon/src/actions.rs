@@ -42,17 +42,8 @@ use tokio::task::AbortHandle;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use crate::pipeline::Control;
+use crate::pipeline::{Control, Dispatch};
 
-/// A new firing for the executor.
-#[derive(Debug)]
-pub struct Dispatch {
-    /// The firing.
-    pub firing: Firing,
-    /// Its stored record (with run-deployment parameters already rendered), shared with the
-    /// firing's broadcast rather than copied.
-    pub record: Arc<Value>,
-}
 
 /// An action with its templates rendered and its target resolved: what a retry re-performs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -113,7 +113,7 @@ struct Pipeline {
     metrics: Arc<Metrics>,
     live: broadcast::Sender<Arc<Event>>,
     fired: broadcast::Sender<Arc<Value>>,
-    dispatch: mpsc::UnboundedSender<crate::actions::Dispatch>,
+    dispatch: mpsc::UnboundedSender<Dispatch>,
     mirror: Option<watch::Sender<crate::shared_state::StoredCheckpoint>>,
     config: PipelineConfig,
     applied: u64,
@@ -127,6 +127,17 @@ struct Pipeline {
 /// How long an encoded checkpoint waits for a batch commit to join before it is written in
 /// a commit of its own. Under any steady load a batch comes first.
 const CHECKPOINT_IDLE_WAIT: Duration = Duration::from_millis(20);
+
+/// A new firing the pipeline hands to the action executor (`actions.rs`), which depends on
+/// the pipeline, never the other way round.
+#[derive(Debug)]
+pub struct Dispatch {
+    /// The firing.
+    pub firing: Firing,
+    /// Its stored record (with run-deployment parameters already rendered), shared with the
+    /// firing's broadcast rather than copied.
+    pub record: Arc<Value>,
+}
 
 /// A checkpoint whose snapshot the pipeline took and a blocking worker is encoding.
 ///
@@ -153,7 +164,7 @@ pub struct Outputs {
     /// Every new firing record.
     pub fired: broadcast::Sender<Arc<Value>>,
     /// Firings with actions to execute.
-    pub dispatch: mpsc::UnboundedSender<crate::actions::Dispatch>,
+    pub dispatch: mpsc::UnboundedSender<Dispatch>,
     /// When NATS is configured: every checkpoint, to be stored in JetStream too.
     pub mirror: Option<watch::Sender<crate::shared_state::StoredCheckpoint>>,
 }
@@ -634,7 +645,7 @@ impl Pipeline {
                 "automation fired"
             );
             let _ = self.fired.send(record.clone());
-            let _ = self.dispatch.send(crate::actions::Dispatch {
+            let _ = self.dispatch.send(Dispatch {
                 firing: firing.clone(),
                 record: record.clone(),
             });
