@@ -44,6 +44,7 @@
 
 mod records;
 mod runs;
+mod tokens;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -61,6 +62,7 @@ use uuid::Uuid;
 
 use records::{LogRecord, RecordCache, encode_record};
 pub use runs::{RunPage, RunQuery};
+pub use tokens::TokenRecord;
 
 /// The event log: batch records keyed by the sequence of their first event (see
 /// [`LogRecord`]).
