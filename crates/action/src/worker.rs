@@ -165,7 +165,16 @@ pub async fn launch_remote(
         }
     };
     match known {
-        Some(report) if report.state.is_final() => return final_outcome(report),
+        Some(report) if report.state.is_final() => {
+            // The worker ran it while no daemon followed. A program that exited (Completed,
+            // Failed, or any exit code) had started: its history shows Running before its end.
+            let ran = matches!(report.state, RunState::Completed | RunState::Failed)
+                || report.exit_code.is_some();
+            if ran && let Some(f) = on_running.take() {
+                f.await;
+            }
+            return final_outcome(report);
+        }
         Some(report) => {
             info!(run = %request.run.id, worker = %report.worker, "a worker still has the run: following it");
             if report.state == RunState::Running
