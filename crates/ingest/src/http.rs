@@ -47,11 +47,37 @@ pub const MAX_WS_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub struct HttpIngest {
     /// Where events go.
     pub intake: Intake,
-    /// Prefect's `PREFECT_SERVER_API_AUTH_STRING`: when set, websocket clients must send it.
-    pub auth_string: Option<String>,
+    /// When set, websocket clients using Prefect's handshake must send a token it accepts
+    /// (unless the daemon's auth layer already authenticated the upgrade request).
+    pub auth: Option<InBandAuth>,
     /// How long a websocket client has to send its `auth` message.
     pub auth_timeout: std::time::Duration,
 }
+
+/// Decides whether the token of a websocket's in-band `auth` message is accepted (`None`:
+/// no token; the answer is then whether auth is off).
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct InBandAuth(pub std::sync::Arc<dyn Fn(Option<&str>) -> bool + Send + Sync>);
+
+impl InBandAuth {
+    /// Does `token` pass?
+    pub fn accepts(&self, token: Option<&str>) -> bool {
+        (self.0)(token)
+    }
+}
+
+impl std::fmt::Debug for InBandAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InBandAuth")
+    }
+}
+
+/// Request extension set by the daemon's auth layer when the request's own credentials
+/// (an `Authorization` header) were accepted for its route: the websocket handlers then take
+/// the in-band `auth` message's token as already checked.
+#[derive(Clone, Copy, Debug)]
+pub struct PreAuthorized;
 
 /// The ingest routes, ready to merge into the daemon's router.
 pub fn routes(state: HttpIngest) -> Router {
@@ -186,11 +212,15 @@ pub fn offers_prefect_protocol(headers: &HeaderMap) -> bool {
 }
 
 async fn events_in(
-    State(state): State<HttpIngest>,
+    State(mut state): State<HttpIngest>,
+    pre: Option<axum::Extension<PreAuthorized>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let handshake = offers_prefect_protocol(&headers);
+    if pre.is_some() {
+        state.auth = None;
+    }
     ws.protocols(["prefect"])
         .max_message_size(MAX_WS_MESSAGE_BYTES)
         .max_frame_size(MAX_WS_MESSAGE_BYTES)
@@ -270,7 +300,7 @@ pub enum ReadError {
 /// Prefect's in-band auth: `{"type": "auth", "token": …}` → `{"type": "auth_success"}`.
 async fn authenticate(
     socket: &mut WebSocket,
-    auth_string: Option<&str>,
+    auth: Option<&InBandAuth>,
     limit: std::time::Duration,
 ) -> Result<(), (u16, String)> {
     let first = match next_text_within(socket, limit).await {
@@ -289,13 +319,15 @@ async fn authenticate(
     if message.get("type").and_then(Value::as_str) != Some("auth") {
         return Err((1008, "Expected 'auth' message".into()));
     }
-    if let Some(expected) = auth_string {
+    if let Some(auth) = auth {
         match message.get("token").and_then(Value::as_str) {
-            None => return Err((1008, "Auth required but no token provided".into())),
-            Some(token) if !constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
+            None if !auth.accepts(None) => {
+                return Err((1008, "Auth required but no token provided".into()));
+            }
+            Some(token) if !auth.accepts(Some(token)) => {
                 return Err((1008, "Invalid token".into()));
             }
-            Some(_) => {}
+            _ => {}
         }
     }
     socket
@@ -316,12 +348,8 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIngest) {
     if handshake {
-        if let Err((code, reason)) = authenticate(
-            &mut socket,
-            state.auth_string.as_deref(),
-            state.auth_timeout,
-        )
-        .await
+        if let Err((code, reason)) =
+            authenticate(&mut socket, state.auth.as_ref(), state.auth_timeout).await
         {
             if code == 1009 {
                 too_big(&mut socket, "/api/events/in", MAX_WS_MESSAGE_BYTES).await;
@@ -331,7 +359,7 @@ async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIng
             close(socket, code, &reason).await;
             return;
         }
-    } else if state.auth_string.is_some() {
+    } else if state.auth.as_ref().is_some_and(|a| !a.accepts(None)) {
         close(socket, 1002, "Authentication required").await;
         return;
     }

@@ -57,6 +57,7 @@ fn setup(runtime: &tokio::runtime::Runtime) -> (axum::Router, Arc<std::sync::Mut
         secrets: SecretBox::new(&[1u8; 32]),
         replay: Arc::new(ReplayGuard::default()),
         templates: Arc::new(TemplateEngine::new()),
+        failures: Arc::default(),
     });
     (router, seen)
 }

@@ -77,6 +77,28 @@ pub enum HmacPreset {
 #[derive(Debug, PartialEq, Eq)]
 pub struct AuthFailure(pub String);
 
+impl AuthFailure {
+    /// A short, fixed label for the reason (the metric's `reason` label).
+    pub fn label(&self) -> &'static str {
+        let r = self.0.as_str();
+        if r.starts_with("missing") {
+            "missing_header"
+        } else if r == "wrong API key" {
+            "wrong_key"
+        } else if r == "bad signature" {
+            "bad_signature"
+        } else if r == "stale timestamp" {
+            "stale_timestamp"
+        } else if r.starts_with("replayed") {
+            "replayed"
+        } else if r == "no usable secret" {
+            "no_secret"
+        } else {
+            "bad_timestamp"
+        }
+    }
+}
+
 /// Hex SHA-256 of an API key, the only form keys are stored in.
 pub fn hash_key(key: &str) -> String {
     hex(&Sha256::digest(key.as_bytes()))
@@ -182,15 +204,45 @@ impl SecretBox {
     }
 }
 
-/// Remembers recently seen Standard Webhooks message ids (replay protection).
-#[derive(Debug, Default)]
+/// Durable memory of accepted message ids (the daemon keeps it in its store), so a replay
+/// is refused after a restart too.
+pub trait ReplayMemory: Send + Sync {
+    /// Remembers `key` until `expires` (Unix seconds); true unless it was remembered already
+    /// and has not expired at `now`. An error must answer false (refuse rather than replay).
+    fn first_time(&self, key: &str, now: i64, expires: i64) -> bool;
+}
+
+/// Remembers recently seen message ids (replay protection): Standard Webhooks' `webhook-id`,
+/// GitHub's `X-GitHub-Delivery`, and for Stripe (no id) a digest of timestamp and signature.
+/// In memory by default; [`ReplayGuard::durable`] keeps them in a [`ReplayMemory`].
+#[derive(Default)]
 pub struct ReplayGuard {
     seen: Mutex<VecDeque<(String, i64)>>,
+    durable: Option<std::sync::Arc<dyn ReplayMemory>>,
+}
+
+impl std::fmt::Debug for ReplayGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayGuard")
+            .field("durable", &self.durable.is_some())
+            .finish()
+    }
 }
 
 impl ReplayGuard {
+    /// A guard whose memory is `memory` (durable), not the process's.
+    pub fn durable(memory: std::sync::Arc<dyn ReplayMemory>) -> ReplayGuard {
+        ReplayGuard {
+            seen: Mutex::default(),
+            durable: Some(memory),
+        }
+    }
+
     /// True the first time `id` is seen within the window.
     fn first_time(&self, id: &str, now: i64, window: i64) -> bool {
+        if let Some(memory) = &self.durable {
+            return memory.first_time(id, now, now.saturating_add(window));
+        }
         let Ok(mut seen) = self.seen.lock() else {
             return false;
         };
@@ -271,7 +323,20 @@ pub fn verify(
                     let ok = keys.iter().any(|k| {
                         constant_time_eq(hex(&hmac_sha256(k, &[body])).as_bytes(), sig.as_bytes())
                     });
-                    if ok { Ok(()) } else { fail("bad signature") }
+                    if !ok {
+                        return fail("bad signature");
+                    }
+                    // GitHub signs no timestamp; a delivery id is remembered for the window.
+                    if let Some(delivery) = header(headers, "x-github-delivery")
+                        && !replay.first_time(
+                            &format!("github:{delivery}"),
+                            now,
+                            *tolerance_secs * 2,
+                        )
+                    {
+                        return fail("replayed delivery id");
+                    }
+                    Ok(())
                 }
                 HmacPreset::Stripe => {
                     let Some(value) = header(headers, "stripe-signature") else {
@@ -298,7 +363,15 @@ pub fn verify(
                         sigs.iter()
                             .any(|s| constant_time_eq(expected.as_bytes(), s.as_bytes()))
                     });
-                    if ok { Ok(()) } else { fail("bad signature") }
+                    if !ok {
+                        return fail("bad signature");
+                    }
+                    // Stripe sends no message id: the timestamp and signatures stand for one.
+                    let digest = hex(&Sha256::digest(value.as_bytes()));
+                    if !replay.first_time(&format!("stripe:{digest}"), now, *tolerance_secs * 2) {
+                        return fail("replayed signature");
+                    }
+                    Ok(())
                 }
                 HmacPreset::Standard => {
                     let (Some(id), Some(ts), Some(sig)) = (
@@ -331,7 +404,7 @@ pub fn verify(
                     if !ok {
                         return fail("bad signature");
                     }
-                    if !replay.first_time(id, now, *tolerance_secs * 2) {
+                    if !replay.first_time(&format!("standard:{id}"), now, *tolerance_secs * 2) {
                         return fail("replayed message id");
                     }
                     Ok(())

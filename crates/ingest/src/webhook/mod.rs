@@ -35,7 +35,7 @@ use tracing::warn;
 use uuid::Uuid;
 
 use crate::intake::{Intake, normalize};
-pub use auth::{AuthFailure, HmacPreset, ReplayGuard, SecretBox, WebhookAuth};
+pub use auth::{AuthFailure, HmacPreset, ReplayGuard, ReplayMemory, SecretBox, WebhookAuth};
 
 /// Largest accepted webhook body.
 pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
@@ -144,6 +144,29 @@ pub struct WebhookIngest {
     pub replay: Arc<ReplayGuard>,
     /// Templates.
     pub templates: Arc<TemplateEngine>,
+    /// Refused requests, by reason (the daemon's metrics read them).
+    pub failures: Arc<FailureCounts>,
+}
+
+/// Webhook requests refused by authentication, counted by [`AuthFailure::label`].
+#[derive(Debug, Default)]
+pub struct FailureCounts(Mutex<std::collections::BTreeMap<&'static str, u64>>);
+
+impl FailureCounts {
+    /// Counts one refusal.
+    pub fn count(&self, label: &'static str) {
+        if let Ok(mut map) = self.0.lock() {
+            *map.entry(label).or_default() += 1;
+        }
+    }
+
+    /// Every label with its count, sorted by label.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.0
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// The `/hooks/{slug}` route.
@@ -260,7 +283,16 @@ async fn receive(
             &state.replay,
             Utc::now().timestamp(),
         ) {
-            warn!(webhook = %hook.name, %reason, "webhook request refused");
+            let failure = AuthFailure(reason);
+            warn!(webhook = %hook.name, reason = %failure.0, "webhook request refused");
+            state.failures.count(failure.label());
+            // Recorded in the feed (method, headers without Authorization; never the body,
+            // which an unauthenticated sender chose), within the webhook's rate limit.
+            if state.registry.allow(&hook)
+                && let Some(event) = auth_failure_event(&hook, &method, &headers, &failure)
+            {
+                let _ = state.intake.submit(vec![event]).await;
+            }
             return quiet(StatusCode::UNAUTHORIZED);
         }
     }
@@ -344,6 +376,31 @@ pub fn map_request(
     }));
     map.insert("related".into(), Value::Array(related));
     normalize(value, Utc::now(), limits).map_err(|e| (e.to_string(), Some(rendered)))
+}
+
+/// `prefect-cloud.webhook.failed` for a request refused by authentication: why, the method
+/// and the headers (`Authorization` removed), not the body.
+fn auth_failure_event(
+    hook: &Webhook,
+    method: &Method,
+    headers: &HeaderMap,
+    failure: &AuthFailure,
+) -> Option<Event> {
+    let raw = json!({
+        "event": "prefect-cloud.webhook.failed",
+        "resource": {
+            "prefect.resource.id": format!("prefect-cloud.webhook.{}", hook.id),
+            "prefect.resource.name": hook.name,
+        },
+        "payload": {
+            "method": method.as_str(),
+            "headers": visible_headers(headers),
+            "reason": failure.0,
+            "reason_code": failure.label(),
+            "stage": "authentication",
+        },
+    });
+    Event::from_json(&raw, Utc::now(), &EventLimits::default()).ok()
 }
 
 /// `prefect-cloud.webhook.failed`: what came in and what the template made of it.
