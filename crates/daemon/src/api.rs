@@ -42,10 +42,9 @@ use spur_store::{
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use spur_ingest::http::{
-    ReadError, close, constant_time_eq, next_text_within, offers_prefect_protocol, too_big,
-};
+use spur_ingest::http::{ReadError, close, next_text_within, offers_prefect_protocol, too_big};
 
+use crate::auth::Scope;
 use crate::metrics::Metrics;
 use crate::pipeline::{Control, Description};
 use crate::reload::LoadStatus;
@@ -63,12 +62,95 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Live events, for `/api/events/out`.
     pub live: broadcast::Sender<Arc<Event>>,
-    /// Prefect auth string for websocket clients.
-    pub auth_string: Option<String>,
+    /// The daemon's credentials (the auth layer, `/api/events/out`'s in-band check, the
+    /// exposure warning of `/healthz`).
+    pub auth: Arc<crate::auth::Auth>,
+    /// The address the daemon listens on, once bound.
+    pub listen: Arc<std::sync::OnceLock<std::net::SocketAddr>>,
     /// How long an `/api/events/out` client has to send its `auth` and `filter` messages.
     pub auth_timeout: std::time::Duration,
     /// Starts and cancels runs.
     pub executor: crate::actions::Executor,
+}
+
+/// Every route of the daemon's router (this module's, the ingest routes, webhooks and
+/// their management, tokens) with the [`Scope`] the auth layer requires: `(method, route,
+/// scope)`. A route or method missing here needs `admin` (and fails the test that compares
+/// this list with the routes the code declares).
+pub const ROUTES: &[(&str, &str, Scope)] = &[
+    ("GET", "/", Scope::EventsRead),
+    ("GET", "/favicon.ico", Scope::Open),
+    ("GET", "/healthz", Scope::Open),
+    ("GET", "/api/health", Scope::Any),
+    ("GET", "/api/ready", Scope::Any),
+    ("GET", "/api/admin/version", Scope::Any),
+    ("GET", "/metrics", Scope::EventsRead),
+    ("POST", "/api/events", Scope::EventsWrite),
+    ("GET", "/api/events/in", Scope::EventsWrite),
+    ("GET", "/api/events/out", Scope::EventsRead),
+    ("POST", "/api/events/filter", Scope::EventsRead),
+    ("GET", "/api/events/filter/next", Scope::EventsRead),
+    ("POST", "/api/events/histogram", Scope::EventsRead),
+    ("GET", "/api/events/{id}/explain", Scope::EventsRead),
+    ("GET", "/api/automations", Scope::EventsRead),
+    ("POST", "/api/automations", Scope::Admin),
+    ("POST", "/api/automations/", Scope::Admin),
+    ("POST", "/api/automations/filter", Scope::EventsRead),
+    (
+        "GET",
+        "/api/automations/related-to/{resource_id}",
+        Scope::EventsRead,
+    ),
+    (
+        "DELETE",
+        "/api/automations/owned-by/{resource_id}",
+        Scope::Admin,
+    ),
+    ("GET", "/api/automations/{id}", Scope::EventsRead),
+    ("PATCH", "/api/automations/{id}", Scope::Admin),
+    ("PUT", "/api/automations/{id}", Scope::Admin),
+    ("DELETE", "/api/automations/{id}", Scope::Admin),
+    ("POST", "/api/automations/{id}/pause", Scope::Admin),
+    ("POST", "/api/automations/{id}/resume", Scope::Admin),
+    ("GET", "/api/automations/{id}/detail", Scope::EventsRead),
+    ("GET", "/api/firings", Scope::EventsRead),
+    ("GET", "/api/runs", Scope::EventsRead),
+    ("POST", "/api/runs", Scope::Admin),
+    ("GET", "/api/runs/{id}", Scope::EventsRead),
+    ("GET", "/api/runs/{id}/lineage", Scope::EventsRead),
+    ("POST", "/api/runs/{id}/cancel", Scope::Admin),
+    ("POST", "/api/runs/{id}/rerun", Scope::Admin),
+    ("GET", "/api/deployments", Scope::EventsRead),
+    ("GET", "/api/actions/failed", Scope::EventsRead),
+    ("POST", "/api/actions/failed/{id}/retry", Scope::Admin),
+    ("GET", "/api/webhooks", Scope::Admin),
+    ("POST", "/api/webhooks", Scope::Admin),
+    ("GET", "/api/webhooks/{id}", Scope::Admin),
+    ("DELETE", "/api/webhooks/{id}", Scope::Admin),
+    ("POST", "/api/webhooks/{id}/toggle", Scope::Admin),
+    ("POST", "/api/webhooks/{id}/rotate", Scope::Admin),
+    ("GET", "/api/tokens", Scope::Admin),
+    ("POST", "/api/tokens", Scope::Admin),
+    ("DELETE", "/api/tokens/{name}", Scope::Admin),
+    ("GET", "/hooks/{slug}", Scope::Open),
+    ("HEAD", "/hooks/{slug}", Scope::Open),
+    ("POST", "/hooks/{slug}", Scope::Open),
+    ("PUT", "/hooks/{slug}", Scope::Open),
+    ("PATCH", "/hooks/{slug}", Scope::Open),
+    ("DELETE", "/hooks/{slug}", Scope::Open),
+];
+
+/// `/healthz`: `ok`, plus a warning line when the daemon is reachable beyond loopback
+/// without authentication.
+async fn healthz(State(state): State<ApiState>) -> Response {
+    match state
+        .listen
+        .get()
+        .and_then(|addr| state.auth.exposure_warning(*addr))
+    {
+        Some(warning) => format!("ok\nwarning: {warning}\n").into_response(),
+        None => "ok".into_response(),
+    }
 }
 
 /// The read and operations routes.
@@ -76,7 +158,7 @@ pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/", get(ui))
         .route("/favicon.ico", get(favicon))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/api/health", get(|| async { axum::Json(true) }))
         .route("/api/ready", get(|| async { axum::Json(true) }))
         .route("/metrics", get(metrics))
@@ -1066,14 +1148,17 @@ async fn filter_next(
 
 async fn events_out(
     State(state): State<ApiState>,
+    pre: Option<axum::Extension<spur_ingest::http::PreAuthorized>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let handshake = offers_prefect_protocol(&headers);
+    // With the upgrade's own credentials accepted, the in-band token is not checked again.
+    let check = pre.is_none().then(|| state.auth.in_band(Scope::EventsRead));
     ws.protocols(["prefect"])
         .max_message_size(MAX_OUT_MESSAGE_BYTES)
         .max_frame_size(MAX_OUT_MESSAGE_BYTES)
-        .on_upgrade(move |socket| stream_out(socket, handshake, state))
+        .on_upgrade(move |socket| stream_out(socket, handshake, check, state))
 }
 
 /// The next text message of an `/api/events/out` client, within the auth timeout; on a
@@ -1105,7 +1190,12 @@ async fn next_text(
     }
 }
 
-async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
+async fn stream_out(
+    mut socket: WebSocket,
+    handshake: bool,
+    check: Option<spur_ingest::http::InBandAuth>,
+    state: ApiState,
+) {
     if handshake {
         let Some(auth) = next_text(&mut socket, &state, "auth").await else {
             return;
@@ -1116,13 +1206,13 @@ async fn stream_out(mut socket: WebSocket, handshake: bool, state: ApiState) {
             .and_then(|a| a.get("type"))
             .and_then(Value::as_str)
             == Some("auth");
-        let token_ok = match &state.auth_string {
+        let token_ok = match &check {
             None => true,
-            Some(expected) => auth
-                .as_ref()
-                .and_then(|a| a.get("token"))
-                .and_then(Value::as_str)
-                .is_some_and(|t| constant_time_eq(t.as_bytes(), expected.as_bytes())),
+            Some(check) => check.accepts(
+                auth.as_ref()
+                    .and_then(|a| a.get("token"))
+                    .and_then(Value::as_str),
+            ),
         };
         if !ok_type || !token_ok {
             close(

@@ -21,8 +21,15 @@ pub struct DaemonConfig {
     pub nats: Option<NatsConfig>,
     /// How long events are kept in the log.
     pub retention: Duration,
-    /// Prefect's API auth string; when set, websocket clients must present it.
+    /// Prefect's API auth string (`user:pass`): an admin credential. With it (or an API key,
+    /// or any token) every route but the open ones needs a credential (docs/security.md).
     pub auth_string: Option<String>,
+    /// An admin bearer key (what Prefect clients send from `PREFECT_API_KEY`).
+    pub api_key: Option<String>,
+    /// Serve `/metrics` without credentials even when auth is on.
+    pub metrics_open: bool,
+    /// Refuse to start when listening beyond loopback with no credential configured.
+    pub require_auth: bool,
     /// Submissions that may wait for the pipeline before HTTP callers get 429.
     pub queue_capacity: usize,
     /// A checkpoint is written after this many events… (Each checkpoint is the whole trigger
@@ -51,6 +58,9 @@ impl Default for DaemonConfig {
             nats: None,
             retention: Duration::from_secs(7 * 24 * 3600),
             auth_string: None,
+            api_key: None,
+            metrics_open: false,
+            require_auth: false,
             queue_capacity: 1024,
             checkpoint_events: 50_000,
             checkpoint_interval: Duration::from_secs(5),

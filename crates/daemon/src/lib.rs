@@ -14,7 +14,9 @@
 //! * [`config`] — [`DaemonConfig`] and its defaults.
 //! * [`pipeline`] — the single writer: log, engine, firings, checkpoints, recovery.
 //! * [`reload`] — the automations folder watcher.
-//! * [`api`] — read API, live feed, health and metrics.
+//! * [`api`] — read API, live feed, health and metrics; [`api::ROUTES`] lists every route
+//!   with the scope it needs.
+//! * [`auth`] — the auth layer in front of every route, scoped tokens (docs/security.md).
 //! * [`metrics`] — Prometheus counters and histograms.
 //! * [`process`] — process-wide memory settings the binary applies at start.
 //! * [`server`] — the HTTP server: connection timeouts and limit, JSON error bodies.
@@ -25,6 +27,7 @@
 
 pub mod actions;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod metrics;
 pub mod pipeline;
@@ -56,6 +59,9 @@ pub enum StartError {
     /// The store could not be opened or recovered.
     #[error("{0}")]
     Store(#[from] spur_store::StoreError),
+    /// Listening beyond loopback with no credential while `require_auth` is set.
+    #[error("{0}")]
+    Unprotected(String),
     /// The HTTP address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -265,9 +271,25 @@ impl Daemon {
             )));
         }
 
+        let auth = Arc::new(auth::Auth::new(
+            config.auth_string.clone(),
+            config.api_key.clone(),
+            config.metrics_open,
+            store.clone(),
+            metrics.clone(),
+        )?);
+        if let Some(warning) = auth.exposure_warning(config.http) {
+            if config.require_auth {
+                return Err(StartError::Unprotected(format!(
+                    "refusing to start (--require-auth): {warning}"
+                )));
+            }
+            warn!("{warning}");
+        }
+        let listen = Arc::new(std::sync::OnceLock::new());
         let router = spur_ingest::http::routes(HttpIngest {
             intake: external_intake.clone(),
-            auth_string: config.auth_string.clone(),
+            auth: Some(auth.in_band(auth::Scope::EventsWrite)),
             auth_timeout: config.websocket_auth_timeout,
         })
         .merge(spur_ingest::webhook::routes(
@@ -275,21 +297,27 @@ impl Daemon {
                 intake: external_intake.clone(),
                 registry: webhook_service.registry.clone(),
                 secrets: webhook_service.secrets.clone(),
-                replay: Arc::default(),
+                replay: Arc::new(spur_ingest::webhook::ReplayGuard::durable(Arc::new(
+                    auth::StoreReplay(store.clone()),
+                ))),
                 templates: webhook_service.templates.clone(),
+                failures: metrics.webhook_auth_failures.clone(),
             },
         ))
         .merge(webhooks::routes(webhook_service.clone()))
+        .merge(auth::routes(auth.clone()))
         .merge(api::routes(api::ApiState {
             store,
             control: pipeline.control.clone(),
             status,
             metrics: metrics.clone(),
             live,
-            auth_string: config.auth_string.clone(),
+            auth: auth.clone(),
+            listen: listen.clone(),
             auth_timeout: config.websocket_auth_timeout,
             executor: executor.clone(),
-        }));
+        }))
+        .layer(axum::middleware::from_fn_with_state(auth, auth::layer));
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|source| StartError::Bind {
@@ -300,6 +328,7 @@ impl Daemon {
             addr: config.http,
             source,
         })?;
+        let _ = listen.set(addr);
         let server = tokio::spawn(server::serve(
             listener,
             router,

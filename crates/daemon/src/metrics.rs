@@ -103,7 +103,15 @@ pub struct Metrics {
     pub batch_events: AtomicU64,
     /// Committed batches.
     pub batches: AtomicU64,
+    /// Webhook requests refused by their authentication, by reason (shared with `/hooks`).
+    pub webhook_auth_failures: Arc<spur_ingest::webhook::FailureCounts>,
+    /// API requests the auth layer refused, by reason (see [`API_AUTH_REASONS`]).
+    pub api_auth_refused: [AtomicU64; API_AUTH_REASONS.len()],
 }
+
+/// The `reason` labels of `spur_api_auth_refused_total`: no credentials, wrong credentials,
+/// a credential whose scope does not cover the route, a cross-site state-changing request.
+pub const API_AUTH_REASONS: [&str; 4] = ["missing", "invalid", "scope", "cross_origin"];
 
 impl Metrics {
     /// Metrics sharing the given source counters.
@@ -265,6 +273,27 @@ impl Metrics {
             "Events in committed batches.",
             load(&self.batch_events),
         );
+        let _ = writeln!(
+            out,
+            "# HELP spur_webhook_auth_failures_total Webhook requests refused by their authentication, by reason.\n# TYPE spur_webhook_auth_failures_total counter"
+        );
+        for (reason, n) in self.webhook_auth_failures.snapshot() {
+            let _ = writeln!(
+                out,
+                "spur_webhook_auth_failures_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP spur_api_auth_refused_total API requests refused by the auth layer, by reason.\n# TYPE spur_api_auth_refused_total counter"
+        );
+        for (reason, n) in API_AUTH_REASONS.iter().zip(&self.api_auth_refused) {
+            let _ = writeln!(
+                out,
+                "spur_api_auth_refused_total{{reason=\"{reason}\"}} {}",
+                load(n)
+            );
+        }
         out
     }
 }
