@@ -18,6 +18,89 @@ pub fn base_url(api: Option<&str>) -> String {
     url.strip_suffix("/api").unwrap_or(url).to_owned()
 }
 
+/// The credential every request to the daemon carries, set once at start ([`set_credential`]).
+static CREDENTIAL: std::sync::OnceLock<Option<Credential>> = std::sync::OnceLock::new();
+
+/// What the CLI authenticates with.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// A token (`--token`, `SPUR_API_TOKEN`), or an API key: `Authorization: Bearer`.
+    Bearer(String),
+    /// Prefect's auth string (`SPUR_AUTH_STRING`): HTTP Basic.
+    Basic(String),
+}
+
+impl Credential {
+    fn header(&self) -> String {
+        match self {
+            Credential::Bearer(t) => format!("Bearer {t}"),
+            Credential::Basic(s) => format!("Basic {}", base64(s.as_bytes())),
+        }
+    }
+
+    /// What the websocket's in-band `auth` message carries.
+    fn in_band(&self) -> &str {
+        match self {
+            Credential::Bearer(t) | Credential::Basic(t) => t,
+        }
+    }
+}
+
+/// Standard base64 with padding (HTTP Basic's encoding).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Sets the credential for this process's requests: `--token`/`SPUR_API_TOKEN` first, else
+/// `SPUR_AUTH_STRING`.
+pub fn set_credential(token: Option<String>) {
+    let credential = token
+        .filter(|t| !t.is_empty())
+        .map(Credential::Bearer)
+        .or_else(|| {
+            std::env::var("SPUR_AUTH_STRING")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(Credential::Basic)
+        });
+    let _ = CREDENTIAL.set(credential);
+}
+
+fn credential() -> Option<&'static Credential> {
+    CREDENTIAL.get().and_then(Option::as_ref)
+}
+
+/// The one HTTP client every command uses: it sends the credential on every request.
+fn http() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(value) =
+        credential().and_then(|c| reqwest::header::HeaderValue::from_str(&c.header()).ok())
+    {
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap_or_default()
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -84,7 +167,7 @@ pub fn emit(o: &EmitOptions<'_>) -> Result<()> {
                 "event": event.event, "resource": event.resource, "related": event.related,
                 "payload": event.payload, "follows": event.follows,
             }]);
-            let response = reqwest::Client::new()
+            let response = http()
                 .post(&url)
                 .json(&body)
                 .send()
@@ -171,10 +254,18 @@ pub fn tail(
             "Sec-WebSocket-Protocol",
             "prefect".parse().context("header")?,
         );
+        if let Some(c) = credential() {
+            request.headers_mut().insert(
+                "Authorization",
+                c.header()
+                    .parse()
+                    .context("the credential is not a valid header")?,
+            );
+        }
         let (mut socket, _) = tokio_tungstenite::connect_async(request)
             .await
             .with_context(|| format!("cannot reach the daemon at {url}"))?;
-        let token = std::env::var("SPUR_AUTH_STRING").ok();
+        let token = credential().map(Credential::in_band);
         socket
             .send(Message::Text(
                 json!({"type": "auth", "token": token}).to_string().into(),
@@ -240,7 +331,7 @@ pub fn query(
     let base = base_url(api);
     let rt = runtime()?;
     rt.block_on(async {
-        let client = reqwest::Client::new();
+        let client = http();
         let mut printed = 0usize;
         let mut response: Value = client
             .post(format!("{base}/api/events/filter"))
@@ -281,7 +372,9 @@ pub fn query(
 fn get_json(api: Option<&str>, path: &str) -> Result<Value> {
     let base = base_url(api);
     runtime()?.block_on(async {
-        let response = reqwest::get(format!("{base}{path}"))
+        let response = http()
+            .get(format!("{base}{path}"))
+            .send()
             .await
             .with_context(|| {
                 format!("cannot reach the daemon at {base} (is `spur serve` running?)")
@@ -320,7 +413,7 @@ pub fn firings(api: Option<&str>, limit: usize) -> Result<()> {
 fn send_json(api: Option<&str>, path: &str, body: Value) -> Result<Value> {
     let base = base_url(api);
     runtime()?.block_on(async {
-        let response = reqwest::Client::new()
+        let response = http()
             .post(format!("{base}{path}"))
             .json(&body)
             .send()
@@ -573,7 +666,7 @@ pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Resu
     }
     let base = base_url(api);
     runtime()?.block_on(async {
-        let client = reqwest::Client::new();
+        let client = http();
         let mut out: Vec<Value> = Vec::new();
         let mut page: Value = client
             .post(format!("{base}/api/events/filter"))
@@ -805,7 +898,7 @@ pub fn webhook_post(api: Option<&str>, id: &str, verb: &str) -> Result<()> {
 pub fn webhook_delete(api: Option<&str>, id: &str) -> Result<()> {
     let base = base_url(api);
     runtime()?.block_on(async {
-        let response = reqwest::Client::new()
+        let response = http()
             .delete(format!("{base}/api/webhooks/{id}"))
             .send()
             .await
@@ -817,4 +910,56 @@ pub fn webhook_delete(api: Option<&str>, id: &str) -> Result<()> {
         println!("deleted");
         Ok(())
     })
+}
+
+/// `spur tokens create`: prints the secret (shown once).
+pub fn tokens_create(api: Option<&str>, name: &str, scope: &str) -> Result<()> {
+    let v = send_json(api, "/api/tokens", json!({"name": name, "scope": scope}))?;
+    println!("{}", v["token"].as_str().unwrap_or(""));
+    eprintln!(
+        "token {name:?} ({scope}) created; the secret above is shown only now. Use it as SPUR_API_TOKEN, --token, PREFECT_API_KEY or `Authorization: Bearer`."
+    );
+    Ok(())
+}
+
+/// `spur tokens ls`.
+pub fn tokens_ls(api: Option<&str>) -> Result<()> {
+    let v = get_json(api, "/api/tokens")?;
+    for t in v.as_array().cloned().unwrap_or_default() {
+        println!(
+            "{}  {}  created {}",
+            t["name"].as_str().unwrap_or(""),
+            t["scope"].as_str().unwrap_or(""),
+            t["created"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `spur tokens revoke`.
+pub fn tokens_revoke(api: Option<&str>, name: &str) -> Result<()> {
+    let base = base_url(api);
+    runtime()?.block_on(async {
+        let response = http()
+            .delete(format!("{base}/api/tokens/{}", url_encode(name)))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the daemon at {base}"))?;
+        if !response.status().is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            bail!("{}", body["detail"].as_str().unwrap_or("revoke failed"));
+        }
+        println!("revoked");
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn basic_auth_encoding() {
+        assert_eq!(super::base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(super::base64(b"a"), "YQ==");
+        assert_eq!(super::base64(b"ab"), "YWI=");
+    }
 }

@@ -28,6 +28,10 @@ use spur_template::TemplateEngine;
 #[derive(Parser, Debug)]
 #[command(name = "spur", version, about, long_about = None)]
 struct Cli {
+    /// API token (or API key) sent as `Authorization: Bearer` on every request to the
+    /// daemon. Without it, `SPUR_AUTH_STRING` is sent as HTTP Basic.
+    #[arg(long, global = true, env = "SPUR_API_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -105,6 +109,13 @@ enum Command {
     Webhook {
         #[command(subcommand)]
         command: WebhookCommand,
+    },
+    /// API tokens: create (the secret is shown once), list, revoke. Needs an admin
+    /// credential (--token or SPUR_AUTH_STRING) once auth is on; the first token of a daemon
+    /// without credentials must be an admin token.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
     },
     /// Why each automation did or did not react to an event, as decided when it arrived.
     Explain {
@@ -283,6 +294,35 @@ enum RunsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum TokensCommand {
+    /// Create a token; prints its secret (stored only as a hash).
+    Create {
+        /// Name (letters, digits, '-', '_', '.').
+        name: String,
+        /// events:write (send events), events:read (read everything, the UI), or admin.
+        #[arg(long, value_parser = ["events:write", "events:read", "admin"])]
+        scope: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// All tokens (names, scopes, creation times; never secrets).
+    Ls {
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+    /// Revoke a token by name.
+    Revoke {
+        /// Name.
+        name: String,
+        /// Daemon URL.
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum WebhookCommand {
     /// Create a webhook; prints its id and URL (and its API key, once).
     Create {
@@ -403,7 +443,16 @@ fn main() -> ExitCode {
     // One TLS crypto provider for the whole process (HTTP clients, webhooks over https).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
+    client::set_credential(cli.token.clone());
     let result = match cli.command {
+        Command::Tokens { command } => match command {
+            TokensCommand::Create { name, scope, api } => {
+                client::tokens_create(api.as_deref(), &name, &scope)
+            }
+            TokensCommand::Ls { api } => client::tokens_ls(api.as_deref()),
+            TokensCommand::Revoke { name, api } => client::tokens_revoke(api.as_deref(), &name),
+        }
+        .map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::serve(&args).map(|()| ExitCode::SUCCESS),
         Command::Worker { pool, nats, name } => {
             serve::worker(&pool, &nats, name).map(|()| ExitCode::SUCCESS)

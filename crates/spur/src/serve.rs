@@ -39,9 +39,20 @@ pub struct ServeArgs {
     /// How long events are kept: seconds, or 30m / 12h / 7d, or ISO-8601 [default: 7d].
     #[arg(long, env = "SPUR_RETENTION")]
     pub retention: Option<String>,
-    /// Prefect API auth string websocket clients must present.
+    /// Prefect API auth string (`user:pass`, an admin credential). With it, an API key or any
+    /// token, every route but /healthz, /hooks/* (and /metrics with --metrics-open) needs a
+    /// credential (docs/security.md).
     #[arg(long, env = "SPUR_AUTH_STRING")]
     pub auth_string: Option<String>,
+    /// An admin API key clients send as `Authorization: Bearer` (Prefect's PREFECT_API_KEY).
+    #[arg(long, env = "SPUR_API_KEY")]
+    pub api_key: Option<String>,
+    /// Serve /metrics without credentials even when auth is on.
+    #[arg(long, env = "SPUR_METRICS_OPEN")]
+    pub metrics_open: bool,
+    /// Refuse to start when listening beyond loopback without any credential.
+    #[arg(long, env = "SPUR_REQUIRE_AUTH")]
+    pub require_auth: bool,
     /// Log format.
     #[arg(long, env = "SPUR_LOG_FORMAT", value_parser = ["pretty", "json"])]
     pub log_format: Option<String>,
@@ -116,6 +127,9 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         "nats",
         "retention",
         "auth_string",
+        "api_key",
+        "metrics_open",
+        "require_auth",
         "log_format",
         "webhooks_require_auth",
         "header_read_timeout",
@@ -206,6 +220,11 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         config.server.max_connections = n;
     }
     config.auth_string = args.auth_string.clone().or_else(|| text("auth_string"));
+    config.api_key = args.api_key.clone().or_else(|| text("api_key"));
+    let flag =
+        |set: bool, name: &str| set || file.get(name).and_then(Value::as_bool).unwrap_or(false);
+    config.metrics_open = flag(args.metrics_open, "metrics_open");
+    config.require_auth = flag(args.require_auth, "require_auth");
     config.webhooks_require_auth = args.webhooks_require_auth
         || file
             .get("webhooks_require_auth")

@@ -1,0 +1,528 @@
+//! Security, end to end on the real binary (loopback, free ports, temp folders): every route of
+//! the router behind the auth layer with the scope `spur_daemon::api::ROUTES` lists, scoped
+//! tokens made with `spur tokens`, malformed credentials, cross-site refusals, the stock
+//! Prefect client with `PREFECT_API_AUTH_STRING`, webhook replay across a restart, and the
+//! start-up checks for binding beyond loopback.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use spur_daemon::auth::Scope;
+use spur_ingest::webhook::auth::sign;
+use support::{SpurDaemon, automations_folder, eventually, request};
+
+const ADMIN: &str = "admin:s3cret-pass";
+
+fn basic(credentials: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    )
+}
+
+/// `spur tokens …` against `daemon`, with `SPUR_AUTH_STRING` (or none): (success, stdout, stderr).
+fn tokens_cli(
+    daemon: &SpurDaemon,
+    auth_string: Option<&str>,
+    args: &[&str],
+) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_spur"));
+    command
+        .arg("tokens")
+        .args(args)
+        .args(["--api", &daemon.url])
+        .env_remove("SPUR_API_TOKEN")
+        .env_remove("SPUR_AUTH_STRING");
+    if let Some(a) = auth_string {
+        command.env("SPUR_AUTH_STRING", a);
+    }
+    let out = command.output().expect("spur runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn create_token(daemon: &SpurDaemon, name: &str, scope: &str) -> String {
+    let (ok, stdout, stderr) = tokens_cli(daemon, Some(ADMIN), &["create", name, "--scope", scope]);
+    assert!(ok, "{stdout}{stderr}");
+    let secret = stdout.trim().to_owned();
+    assert!(secret.starts_with("spur_"), "{stdout}");
+    secret
+}
+
+fn with_auth(value: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("authorization", value.to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ]
+}
+
+fn start_with_auth(dir: &std::path::Path) -> SpurDaemon {
+    let automations = automations_folder(dir, &[]);
+    SpurDaemon::start(&dir.join("data"), &automations, &["--auth-string", ADMIN])
+}
+
+/// Every `(method, route)` of the router: refused without credentials (401 with the Basic
+/// challenge), accepted with a credential whose scope covers it, refused (403) with one whose
+/// scope does not. The list is the router's own (`ROUTES`, which a unit test compares with
+/// the routes the code declares), so a new route is covered here as soon as it exists.
+#[test]
+fn every_route_needs_its_scope() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = start_with_auth(dir.path());
+    let write = create_token(&daemon, "publisher", "events:write");
+    let read = create_token(&daemon, "dashboard", "events:read");
+    let admin = create_token(&daemon, "operator", "admin");
+    let (ok, listed, _) = tokens_cli(&daemon, Some(ADMIN), &["ls"]);
+    assert!(ok);
+    assert!(listed.contains("publisher  events:write"), "{listed}");
+    assert!(!listed.contains(&write), "secrets are never listed");
+
+    let credentials = [
+        (
+            "events:write",
+            format!("Bearer {write}"),
+            Scope::EventsWrite,
+        ),
+        ("events:read", format!("Bearer {read}"), Scope::EventsRead),
+        ("admin token", format!("Bearer {admin}"), Scope::Admin),
+        ("auth string", basic(ADMIN), Scope::Admin),
+    ];
+    let mut checked = 0;
+    for (method, route, needed) in spur_daemon::api::ROUTES {
+        let path = route
+            .split('/')
+            .map(|s| if s.starts_with('{') { "x" } else { s })
+            .collect::<Vec<_>>()
+            .join("/");
+        let url = format!("{}{path}", daemon.url);
+        let body = if *method == "GET" || *method == "HEAD" || *method == "DELETE" {
+            Vec::new()
+        } else {
+            b"{}".to_vec()
+        };
+        let (status, text) = request(
+            method,
+            &url,
+            &[("content-type", "application/json".to_owned())],
+            body.clone(),
+        );
+        if *needed == Scope::Open {
+            assert_ne!(status, 401, "{method} {route} is open: {text}");
+        } else {
+            assert_eq!(status, 401, "{method} {route} without credentials: {text}");
+            if *method != "HEAD" {
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                assert!(v["detail"].is_string(), "{method} {route}: {text}");
+            }
+        }
+        for (who, header, granted) in &credentials {
+            let (status, text) = request(method, &url, &with_auth(header), body.clone());
+            if granted.covers(*needed) {
+                assert!(
+                    status != 401 && status != 403,
+                    "{method} {route} with {who}: {status} {text}"
+                );
+            } else {
+                assert_eq!(status, 403, "{method} {route} with {who}: {text}");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 40, "{checked} routes");
+
+    // The challenge browsers answer with the Basic prompt.
+    let response = support_runtime().block_on(async {
+        reqwest::Client::new()
+            .get(format!("{}/", daemon.url))
+            .send()
+            .await
+            .expect("answers")
+    });
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Basic realm=\"spur\""
+    );
+
+    // A revoked token is refused at once.
+    let (ok, _, stderr) = tokens_cli(&daemon, Some(ADMIN), &["revoke", "dashboard"]);
+    assert!(ok, "{stderr}");
+    let (status, _) = request(
+        "GET",
+        &format!("{}/api/firings", daemon.url),
+        &with_auth(&format!("Bearer {read}")),
+        Vec::new(),
+    );
+    assert_eq!(status, 401);
+    // Token management needs admin.
+    let (ok, _, stderr) = tokens_cli(&daemon, None, &["ls"]);
+    assert!(!ok, "{stderr}");
+}
+
+fn support_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Raw request with arbitrary header bytes: the status code.
+fn raw_status(url: &str, authorization: &[u8]) -> u16 {
+    support_runtime().block_on(async {
+        let value = reqwest::header::HeaderValue::from_bytes(authorization).expect("header");
+        reqwest::Client::new()
+            .post(format!("{url}/api/events/filter"))
+            .header("authorization", value)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await
+            .expect("answers")
+            .status()
+            .as_u16()
+    })
+}
+
+/// Malformed `Authorization` headers (huge, not UTF-8, wrong scheme, empty, bad base64) and
+/// a run of wrong guesses: 401 each, the daemon stays up and serves the right credential.
+#[test]
+fn malformed_credentials_are_refused_and_the_daemon_stays_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = start_with_auth(dir.path());
+    let huge = format!("Bearer {}", "A".repeat(32 * 1024));
+    let cases: Vec<Vec<u8>> = vec![
+        huge.into_bytes(),
+        b"Bearer \xff\xfe\xfd".to_vec(),
+        b"Basic \xc3\x28".to_vec(),
+        b"Digest username=admin".to_vec(),
+        b"".to_vec(),
+        b"Bearer".to_vec(),
+        b"Bearer ".to_vec(),
+        b"Basic !!!not-base64".to_vec(),
+        basic("admin:wrong").into_bytes(),
+        basic("nobody:s3cret-pass").into_bytes(),
+        format!("Basic {}", "QQ==".repeat(2000)).into_bytes(),
+    ];
+    for case in &cases {
+        assert_eq!(
+            raw_status(&daemon.url, case),
+            401,
+            "{:?}",
+            String::from_utf8_lossy(&case[..case.len().min(40)])
+        );
+    }
+    for n in 0..200 {
+        assert_eq!(
+            raw_status(&daemon.url, format!("Bearer guess-{n}").as_bytes()),
+            401
+        );
+    }
+    let (status, _) = request("GET", &format!("{}/healthz", daemon.url), &[], Vec::new());
+    assert_eq!(status, 200);
+    assert_eq!(raw_status(&daemon.url, basic(ADMIN).as_bytes()), 200);
+    let (status, metrics) = request(
+        "GET",
+        &format!("{}/metrics", daemon.url),
+        &with_auth(&basic(ADMIN)),
+        Vec::new(),
+    );
+    assert_eq!(status, 200);
+    let invalid = metrics
+        .lines()
+        .find(|l| l.starts_with("spur_api_auth_refused_total{reason=\"invalid\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(invalid >= 200, "{metrics}");
+}
+
+/// State-changing requests from another site are refused even with good credentials (a
+/// browser would attach the cached Basic credentials); same-origin and non-browser ones pass.
+#[test]
+fn cross_site_requests_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = start_with_auth(dir.path());
+    let url = format!("{}/api/events", daemon.url);
+    let event = json!([{"event": "x.y", "resource": {"prefect.resource.id": "r"}}])
+        .to_string()
+        .into_bytes();
+    let mut headers = with_auth(&basic(ADMIN));
+    headers.push(("origin", "http://evil.example".to_owned()));
+    assert_eq!(request("POST", &url, &headers, event.clone()).0, 403);
+    let mut headers = with_auth(&basic(ADMIN));
+    headers.push(("sec-fetch-site", "cross-site".to_owned()));
+    assert_eq!(request("POST", &url, &headers, event.clone()).0, 403);
+    let mut headers = with_auth(&basic(ADMIN));
+    headers.push(("origin", daemon.url.clone()));
+    assert_eq!(request("POST", &url, &headers, event.clone()).0, 204);
+    assert_eq!(
+        request("POST", &url, &with_auth(&basic(ADMIN)), event).0,
+        204
+    );
+    // No permissive CORS.
+    let response = support_runtime().block_on(async {
+        reqwest::Client::new()
+            .get(format!("{}/api/firings", daemon.url))
+            .header("authorization", basic(ADMIN))
+            .header("origin", "http://evil.example")
+            .send()
+            .await
+            .expect("answers")
+    });
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}
+
+/// The websockets' in-band `auth` message: a token whose scope covers the socket passes, a
+/// read-only token cannot publish.
+#[test]
+fn websocket_in_band_auth_follows_scopes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = start_with_auth(dir.path());
+    let write = create_token(&daemon, "publisher", "events:write");
+    let read = create_token(&daemon, "dashboard", "events:read");
+    let ws = daemon.url.replacen("http", "ws", 1);
+    let first_answer = |path: &str, token: Option<&str>| {
+        let url = format!("{ws}{path}");
+        let token = token.map(str::to_owned);
+        support_runtime().block_on(async move {
+            let mut request = url.as_str().into_client_request().expect("request");
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", "prefect".parse().expect("header"));
+            let (mut socket, _) = tokio_tungstenite::connect_async(request)
+                .await
+                .expect("upgrade");
+            socket
+                .send(Message::Text(
+                    json!({"type": "auth", "token": token}).to_string().into(),
+                ))
+                .await
+                .expect("send");
+            match tokio::time::timeout(Duration::from_secs(5), socket.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+                Ok(Some(Ok(Message::Close(Some(f))))) => format!("close {}", u16::from(f.code)),
+                other => format!("{other:?}"),
+            }
+        })
+    };
+    assert!(first_answer("/api/events/in", Some(&write)).contains("auth_success"));
+    assert!(first_answer("/api/events/in", Some(ADMIN)).contains("auth_success"));
+    assert_eq!(first_answer("/api/events/in", Some(&read)), "close 1008");
+    assert_eq!(first_answer("/api/events/in", None), "close 1008");
+    assert!(first_answer("/api/events/out", Some(&read)).contains("auth_success"));
+    assert_eq!(first_answer("/api/events/out", Some(&write)), "close 1008");
+    assert_eq!(first_answer("/api/events/out", Some("wrong")), "close 1008");
+}
+
+/// The stock Prefect client with `PREFECT_API_AUTH_STRING`: `emit_event` (websocket) and
+/// `read_events` (REST, HTTP Basic) work with auth on; without it, reading is refused.
+#[test]
+fn the_stock_prefect_client_works_with_the_auth_string() {
+    let Some(python) = support::require_prefect_python() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = start_with_auth(dir.path());
+    let script = r#"
+import asyncio
+from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
+from prefect.client.orchestration import get_client
+from prefect.events.filters import EventFilter, EventNameFilter
+
+ids = [str(emit_event(event="secure.ping", resource={"prefect.resource.id": "r"}).id) for _ in range(2)]
+EventsWorker.drain_all()
+
+async def main():
+    async with get_client() as client:
+        page = await client.read_events(filter=EventFilter(event=EventNameFilter(name=["secure.ping"])), limit=10)
+        print(sorted(str(e.id) for e in page.events) == sorted(ids), page.total)
+
+asyncio.run(main())
+"#;
+    let run = |auth: Option<&str>| {
+        let mut command = std::process::Command::new(&python);
+        command
+            .args(["-c", script])
+            .env("PREFECT_API_URL", format!("{}/api", daemon.url))
+            .env("PREFECT_HOME", dir.path().join("prefect-home"))
+            .env("DO_NOT_TRACK", "1")
+            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            .env_remove("PREFECT_API_AUTH_STRING")
+            .env_remove("PREFECT_API_KEY");
+        if let Some(a) = auth {
+            command.env("PREFECT_API_AUTH_STRING", a);
+        }
+        command.output().expect("python runs")
+    };
+    let output = run(Some(ADMIN));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && stdout.contains("True 2"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = run(None);
+    assert!(!output.status.success(), "read without the auth string");
+}
+
+/// A signed Standard Webhooks request replayed after a restart is refused (the message id
+/// is remembered in the store), and the refusal is visible: a `prefect-cloud.webhook.failed`
+/// event with the reason (no Authorization header) and a metric by reason.
+#[test]
+fn webhook_replay_is_refused_across_a_restart() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let daemon = start_with_auth(dir.path());
+    let admin = with_auth(&basic(ADMIN));
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(b"standard-key")
+    );
+    let template = r#"{"event": "hook.got", "resource": {"prefect.resource.id": "hook"}}"#;
+    let spec = json!({"name": "standard", "template": template, "auth": {"type": "hmac", "preset": "standard", "secrets": [secret.clone()]}});
+    let (status, created) = request(
+        "POST",
+        &format!("{}/api/webhooks", daemon.url),
+        &admin,
+        spec.to_string().into_bytes(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let created: Value = serde_json::from_str(&created).expect("json");
+    let slug_path = created["url"]
+        .as_str()
+        .and_then(|u| u.find("/hooks/").map(|i| u[i..].to_owned()))
+        .expect("url");
+    let body = br#"{"a": 1}"#.to_vec();
+    let now = chrono::Utc::now().timestamp();
+    let headers = vec![
+        ("webhook-id", "msg_restart".to_owned()),
+        ("webhook-timestamp", now.to_string()),
+        (
+            "webhook-signature",
+            sign::standard(&secret, "msg_restart", now, &body),
+        ),
+        ("authorization", "Bearer must-not-leak".to_owned()),
+    ];
+    let post = |daemon: &SpurDaemon| {
+        request(
+            "POST",
+            &format!("{}{slug_path}", daemon.url),
+            &headers,
+            body.clone(),
+        )
+        .0
+    };
+    assert_eq!(post(&daemon), 204);
+    assert_eq!(daemon.terminate(), Some(0));
+    let daemon = start_with_auth(dir.path());
+    assert_eq!(post(&daemon), 401, "replayed after a restart");
+
+    let (_, metrics) = request(
+        "GET",
+        &format!("{}/metrics", daemon.url),
+        &admin,
+        Vec::new(),
+    );
+    assert!(
+        metrics.contains("spur_webhook_auth_failures_total{reason=\"replayed\"} 1"),
+        "{metrics}"
+    );
+    let failed = eventually(Duration::from_secs(10), "the failure event", || {
+        let (_, text) = request(
+            "POST",
+            &format!("{}/api/events/filter", daemon.url),
+            &admin,
+            json!({"filter": {"event": {"name": ["prefect-cloud.webhook.failed"]}}})
+                .to_string()
+                .into_bytes(),
+        );
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["events"].as_array()?.first().cloned()
+    });
+    assert_eq!(failed["payload"]["reason_code"], "replayed", "{failed}");
+    assert!(!failed.to_string().contains("must-not-leak"), "{failed}");
+}
+
+/// Beyond loopback without credentials: a warning at start and in `/healthz`; with
+/// `--require-auth`, no start at all.
+#[test]
+fn binding_beyond_loopback_without_auth_is_warned_or_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(["serve", "--http", "0.0.0.0:0", "--require-auth", "--data"])
+        .arg(dir.path().join("refused"))
+        .arg("--automations")
+        .arg(&automations)
+        .env_remove("SPUR_CONFIG")
+        .env_remove("SPUR_AUTH_STRING")
+        .output()
+        .expect("spur runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--require-auth"), "{stderr}");
+
+    // (`SpurDaemon` binds loopback; this one is started by hand.)
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args([
+            "serve",
+            "--http",
+            "0.0.0.0:0",
+            "--log-format",
+            "json",
+            "--data",
+        ])
+        .arg(dir.path().join("data"))
+        .arg("--automations")
+        .arg(&automations)
+        .env_remove("SPUR_CONFIG")
+        .env_remove("SPUR_AUTH_STRING")
+        .env("SPUR_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spur serve starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut warned = false;
+    let mut port = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+        warned |= line.contains("no authentication");
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if let Some(addr) = v["fields"]["addr"].as_str() {
+            port = addr.rsplit(':').next().map(str::to_owned);
+            break;
+        }
+    }
+    let port = port.expect("the daemon listens");
+    assert!(warned, "a warning at start");
+    let (status, text) = request(
+        "GET",
+        &format!("http://127.0.0.1:{port}/healthz"),
+        &[],
+        Vec::new(),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+    assert!(text.contains("warning"), "{text}");
+    // The same daemon on loopback says plain ok.
+    let loopback = SpurDaemon::start(&dir.path().join("data2"), &automations, &[]);
+    let (_, text) = request("GET", &format!("{}/healthz", loopback.url), &[], Vec::new());
+    assert_eq!(text, "ok");
+}
