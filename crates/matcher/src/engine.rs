@@ -164,14 +164,36 @@ pub struct Engine {
     first_pass_pending: Vec<usize>,
     seen: HashSet<Uuid>,
     seen_order: VecDeque<(DateTime<Utc>, Uuid)>,
-    held: HashMap<Uuid, Vec<Arc<Event>>>,
-    held_ids: HashSet<Uuid>,
+    /// Prefect's causal-ordering bookkeeping (`ordering/memory.py`): the latest parked copy
+    /// of each event id (`_events`), and per leader the ids waiting for it (`_followers`; an
+    /// id waits under several leaders when its copies name different ones). An id is *seen*
+    /// only once it has been processed, so a parked id is not seen: a copy of it is evaluated
+    /// on its own terms, and a copy that must wait too replaces the parked one.
+    held: HashMap<Uuid, HeldEvent>,
+    waiting: HashMap<Uuid, Vec<Uuid>>,
+    /// `(received + follower_lookback, id)` of every parking (`_waitlist`); an entry whose id
+    /// was parked again later, or processed, is stale and skipped.
     release_timers: BinaryHeap<Reverse<(DateTime<Utc>, Uuid)>>,
     next_sweep: Option<DateTime<Utc>>,
     sequence: u64,
     scratch: CandidateScratch,
     /// When set, decisions about each handled event are recorded here (see `explain`).
     explain: Option<Explanations>,
+}
+
+/// A parked event: the latest copy of its id that had to wait, and every leader a parked
+/// copy of it named (it is listed under each in `Engine::waiting`).
+#[derive(Debug)]
+struct HeldEvent {
+    event: Arc<Event>,
+    leaders: Vec<Uuid>,
+}
+
+/// Why [`Engine::process`] stopped short (Prefect's `EventArrivedEarly`, `MaxDepthExceeded`).
+#[derive(Debug)]
+enum Halt {
+    Early,
+    TooDeep,
 }
 
 /// Recorded decisions, per event, until taken.
@@ -194,7 +216,7 @@ impl Engine {
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             held: HashMap::new(),
-            held_ids: HashSet::new(),
+            waiting: HashMap::new(),
             release_timers: BinaryHeap::new(),
             next_sweep: None,
             sequence: 0,
@@ -354,7 +376,7 @@ impl Engine {
             automations: self.plan.automations.len(),
             leaves: self.plan.leaves.len(),
             buckets: self.leaf_states.iter().map(|s| s.buckets.len()).sum(),
-            held_events: self.held_ids.len(),
+            held_events: self.held.len(),
             remembered_ids: self.seen.len(),
         }
     }
@@ -461,7 +483,11 @@ impl Engine {
             leaves,
             composites,
             seen,
-            held: self.held.values().flatten().map(|e| e.to_json()).collect(),
+            held: {
+                let mut held: Vec<&HeldEvent> = self.held.values().collect();
+                held.sort_by_key(|h| h.event.id);
+                held.iter().map(|h| h.event.to_json()).collect()
+            },
             next_sweep: self.next_sweep,
             sequence: self.sequence,
         }
@@ -550,8 +576,11 @@ impl Engine {
             }
         }
         self.held.clear();
-        self.held_ids.clear();
+        self.waiting.clear();
         self.release_timers.clear();
+        // Each parked event waits under its own leader again (an id that also waited under a
+        // leader named by an earlier copy no longer does: only bare replays have such copies,
+        // the daemon's log keeps an id once).
         for value in &snapshot.held {
             let Ok(event) = Event::from_stored_json(value) else {
                 continue;
@@ -559,12 +588,7 @@ impl Engine {
             let Some(leader) = event.follows else {
                 continue;
             };
-            self.held_ids.insert(event.id);
-            self.release_timers.push(Reverse((
-                event.received + self.config.follower_lookback,
-                event.id,
-            )));
-            self.held.entry(leader).or_default().push(Arc::new(event));
+            self.record_follower(Arc::new(event), leader);
         }
         self.timers.clear();
         self.first_pass_pending.clear();
@@ -586,8 +610,9 @@ impl Engine {
 
     /// Handles one event arriving at `now` (after first advancing time to `now`).
     ///
-    /// Events named `prefect.log.write` and already-seen ids are ignored; an event whose
-    /// `follows` leader has not been processed is parked (Prefect's causal ordering).
+    /// Events named `prefect.log.write` and already-seen (processed) ids are ignored; an
+    /// event whose `follows` leader has not been processed is parked (Prefect's causal
+    /// ordering). A parked id is not seen yet, so a copy of it is evaluated on its own terms.
     pub fn handle(&mut self, event: Arc<Event>, now: DateTime<Utc>) -> Vec<Firing> {
         let mut out = Vec::new();
         self.advance(now, &mut out);
@@ -595,23 +620,12 @@ impl Engine {
             self.note_fate(event.id, EventFate::IgnoredLogWrite);
             return out;
         }
-        if self.seen.contains(&event.id) || self.held_ids.contains(&event.id) {
+        if self.seen.contains(&event.id) {
             self.note_fate(event.id, EventFate::Duplicate);
             return out;
         }
-        if let Some(leader) = event.follows
-            && leader != event.id
-            && !self.seen.contains(&leader)
-            && now - event.received < self.config.follower_lookback
-        {
-            self.note_fate(event.id, EventFate::Held { leader });
-            let release_at = event.received + self.config.follower_lookback;
-            self.held_ids.insert(event.id);
-            self.release_timers.push(Reverse((release_at, event.id)));
-            self.held.entry(leader).or_default().push(event);
-            return out;
-        }
-        self.process(event, 0, &mut out);
+        // Parked (`EventArrivedEarly`) is not an error here: the event waits for its leader.
+        let _ = self.process(event, 0, &mut out);
         out
     }
 
@@ -676,39 +690,62 @@ impl Engine {
 
     /// Releases every parked follower due at `t`, in `occurred` order (§1.5).
     fn release_lost_followers(&mut self, t: DateTime<Utc>, out: &mut Vec<Firing>) {
-        let mut due = Vec::new();
+        let mut released: Vec<Arc<Event>> = Vec::new();
         while let Some(Reverse((at, id))) = self.release_timers.peek().copied() {
             if at > t {
                 break;
             }
             self.release_timers.pop();
-            if self.held_ids.contains(&id) {
-                due.push(id);
+            // Stale unless the copy parked now is the one this timer was set for.
+            let current = self
+                .held
+                .get(&id)
+                .is_some_and(|h| h.event.received + self.config.follower_lookback == at);
+            if current && let Some(event) = self.forget_follower(id) {
+                released.push(event);
             }
         }
-        if due.is_empty() {
-            return;
-        }
-        let mut released: Vec<Arc<Event>> = Vec::new();
-        for list in self.held.values_mut() {
-            list.retain(|e| {
-                if due.contains(&e.id) {
-                    released.push(e.clone());
-                    false
-                } else {
-                    true
-                }
-            });
-        }
-        self.held.retain(|_, list| !list.is_empty());
         // The id breaks ties, so the release order never depends on the hash map's order.
         released.sort_by_key(|e| (e.occurred, e.received, e.id));
         for event in released {
-            self.held_ids.remove(&event.id);
-            if !self.seen.contains(&event.id) {
-                self.process(event, 0, out);
+            // Prefect evaluates a released follower even if a copy of it was processed
+            // meanwhile (`get_lost_followers` does not consult the seen ids). A follower of it
+            // parked again behind another leader stops Prefect's release loop (and loses the
+            // followers not yet released); Spur releases the rest (docs/prefect-differences.md).
+            let _ = self.process(event, 0, out);
+        }
+    }
+
+    /// Parks `event` behind `leader` (Prefect's `record_follower`): it replaces any parked
+    /// copy of its id, which keeps waiting under the leaders it named too.
+    fn record_follower(&mut self, event: Arc<Event>, leader: Uuid) {
+        let id = event.id;
+        let release_at = event.received + self.config.follower_lookback;
+        let entry = self.held.entry(id).or_insert_with(|| HeldEvent {
+            event: event.clone(),
+            leaders: Vec::new(),
+        });
+        entry.event = event;
+        if !entry.leaders.contains(&leader) {
+            entry.leaders.push(leader);
+            self.waiting.entry(leader).or_default().push(id);
+        }
+        self.release_timers.push(Reverse((release_at, id)));
+    }
+
+    /// Stops tracking parked id `id` (Prefect's `forget_follower`, and the clean-up of
+    /// `get_lost_followers`), returning the copy that was parked.
+    fn forget_follower(&mut self, id: Uuid) -> Option<Arc<Event>> {
+        let held = self.held.remove(&id)?;
+        for leader in held.leaders {
+            if let Some(ids) = self.waiting.get_mut(&leader) {
+                ids.retain(|x| *x != id);
+                if ids.is_empty() {
+                    self.waiting.remove(&leader);
+                }
             }
         }
+        Some(held.event)
     }
 
     fn remember(&mut self, event: &Event) {
@@ -753,31 +790,55 @@ impl Engine {
         }
     }
 
-    /// Evaluates one event now that its leader (if any) has been processed, then any parked
-    /// followers of it.
-    fn process(&mut self, event: Arc<Event>, depth: usize, out: &mut Vec<Firing>) {
+    /// Prefect's `reactive_evaluation` with `preceding_event_confirmed`: parks the event if
+    /// its leader has not been processed (`Err(Halt::Early)`), else evaluates it, records it
+    /// as seen, and processes the followers parked behind it in `occurred` order.
+    fn process(
+        &mut self,
+        event: Arc<Event>,
+        depth: usize,
+        out: &mut Vec<Firing>,
+    ) -> Result<(), Halt> {
+        if depth > self.config.max_follower_depth {
+            // Left parked (its leader is seen now): the lost-follower release takes it.
+            return Err(Halt::TooDeep);
+        }
+        if let Some(leader) = event.follows
+            && leader != event.id
+            && self.now() - event.received < self.config.follower_lookback
+            && !self.seen.contains(&leader)
+        {
+            self.note_fate(event.id, EventFate::Held { leader });
+            self.record_follower(event, leader);
+            return Err(Halt::Early);
+        }
         self.remember(&event);
         self.note_fate(event.id, EventFate::Evaluated);
         self.reactive_evaluation(&event, out);
-        if self.held.is_empty() {
-            return;
-        }
-        if let Some(mut followers) = self.held.remove(&event.id) {
+        if let Some(ids) = self.waiting.get(&event.id) {
+            let mut followers: Vec<Arc<Event>> = ids
+                .iter()
+                .filter_map(|id| self.held.get(id).map(|h| h.event.clone()))
+                .collect();
+            // The id breaks ties, so the order never depends on the hash map's order.
             followers.sort_by_key(|e| (e.occurred, e.received, e.id));
             for follower in followers {
-                self.held_ids.remove(&follower.id);
-                if self.seen.contains(&follower.id) {
-                    continue;
-                }
-                if depth < self.config.max_follower_depth {
-                    self.process(follower, depth + 1, out);
-                } else {
-                    // Too deep to process now: park it again for the lost-follower release.
-                    self.held_ids.insert(follower.id);
-                    self.held.entry(event.id).or_default().push(follower);
+                match self.process(follower, depth + 1, out) {
+                    Ok(()) => {}
+                    // Prefect processes only the first followers up to the depth limit.
+                    Err(Halt::TooDeep) => break,
+                    // A follower whose parked copy names another leader that has not been
+                    // processed is parked again, and Prefect's `EventArrivedEarly` leaves
+                    // this loop and every enclosing one: the remaining followers stay parked.
+                    Err(Halt::Early) => return Err(Halt::Early),
                 }
             }
         }
+        if event.follows.is_some_and(|leader| leader != event.id) {
+            // Prefect forgets the parked copy of this id, whichever it was.
+            self.forget_follower(event.id);
+        }
+        Ok(())
     }
 
     /// §4.3: for each interested trigger, open or find the bucket and evaluate.
