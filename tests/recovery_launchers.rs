@@ -512,7 +512,8 @@ impl PrefectServer {
         command
             .args(["server", "start", "--host", "127.0.0.1", "--port"])
             .arg(port.to_string())
-            .arg("--no-ui")
+            // The API alone: no scheduler or other services writing to its SQLite.
+            .args(["--no-ui", "--no-services"])
             .current_dir(dir)
             .env("PREFECT_HOME", &home)
             .env(
@@ -599,6 +600,7 @@ impl Drop for PrefectServer {
 
 /// One HTTP request over loopback: (status, JSON body), or `None` when nothing answers.
 fn try_http(method: &str, url: &str, body: Option<Value>) -> Option<(u16, Value)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -63,6 +63,9 @@ pub struct PrefectLauncher {
 /// is given up as Crashed.
 const POLL_FAILURES_TOLERATED: u32 = 30;
 
+/// How often create_flow_run is retried while Prefect answers busy (0.5 s, 1 s, … 8 s).
+const CREATE_RETRIES: u32 = 5;
+
 fn key_of(run: &Run) -> String {
     run.idempotency_key
         .clone()
@@ -194,12 +197,25 @@ pub async fn launch_prefect(
         "state": {"type": "SCHEDULED", "name": "Scheduled"},
         "tags": ["spur"],
     });
-    let response = match with_auth(client.post(&url).timeout(launcher.timeout).json(&body))
-        .send()
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return crashed(format!("cannot reach Prefect at {api}: {e}")),
+    // A busy Prefect answers 503 (its database timed out) or 429/502/504: retried, as
+    // Prefect's own client does. Safe: the run's idempotency key makes a repeated create
+    // answer the flow run a first attempt may have made.
+    let mut attempt = 0;
+    let response = loop {
+        let sent = with_auth(client.post(&url).timeout(launcher.timeout).json(&body))
+            .send()
+            .await;
+        match sent {
+            Ok(r)
+                if matches!(r.status().as_u16(), 429 | 502 | 503 | 504)
+                    && attempt < CREATE_RETRIES =>
+            {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+            }
+            Ok(r) => break r,
+            Err(e) => return crashed(format!("cannot reach Prefect at {api}: {e}")),
+        }
     };
     let status = response.status();
     let answer: Value = response.json().await.unwrap_or(Value::Null);
