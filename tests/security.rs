@@ -526,3 +526,68 @@ fn binding_beyond_loopback_without_auth_is_warned_or_refused() {
     let (_, text) = request("GET", &format!("{}/healthz", loopback.url), &[], Vec::new());
     assert_eq!(text, "ok");
 }
+
+/// With auth on, a run the daemon launches can still send events back (`"$SPUR_BIN" emit`):
+/// it gets a credential of its own (`SPUR_API_TOKEN`, scope `events:write`, never stored),
+/// and that credential cannot manage the daemon.
+#[test]
+fn runs_emit_with_their_own_write_only_credential() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[(
+            "d.yaml",
+            r#"deployments:
+  - name: emitter
+    launcher:
+      command: ["sh", "-c", "\"$SPUR_BIN\" emit test.from-run --resource test.run && curl -s -o /dev/null -w '%{http_code}' -X POST -H \"Authorization: Bearer $SPUR_API_TOKEN\" \"$SPUR_API_URL/api/tokens\" -d '{}' || true"]
+"#,
+        )],
+    );
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--auth-string", ADMIN],
+    );
+    let (status, body) = request(
+        "POST",
+        &format!("{}/api/runs", daemon.url),
+        &with_auth(&basic(ADMIN)),
+        json!({"deployment": "emitter"}).to_string().into_bytes(),
+    );
+    assert!((200..300).contains(&status), "{status} {body}");
+    let run: Value = serde_json::from_str(&body).expect("run");
+    let id = run["id"].as_str().expect("id").to_owned();
+    let finished = eventually(Duration::from_secs(20), "the run to finish", || {
+        let (_, body) = request(
+            "GET",
+            &format!("{}/api/runs/{id}", daemon.url),
+            &with_auth(&basic(ADMIN)),
+            Vec::new(),
+        );
+        let run: Value = serde_json::from_str(&body).ok()?;
+        matches!(
+            run["state"].as_str(),
+            Some("Completed" | "Failed" | "Crashed")
+        )
+        .then_some(run)
+    });
+    assert_eq!(finished["state"], "Completed", "{finished}");
+    let (status, body) = request(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        &with_auth(&basic(ADMIN)),
+        json!({"filter": {"event": {"name": ["test.from-run"]}}})
+            .to_string()
+            .into_bytes(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).expect("page");
+    assert_eq!(page["events"].as_array().map(Vec::len), Some(1), "{page}");
+    // The run's credential writes events only: creating a token (admin) is refused, if curl ran.
+    let output = finished["output"].as_str().unwrap_or_default();
+    assert!(
+        !output.contains("201"),
+        "a run's credential created a token: {output}"
+    );
+}

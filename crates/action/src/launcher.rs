@@ -48,6 +48,9 @@ pub struct CommandSpec {
 pub struct LaunchContext {
     /// The daemon's API URL, passed as `SPUR_API_URL`.
     pub api_url: Option<String>,
+    /// A credential for that API (scope `events:write`), passed as `SPUR_API_TOKEN`, so a
+    /// run's `"$SPUR_BIN" emit` is accepted when the daemon requires auth.
+    pub api_token: Option<String>,
     /// Where start markers go (see the module docs); `None` writes none.
     pub marker_dir: Option<PathBuf>,
 }
@@ -127,6 +130,9 @@ pub fn spawn(
         .kill_on_drop(true);
     if let Some(url) = &context.api_url {
         command.env("SPUR_API_URL", url);
+    }
+    if let Some(token) = &context.api_token {
+        command.env("SPUR_API_TOKEN", token);
     }
     if let Ok(exe) = std::env::current_exe() {
         command.env("SPUR_BIN", exe);
@@ -443,8 +449,8 @@ mod tests {
     async fn output_keeps_both_streams_and_the_exit_code() {
         let dir = tempfile::tempdir().expect("tempdir");
         let context = LaunchContext {
-            api_url: None,
             marker_dir: Some(dir.path().to_owned()),
+            ..LaunchContext::default()
         };
         let run = a_run();
         let process = spawn(&sh("cat; echo oops >&2; exit 3"), &run, &context).expect("spawned");

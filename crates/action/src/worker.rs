@@ -361,7 +361,7 @@ pub async fn serve_pool(
             };
             let context = LaunchContext {
                 api_url: request.api_url.clone(),
-                marker_dir: None,
+                ..LaunchContext::default()
             };
             info!(run = %run_id, deployment = %request.run.deployment, "running");
             let outcome = match spawn(&request.command(), &request.run, &context) {

@@ -44,7 +44,6 @@ use uuid::Uuid;
 
 use crate::pipeline::{Control, Dispatch};
 
-
 /// An action with its templates rendered and its target resolved: what a retry re-performs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -157,6 +156,8 @@ struct Inner {
     marks: OnceLock<mpsc::UnboundedSender<Uuid>>,
     /// Where run processes leave their start markers (`launcher` module docs).
     marker_dir: OnceLock<std::path::PathBuf>,
+    /// The credential run processes get for the daemon's API (`SPUR_API_TOKEN`).
+    api_token: OnceLock<String>,
     retry_base: Duration,
     max_attempts: u32,
 }
@@ -193,6 +194,7 @@ impl Executor {
                 shared: OnceLock::new(),
                 marks: OnceLock::new(),
                 marker_dir: OnceLock::new(),
+                api_token: OnceLock::new(),
                 retry_base: Duration::from_millis(500),
                 max_attempts: 5,
             }),
@@ -215,9 +217,16 @@ impl Executor {
         Ok(())
     }
 
+    /// The credential run processes get for the daemon's API (`SPUR_API_TOKEN`): with auth
+    /// on, a run's `"$SPUR_BIN" emit` needs one.
+    pub fn set_api_token(&self, token: String) {
+        let _ = self.inner.api_token.set(token);
+    }
+
     fn launch_context(&self) -> LaunchContext {
         LaunchContext {
             api_url: self.inner.api_url.read().ok().and_then(|u| u.clone()),
+            api_token: self.inner.api_token.get().cloned(),
             marker_dir: self.inner.marker_dir.get().cloned(),
         }
     }

@@ -120,6 +120,10 @@ pub struct Auth {
     api_key: Option<String>,
     metrics_open: bool,
     tokens: RwLock<Vec<KnownToken>>,
+    /// A secret made at start and never stored, given to the runs the daemon launches
+    /// (`SPUR_API_TOKEN`), scope `events:write`: their `spur emit` calls need a credential
+    /// once auth is on, and no other credential should reach a run's environment.
+    run_token: String,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
 }
@@ -141,6 +145,11 @@ impl Auth {
             api_key: api_key.filter(|s| !s.is_empty()),
             metrics_open,
             tokens: RwLock::default(),
+            run_token: format!(
+                "spur_run_{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            ),
             store,
             metrics,
         };
@@ -166,6 +175,11 @@ impl Auth {
         Ok(())
     }
 
+    /// The credential for the daemon's own runs (scope `events:write`, this process only).
+    pub fn run_token(&self) -> &str {
+        &self.run_token
+    }
+
     /// Is any credential configured (then every route but the open ones needs one)?
     pub fn enabled(&self) -> bool {
         self.auth_string.is_some()
@@ -181,6 +195,9 @@ impl Auth {
             if constant_time_eq(secret.as_bytes(), s.as_bytes()) {
                 found = Some(Scope::Admin);
             }
+        }
+        if found.is_none() && constant_time_eq(secret.as_bytes(), self.run_token.as_bytes()) {
+            found = Some(Scope::EventsWrite);
         }
         let hashed = hash_key(secret);
         if let Ok(tokens) = self.tokens.read() {

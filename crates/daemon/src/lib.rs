@@ -278,6 +278,7 @@ impl Daemon {
             store.clone(),
             metrics.clone(),
         )?);
+        executor.set_api_token(auth.run_token().to_owned());
         if let Some(warning) = auth.exposure_warning(config.http) {
             if config.require_auth {
                 return Err(StartError::Unprotected(format!(
