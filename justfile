@@ -33,3 +33,10 @@ scenarios:
 # Fuzz every cargo-fuzz target for SECONDS each (libFuzzer; see docs/fuzzing.md).
 fuzz-targets SECONDS="60":
     ./scripts/fuzz.sh {{SECONDS}}
+
+# Differential fuzzing against Prefect 3.8.8's own trigger engine: COUNT generated scenarios
+# from SEED (split over SPUR_ORACLE_JOBS processes), failing on any unexplained disagreement.
+# Without arguments, scripts/oracle.sh runs CI's fixed seeds. See docs/prefect-differences.md.
+fuzz SEED COUNT:
+    cargo build --release -p spur
+    SPUR_BIN=target/release/spur ./scripts/oracle.sh {{SEED}} {{COUNT}}
