@@ -815,7 +815,10 @@ impl Engine {
         self.remember(&event);
         self.note_fate(event.id, EventFate::Evaluated);
         self.reactive_evaluation(&event, out);
-        if let Some(ids) = self.waiting.get(&event.id) {
+        // (Nothing parked is the usual case: no hashing then.)
+        if !self.waiting.is_empty()
+            && let Some(ids) = self.waiting.get(&event.id)
+        {
             let mut followers: Vec<Arc<Event>> = ids
                 .iter()
                 .filter_map(|id| self.held.get(id).map(|h| h.event.clone()))
@@ -834,7 +837,7 @@ impl Engine {
                 }
             }
         }
-        if event.follows.is_some_and(|leader| leader != event.id) {
+        if !self.held.is_empty() && event.follows.is_some_and(|leader| leader != event.id) {
             // Prefect forgets the parked copy of this id, whichever it was.
             self.forget_follower(event.id);
         }
