@@ -5,6 +5,7 @@
 #
 #   ./scripts/test.sh            # everything
 #   SPUR_SKIP_LINT=1 ./scripts/test.sh   # tests only
+#   SPUR_SKIP_FUZZ=1 ./scripts/test.sh   # without the fuzz targets (about 13 minutes cold)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,3 +35,11 @@ if [ -d ../shared/conformance/examples ]; then
   suites+=(../shared/conformance/examples)
 fi
 ./target/release/spur test "${suites[@]}"
+
+step "differential oracle: Prefect 3.8.8's engine beside spur replay (fixed seeds)"
+SPUR_BIN=./target/release/spur ./scripts/oracle.sh
+
+if [ "${SPUR_SKIP_FUZZ:-0}" != "1" ]; then
+  step "fuzz targets: event parser, automation loader, templates, webhook mapping (60 s each)"
+  ./scripts/fuzz.sh 60
+fi
