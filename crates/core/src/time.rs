@@ -9,9 +9,30 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeDelta, Utc};
 use serde_json::Value;
 
 /// Parses a timestamp field; the error is a reason phrase.
+///
+/// Only years 1 to 9999 are accepted: Python's `datetime` holds no others, so Prefect refuses
+/// them, and Spur's own RFC 3339 output of such a time (`-2024-…`, `+12345-…`) would not
+/// read back, leaving a stored event that cannot be loaded (found by fuzzing).
 pub fn parse_timestamp(value: &Value) -> Result<DateTime<Utc>, String> {
+    parse_timestamp_any(value).and_then(in_python_range)
+}
+
+/// Refuses a time outside Python's `datetime` range (years 1 to 9999).
+fn in_python_range(t: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    use chrono::Datelike;
+    if (1..=9999).contains(&t.year()) {
+        Ok(t)
+    } else {
+        Err(format!(
+            "{} is outside the years 1 to 9999 (Prefect's datetime range)",
+            t.to_rfc3339()
+        ))
+    }
+}
+
+fn parse_timestamp_any(value: &Value) -> Result<DateTime<Utc>, String> {
     match value {
-        Value::String(s) => parse_timestamp_str(s),
+        Value::String(s) => parse_timestamp_text(s),
         Value::Number(n) => {
             let secs = n
                 .as_f64()
@@ -30,8 +51,12 @@ pub fn parse_timestamp(value: &Value) -> Result<DateTime<Utc>, String> {
     }
 }
 
-/// Parses an RFC 3339 timestamp string (offset optional, then UTC).
+/// Parses an RFC 3339 timestamp string (offset optional, then UTC), years 1 to 9999.
 pub fn parse_timestamp_str(s: &str) -> Result<DateTime<Utc>, String> {
+    parse_timestamp_text(s).and_then(in_python_range)
+}
+
+fn parse_timestamp_text(s: &str) -> Result<DateTime<Utc>, String> {
     let trimmed = s.trim();
     if let Ok(dt) = DateTime::parse_from_rfc3339(trimmed) {
         return Ok(dt.with_timezone(&Utc));
@@ -294,6 +319,34 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    /// Regression (fuzzing): `-2024-05-01T02:00` was accepted, stored, and printed as
+    /// `-2024-05-01T02:00:00Z`, which does not read back. Prefect refuses years outside
+    /// 1..=9999; so does Spur, for strings and numbers alike, and what it accepts reads back.
+    #[test]
+    fn only_years_python_can_hold_are_accepted_and_they_read_back() {
+        for refused in [
+            json!("-2024-05-01T02:00"),
+            json!("0000-01-01T00:00:00Z"),
+            json!("+12345-01-01T00:00:00Z"),
+            json!(-62_135_596_801i64),
+            json!(253_402_300_800i64),
+        ] {
+            assert!(parse_timestamp(&refused).is_err(), "{refused}");
+        }
+        for accepted in [
+            json!("0001-01-01T00:00:00Z"),
+            json!("9999-12-31T23:59:59.999999Z"),
+            json!(-62_135_596_800i64),
+        ] {
+            let t = parse_timestamp(&accepted).expect("in range");
+            assert_eq!(
+                parse_timestamp_str(&format_timestamp(t)),
+                Ok(t),
+                "{accepted}"
+            );
+        }
+    }
 
     proptest! {
         /// The direct formatter writes exactly what chrono does, for any instant chrono can
