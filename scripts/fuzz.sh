@@ -59,7 +59,7 @@ for target in "${targets[@]}"; do
   if cargo fuzz run --sanitizer "$sanitizer" "$target" "$work" "corpus/$target" -- \
       -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -max_len=65536 \
       "${parallel[@]}" -print_final_stats=1 >"$log" 2>&1; then
-    grep -E '^stat::number_of_executed_units|^stat::peak_rss_mb|^#[0-9]+.*DONE' "$log" | sed "s/^/   /" || true
+    grep -aE '^stat::number_of_executed_units|^stat::peak_rss_mb|^#[0-9]+.*DONE' "$log" | sed "s/^/   /" || true
   else
     echo "   CRASH (see fuzz/$log and fuzz/artifacts/$target/)"
     tail -n 40 "$log" | sed "s/^/   /"
