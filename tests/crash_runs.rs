@@ -216,7 +216,8 @@ fn kill_9_under_load_launches_every_run_that_had_not_started_exactly_once() {
     }
     let total = EVENTS * ROUNDS;
     let base = daemon.url.clone();
-    let runs = eventually(Duration::from_secs(400), "every run finished", || {
+    let mut last_report = Instant::now();
+    let runs = eventually(Duration::from_secs(600), "every run finished", || {
         let runs = all_runs(&base);
         let unfinished = runs
             .iter()
@@ -227,6 +228,13 @@ fn kill_9_under_load_launches_every_run_that_had_not_started_exactly_once() {
                 )
             })
             .count();
+        if last_report.elapsed() > Duration::from_secs(15) {
+            last_report = Instant::now();
+            println!(
+                "waiting: {} of {total} runs, {unfinished} unfinished",
+                runs.len()
+            );
+        }
         (runs.len() >= total && unfinished == 0).then_some(runs)
     });
 

@@ -1081,20 +1081,30 @@ impl Store {
         Ok(())
     }
 
-    /// Recent firings (among the last `scan`) whose actions were never all performed: what a
-    /// crash interrupted. Oldest first.
-    pub fn undispatched_firings(&self, scan: usize) -> Result<Vec<Value>, StoreError> {
+    /// Firings whose actions were never all performed: what a crash interrupted. Oldest
+    /// first. Firings are dispatched in the order they were recorded, so the undispatched
+    /// ones are the newest: the scan walks back from the newest firing and stops once it has
+    /// passed `settled` dispatched firings in a row. (It used to stop after the newest
+    /// `settled` firings, whatever they were: a backlog longer than that, under load at a
+    /// kill -9, was never dispatched and its runs never made.)
+    pub fn undispatched_firings(&self, settled: usize) -> Result<Vec<Value>, StoreError> {
         let txn = self.db.begin_read()?;
         let order = txn.open_table(FIRING_SEQ)?;
         let firings = txn.open_table(FIRINGS)?;
         let done = txn.open_table(DISPATCHED)?;
         let mut out = Vec::new();
-        for entry in order.iter()?.rev().take(scan) {
+        let mut dispatched_in_a_row = 0;
+        for entry in order.iter()?.rev() {
             let (_, id) = entry?;
             let id = id.value();
             if done.get(id)?.is_some() {
+                dispatched_in_a_row += 1;
+                if dispatched_in_a_row >= settled {
+                    break;
+                }
                 continue;
             }
+            dispatched_in_a_row = 0;
             if let Some(v) = firings.get(id)? {
                 out.push(serde_json::from_slice(v.value()).map_err(corrupt)?);
             }
@@ -2169,6 +2179,26 @@ mod tests {
             .append(&[event_of(count + 1, "r", "2024-01-01T00:00:00Z")])
             .expect("append");
         assert_eq!(more, [Appended::New(count as u64 + 1)]);
+    }
+
+    #[test]
+    fn a_backlog_longer_than_the_scan_is_found_whole() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("opens");
+        let firings: Vec<(Uuid, Value)> = (1..=500u128)
+            .map(|n| (Uuid::from_u128(n), json!({"id": Uuid::from_u128(n)})))
+            .collect();
+        store.record_firings(&firings).expect("record");
+        // The oldest 100 were dispatched, then the daemon died with 400 in its backlog.
+        let done: Vec<Uuid> = firings[..100].iter().map(|(id, _)| *id).collect();
+        store.mark_dispatched(&done).expect("mark");
+        let left = store.undispatched_firings(50).expect("scan");
+        assert_eq!(
+            left.len(),
+            400,
+            "every undispatched firing, not just the newest 50"
+        );
+        assert_eq!(left[0], json!({"id": Uuid::from_u128(101)}), "oldest first");
     }
 
     #[test]
