@@ -312,14 +312,8 @@ pub fn query(
     as_json: bool,
 ) -> Result<()> {
     let mut filter = event_filter(names, resource)?;
-    let now = Utc::now();
     if let Some(s) = since {
-        let since = match crate::serve::parse_duration(s) {
-            Ok(d) => now - chrono::TimeDelta::from_std(d).context("--since is too large")?,
-            Err(_) => spur_core::time::parse_timestamp_str(s)
-                .map_err(anyhow::Error::msg)
-                .context("--since")?,
-        };
+        let since = time_arg(s).context("--since")?;
         filter["occurred"]["since"] = json!(spur_core::time::format_timestamp(since));
     }
     if let Some(u) = until {
@@ -647,13 +641,7 @@ pub fn actions_retry(api: Option<&str>, id: &str) -> Result<()> {
 /// Every stored event between `since` (a duration back from now, or a timestamp) and `until`,
 /// oldest first, paging through `/api/events/filter`.
 pub fn fetch_events(api: Option<&str>, since: &str, until: Option<&str>) -> Result<Vec<Value>> {
-    let now = Utc::now();
-    let since = match crate::serve::parse_duration(since) {
-        Ok(d) => now - chrono::TimeDelta::from_std(d).context("--since is too large")?,
-        Err(_) => spur_core::time::parse_timestamp_str(since)
-            .map_err(anyhow::Error::msg)
-            .context("--since")?,
-    };
+    let since = time_arg(since).context("--since")?;
     let mut filter = json!({
         "occurred": {"since": spur_core::time::format_timestamp(since)},
         "order": "ASC",
