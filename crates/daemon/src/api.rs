@@ -215,6 +215,22 @@ async fn ui() -> Response {
         .into_response()
 }
 
+/// Runs a store call on a blocking thread; a store error or a lost task answers 500 with its
+/// reason.
+async fn from_store<T, E>(
+    call: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Response>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    match tokio::task::spawn_blocking(call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
 fn error(status: StatusCode, detail: impl Into<String>) -> Response {
     (status, axum::Json(json!({"detail": detail.into()}))).into_response()
 }
@@ -665,16 +681,15 @@ async fn list_runs(State(state): State<ApiState>, Query(q): Query<RunsQuery>) ->
         cursor,
     };
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.query_runs(&query)).await {
-        Ok(Ok(page)) => {
+    match from_store(move || store.query_runs(&query)).await {
+        Ok(page) => {
             let mut body = json!({"runs": page.runs});
             if let Some(next) = page.next {
                 body["next"] = json!(next.to_string());
             }
             axum::Json(body).into_response()
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(failed) => failed,
     }
 }
 
@@ -701,11 +716,10 @@ async fn get_run(
         return error(StatusCode::BAD_REQUEST, "not a run id");
     };
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.get_run(id)).await {
-        Ok(Ok(Some(run))) => axum::Json(run).into_response(),
-        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "Run not found"),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match from_store(move || store.get_run(id)).await {
+        Ok(Some(run)) => axum::Json(run).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "Run not found"),
+        Err(failed) => failed,
     }
 }
 
@@ -753,10 +767,9 @@ async fn start_run(State(state): State<ApiState>, body: Option<axum::Json<Value>
 
 async fn failed_actions(State(state): State<ApiState>) -> Response {
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.failed_actions()).await {
-        Ok(Ok(list)) => axum::Json(json!({"failed": list})).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match from_store(move || store.failed_actions()).await {
+        Ok(list) => axum::Json(json!({"failed": list})).into_response(),
+        Err(failed) => failed,
     }
 }
 
@@ -794,10 +807,9 @@ struct Limit {
 async fn firings(State(state): State<ApiState>, Query(q): Query<Limit>) -> Response {
     let limit = q.limit.unwrap_or(50).min(1000);
     let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.recent_firings(limit)).await {
-        Ok(Ok(firings)) => axum::Json(json!({"firings": firings})).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match from_store(move || store.recent_firings(limit)).await {
+        Ok(firings) => axum::Json(json!({"firings": firings})).into_response(),
+        Err(failed) => failed,
     }
 }
 
