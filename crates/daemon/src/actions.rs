@@ -392,12 +392,12 @@ impl Executor {
     /// can be known of it ([`RecoveryVerdict`]). Returns how many of each.
     pub async fn recover(&self) -> Recovered {
         let store = self.inner.store.clone();
-        let runs = match tokio::task::spawn_blocking(move || store.unsettled_runs()).await {
-            Ok(Ok(runs)) => runs,
-            Ok(Err(e)) => {
-                warn!(error = %e, "cannot read the runs to recover");
-                return Recovered::default();
-            }
+        let read = tokio::task::spawn_blocking(move || store.unsettled_runs())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|runs| runs.map_err(|e| e.to_string()));
+        let runs = match read {
+            Ok(runs) => runs,
             Err(e) => {
                 warn!(error = %e, "cannot read the runs to recover");
                 return Recovered::default();
