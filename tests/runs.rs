@@ -314,24 +314,37 @@ fn the_chain_runs_on_a_worker_pool_over_nats() {
 /// `create_flow_run` answers a flow run named after the deployment, and each flow run reads
 /// RUNNING until `release` is set, then its final state (with its message) from `finals`.
 /// Returns the API URL and the count of flow-run polls.
+type Bodies = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
 fn fake_prefect(
     release: std::sync::Arc<std::sync::atomic::AtomicBool>,
     finals: &'static [(&'static str, &'static str, &'static str)],
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    Bodies,
+) {
     use std::io::Write;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let url = format!("http://{}/api", listener.local_addr().expect("addr"));
     let polls = std::sync::Arc::new(AtomicUsize::new(0));
     let counted = polls.clone();
+    let bodies = Bodies::default();
+    let created = bodies.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming().take(500) {
             let Ok(mut stream) = stream else { continue };
-            let (head, _) = read_request(&stream);
+            let (head, body) = read_request(&stream);
             let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
             // /api/deployments/<deployment>/create_flow_run or /api/flow_runs/<flow run>
             let answer = if let Some(rest) = path.strip_prefix("/api/deployments/") {
                 let deployment = rest.split('/').next().unwrap_or("");
+                if let (Ok(body), Ok(mut bodies)) =
+                    (serde_json::from_slice::<Value>(&body), created.lock())
+                {
+                    bodies.push(body);
+                }
                 serde_json::json!({"id": format!("run-of-{deployment}"), "name": "fake-run",
                                    "state": {"type": "SCHEDULED", "name": "Scheduled"}})
             } else if let Some(run) = path.strip_prefix("/api/flow_runs/") {
@@ -358,7 +371,7 @@ fn fake_prefect(
             );
         }
     });
-    (url, polls)
+    (url, polls, bodies)
 }
 
 /// A `prefect` launcher follows the flow run it created: the Spur run stays Running while
@@ -369,7 +382,7 @@ fn prefect_launcher_runs_end_when_the_prefect_flow_run_ends() {
     const OK: &str = "0c0c0c0c-0000-4000-8000-00000000000a";
     const BAD: &str = "0c0c0c0c-0000-4000-8000-00000000000b";
     let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (api, polls) = fake_prefect(
+    let (api, polls, _) = fake_prefect(
         release.clone(),
         &[(OK, "COMPLETED", ""), (BAD, "FAILED", "boom")],
     );
@@ -414,4 +427,141 @@ fn prefect_launcher_runs_end_when_the_prefect_flow_run_ends() {
         Some("boom".into()),
         "Prefect's message: {bad}"
     );
+}
+
+#[test]
+fn schedule_after_delays_the_run_even_across_a_kill_and_job_variables_reach_its_process() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            (
+                "d.yaml",
+                "deployments:\n  - name: later\n    launcher:\n      command: [sh, -c, 'echo \"greeting=$GREETING\"; echo \"$SPUR_JOB_VARIABLES\"']\n",
+            ),
+            (
+                "a.yaml",
+                "name: delayed\ntrigger: {type: event, posture: Reactive, expect: [test.go]}\nactions:\n  - type: run-deployment\n    deployment: later\n    schedule_after: 6\n    job_variables: {env: {GREETING: hello}, note: '{{ not templated }}'}\n",
+            ),
+        ],
+    );
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let (ok, out, err) = spur(&["emit", "test.go", "--resource", "r", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    let scheduled = eventually(Duration::from_secs(10), "the delayed run", || {
+        runs(&daemon)
+            .into_iter()
+            .find(|r| r["deployment"] == "later")
+    });
+    assert_eq!(scheduled["state"], "Scheduled", "{scheduled}");
+    let created =
+        chrono::DateTime::parse_from_rfc3339(scheduled["created"].as_str().expect("created"))
+            .expect("created time");
+    let start = chrono::DateTime::parse_from_rfc3339(
+        scheduled["scheduled_start"]
+            .as_str()
+            .expect("scheduled_start"),
+    )
+    .expect("start time");
+    assert_eq!((start - created).num_seconds(), 6, "{scheduled}");
+    // The Scheduled event says when, as Prefect's state details do.
+    let (status, body) = support::http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(serde_json::json!({"filter": {"event": {"name": ["prefect.flow-run.Scheduled"]}}})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).expect("events JSON");
+    let event = &page["events"][0];
+    let announced = event["payload"]["validated_state"]["state_details"]["scheduled_time"]
+        .as_str()
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).expect("scheduled_time"))
+        .unwrap_or_else(|| panic!("no scheduled_time in {event}"));
+    assert!((announced - start).num_milliseconds().abs() < 1, "{event}");
+    // Killed while it waits: the restart keeps it Scheduled until the same instant.
+    daemon.kill();
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let early = runs(&daemon)
+        .into_iter()
+        .find(|r| r["deployment"] == "later")
+        .expect("the run after the restart");
+    if chrono::Utc::now() < start - chrono::TimeDelta::seconds(1) {
+        assert_eq!(early["state"], "Scheduled", "{early}");
+    }
+    let done = eventually(Duration::from_secs(30), "the delayed run finished", || {
+        let done = finished(&daemon, "later");
+        (!done.is_empty()).then_some(done)
+    });
+    assert_eq!(done.len(), 1, "one run, not relaunched: {done:?}");
+    let run = &done[0];
+    assert_eq!(run["state"], "Completed", "{run}");
+    let pending = run["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .find(|h| h["state"] == "Pending")
+        .expect("a Pending state");
+    let pending_at =
+        chrono::DateTime::parse_from_rfc3339(pending["at"].as_str().expect("at")).expect("at");
+    assert!(
+        pending_at >= start,
+        "left Scheduled at {pending_at}, before {start}"
+    );
+    let output = run["output"].as_str().unwrap_or_default();
+    assert!(output.contains("greeting=hello"), "{output}");
+    assert!(output.contains("{{ not templated }}"), "{output}");
+}
+
+/// A `prefect` run is created at once, Scheduled at its start time, with its job variables:
+/// Prefect's scheduler does the waiting, as with Prefect's own `run-deployment` action.
+#[test]
+fn prefect_runs_carry_schedule_after_and_job_variables_to_prefect() {
+    const DEPLOYMENT: &str = "0c0c0c0c-0000-4000-8000-00000000000c";
+    let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (api, _, bodies) = fake_prefect(release, &[(DEPLOYMENT, "COMPLETED", "")]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[(
+            "a.yaml",
+            "name: later-on-prefect\ntrigger: {type: event, posture: Reactive, expect: [test.go]}\nactions:\n  - type: run-deployment\n    deployment: on-prefect\n    schedule_after: PT1H\n    job_variables: {image: 'flows:1', env: {A: b}}\n",
+        )],
+    );
+    write(
+        &automations,
+        "deployments.yaml",
+        &format!(
+            "deployments:\n  - {{name: on-prefect, launcher: {{prefect: {{api_url: {api}, deployment_id: {DEPLOYMENT}, poll_interval: 0.2}}}}}}\n"
+        ),
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let before = chrono::Utc::now();
+    let (ok, out, err) = spur(&["emit", "test.go", "--resource", "r", "--api", &daemon.url]);
+    assert!(ok, "{out}{err}");
+    let body = eventually(
+        Duration::from_secs(15),
+        "the create_flow_run request",
+        || bodies.lock().ok().and_then(|b| b.first().cloned()),
+    );
+    assert_eq!(
+        body["job_variables"],
+        serde_json::json!({"image": "flows:1", "env": {"A": "b"}})
+    );
+    assert_eq!(body["state"]["type"], "SCHEDULED", "{body}");
+    let at = body["state"]["state_details"]["scheduled_time"]
+        .as_str()
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).expect("scheduled_time"))
+        .unwrap_or_else(|| panic!("no scheduled_time in {body}"));
+    let ahead = at.with_timezone(&chrono::Utc) - before;
+    assert!(
+        ahead >= chrono::TimeDelta::seconds(3590) && ahead <= chrono::TimeDelta::seconds(3610),
+        "scheduled {ahead} ahead: {body}"
+    );
+    // Created at once, not an hour later: the run is followed to Prefect's final state.
+    let done = eventually(Duration::from_secs(15), "the prefect run finished", || {
+        let done = finished(&daemon, "on-prefect");
+        (!done.is_empty()).then_some(done)
+    });
+    assert_eq!(done[0]["state"], "Completed", "{}", done[0]);
 }

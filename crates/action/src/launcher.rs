@@ -2,7 +2,8 @@
 //!
 //! Parameters go to the process as JSON on stdin and in `SPUR_PARAMETERS` (with
 //! `SPUR_RUN_ID`, `SPUR_DEPLOYMENT`, `SPUR_FLOW`, and `SPUR_API_URL`/`SPUR_BIN` so the flow can
-//! `"$SPUR_BIN" emit` events of its own). Exit 0 completes the run, with the result
+//! `"$SPUR_BIN" emit` events of its own); the run's `job_variables` add their `env` mapping
+//! and `SPUR_JOB_VARIABLES` ([`Run::job_environment`]). Exit 0 completes the run, with the result
 //! taken from the last stdout line that parses as JSON (else the last line, as a string). A
 //! non-zero exit fails it; a missing program, a crash by signal or a timeout crashes it.
 //!
@@ -120,6 +121,7 @@ pub fn spawn(
     command
         .args(&spec.argv[1..])
         .envs(&spec.env)
+        .envs(run.job_environment())
         .env("SPUR_PARAMETERS", &parameters)
         .env("SPUR_RUN_ID", run.id.to_string())
         .env("SPUR_DEPLOYMENT", &run.deployment)

@@ -191,12 +191,21 @@ pub async fn launch_prefect(
         }
     };
     let url = format!("{api}/deployments/{id}/create_flow_run");
-    let body = json!({
+    // As Prefect's own `run-deployment` action: a Scheduled state at the run's start time
+    // (`schedule_after`; Prefect's scheduler starts it then), and the job variables as given.
+    let mut state = json!({"type": "SCHEDULED", "name": "Scheduled"});
+    if let Some(at) = run.scheduled_start {
+        state["state_details"] = json!({"scheduled_time": at.to_rfc3339()});
+    }
+    let mut body = json!({
         "parameters": run.parameters,
         "idempotency_key": key_of(run),
-        "state": {"type": "SCHEDULED", "name": "Scheduled"},
+        "state": state,
         "tags": ["spur"],
     });
+    if let Some(variables) = &run.job_variables {
+        body["job_variables"] = variables.clone();
+    }
     // A busy Prefect answers 503 (its database timed out) or 429/502/504: retried, as
     // Prefect's own client does. Safe: the run's idempotency key makes a repeated create
     // answer the flow run a first attempt may have made.

@@ -209,6 +209,16 @@ pub struct Run {
     /// The run this one reruns (`spur runs rerun`, or `on_crash: rerun`).
     #[serde(default)]
     pub rerun_of: Option<Uuid>,
+    /// When the run is to start, if later than its creation (`run-deployment`'s
+    /// `schedule_after`): it stays Scheduled until then, across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_start: Option<DateTime<Utc>>,
+    /// Settings for the infrastructure that runs it (`run-deployment`'s `job_variables`,
+    /// never templated, as in Prefect). A `command` or `worker` run gets its `env` mapping
+    /// as environment variables and the whole mapping as `SPUR_JOB_VARIABLES`; a `prefect`
+    /// run hands it to Prefect's `create_flow_run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_variables: Option<Value>,
 }
 
 /// What a run is a run of: its deployment and flow, by name and id.
@@ -258,6 +268,8 @@ impl Run {
             output: None,
             process: None,
             rerun_of: None,
+            scheduled_start: None,
+            job_variables: None,
         }
     }
 
@@ -302,7 +314,14 @@ impl Run {
         if let Some(m) = &record.message {
             resource["prefect.state-message"] = json!(m);
         }
-        let state_json = |s: RunState, m: &Option<String>| json!({"type": s.state_type(), "name": s.name(), "message": m});
+        let state_json = |s: RunState, m: &Option<String>| {
+            let mut state = json!({"type": s.state_type(), "name": s.name(), "message": m});
+            // Prefect's Scheduled states say when: `state_details.scheduled_time`.
+            if let (RunState::Scheduled, Some(at)) = (s, self.scheduled_start) {
+                state["state_details"] = json!({"scheduled_time": format_timestamp(at)});
+            }
+            state
+        };
         let mut payload = json!({
             "intended": {"from": previous.map(|p| p.state.state_type()), "to": state.state_type()},
             "initial_state": previous.map(|p| state_json(p.state, &p.message)),
@@ -332,6 +351,28 @@ impl Run {
                 unreachable_event(now)
             }),
         )
+    }
+
+    /// The environment a process of this run gets from its `job_variables`: each entry of
+    /// their `env` mapping (strings as they are, other values as JSON text; nulls skipped),
+    /// then the whole mapping as `SPUR_JOB_VARIABLES`. Empty without job variables.
+    pub fn job_environment(&self) -> Vec<(String, String)> {
+        let Some(variables) = &self.job_variables else {
+            return Vec::new();
+        };
+        let mut env: Vec<(String, String)> = variables
+            .get("env")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| {
+                let text = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+                (k.clone(), text)
+            })
+            .collect();
+        env.push(("SPUR_JOB_VARIABLES".to_owned(), variables.to_string()));
+        env
     }
 
     /// Takes what a launch reported (result, exit code, output) and moves to its final state.

@@ -59,6 +59,7 @@ impl RunRequest {
                 .env
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
+                .chain(run.job_environment())
                 .collect(),
             cwd: command.cwd.as_ref().map(|c| c.display().to_string()),
             timeout_secs: command.timeout.as_secs_f64(),

@@ -44,6 +44,15 @@ use uuid::Uuid;
 
 use crate::pipeline::{Control, Dispatch};
 
+/// How a run is to be started, beyond its deployment and parameters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunOptions {
+    /// How long after its creation it starts (`run-deployment`'s `schedule_after`).
+    pub schedule_after: TimeDelta,
+    /// Settings for its infrastructure (`job_variables`), passed on as they are.
+    pub job_variables: Option<Value>,
+}
+
 /// An action with its templates rendered and its target resolved: what a retry re-performs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -60,6 +69,12 @@ pub enum Prepared {
         key: String,
         /// The automation's name.
         automation: String,
+        /// How long after the firing the run starts (`schedule_after`), in microseconds.
+        #[serde(default)]
+        schedule_after_us: i64,
+        /// The action's `job_variables`, as given (Prefect never templates them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_variables: Option<Value>,
     },
     /// Pause or resume an automation.
     SetAutomationPaused {
@@ -562,12 +577,18 @@ impl Executor {
         let deployment = self
             .find(Some(old.deployment_id), Some(&old.deployment))
             .ok_or_else(|| format!("deployment {:?} is no longer declared", old.deployment))?;
+        // A rerun starts now, on the same infrastructure settings.
+        let options = RunOptions {
+            schedule_after: TimeDelta::zero(),
+            job_variables: old.job_variables.clone(),
+        };
         self.start_run(
             &deployment,
             &old.parameters,
             key,
             old.automation.clone(),
             Some(id),
+            options,
         )
         .await
     }
@@ -751,11 +772,23 @@ impl Executor {
                     .and_then(|r| r.get("parameters"))
                     .cloned()
                     .unwrap_or(json!({}));
+                // The loader checked it (a duration ≥ 0); an older dead letter may lack it.
+                let schedule_after = action
+                    .field("schedule_after")
+                    .map(spur_core::time::parse_duration)
+                    .transpose()
+                    .map_err(|e| format!("schedule_after: {e}"))?
+                    .unwrap_or_default();
                 Ok(Prepared::RunDeployment {
                     deployment: deployment.name,
                     parameters,
                     key,
                     automation: firing.automation.name.clone(),
+                    schedule_after_us: schedule_after.num_microseconds().unwrap_or(0).max(0),
+                    job_variables: action
+                        .field("job_variables")
+                        .filter(|v| v.is_object())
+                        .cloned(),
                 })
             }
             "pause-deployment" | "resume-deployment" => {
@@ -994,16 +1027,23 @@ impl Executor {
                 parameters,
                 key,
                 automation,
+                schedule_after_us,
+                job_variables,
             } => {
                 let dep = self.find(None, Some(deployment)).ok_or_else(|| {
                     Failure::Permanent(format!("deployment {deployment:?} is not declared"))
                 })?;
+                let options = RunOptions {
+                    schedule_after: TimeDelta::microseconds(*schedule_after_us),
+                    job_variables: job_variables.clone(),
+                };
                 let run = self
                     .start(
                         &dep,
                         parameters,
                         Some(key.clone()),
                         Some(automation.clone()),
+                        options,
                     )
                     .await
                     .map_err(|e| {
@@ -1289,8 +1329,9 @@ impl Executor {
         rendered: &Value,
         key: Option<String>,
         automation: Option<String>,
+        options: RunOptions,
     ) -> Result<Value, String> {
-        self.start_run(deployment, rendered, key, automation, None)
+        self.start_run(deployment, rendered, key, automation, None, options)
             .await
     }
 
@@ -1301,6 +1342,7 @@ impl Executor {
         key: Option<String>,
         automation: Option<String>,
         rerun_of: Option<Uuid>,
+        options: RunOptions,
     ) -> Result<Value, String> {
         if self.is_paused(&deployment.name) {
             return Err(format!("deployment {:?} is paused", deployment.name));
@@ -1314,6 +1356,10 @@ impl Executor {
             Utc::now(),
         );
         run.rerun_of = rerun_of;
+        run.job_variables = options.job_variables;
+        if options.schedule_after > TimeDelta::zero() {
+            run.scheduled_start = Some(run.created + options.schedule_after);
+        }
         let message = rerun_of.map(|old| format!("a rerun of run {old}"));
         let scheduled = run.transition(RunState::Scheduled, message, Utc::now());
         let value = serde_json::to_value(&run).map_err(|e| e.to_string())?;
@@ -1360,6 +1406,18 @@ impl Executor {
             return;
         };
         let context = self.launch_context();
+        // A run with a later start (`schedule_after`) waits for it, Scheduled. A restart
+        // finds it Scheduled and not started, and continues it here: the wait goes on to the
+        // same instant. A cancel aborts this task. Prefect's scheduler does the waiting for a
+        // `prefect` run, which is created at once with its scheduled time.
+        if run.state == RunState::Scheduled
+            && !matches!(launcher, Launcher::Prefect(_))
+            && let Some(start) = run.scheduled_start
+            && let Ok(wait) = (start - Utc::now()).to_std()
+        {
+            info!(run = %run.id, %start, "run waits for its scheduled start");
+            tokio::time::sleep(wait).await;
+        }
         if run.state == RunState::Scheduled {
             let message = after_restart.then(|| "continued after the daemon restarted".to_owned());
             let pending = run.transition(RunState::Pending, message, Utc::now());

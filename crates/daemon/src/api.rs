@@ -757,7 +757,13 @@ async fn start_run(State(state): State<ApiState>, body: Option<axum::Json<Value>
     let parameters = body.get("parameters").cloned().unwrap_or(json!({}));
     match state
         .executor
-        .start(&deployment, &parameters, None, None)
+        .start(
+            &deployment,
+            &parameters,
+            None,
+            None,
+            crate::actions::RunOptions::default(),
+        )
         .await
     {
         Ok(run) => (StatusCode::CREATED, axum::Json(run)).into_response(),
