@@ -591,3 +591,289 @@ fn runs_emit_with_their_own_write_only_credential() {
         "a run's credential created a token: {output}"
     );
 }
+
+/// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA (`ca.pem`) and a server certificate for 127.0.0.1 it signed (`server.pem`,
+/// `server.key`), plus a second key that belongs to nothing (`other.key`).
+fn test_certificates(dir: &std::path::Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=spur test CA",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n\
+         subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .expect("write ext");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-out",
+            "other.key",
+        ],
+    );
+}
+
+/// `spur serve` with `extra` flags that must refuse to start: its stderr (bounded wait).
+fn serve_refuses(dir: &std::path::Path, extra: &[&str]) -> String {
+    let automations = automations_folder(dir, &[]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(["serve", "--http", "127.0.0.1:0"])
+        .arg("--data")
+        .arg(dir.join("refused-data"))
+        .arg("--automations")
+        .arg(&automations)
+        .args(extra)
+        .env_remove("SPUR_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spur serve runs");
+    let status = eventually(Duration::from_secs(20), "spur serve to exit", || {
+        child.try_wait().expect("wait")
+    });
+    assert!(!status.success(), "started with {extra:?}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    stderr
+}
+
+/// `--tls-cert/--tls-key`: curl and `spur` with the CA work over https; plain HTTP to the
+/// TLS port gets one plain 400 and a closed connection, a silent socket is closed after the
+/// header timeout, neither disturbs the daemon; unusable files stop the start naming the file.
+#[test]
+fn the_api_serves_tls_and_refuses_plain_http_cleanly() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("temp dir");
+    test_certificates(dir.path());
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let automations = automations_folder(dir.path(), &[]);
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &[
+            "--auth-string",
+            ADMIN,
+            "--tls-cert",
+            &path("server.pem"),
+            "--tls-key",
+            &path("server.key"),
+            "--header-read-timeout",
+            "1",
+        ],
+    );
+    let https = daemon.url.replacen("http://", "https://", 1);
+    let curl = |extra: &[&str], url: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+            ])
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("curl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let ca = path("ca.pem");
+    assert_eq!(
+        curl(
+            &["--cacert", &ca, "-u", ADMIN],
+            &format!("{https}/api/health")
+        ),
+        (true, "200".to_owned())
+    );
+    assert_eq!(
+        curl(&["--cacert", &ca], &format!("{https}/api/health")),
+        (true, "401".to_owned()),
+        "auth still applies over TLS"
+    );
+    assert!(
+        !curl(&[], &format!("{https}/healthz")).0,
+        "a client that does not trust the CA refuses the certificate"
+    );
+
+    // Plain HTTP to the TLS port: one plain 400 naming https, then the connection closes.
+    let addr = daemon.url.trim_start_matches("http://").to_owned();
+    let mut plain = std::net::TcpStream::connect(&addr).expect("connects");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .expect("writes");
+    let mut answer = String::new();
+    plain
+        .read_to_string(&mut answer)
+        .expect("the daemon answers and closes");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("https://"), "{answer}");
+
+    // A socket that sends nothing is closed after the header read timeout (1 s here).
+    let mut silent = std::net::TcpStream::connect(&addr).expect("connects");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The CLI trusts the CA given with --ca (or SPUR_CA_CERT) and not without it.
+    let cli = |ca: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_spur"));
+        command
+            .args(["automations", "ls", "--api", &https])
+            .env("SPUR_AUTH_STRING", ADMIN)
+            .env_remove("SPUR_API_TOKEN")
+            .env_remove("SPUR_CA_CERT");
+        if let Some(ca) = ca {
+            command.env("SPUR_CA_CERT", ca);
+        }
+        let out = command.output().expect("spur runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = cli(Some(&ca));
+    assert!(ok, "{stderr}");
+    let (ok, _) = cli(None);
+    assert!(!ok, "an untrusted certificate is refused");
+    let (ok, stderr) = cli(Some(&path("missing.pem")));
+    assert!(!ok && stderr.contains("missing.pem"), "{stderr}");
+    assert_eq!(
+        curl(
+            &["--cacert", &ca, "-u", ADMIN],
+            &format!("{https}/api/health")
+        ),
+        (true, "200".to_owned()),
+        "still serving"
+    );
+    drop(daemon);
+
+    // Unusable files stop the start and the message names the file.
+    let stderr = serve_refuses(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &path("nothing.pem"),
+            "--tls-key",
+            &path("server.key"),
+        ],
+    );
+    assert!(stderr.contains("nothing.pem"), "{stderr}");
+    let stderr = serve_refuses(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &path("server.ext"),
+            "--tls-key",
+            &path("server.key"),
+        ],
+    );
+    assert!(
+        stderr.contains("server.ext") && stderr.contains("certificate"),
+        "{stderr}"
+    );
+    let stderr = serve_refuses(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &path("server.pem"),
+            "--tls-key",
+            &path("server.csr"),
+        ],
+    );
+    assert!(stderr.contains("server.csr"), "{stderr}");
+    let stderr = serve_refuses(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &path("server.pem"),
+            "--tls-key",
+            &path("other.key"),
+        ],
+    );
+    assert!(stderr.contains("other.key"), "{stderr}");
+}

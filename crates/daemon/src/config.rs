@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use spur_ingest::nats::NatsConfig;
 
-use crate::server::ServerLimits;
+use crate::server::{ServerLimits, TlsFiles};
 
 /// Everything `spur serve` can be told.
 #[derive(Clone, Debug)]
@@ -42,6 +42,8 @@ pub struct DaemonConfig {
     pub reload_interval: Duration,
     /// Refuse webhooks without authentication, and serve existing ones as disabled.
     pub webhooks_require_auth: bool,
+    /// Serve the HTTP API over TLS with these PEM files (`--tls-cert/--tls-key`).
+    pub tls: Option<TlsFiles>,
     /// Connection timeouts and limit (see `server.rs` and docs/limits.md).
     pub server: ServerLimits,
     /// A websocket client using the `prefect` subprotocol must send its `auth` message (and
@@ -66,6 +68,7 @@ impl Default for DaemonConfig {
             checkpoint_interval: Duration::from_secs(5),
             reload_interval: Duration::from_millis(500),
             webhooks_require_auth: false,
+            tls: None,
             server: ServerLimits::default(),
             websocket_auth_timeout: Duration::from_secs(10),
         }

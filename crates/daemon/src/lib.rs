@@ -62,6 +62,9 @@ pub enum StartError {
     /// Listening beyond loopback with no credential while `require_auth` is set.
     #[error("{0}")]
     Unprotected(String),
+    /// The TLS certificate or key cannot be served (the error names the file).
+    #[error("{0}")]
+    Tls(#[from] server::TlsError),
     /// The HTTP address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -93,6 +96,8 @@ impl Daemon {
     pub async fn start(config: DaemonConfig) -> Result<Daemon, StartError> {
         // One TLS crypto provider for the process (webhooks over https); ignore "already set".
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // Bad TLS files stop the start before anything else happens.
+        let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
         let store = Arc::new(Store::open(&config.data.join("spur.redb"))?);
         let templates = TemplateEngine::new();
         let mut initial = reload::load(&config.automations, &templates, &[]);
@@ -319,6 +324,7 @@ impl Daemon {
             executor: executor.clone(),
         }))
         .layer(axum::middleware::from_fn_with_state(auth, auth::layer));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|source| StartError::Bind {
@@ -334,12 +340,13 @@ impl Daemon {
             listener,
             router,
             config.server,
+            tls,
             shutdown_rx.clone(),
         ));
         drop(intake);
-        executor.set_api_url(format!("http://{addr}"));
+        executor.set_api_url(format!("{scheme}://{addr}"));
         if let Ok(mut base) = webhook_service.base_url.write() {
-            *base = format!("http://{addr}");
+            *base = format!("{scheme}://{addr}");
         }
         executor.recover().await;
         {

@@ -31,8 +31,14 @@
 //!   `{"detail": <its text or the status's reason>}`, headers kept. hyper's own answers to
 //!   requests it cannot parse (400, and 431 for oversized headers) come before any service
 //!   and stay bodiless.
+//! * **TLS** (`--tls-cert/--tls-key`): the handshake runs on the connection's task, under the
+//!   header read timeout, before hyper sees the socket (so a silent client costs one permit for
+//!   at most that long). A client that speaks plain HTTP to the TLS port (its first byte is not
+//!   a TLS handshake record) gets one plain `400` saying to use `https://`, and the connection
+//!   is closed.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -82,6 +88,86 @@ impl Default for ServerLimits {
             max_connections: 1024,
         }
     }
+}
+
+/// The PEM files the HTTP API serves TLS with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Why the TLS files cannot be served; each names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is unreadable or holds no certificate.
+    #[error("TLS certificate {}: {reason}", path.display())]
+    Cert {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The key file is unreadable or holds no private key.
+    #[error("TLS key {}: {reason}", path.display())]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the pair (e.g. the key is not the certificate's).
+    #[error("TLS certificate {} with key {}: {reason}", cert.display(), key.display())]
+    Pair {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Reads the certificate chain and key and builds the acceptor (rustls with `ring`, HTTP/1.1).
+pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |path: &Path| std::fs::read(path).map_err(|e| e.to_string());
+    let cert_error = |reason: String| TlsError::Cert {
+        path: files.cert.clone(),
+        reason,
+    };
+    let key_error = |reason: String| TlsError::Key {
+        path: files.key.clone(),
+        reason,
+    };
+    let cert_pem = read(&files.cert).map_err(cert_error)?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(cert_error("holds no PEM certificate".to_owned()));
+    }
+    let key_pem = read(&files.key).map_err(key_error)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| key_error(format!("holds no PEM private key ({e})")))?;
+    let pair_error = |e: rustls::Error| TlsError::Pair {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        reason: e.to_string(),
+    };
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(pair_error)?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(pair_error)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// What a connection is doing, shared by its socket, its service and its task.
@@ -164,7 +250,7 @@ impl Drop for InFlight {
 struct Metered {
     stream: TcpStream,
     activity: Arc<Activity>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl AsyncRead for Metered {
@@ -367,18 +453,29 @@ async fn handle(
     Ok(with_json_error_body(response, &path).await)
 }
 
-/// Answers a socket beyond the connection limit with 503 and closes it: reads the request
-/// head first (an HTTP client takes an answer that comes before its request for a broken
-/// connection), then answers, then drops what else the client sends for a moment, so the
-/// answer is not lost to a reset. All of it within about a second.
-async fn refuse(mut stream: TcpStream, limit: usize) {
+/// Answers a socket beyond the connection limit with 503 and closes it.
+async fn refuse(stream: TcpStream, limit: usize) {
     let body = serde_json::json!({
         "detail": format!("too many connections (the limit is {limit}); retry later")
     })
     .to_string();
+    answer_and_close(
+        stream,
+        "503 Service Unavailable",
+        "retry-after: 1\r\n",
+        &body,
+    )
+    .await;
+}
+
+/// Writes one plain HTTP answer and closes: reads the request head first (an HTTP client
+/// takes an answer that comes before its request for a broken connection), then answers,
+/// then drops what else the client sends for a moment, so the answer is not lost to a
+/// reset. All of it within about a second.
+async fn answer_and_close(mut stream: TcpStream, status: &str, extra_headers: &str, body: &str) {
     let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n{extra_headers}connection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -404,12 +501,132 @@ async fn refuse(mut stream: TcpStream, limit: usize) {
     .await;
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true; then stops accepting, lets
-/// requests in progress finish (for up to [`SHUTDOWN_GRACE`]) and returns.
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Serves one TLS connection: waits (under the header read timeout) for the first byte,
+/// answers plain HTTP with a 400, else shakes hands and serves what comes through.
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut connection: Connection,
+) {
+    let limit = connection.limits.header_read_timeout;
+    let peer = connection.peer;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(Ok(1)) => {
+            debug!(%peer, "plain HTTP on the TLS port; answering 400 and closing");
+            let body = serde_json::json!({
+                "detail": "this port speaks TLS: use https://"
+            })
+            .to_string();
+            answer_and_close(stream, "400 Bad Request", "", &body).await;
+            return;
+        }
+        Ok(_) => return,
+        Err(_) => {
+            debug!(%peer, "no TLS handshake in time; closing the connection");
+            return;
+        }
+    }
+    let metered = connection.meter(stream);
+    match tokio::time::timeout(limit, acceptor.accept(metered)).await {
+        Ok(Ok(tls)) => connection.drive(TokioIo::new(tls)).await,
+        Ok(Err(e)) => debug!(error = %e, %peer, "TLS handshake failed"),
+        Err(_) => debug!(%peer, "TLS handshake too slow; closing the connection"),
+    }
+}
+
+/// One accepted connection, before its socket is wrapped: what its task needs.
+struct Connection {
+    router: Router,
+    limits: ServerLimits,
+    activity: Arc<Activity>,
+    permit: Option<OwnedSemaphorePermit>,
+    shutdown: watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+}
+
+impl Connection {
+    /// Wraps the socket; the permit moves into it (so it lasts as long as the socket does,
+    /// through a websocket upgrade too).
+    fn meter(&mut self, stream: TcpStream) -> Metered {
+        Metered {
+            stream,
+            activity: self.activity.clone(),
+            _permit: self.permit.take(),
+        }
+    }
+
+    /// Serves HTTP/1 on `io` under the connection's deadlines until it ends or shutdown
+    /// has drained it.
+    async fn drive<I>(self, io: TokioIo<I>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            router,
+            limits,
+            activity,
+            mut shutdown,
+            peer,
+            ..
+        } = self;
+        let service = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |request| {
+                handle(router.clone(), request, activity.clone(), limits)
+            })
+        };
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.keep_alive(true).header_read_timeout(None);
+        let conn = builder.serve_connection(io, service).with_upgrades();
+        let mut conn = std::pin::pin!(conn);
+        let mut draining = false;
+        loop {
+            let deadline = activity.deadline(&limits);
+            let changed = activity.changed.notified();
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                    break;
+                }
+                _ = changed => {}
+                _ = async {
+                    match deadline {
+                        Some((at, _)) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Only if nothing moved the deadline meanwhile.
+                    if let Some((at, why)) = activity.deadline(&limits)
+                        && at <= Instant::now()
+                    {
+                        debug!(%peer, reason = why, "closing connection");
+                        break;
+                    }
+                }
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Serves `router` on `listener` (over TLS when `tls` is given) until `shutdown` turns
+/// true; then stops accepting, lets requests in progress finish (for up to
+/// [`SHUTDOWN_GRACE`]) and returns.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -448,56 +665,22 @@ pub async fn serve(
             }
             continue;
         };
-        let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Metered {
-            stream,
-            activity: activity.clone(),
-            _permit: permit,
-        });
-        let router = router.clone();
-        let mut shutdown = shutdown.clone();
+        let mut connection = Connection {
+            router: router.clone(),
+            limits,
+            activity: Arc::new(Activity::new()),
+            permit: Some(permit),
+            shutdown: shutdown.clone(),
+            peer,
+        };
         let open = open_rx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = {
-                let activity = activity.clone();
-                hyper::service::service_fn(move |request| {
-                    handle(router.clone(), request, activity.clone(), limits)
-                })
-            };
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.keep_alive(true).header_read_timeout(None);
-            let conn = builder.serve_connection(io, service).with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            let mut draining = false;
-            loop {
-                let deadline = activity.deadline(&limits);
-                let changed = activity.changed.notified();
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            debug!(error = %e, %peer, "connection ended with an error");
-                        }
-                        break;
-                    }
-                    _ = changed => {}
-                    _ = async {
-                        match deadline {
-                            Some((at, _)) => tokio::time::sleep_until(at).await,
-                            None => std::future::pending().await,
-                        }
-                    } => {
-                        // Only if nothing moved the deadline meanwhile.
-                        if let Some((at, why)) = activity.deadline(&limits)
-                            && at <= Instant::now()
-                        {
-                            debug!(%peer, reason = why, "closing connection");
-                            break;
-                        }
-                    }
-                    _ = shutdown.changed(), if !draining => {
-                        draining = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
+            match tls {
+                Some(acceptor) => serve_tls(stream, acceptor, connection).await,
+                None => {
+                    let io = TokioIo::new(connection.meter(stream));
+                    connection.drive(io).await
                 }
             }
             drop(open);

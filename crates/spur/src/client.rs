@@ -83,6 +83,29 @@ pub fn set_credential(token: Option<String>) {
     let _ = CREDENTIAL.set(credential);
 }
 
+/// Extra CA certificates (`--ca`/`SPUR_CA_CERT`) every client trusts, set once at start.
+static CA: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+
+/// Reads the `--ca`/`SPUR_CA_CERT` file (PEM, one or more certificates); an unreadable or
+/// empty file is an error naming it.
+pub fn set_ca(path: Option<&std::path::Path>) -> Result<()> {
+    let certs = match path {
+        None => Vec::new(),
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--ca {}: cannot read it", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("--ca {}: not PEM certificates", path.display()))?;
+            if certs.is_empty() {
+                bail!("--ca {}: holds no PEM certificate", path.display());
+            }
+            certs
+        }
+    };
+    let _ = CA.set(certs);
+    Ok(())
+}
+
 fn credential() -> Option<&'static Credential> {
     CREDENTIAL.get().and_then(Option::as_ref)
 }
@@ -95,10 +118,11 @@ fn http() -> reqwest::Client {
     {
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .build()
-        .unwrap_or_default()
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    for cert in CA.get().into_iter().flatten() {
+        builder = builder.add_root_certificate(cert.clone());
+    }
+    builder.build().unwrap_or_default()
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -32,6 +32,10 @@ struct Cli {
     /// daemon. Without it, `SPUR_AUTH_STRING` is sent as HTTP Basic.
     #[arg(long, global = true, env = "SPUR_API_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate(s) (PEM) trusted, besides the system's roots, for an https daemon URL
+    /// (e.g. the self-signed certificate `spur serve --tls-cert` serves).
+    #[arg(long, global = true, env = "SPUR_CA_CERT")]
+    ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -444,6 +448,10 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     client::set_credential(cli.token.clone());
+    if let Err(e) = client::set_ca(cli.ca.as_deref()) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Tokens { command } => match command {
             TokensCommand::Create { name, scope, api } => {

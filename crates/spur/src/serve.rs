@@ -53,6 +53,12 @@ pub struct ServeArgs {
     /// Refuse to start when listening beyond loopback without any credential.
     #[arg(long, env = "SPUR_REQUIRE_AUTH")]
     pub require_auth: bool,
+    /// Serve the HTTP API over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SPUR_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --tls-cert.
+    #[arg(long, env = "SPUR_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "SPUR_LOG_FORMAT", value_parser = ["pretty", "json"])]
     pub log_format: Option<String>,
@@ -137,6 +143,8 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         "idle_timeout",
         "websocket_auth_timeout",
         "max_connections",
+        "tls_cert",
+        "tls_key",
     ];
     for key in file.keys() {
         if !KNOWN.contains(&key.as_str()) {
@@ -230,6 +238,21 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             .get("webhooks_require_auth")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+    // Each from its flag/env, else the file; one without the other is an error.
+    let tls_cert = args
+        .tls_cert
+        .clone()
+        .or_else(|| text("tls_cert").map(PathBuf::from));
+    let tls_key = args
+        .tls_key
+        .clone()
+        .or_else(|| text("tls_key").map(PathBuf::from));
+    config.tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => Some(spur_daemon::server::TlsFiles { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => bail!("tls_cert is set but tls_key is not (both are needed)"),
+        (None, Some(_)) => bail!("tls_key is set but tls_cert is not (both are needed)"),
+    };
     let nats_file = file.get("nats");
     let nats_url = args.nats.clone().or_else(|| match nats_file {
         Some(Value::String(s)) => Some(s.clone()),
