@@ -36,7 +36,8 @@ fuzz-targets SECONDS="60":
 
 # Differential fuzzing against Prefect 3.8.8's own trigger engine: COUNT generated scenarios
 # from SEED (split over SPUR_ORACLE_JOBS processes), failing on any unexplained disagreement.
+# SWITCHES widens the generator (roles, match-related, long, templates, all; scripts/oracle_gen.py).
 # Without arguments, scripts/oracle.sh runs CI's fixed seeds. See docs/prefect-differences.md.
-fuzz SEED COUNT:
+fuzz SEED COUNT SWITCHES="none":
     cargo build --release -p spur
-    SPUR_BIN=target/release/spur ./scripts/oracle.sh {{SEED}} {{COUNT}}
+    SPUR_BIN=target/release/spur ./scripts/oracle.sh {{SEED}} {{COUNT}} {{SWITCHES}}

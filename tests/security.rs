@@ -381,57 +381,103 @@ asyncio.run(main())
     assert!(!output.status.success(), "read without the auth string");
 }
 
-/// A signed Standard Webhooks request replayed after a restart is refused (the message id
-/// is remembered in the store), and the refusal is visible: a `prefect-cloud.webhook.failed`
-/// event with the reason (no Authorization header) and a metric by reason.
+/// Signed Standard Webhooks, GitHub and Stripe requests replayed after a restart are refused
+/// (the message id, GitHub's delivery id, a digest of Stripe's signature header are kept in
+/// the store), and each refusal is visible but not to the sender: a bare 401, a
+/// `prefect-cloud.webhook.failed` event with the reason (no Authorization header), a metric
+/// by reason, and the webhook's last failure in its API view and `spur webhook get`.
 #[test]
 fn webhook_replay_is_refused_across_a_restart() {
     use base64::Engine as _;
     let dir = tempfile::tempdir().expect("temp dir");
     let daemon = start_with_auth(dir.path());
     let admin = with_auth(&basic(ADMIN));
-    let secret = format!(
+    let standard_secret = format!(
         "whsec_{}",
         base64::engine::general_purpose::STANDARD.encode(b"standard-key")
     );
     let template = r#"{"event": "hook.got", "resource": {"prefect.resource.id": "hook"}}"#;
-    let spec = json!({"name": "standard", "template": template, "auth": {"type": "hmac", "preset": "standard", "secrets": [secret.clone()]}});
-    let (status, created) = request(
-        "POST",
-        &format!("{}/api/webhooks", daemon.url),
-        &admin,
-        spec.to_string().into_bytes(),
-    );
-    assert_eq!(status, 201, "{created}");
-    let created: Value = serde_json::from_str(&created).expect("json");
-    let slug_path = created["url"]
-        .as_str()
-        .and_then(|u| u.find("/hooks/").map(|i| u[i..].to_owned()))
-        .expect("url");
     let body = br#"{"a": 1}"#.to_vec();
     let now = chrono::Utc::now().timestamp();
-    let headers = vec![
-        ("webhook-id", "msg_restart".to_owned()),
-        ("webhook-timestamp", now.to_string()),
+    let leak = ("authorization", "Bearer must-not-leak".to_owned());
+    let presets: Vec<(&str, String, Vec<(&'static str, String)>)> = vec![
         (
-            "webhook-signature",
-            sign::standard(&secret, "msg_restart", now, &body),
+            "standard",
+            standard_secret.clone(),
+            vec![
+                ("webhook-id", "msg_restart".to_owned()),
+                ("webhook-timestamp", now.to_string()),
+                (
+                    "webhook-signature",
+                    sign::standard(&standard_secret, "msg_restart", now, &body),
+                ),
+                leak.clone(),
+            ],
         ),
-        ("authorization", "Bearer must-not-leak".to_owned()),
+        (
+            "github",
+            "github-secret".to_owned(),
+            vec![
+                (
+                    "x-github-delivery",
+                    "72d3162e-cc78-11e3-81ab-4c9367dc0958".to_owned(),
+                ),
+                ("x-github-event", "push".to_owned()),
+                ("x-hub-signature-256", sign::github("github-secret", &body)),
+                leak.clone(),
+            ],
+        ),
+        (
+            "stripe",
+            "whsec_stripe-secret".to_owned(),
+            vec![
+                (
+                    "stripe-signature",
+                    sign::stripe("whsec_stripe-secret", now, &body),
+                ),
+                leak.clone(),
+            ],
+        ),
     ];
-    let post = |daemon: &SpurDaemon| {
+    let mut hooks = Vec::new();
+    for (preset, secret, headers) in &presets {
+        let spec = json!({"name": preset, "template": template, "auth": {"type": "hmac", "preset": preset, "secrets": [secret]}});
+        let (status, created) = request(
+            "POST",
+            &format!("{}/api/webhooks", daemon.url),
+            &admin,
+            spec.to_string().into_bytes(),
+        );
+        assert_eq!(status, 201, "{created}");
+        let created: Value = serde_json::from_str(&created).expect("json");
+        let slug_path = created["url"]
+            .as_str()
+            .and_then(|u| u.find("/hooks/").map(|i| u[i..].to_owned()))
+            .expect("url");
+        hooks.push((*preset, slug_path, headers.clone()));
+    }
+    let post = |daemon: &SpurDaemon, path: &str, headers: &[(&str, String)]| {
         request(
             "POST",
-            &format!("{}{slug_path}", daemon.url),
-            &headers,
+            &format!("{}{path}", daemon.url),
+            headers,
             body.clone(),
         )
-        .0
     };
-    assert_eq!(post(&daemon), 204);
+    for (preset, path, headers) in &hooks {
+        assert_eq!(
+            post(&daemon, path, headers).0,
+            204,
+            "{preset}: first delivery"
+        );
+    }
     assert_eq!(daemon.terminate(), Some(0));
     let daemon = start_with_auth(dir.path());
-    assert_eq!(post(&daemon), 401, "replayed after a restart");
+    for (preset, path, headers) in &hooks {
+        let (status, answer) = post(&daemon, path, headers);
+        assert_eq!(status, 401, "{preset}: replayed after a restart");
+        assert!(!answer.contains("replay"), "the 401 stays quiet: {answer}");
+    }
 
     let (_, metrics) = request(
         "GET",
@@ -440,10 +486,10 @@ fn webhook_replay_is_refused_across_a_restart() {
         Vec::new(),
     );
     assert!(
-        metrics.contains("spur_webhook_auth_failures_total{reason=\"replayed\"} 1"),
+        metrics.contains("spur_webhook_auth_failures_total{reason=\"replayed\"} 3"),
         "{metrics}"
     );
-    let failed = eventually(Duration::from_secs(10), "the failure event", || {
+    let failed = eventually(Duration::from_secs(10), "the failure events", || {
         let (_, text) = request(
             "POST",
             &format!("{}/api/events/filter", daemon.url),
@@ -453,10 +499,50 @@ fn webhook_replay_is_refused_across_a_restart() {
                 .into_bytes(),
         );
         let v: Value = serde_json::from_str(&text).ok()?;
-        v["events"].as_array()?.first().cloned()
+        let events = v["events"].as_array()?.clone();
+        (events.len() >= 3).then_some(events)
     });
-    assert_eq!(failed["payload"]["reason_code"], "replayed", "{failed}");
-    assert!(!failed.to_string().contains("must-not-leak"), "{failed}");
+    for event in &failed {
+        assert_eq!(event["payload"]["reason_code"], "replayed", "{event}");
+        assert!(!event.to_string().contains("must-not-leak"), "{event}");
+    }
+
+    // The webhook's last failure: in its API view and `spur webhook get`; a later bad
+    // signature replaces it and the count goes on.
+    let (_, path, headers) = &hooks[2];
+    let mut forged = headers.clone();
+    forged[0].1 = sign::stripe("whsec_not-the-secret", now, &body);
+    assert_eq!(post(&daemon, path, &forged).0, 401);
+    let (status, view) = request(
+        "GET",
+        &format!("{}/api/webhooks/stripe", daemon.url),
+        &admin,
+        Vec::new(),
+    );
+    assert_eq!(status, 200, "{view}");
+    let view: Value = serde_json::from_str(&view).expect("json");
+    let last = &view["last_failure"];
+    assert_eq!(last["reason_code"], "bad_signature", "{view}");
+    assert_eq!(last["stage"], "authentication", "{view}");
+    assert_eq!(last["count"], 2, "{view}");
+    assert!(!view.to_string().contains("must-not-leak"), "{view}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(["webhook", "get", "github", "--api", &daemon.url])
+        .env("SPUR_AUTH_STRING", ADMIN)
+        .env_remove("SPUR_API_TOKEN")
+        .output()
+        .expect("spur runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("last failure: ") && stdout.contains("(replayed, authentication)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("must-not-leak"), "{stdout}");
 }
 
 /// Beyond loopback without credentials: a warning at start and in `/healthz`; with

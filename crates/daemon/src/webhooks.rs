@@ -109,6 +109,7 @@ impl WebhookService {
             "auth": auth,
             "rate_limit": hook.rate_limit,
             "created": spur_core::time::format_timestamp(hook.created),
+            "last_failure": self.registry.last_failure(hook.id),
         })
     }
 

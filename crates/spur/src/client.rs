@@ -853,6 +853,19 @@ fn print_webhook(v: &Value) {
     if let Some(key) = v["api_key"].as_str() {
         println!("  api key (shown once): {key}");
     }
+    let failure = &v["last_failure"];
+    if failure.is_object() {
+        println!(
+            "  last failure: {}  {} ({}, {})  {} since start",
+            failure["at"].as_str().unwrap_or(""),
+            failure["reason"].as_str().unwrap_or(""),
+            failure["reason_code"].as_str().unwrap_or(""),
+            failure["stage"].as_str().unwrap_or(""),
+            failure["count"],
+        );
+    } else {
+        println!("  last failure: none since start");
+    }
 }
 
 /// `spur webhook create`.

@@ -83,6 +83,31 @@ pub fn new_slug() -> String {
 pub struct Registry {
     by_slug: Arc<RwLock<HashMap<String, Webhook>>>,
     buckets: Arc<Mutex<HashMap<Uuid, (f64, Instant)>>>,
+    failures: Arc<Mutex<HashMap<Uuid, LastFailure>>>,
+}
+
+/// A webhook's latest refused request since the daemon started (what `spur webhook get` and
+/// the UI show): when, at which stage, why; never the body or the `Authorization` header.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LastFailure {
+    /// When it was refused.
+    #[serde(serialize_with = "serialize_at")]
+    pub at: chrono::DateTime<Utc>,
+    /// `authentication` (answered 401) or `template` (answered 400).
+    pub stage: &'static str,
+    /// Why, in words (e.g. `bad signature`, `stale timestamp`).
+    pub reason: String,
+    /// The fixed label (the metric's `reason`: `bad_signature`, `replayed`, …; `template`).
+    pub reason_code: &'static str,
+    /// Refused requests of this webhook since the daemon started.
+    pub count: u64,
+}
+
+fn serialize_at<S: serde::Serializer>(
+    at: &chrono::DateTime<Utc>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&spur_core::time::format_timestamp(*at))
 }
 
 impl Registry {
@@ -106,6 +131,37 @@ impl Registry {
         if let Ok(mut map) = self.by_slug.write() {
             map.retain(|_, h| h.id != id);
         }
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(&id);
+        }
+    }
+
+    /// Notes a refused request as the webhook's last failure (one entry per webhook).
+    pub fn record_failure(
+        &self,
+        id: Uuid,
+        stage: &'static str,
+        reason: &str,
+        reason_code: &'static str,
+    ) {
+        if let Ok(mut failures) = self.failures.lock() {
+            let count = failures.get(&id).map_or(0, |f| f.count) + 1;
+            failures.insert(
+                id,
+                LastFailure {
+                    at: Utc::now(),
+                    stage,
+                    reason: reason.chars().take(200).collect(),
+                    reason_code,
+                    count,
+                },
+            );
+        }
+    }
+
+    /// The webhook's last refused request since the daemon started, if any.
+    pub fn last_failure(&self, id: Uuid) -> Option<LastFailure> {
+        self.failures.lock().ok()?.get(&id).cloned()
     }
 
     fn get(&self, slug: &str) -> Option<Webhook> {
@@ -286,6 +342,9 @@ async fn receive(
             let failure = AuthFailure(reason);
             warn!(webhook = %hook.name, reason = %failure.0, "webhook request refused");
             state.failures.count(failure.label());
+            state
+                .registry
+                .record_failure(hook.id, "authentication", &failure.0, failure.label());
             // Recorded in the feed (method, headers without Authorization; never the body,
             // which an unauthenticated sender chose), within the webhook's rate limit.
             if state.registry.allow(&hook)
@@ -312,6 +371,14 @@ async fn receive(
             Err(_) => quiet(StatusCode::SERVICE_UNAVAILABLE),
         },
         Err((reason, rendered)) => {
+            // The words may quote the request (the template's error); the event has them,
+            // the webhook's summary does not.
+            state.registry.record_failure(
+                hook.id,
+                "template",
+                "the request did not make a valid event (see its prefect-cloud.webhook.failed event)",
+                "template",
+            );
             let failed = failure_event(&hook, &context_json, &reason, rendered.as_deref());
             if let Some(e) = failed {
                 let _ = state.intake.submit(vec![e]).await;
