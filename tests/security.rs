@@ -400,7 +400,9 @@ fn webhook_replay_is_refused_across_a_restart() {
     let body = br#"{"a": 1}"#.to_vec();
     let now = chrono::Utc::now().timestamp();
     let leak = ("authorization", "Bearer must-not-leak".to_owned());
-    let presets: Vec<(&str, String, Vec<(&'static str, String)>)> = vec![
+    // (preset, secret, headers) for each signed-webhook preset.
+    type Signed = (&'static str, String, Vec<(&'static str, String)>);
+    let presets: Vec<Signed> = vec![
         (
             "standard",
             standard_secret.clone(),
