@@ -38,6 +38,10 @@ pub struct Automation {
     pub actions_on_resolve: Vec<Action>,
     /// The resource that owns this automation (e.g. `prefect.deployment.<id>`).
     pub owner_resource: Option<String>,
+    /// Spur's flow control (`debounce`, `throttle`, `batch`; see [`crate::flow`]), boxed: most
+    /// automations have none, and each costs one pointer then.
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
+    pub flow: Option<Box<crate::flow::FlowControl>>,
 }
 
 /// The action types Prefect's server knows, plus Spur's `emit-event`.
@@ -325,6 +329,9 @@ const AUTOMATION_KEYS: &[&str] = &[
     "actions_on_trigger",
     "actions_on_resolve",
     "owner_resource",
+    "debounce",
+    "throttle",
+    "batch",
 ];
 
 impl Automation {
@@ -478,6 +485,7 @@ impl Automation {
         let actions = parse_actions("actions", true);
         let actions_on_trigger = parse_actions("actions_on_trigger", false);
         let actions_on_resolve = parse_actions("actions_on_resolve", false);
+        let flow = crate::flow::FlowControl::parse(map, &root, problems).map(Box::new);
 
         if problems.error_count() != errors_before {
             return None;
@@ -494,6 +502,7 @@ impl Automation {
             actions_on_trigger,
             actions_on_resolve,
             owner_resource,
+            flow,
         };
         automation.check_loop_guard(problems);
         (problems.error_count() == errors_before).then_some(automation)

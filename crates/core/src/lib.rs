@@ -12,6 +12,7 @@
 
 pub mod automation;
 pub mod event;
+pub mod flow;
 pub mod glob;
 pub mod load;
 pub mod problem;

@@ -601,6 +601,13 @@ impl Executor {
     /// `always_claim`), then performs its actions.
     async fn dispatch_claiming(&self, d: Dispatch, always_claim: bool) {
         let firing = &d.firing;
+        // Flow control skipped it (a throttle over its limit with `over: drop`, or a key that
+        // did not render): the firing is recorded with the reason, and no action runs.
+        if let Some(reason) = firing.flow.as_ref().and_then(|f| f.skipped.as_deref()) {
+            info!(firing = %firing.id, automation = %firing.automation.name, %reason, "firing skipped by flow control; no action runs");
+            self.mark_dispatched(firing.id);
+            return;
+        }
         if let Some((shared, owner, nats)) = self.inner.shared.get()
             && (always_claim
                 || firing
@@ -729,6 +736,10 @@ impl Executor {
             event,
             labels,
             children: Vec::new(),
+            flow: record
+                .get("flow")
+                .and_then(|f| serde_json::from_value(f.clone()).ok())
+                .map(Arc::new),
         })
     }
 

@@ -13,7 +13,7 @@
 //! (a min-heap), so a proactive window ending at `D` is evaluated at exactly `D`.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::explain::{Decision, EventFate, Outcome};
 use crate::firing::{Firing, FiringState};
+use crate::flow::{FlowKeys, FlowStage};
 use crate::index::{CandidateScratch, FxHashMap, TriggerIndex};
 use crate::snapshot::{
     BucketSnapshot, ChildSnapshot, CompositeSnapshot, EngineSnapshot, FiringSnapshot, LeafSnapshot,
@@ -115,6 +116,25 @@ struct Plan {
     composites: Vec<Composite>,
     index: TriggerIndex,
     proactive: Vec<usize>,
+    /// Each automation's first leaf (leaves are contiguous per automation), plus one past
+    /// the last: automation `i` owns leaves `first_leaf[i]..first_leaf[i + 1]`. Lets the
+    /// per-automation reads (`buckets_of`, `next_deadline_of`) touch only its own leaves.
+    first_leaf: Vec<u32>,
+    /// Automation id → its position in `automations`.
+    by_id: FxHashMap<Uuid, u32>,
+}
+
+impl Plan {
+    /// The leaves of the automation `id`, if it is loaded.
+    fn leaves_of(&self, id: Uuid) -> std::ops::Range<usize> {
+        match self.by_id.get(&id) {
+            Some(&i) => {
+                let i = i as usize;
+                self.first_leaf[i] as usize..self.first_leaf[i + 1] as usize
+            }
+            None => 0..0,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +199,8 @@ pub struct Engine {
     scratch: CandidateScratch,
     /// When set, decisions about each handled event are recorded here (see `explain`).
     explain: Option<Explanations>,
+    /// Debounce, batch and throttle between triggers and actions (`flow.rs`).
+    flow: FlowStage,
 }
 
 /// A parked event: the latest copy of its id that had to wait, and every leader a parked
@@ -222,7 +244,29 @@ impl Engine {
             sequence: 0,
             scratch: CandidateScratch::default(),
             explain: None,
+            flow: FlowStage::default(),
         }
+    }
+
+    /// Gives the flow stage its key renderer (see [`crate::flow::FlowKeys`]).
+    pub fn set_flow_keys(&mut self, keys: Arc<dyn FlowKeys>) {
+        self.flow.set_keys(keys);
+    }
+
+    /// Firings waiting in the flow stage (open debounces and batches, queued throttled ones).
+    pub fn flow_waiting(&self) -> usize {
+        self.flow.waiting()
+    }
+
+    /// The loaded automations with flow control, with their fingerprints.
+    fn flow_automations(&self) -> BTreeMap<Uuid, (Arc<Automation>, u64)> {
+        self.plan
+            .automations
+            .iter()
+            .zip(&self.plan.fingerprints)
+            .filter(|(a, _)| a.flow.is_some())
+            .map(|(a, f)| (a.id, (a.clone(), *f)))
+            .collect()
     }
 
     /// Records why each handled event did or did not affect each candidate trigger, for
@@ -283,12 +327,15 @@ impl Engine {
         for automation in automations {
             let fingerprint = fingerprint(&automation);
             let index = plan.automations.len();
+            plan.first_leaf.push(plan.leaves.len() as u32);
+            plan.by_id.insert(automation.id, index as u32);
             if automation.enabled {
                 flatten(&mut plan, index, &automation.trigger, None);
             }
             plan.fingerprints.push(fingerprint);
             plan.automations.push(automation);
         }
+        plan.first_leaf.push(plan.leaves.len() as u32);
         // Carry state over for unchanged automations.
         let leaf_states = std::mem::take(&mut self.leaf_states);
         for (leaf, state) in old_plan.leaves.iter().zip(leaf_states) {
@@ -345,11 +392,19 @@ impl Engine {
             }
         }
         self.plan = plan;
+        let current = self.flow_automations();
+        self.flow.retain(&current);
     }
 
     /// The loaded automations, in load order.
     pub fn automations(&self) -> &[Arc<Automation>] {
         &self.plan.automations
+    }
+
+    /// One loaded automation by id.
+    pub fn automation(&self, id: Uuid) -> Option<&Arc<Automation>> {
+        let &i = self.plan.by_id.get(&id)?;
+        self.plan.automations.get(i as usize)
     }
 
     /// The engine clock: the latest time it has been given.
@@ -364,10 +419,10 @@ impl Engine {
         }
         let timer = self.peek_timer();
         let release = self.release_timers.peek().map(|Reverse((t, _))| *t);
-        match (timer, release) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [timer, release, self.flow.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Counts of live state.
@@ -384,22 +439,17 @@ impl Engine {
     /// The next proactive evaluation of one automation's triggers, if it has proactive ones.
     pub fn next_deadline_of(&self, automation: Uuid) -> Option<DateTime<Utc>> {
         self.plan
-            .proactive
-            .iter()
-            .filter(|&&leaf| {
-                self.plan.automations[self.plan.leaves[leaf].automation].id == automation
-            })
-            .filter_map(|&leaf| self.leaf_states[leaf].next_run)
+            .leaves_of(automation)
+            .filter(|&leaf| self.plan.leaves[leaf].trigger.posture == Posture::Proactive)
+            .filter_map(|leaf| self.leaf_states[leaf].next_run)
             .min()
     }
 
     /// The open buckets of one automation's leaf triggers: `(trigger id, key, bucket)`.
     pub fn buckets_of(&self, automation: Uuid) -> Vec<(Uuid, Vec<String>, Bucket)> {
         let mut out = Vec::new();
-        for (leaf, state) in self.plan.leaves.iter().zip(&self.leaf_states) {
-            if self.plan.automations[leaf.automation].id != automation {
-                continue;
-            }
+        for i in self.plan.leaves_of(automation) {
+            let (leaf, state) = (&self.plan.leaves[i], &self.leaf_states[i]);
             for (key, bucket) in &state.buckets {
                 out.push((
                     leaf.trigger.id,
@@ -490,6 +540,7 @@ impl Engine {
             },
             next_sweep: self.next_sweep,
             sequence: self.sequence,
+            flow: self.flow.snapshot(firing_snapshot),
         }
     }
 
@@ -500,6 +551,8 @@ impl Engine {
         self.clock = snapshot.clock;
         self.next_sweep = snapshot.next_sweep;
         self.sequence = snapshot.sequence;
+        let current = self.flow_automations();
+        self.flow.restore(&snapshot.flow, &current, restore_firing);
         for (leaf, state) in self.plan.leaves.iter().zip(self.leaf_states.iter_mut()) {
             let automation = &self.plan.automations[leaf.automation];
             let fingerprint = self.plan.fingerprints[leaf.automation];
@@ -683,6 +736,7 @@ impl Engine {
                 _ => break,
             }
         }
+        self.flow.advance(now, out);
         self.set_clock(now);
         self.maybe_sweep(self.now());
         self.forget_old_ids();
@@ -1046,6 +1100,7 @@ impl Engine {
                 event: triggering,
                 labels,
                 children: Vec::new(),
+                flow: None,
             };
             let parent = self.plan.leaves[leaf].parent;
             self.fire(parent, firing, out);
@@ -1146,13 +1201,22 @@ impl Engine {
                 .zip(key.iter().map(|v| v.to_string()))
                 .collect(),
             children: Vec::new(),
+            flow: None,
         });
     }
 
     /// §4.7: a firing goes to the automation, or up into its composite parent.
     fn fire(&mut self, parent: Option<(usize, usize)>, firing: Firing, out: &mut Vec<Firing>) {
         let Some((composite, position)) = parent else {
-            out.push(firing);
+            let now = self.now();
+            let fingerprint = self
+                .plan
+                .by_id
+                .get(&firing.automation.id)
+                .and_then(|i| self.plan.fingerprints.get(*i as usize))
+                .copied()
+                .unwrap_or_default();
+            self.flow.offer(firing, fingerprint, now, out);
             return;
         };
         let info = &self.plan.composites[composite];
@@ -1174,6 +1238,7 @@ impl Engine {
                 event: firing.event.clone(),
                 labels: Vec::new(),
                 children: vec![firing],
+                flow: None,
             };
             self.fire(grandparent, parent_firing, out);
             return;
@@ -1235,6 +1300,7 @@ impl Engine {
             event: firing.event.clone(),
             labels: Vec::new(),
             children: children.into_iter().map(|(_, _, f)| f).collect(),
+            flow: None,
         };
         self.fire(grandparent, parent_firing, out);
     }
@@ -1249,6 +1315,7 @@ fn firing_snapshot(f: &Firing) -> FiringSnapshot {
         event: f.event.as_ref().map(|e| e.to_json()),
         labels: f.labels.clone(),
         children: f.children.iter().map(|c| firing_snapshot(c)).collect(),
+        flow: f.flow.as_deref().cloned(),
     }
 }
 
@@ -1274,6 +1341,7 @@ fn restore_firing(f: &FiringSnapshot, automation: &Arc<Automation>) -> Firing {
             .iter()
             .map(|c| Arc::new(restore_firing(c, automation)))
             .collect(),
+        flow: f.flow.clone().map(Arc::new),
     }
 }
 

@@ -46,8 +46,11 @@ pub struct Firing {
     pub event: Option<Arc<Event>>,
     /// `for_each` label → value of the bucket that fired (empty for composites, as in Prefect).
     pub labels: Vec<(String, String)>,
-    /// The child firings that completed a composite trigger.
+    /// The child firings that completed a composite trigger (for a `batch`: the firings it
+    /// groups).
     pub children: Vec<Arc<Firing>>,
+    /// What flow control did to it (collapsed, delayed, skipped); `None` without flow control.
+    pub flow: Option<Arc<crate::flow::FlowSummary>>,
 }
 
 impl Firing {

@@ -14,11 +14,13 @@
 pub mod engine;
 pub mod explain;
 pub mod firing;
+pub mod flow;
 pub mod index;
 pub mod snapshot;
 
 pub use engine::{Bucket, Engine, EngineConfig, EngineStats, fingerprint};
 pub use explain::{Decision, EventFate, Outcome};
 pub use firing::{Firing, FiringState};
+pub use flow::{FlowKeys, FlowKind, FlowSummary};
 pub use index::TriggerIndex;
 pub use snapshot::EngineSnapshot;

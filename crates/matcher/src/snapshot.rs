@@ -30,6 +30,9 @@ pub struct EngineSnapshot {
     pub next_sweep: Option<DateTime<Utc>>,
     /// Ordering counter for composite child firings.
     pub sequence: u64,
+    /// Flow control's state: open debounces and batches, throttle windows and queues.
+    #[serde(default)]
+    pub flow: crate::flow::FlowSnapshot,
 }
 
 /// State of one leaf event trigger.
@@ -105,6 +108,9 @@ pub struct FiringSnapshot {
     pub labels: Vec<(String, String)>,
     /// Child firings.
     pub children: Vec<FiringSnapshot>,
+    /// What flow control did to it, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<crate::flow::FlowSummary>,
 }
 
 /// The remembered ids as one base64 string of 28-byte records (seconds since the epoch as a

@@ -9,7 +9,7 @@ pub mod replay;
 pub mod scenario;
 
 pub use replay::{
-    ActionRecord, FiringRecord, Replay, ReplayError, check_templates, firing_context,
-    load_automations, read_events, render_firing,
+    ActionRecord, FiringRecord, Replay, ReplayError, TemplateFlowKeys, check_templates,
+    firing_context, flow_variables, load_automations, read_events, render_firing,
 };
 pub use scenario::{Outcome, Scenario, load_scenario, run_scenario};

@@ -10,11 +10,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use spur_core::load::{LoadOutcome, load_path};
 use spur_core::time::format_timestamp;
 use spur_core::{Automation, Event, EventLimits, Severity};
-use spur_matcher::{Engine, EngineConfig, Firing, FiringState};
+use spur_matcher::{Engine, EngineConfig, Firing, FiringState, FlowKeys, FlowKind};
 use spur_template::{TemplateContext, TemplateEngine, render_parameters};
 use thiserror::Error;
 
@@ -55,6 +55,9 @@ pub struct FiringRecord {
     pub event: Option<String>,
     /// The actions that run for this firing, rendered.
     pub actions: Vec<ActionRecord>,
+    /// What flow control did to it (collapsed, delayed, skipped); absent without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flow: Option<spur_matcher::FlowSummary>,
 }
 
 /// Loads automations from a file or folder, including template checks. Diagnostics (errors
@@ -158,6 +161,7 @@ impl Replay {
     /// A replay with a custom engine configuration (tests compare indexed and brute force).
     pub fn with_config(automations: Vec<Arc<Automation>>, config: EngineConfig) -> Replay {
         let mut engine = Engine::new(config);
+        engine.set_flow_keys(Arc::new(TemplateFlowKeys(TemplateEngine::new())));
         engine.load(automations);
         Replay {
             engine,
@@ -221,6 +225,7 @@ pub fn render_firing(templates: &TemplateEngine, firing: &Firing) -> FiringRecor
             firing: firing.to_json(),
             firings: all_firings(firing),
             events: firing.events(),
+            extra: flow_variables(firing),
         })
     };
     let base_value = std::cell::OnceCell::new();
@@ -260,6 +265,7 @@ pub fn render_firing(templates: &TemplateEngine, firing: &Firing) -> FiringRecor
         at: format_timestamp(firing.at),
         event: firing.event.as_ref().map(|e| e.id.to_string()),
         actions,
+        flow: firing.flow.as_deref().cloned(),
     }
 }
 
@@ -327,5 +333,63 @@ pub fn firing_context(firing: &Firing, state_event: bool) -> TemplateContext {
         firing: firing.to_json(),
         firings: all_firings(firing),
         events: firing.events(),
+        extra: flow_variables(firing),
+    }
+}
+
+/// What flow control did to `firing`, as template variables: `debounce` or `batch`
+/// (`key`, `count`, `events`: the ids of the collapsed firings' events for a debounce, the
+/// events themselves for a batch; `first`: when the first fired) and `throttle` when it was
+/// held back (`delayed_from`) or skipped (`skipped`).
+pub fn flow_variables(firing: &Firing) -> Vec<(&'static str, Value)> {
+    let Some(flow) = firing.flow.as_deref() else {
+        return Vec::new();
+    };
+    let mut variables = Vec::new();
+    let summary = |events: Value| {
+        json!({
+            "key": flow.key,
+            "count": flow.count,
+            "events": events,
+            "first": format_timestamp(flow.first_at),
+        })
+    };
+    match flow.kind {
+        FlowKind::Debounce => variables.push(("debounce", summary(json!(flow.events)))),
+        FlowKind::Batch => {
+            let events: Vec<Value> = firing.events().iter().map(|e| e.to_json()).collect();
+            variables.push(("batch", summary(Value::Array(events))));
+        }
+        FlowKind::Throttle => {}
+    }
+    if flow.kind == FlowKind::Throttle || flow.delayed_from.is_some() || flow.skipped.is_some() {
+        variables.push((
+            "throttle",
+            json!({
+                "key": flow.key,
+                "delayed_from": flow.delayed_from.map(format_timestamp),
+                "skipped": flow.skipped,
+            }),
+        ));
+    }
+    variables
+}
+
+/// Flow-control keys rendered by the template engine, against the firing's context (as an
+/// action's templates see it).
+pub struct TemplateFlowKeys(pub TemplateEngine);
+
+impl std::fmt::Debug for TemplateFlowKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TemplateFlowKeys")
+    }
+}
+
+impl FlowKeys for TemplateFlowKeys {
+    fn render(&self, template: &str, firing: &Firing) -> Result<String, String> {
+        let context = firing_context(firing, false).to_value();
+        self.0
+            .render_text(template, &context)
+            .map_err(|e| e.to_string())
     }
 }

@@ -32,6 +32,8 @@ pub struct Expectation {
     pub event: Option<Option<String>>,
     /// First run-deployment action's rendered parameters, when constrained.
     pub parameters: Option<Value>,
+    /// Whether flow control skipped it (`"skipped": true`), when constrained.
+    pub skipped: Option<bool>,
 }
 
 /// A parsed scenario file.
@@ -214,6 +216,11 @@ fn parse_expectation(item: &Value) -> Result<Expectation, String> {
         at,
         event,
         parameters: map.get("parameters").cloned(),
+        skipped: match map.get("skipped") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => return Err(format!("skipped: must be true or false, got {other}")),
+        },
     })
 }
 
@@ -279,6 +286,9 @@ fn describe_expectation(e: &Expectation) -> String {
         Some(None) => s.push_str(" with no event"),
         None => {}
     }
+    if e.skipped == Some(true) {
+        s.push_str(" skipped");
+    }
     if let Some(p) = &e.parameters {
         s.push_str(&format!(" parameters {p}"));
     }
@@ -289,12 +299,19 @@ fn describe_firing(f: &FiringRecord) -> String {
     let params = first_run_deployment(f)
         .map(|a| format!(" parameters {}", a))
         .unwrap_or_default();
+    let skipped = f
+        .flow
+        .as_ref()
+        .and_then(|flow| flow.skipped.as_deref())
+        .map(|reason| format!(" skipped ({reason})"))
+        .unwrap_or_default();
     format!(
-        "{} {} at {} event {}{}",
+        "{} {} at {} event {}{}{}",
         f.automation,
         f.state,
         f.at,
         f.event.as_deref().unwrap_or("none"),
+        skipped,
         params
     )
 }
@@ -325,6 +342,11 @@ fn compatible(e: &Expectation, f: &FiringRecord) -> bool {
             Some(actual) if json_equal(p, actual) => {}
             _ => return false,
         }
+    }
+    if let Some(skipped) = e.skipped
+        && skipped != f.flow.as_ref().is_some_and(|flow| flow.skipped.is_some())
+    {
+        return false;
     }
     true
 }

@@ -645,6 +645,8 @@ pub struct TemplateContext {
     pub firings: Vec<Json>,
     /// Every event of those firings.
     pub events: Vec<Arc<Event>>,
+    /// More top-level variables: what flow control did (`debounce`, `batch`, `throttle`).
+    pub extra: Vec<(&'static str, Json)>,
 }
 
 impl TemplateContext {
@@ -662,14 +664,23 @@ impl TemplateContext {
             .iter()
             .map(|e| Value::from_object(EventView(e.clone())))
             .collect();
-        minijinja::context! {
+        let base = minijinja::context! {
             automation => automation,
             event => event,
             labels => Value::from_object(LabelDiver::new(self.labels.clone(), String::new())),
             firing => Value::from(Serde(&self.firing)),
             firings => Value::from(Serde(&self.firings)),
             events => Value::from(events),
+        };
+        if self.extra.is_empty() {
+            return base;
         }
+        let extra: Value = self
+            .extra
+            .iter()
+            .map(|(name, value)| (*name, Value::from(Serde(value))))
+            .collect();
+        minijinja::context! { ..base, ..extra }
     }
 }
 
