@@ -46,7 +46,7 @@ use spur_ingest::http::{ReadError, close, next_text_within, offers_prefect_proto
 
 use crate::auth::Scope;
 use crate::metrics::Metrics;
-use crate::pipeline::{Control, Description};
+use crate::pipeline::Control;
 use crate::reload::LoadStatus;
 
 /// Shared state of the read API.
@@ -243,10 +243,18 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
-/// The pipeline's live description, or the 503 to answer when the pipeline is not running.
-async fn describe(state: &ApiState) -> Result<Description, Response> {
+/// Runs `read` on the pipeline's engine (between batches) and returns its answer, or the
+/// 503 to answer when the pipeline is not running. `read` does only the work its answer
+/// needs: no listing copies every automation's state.
+async fn inspect<T: Send + 'static>(
+    state: &ApiState,
+    read: impl FnOnce(&spur_matcher::Engine) -> T + Send + 'static,
+) -> Result<T, Response> {
     let (tx, rx) = oneshot::channel();
-    let answer = match state.control.send(Control::Describe(tx)).await {
+    let job = crate::pipeline::Inspect(Box::new(move |engine| {
+        let _ = tx.send(read(engine));
+    }));
+    let answer = match state.control.send(Control::Inspect(job)).await {
         Ok(()) => rx.await.ok(),
         Err(_) => None,
     };
@@ -256,6 +264,43 @@ async fn describe(state: &ApiState) -> Result<Description, Response> {
             "the pipeline is not running",
         )
     })
+}
+
+/// One loaded automation, found by id or name, with its live state.
+async fn find_automation(
+    state: &ApiState,
+    wanted: &str,
+) -> Result<Option<crate::pipeline::AutomationState>, Response> {
+    let wanted = wanted.to_owned();
+    inspect(state, move |engine| {
+        let id = uuid::Uuid::parse_str(&wanted).ok();
+        let found = id
+            .and_then(|id| engine.automation(id))
+            .or_else(|| engine.automations().iter().find(|a| a.name == wanted))?;
+        Some(crate::pipeline::AutomationState {
+            automation: found.clone(),
+            buckets: engine.buckets_of(found.id),
+            next_deadline: engine.next_deadline_of(found.id),
+        })
+    })
+    .await
+}
+
+/// The `limit` smallest of `items` by `key`, in order, and whether more were left off.
+fn smallest<T, K: Ord>(mut items: Vec<T>, limit: usize, key: impl Fn(&T) -> K) -> (Vec<T>, bool) {
+    let more = items.len() > limit;
+    if more {
+        if limit == 0 {
+            return (Vec::new(), true);
+        }
+        items.select_nth_unstable_by(limit - 1, |a, b| key(a).cmp(&key(b)));
+        items.truncate(limit);
+    }
+    // Not `sort_unstable_by_key`: the keys borrow from the items (names), which a key
+    // function cannot return.
+    #[allow(clippy::unnecessary_sort_by)]
+    items.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+    (items, more)
 }
 
 /// An automation as Prefect's API returns it (`prefect.events.schemas.automations.Automation`),
@@ -337,57 +382,218 @@ async fn related_automations(
     State(state): State<ApiState>,
     axum::extract::Path(resource): axum::extract::Path<String>,
 ) -> Response {
-    let description = match describe(&state).await {
-        Ok(description) => description,
+    // Only the automations that can relate (owned by the resource, or with a
+    // `run-deployment` action) are rendered in Prefect's shape.
+    let candidates = match inspect(&state, {
+        let resource = resource.clone();
+        move |engine| {
+            engine
+                .automations()
+                .iter()
+                .filter(|a| {
+                    a.owner_resource.as_deref() == Some(resource.as_str())
+                        || [&a.actions, &a.actions_on_trigger, &a.actions_on_resolve]
+                            .iter()
+                            .any(|list| list.iter().any(|x| x.action_type == "run-deployment"))
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+        }
+    })
+    .await
+    {
+        Ok(candidates) => candidates,
         Err(unavailable) => return unavailable,
     };
-    let related: Vec<Value> = description
-        .automations
+    let related: Vec<Value> = candidates
         .iter()
-        .map(|a| prefect_automation(&a.automation, &state.executor))
+        .map(|a| prefect_automation(a, &state.executor))
         .filter(|a| relates_to(a, &resource))
         .collect();
     axum::Json(Value::Array(related)).into_response()
 }
 
-/// `POST /api/automations/filter`, Prefect's shape: `{"automations": {"name": {"any_": […]},
-/// "tags": {"all_": […]}}, "limit", "offset"}`, answered with a list sorted by name.
+/// Prefect's default and largest page (`PREFECT_SERVER_API_DEFAULT_LIMIT`).
+const PREFECT_LIMIT: u64 = 200;
+
+/// Prefect's `AutomationFilter` (3.8.8): `id.any_`, `name.any_`, `tags.all_` / `any_` /
+/// `is_null_`, each combined by its `operator` (`and_`, the default, or `or_`). `created`
+/// is accepted and ignored (Spur's automations have no creation time).
+struct PrefectFilter {
+    ids: Option<Vec<uuid::Uuid>>,
+    names: Option<Vec<String>>,
+    tags: Option<TagFilter>,
+    or: bool,
+}
+
+/// Prefect's `AutomationFilterTags`: every one of `all`, any of `any`, or (`is_null`) none
+/// at all, combined by `or` (`or_`) or all together (`and_`).
+struct TagFilter {
+    or: bool,
+    all: Option<Vec<String>>,
+    any: Option<Vec<String>>,
+    is_null: Option<bool>,
+}
+
+impl PrefectFilter {
+    fn parse(filter: &Value) -> Result<PrefectFilter, String> {
+        let strings = |v: Option<&Value>, field: &str| -> Result<Option<Vec<String>>, String> {
+            match v {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| format!("{field}: expected a list of strings"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some),
+                Some(_) => Err(format!("{field}: expected a list of strings")),
+            }
+        };
+        let operator = |v: &Value, field: &str| -> Result<bool, String> {
+            match v.get("operator") {
+                None | Some(Value::Null) => Ok(false),
+                Some(o) if o == "and_" => Ok(false),
+                Some(o) if o == "or_" => Ok(true),
+                Some(_) => Err(format!("{field}operator: must be \"and_\" or \"or_\"")),
+            }
+        };
+        let ids = strings(filter.pointer("/id/any_"), "automations.id.any_")?
+            .map(|ids| {
+                ids.iter()
+                    .map(|i| uuid::Uuid::parse_str(i).map_err(|_| format!("{i:?} is not a UUID")))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let tags = match filter.get("tags") {
+            None | Some(Value::Null) => None,
+            Some(t) => Some(TagFilter {
+                or: operator(t, "automations.tags.")?,
+                all: strings(t.get("all_"), "automations.tags.all_")?,
+                any: strings(t.get("any_"), "automations.tags.any_")?,
+                is_null: t.get("is_null_").and_then(Value::as_bool),
+            }),
+        };
+        Ok(PrefectFilter {
+            ids,
+            names: strings(filter.pointer("/name/any_"), "automations.name.any_")?,
+            tags,
+            or: operator(filter, "automations.")?,
+        })
+    }
+
+    fn matches(&self, a: &spur_core::Automation) -> bool {
+        let mut checks: Vec<bool> = Vec::new();
+        if let Some(ids) = &self.ids {
+            checks.push(ids.contains(&a.id));
+        }
+        if let Some(names) = &self.names {
+            checks.push(names.contains(&a.name));
+        }
+        if let Some(TagFilter {
+            or,
+            all,
+            any,
+            is_null,
+        }) = &self.tags
+        {
+            let mut tag_checks: Vec<bool> = Vec::new();
+            if let Some(all) = all {
+                tag_checks.push(all.iter().all(|t| a.tags.contains(t)));
+            }
+            if let Some(any) = any {
+                tag_checks.push(any.iter().any(|t| a.tags.contains(t)));
+            }
+            if let Some(is_null) = is_null {
+                tag_checks.push(a.tags.is_empty() == *is_null);
+            }
+            if !tag_checks.is_empty() {
+                checks.push(if *or {
+                    tag_checks.iter().any(|c| *c)
+                } else {
+                    tag_checks.iter().all(|c| *c)
+                });
+            }
+        }
+        if checks.is_empty() {
+            return true;
+        }
+        if self.or {
+            checks.iter().any(|c| *c)
+        } else {
+            checks.iter().all(|c| *c)
+        }
+    }
+}
+
+/// `POST /api/automations/filter`, Prefect's shape: `{"automations": AutomationFilter,
+/// "sort", "limit", "offset"}`. As Prefect's server: `limit` defaults to 200 and may not
+/// exceed it (422), `sort` is `NAME_ASC` (default) or `NAME_DESC` (`CREATED_DESC` and
+/// `UPDATED_DESC` sort by name too: Spur keeps no such times). Only the page is rendered;
+/// the selection keeps the `offset + limit` first matches, not all of them.
 async fn filter_automations(
     State(state): State<ApiState>,
     body: Option<axum::Json<Value>>,
 ) -> Response {
     let body = body.map(|b| b.0).unwrap_or(Value::Null);
-    let description = match describe(&state).await {
-        Ok(description) => description,
+    let filter = match PrefectFilter::parse(body.get("automations").unwrap_or(&Value::Null)) {
+        Ok(filter) => filter,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    let descending = match body.get("sort") {
+        None | Some(Value::Null) => false,
+        Some(s) if s == "NAME_DESC" => true,
+        Some(s) if s == "NAME_ASC" || s == "CREATED_DESC" || s == "UPDATED_DESC" => false,
+        Some(s) => {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("sort: {s} is not one of NAME_ASC, NAME_DESC, CREATED_DESC, UPDATED_DESC"),
+            );
+        }
+    };
+    let whole = |field: &str, default: u64| -> Result<u64, String> {
+        match body.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| format!("{field}: must be a whole number ≥ 0")),
+        }
+    };
+    let (offset, limit) = match (whole("offset", 0), whole("limit", PREFECT_LIMIT)) {
+        (Ok(o), Ok(l)) => (o as usize, l),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    };
+    if limit > PREFECT_LIMIT {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("Invalid limit: must be less than or equal to {PREFECT_LIMIT}."),
+        );
+    }
+    let page = match inspect(&state, move |engine| {
+        let selected: Vec<&Arc<spur_core::Automation>> = engine
+            .automations()
+            .iter()
+            .filter(|a| filter.matches(a))
+            .collect();
+        let wanted = offset.saturating_add(limit as usize);
+        let (first, _) = if descending {
+            smallest(selected, wanted, |a| {
+                (std::cmp::Reverse(a.name.as_str()), std::cmp::Reverse(a.id))
+            })
+        } else {
+            smallest(selected, wanted, |a| (a.name.as_str(), a.id))
+        };
+        first.into_iter().skip(offset).cloned().collect::<Vec<_>>()
+    })
+    .await
+    {
+        Ok(page) => page,
         Err(unavailable) => return unavailable,
     };
-    let filter = body.get("automations").unwrap_or(&Value::Null);
-    let names: Option<Vec<&str>> = filter
-        .pointer("/name/any_")
-        .and_then(Value::as_array)
-        .map(|names| names.iter().filter_map(Value::as_str).collect());
-    let tags: Vec<&str> = filter
-        .pointer("/tags/all_")
-        .and_then(Value::as_array)
-        .map(|tags| tags.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    let mut selected: Vec<&spur_core::Automation> = description
-        .automations
+    let page: Vec<Value> = page
         .iter()
-        .map(|a| a.automation.as_ref())
-        .filter(|a| names.as_ref().is_none_or(|n| n.contains(&a.name.as_str())))
-        .filter(|a| tags.iter().all(|t| a.tags.iter().any(|own| own == t)))
-        .collect();
-    selected.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    let offset = body.get("offset").and_then(Value::as_u64).unwrap_or(0) as usize;
-    let limit = body
-        .get("limit")
-        .and_then(Value::as_u64)
-        .map_or(usize::MAX, |l| l as usize);
-    let page: Vec<Value> = selected
-        .into_iter()
-        .skip(offset)
-        .take(limit)
         .map(|a| prefect_automation(a, &state.executor))
         .collect();
     axum::Json(Value::Array(page)).into_response()
@@ -404,28 +610,110 @@ async fn read_automation(
             format!("{id:?} is not an automation id"),
         );
     };
-    let description = match describe(&state).await {
-        Ok(description) => description,
-        Err(unavailable) => return unavailable,
-    };
-    match description
-        .automations
-        .iter()
-        .find(|a| a.automation.id == id)
-    {
-        Some(a) => axum::Json(prefect_automation(&a.automation, &state.executor)).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no automation {id}")),
+    match inspect(&state, move |engine| engine.automation(id).cloned()).await {
+        Ok(Some(a)) => axum::Json(prefect_automation(&a, &state.executor)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no automation {id}")),
+        Err(unavailable) => unavailable,
     }
 }
 
-async fn automations(State(state): State<ApiState>) -> Response {
-    let description = match describe(&state).await {
-        Ok(description) => description,
+/// The default and the largest page of `GET /api/automations`.
+const AUTOMATIONS_PAGE: usize = 100;
+const AUTOMATIONS_PAGE_MAX: usize = 1_000;
+
+/// `GET /api/automations`'s query: a page (`limit`, and `cursor`: the `next_cursor` of the
+/// page before) of the automations matching every filter given, sorted by name.
+#[derive(Debug, Default, Deserialize)]
+struct AutomationsQuery {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    /// Names starting with this.
+    name: Option<String>,
+    /// Carrying this tag.
+    tag: Option<String>,
+    /// `enabled` or `paused` (paused through the API, or disabled in its file).
+    state: Option<String>,
+    /// Defined in this file (the path as `source` shows it, or its last components).
+    file: Option<String>,
+}
+
+/// `GET /api/automations`: one page of the loaded automations with their live trigger state,
+/// plus the load errors and warnings. The filters run over the engine's list of
+/// automations; only the page's automations are rendered with their state.
+async fn automations(State(state): State<ApiState>, Query(q): Query<AutomationsQuery>) -> Response {
+    let limit = q.limit.unwrap_or(AUTOMATIONS_PAGE);
+    if limit == 0 || limit > AUTOMATIONS_PAGE_MAX {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("limit: from 1 to {AUTOMATIONS_PAGE_MAX}"),
+        );
+    }
+    let enabled = match q.state.as_deref() {
+        None | Some("") => None,
+        Some("enabled") => Some(true),
+        Some("paused") | Some("disabled") => Some(false),
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("state: {other:?} is not \"enabled\" or \"paused\""),
+            );
+        }
+    };
+    let (errors, warnings, in_file) = match state.status.read() {
+        Ok(status) => {
+            let in_file: Option<HashSet<String>> =
+                q.file.as_deref().filter(|f| !f.is_empty()).map(|file| {
+                    status
+                        .sources
+                        .iter()
+                        .filter(|(_, source)| source_in_file(source, file))
+                        .map(|(name, _)| name.clone())
+                        .collect()
+                });
+            (status.errors.clone(), status.warnings.clone(), in_file)
+        }
+        Err(_) => (Vec::new(), Vec::new(), None),
+    };
+    let answer = inspect(&state, move |engine| {
+        let selected: Vec<&Arc<spur_core::Automation>> = engine
+            .automations()
+            .iter()
+            .filter(|a| q.cursor.as_deref().is_none_or(|c| a.name.as_str() > c))
+            .filter(|a| q.name.as_deref().is_none_or(|p| a.name.starts_with(p)))
+            .filter(|a| {
+                q.tag
+                    .as_deref()
+                    .is_none_or(|t| a.tags.iter().any(|own| own == t))
+            })
+            .filter(|a| enabled.is_none_or(|e| a.enabled == e))
+            .filter(|a| in_file.as_ref().is_none_or(|names| names.contains(&a.name)))
+            .collect();
+        let (page, more) = smallest(selected, limit, |a| a.name.as_str());
+        let page: Vec<crate::pipeline::AutomationState> = page
+            .into_iter()
+            .map(|a| crate::pipeline::AutomationState {
+                automation: a.clone(),
+                buckets: engine.buckets_of(a.id),
+                next_deadline: engine.next_deadline_of(a.id),
+            })
+            .collect();
+        let next = more
+            .then(|| page.last().map(|a| a.automation.name.clone()))
+            .flatten();
+        (
+            page,
+            next,
+            engine.automations().len(),
+            engine.next_deadline(),
+            engine.clock(),
+        )
+    })
+    .await;
+    let (page, next_cursor, loaded, next_deadline, clock) = match answer {
+        Ok(answer) => answer,
         Err(unavailable) => return unavailable,
     };
-    let status = state.status.read().map(|s| s.clone()).unwrap_or_default();
-    let automations: Vec<Value> = description
-        .automations
+    let automations: Vec<Value> = page
         .iter()
         .map(|a| {
             json!({
@@ -433,6 +721,7 @@ async fn automations(State(state): State<ApiState>) -> Response {
                 "name": a.automation.name,
                 "enabled": a.automation.enabled,
                 "description": a.automation.description,
+                "tags": a.automation.tags,
                 "summary": a.automation.summary(),
                 "trigger": a.automation.trigger,
                 "actions": a.automation.actions,
@@ -454,26 +743,27 @@ async fn automations(State(state): State<ApiState>) -> Response {
         .collect();
     axum::Json(json!({
         "automations": automations,
-        "errors": status.errors,
-        "warnings": status.warnings,
-        "next_deadline": description.next_deadline.map(format_timestamp),
-        "clock": description.clock.map(format_timestamp),
+        "next_cursor": next_cursor,
+        "loaded": loaded,
+        "errors": errors,
+        "warnings": warnings,
+        "next_deadline": next_deadline.map(format_timestamp),
+        "clock": clock.map(format_timestamp),
     }))
     .into_response()
 }
 
+/// Is `source` (`file:line`) in `file` (the whole path, or its last components)?
+fn source_in_file(source: &str, file: &str) -> bool {
+    let path = source.rsplit_once(':').map_or(source, |(path, _)| path);
+    path == file || path.ends_with(&format!("/{file}"))
+}
+
 async fn set_paused(state: &ApiState, wanted: &str, paused: bool) -> Response {
-    let description = match describe(state).await {
-        Ok(description) => description,
+    let found = match find_automation(state, wanted).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "Automation not found"),
         Err(unavailable) => return unavailable,
-    };
-    let id = uuid::Uuid::parse_str(wanted).ok();
-    let Some(found) = description
-        .automations
-        .iter()
-        .find(|a| Some(a.automation.id) == id || a.automation.name == wanted)
-    else {
-        return error(StatusCode::NOT_FOUND, "Automation not found");
     };
     let (tx, rx) = oneshot::channel();
     if state
@@ -1343,17 +1633,10 @@ async fn automation_detail(
     State(state): State<ApiState>,
     axum::extract::Path(wanted): axum::extract::Path<String>,
 ) -> Response {
-    let description = match describe(&state).await {
-        Ok(description) => description,
+    let a = match find_automation(&state, &wanted).await {
+        Ok(Some(found)) => found,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no automation {wanted:?}")),
         Err(unavailable) => return unavailable,
-    };
-    let id = uuid::Uuid::parse_str(&wanted).ok();
-    let Some(a) = description
-        .automations
-        .iter()
-        .find(|a| Some(a.automation.id) == id || a.automation.name == wanted)
-    else {
-        return error(StatusCode::NOT_FOUND, format!("no automation {wanted:?}"));
     };
     let source = state
         .status

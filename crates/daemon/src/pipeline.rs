@@ -42,10 +42,22 @@ pub enum Control {
     Reload(Vec<Arc<Automation>>),
     /// Report automations and their live state.
     Describe(oneshot::Sender<Description>),
+    /// Run a read of the engine between batches (a listing page, one automation's state):
+    /// the reader does only the work its answer needs, and sends that answer itself.
+    Inspect(Inspect),
     /// Pause (true) or resume (false) an automation; persisted across restarts.
     SetPaused(Uuid, bool, oneshot::Sender<Result<(), String>>),
     /// Drain submissions, checkpoint, stop.
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A read of the engine for [`Control::Inspect`].
+pub struct Inspect(pub Box<dyn FnOnce(&Engine) + Send>);
+
+impl std::fmt::Debug for Inspect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inspect")
+    }
 }
 
 /// One automation with its live trigger state.
@@ -210,6 +222,9 @@ pub fn start(
         .unwrap_or_default();
     let mut engine = Engine::new(EngineConfig::default());
     engine.set_explain(true);
+    engine.set_flow_keys(Arc::new(spur_replay::TemplateFlowKeys(
+        TemplateEngine::new(),
+    )));
     metrics
         .automations
         .store(automations.len() as u64, Ordering::Relaxed);
@@ -351,6 +366,7 @@ impl Pipeline {
                     Some(Control::Describe(reply)) => {
                         let _ = reply.send(self.describe());
                     }
+                    Some(Control::Inspect(Inspect(read))) => read(&self.engine),
                     None => return,
                 },
                 first = submissions.recv(), if intake_open => match first {
@@ -585,6 +601,10 @@ impl Pipeline {
     fn rebuild(&mut self) {
         self.engine = Engine::new(EngineConfig::default());
         self.engine.set_explain(true);
+        self.engine
+            .set_flow_keys(Arc::new(spur_replay::TemplateFlowKeys(
+                TemplateEngine::new(),
+            )));
         self.engine.load(apply_pauses(&self.loaded, &self.paused));
         self.applied = 0;
         if let Err(e) = self.recover() {
@@ -619,6 +639,9 @@ impl Pipeline {
                     map.insert("automation_id".into(), json!(f.automation.id));
                     map.insert("trigger_id".into(), json!(f.trigger_id));
                     map.insert("labels".into(), f.labels_json());
+                    if let Some(flow) = &f.flow {
+                        map.insert("flow".into(), json!(&**flow));
+                    }
                 }
                 (f.id, Arc::new(record))
             })

@@ -402,21 +402,72 @@ fn get_json(api: Option<&str>, path: &str) -> Result<Value> {
     })
 }
 
-/// `spur automations ls`.
+/// `spur automations ls`: every loaded automation, a page at a time (the daemon pages
+/// `/api/automations`; this follows `next_cursor` to the end).
 pub fn automations(api: Option<&str>) -> Result<()> {
-    let body = get_json(api, "/api/automations")?;
-    for a in body["automations"].as_array().cloned().unwrap_or_default() {
-        let buckets = a["state"]["buckets"].as_array().map_or(0, Vec::len);
-        println!(
-            "{}  [{} open bucket(s)]",
-            a["summary"].as_str().unwrap_or(""),
-            buckets
-        );
-    }
-    for e in body["errors"].as_array().cloned().unwrap_or_default() {
+    let errors = each_automation_page(api, |page| {
+        for a in page {
+            let buckets = a["state"]["buckets"].as_array().map_or(0, Vec::len);
+            println!(
+                "{}  [{} open bucket(s)]",
+                a["summary"].as_str().unwrap_or(""),
+                buckets
+            );
+        }
+    })?;
+    for e in errors {
         eprintln!("error: {}", e.as_str().unwrap_or(""));
     }
     Ok(())
+}
+
+/// The page size `spur` asks `/api/automations` for (the daemon's largest).
+const AUTOMATIONS_PAGE: usize = 1_000;
+
+/// Calls `each` with every page of `/api/automations`, following `next_cursor`; returns the
+/// load errors of the first page. Stops if a cursor does not advance (a daemon bug must not
+/// loop forever).
+fn each_automation_page(api: Option<&str>, mut each: impl FnMut(&[Value])) -> Result<Vec<Value>> {
+    let mut cursor: Option<String> = None;
+    let mut errors = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!(
+                "/api/automations?limit={AUTOMATIONS_PAGE}&cursor={}",
+                percent_encode(c)
+            ),
+            None => format!("/api/automations?limit={AUTOMATIONS_PAGE}"),
+        };
+        let body = get_json(api, &path)?;
+        each(
+            body["automations"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice),
+        );
+        if errors.is_none() {
+            errors = Some(body["errors"].as_array().cloned().unwrap_or_default());
+        }
+        match body["next_cursor"].as_str() {
+            Some(next) if cursor.as_deref().is_none_or(|c| next > c) => {
+                cursor = Some(next.to_owned())
+            }
+            _ => break,
+        }
+    }
+    Ok(errors.unwrap_or_default())
+}
+
+/// `text` as a URL query value (RFC 3986 unreserved characters kept, the rest `%XX`).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `spur firings`.
@@ -830,8 +881,9 @@ pub fn set_paused(api: Option<&str>, automation: &str, paused: bool) -> Result<(
 
 /// The daemon's automations as `/api/automations` lists them.
 pub fn loaded_automations(api: Option<&str>) -> Result<Vec<Value>> {
-    let body = get_json(api, "/api/automations")?;
-    Ok(body["automations"].as_array().cloned().unwrap_or_default())
+    let mut all = Vec::new();
+    each_automation_page(api, |page| all.extend_from_slice(page))?;
+    Ok(all)
 }
 
 fn print_webhook(v: &Value) {
