@@ -675,11 +675,12 @@ impl TemplateContext {
         if self.extra.is_empty() {
             return base;
         }
-        let extra: Value = self
+        let extra: std::collections::BTreeMap<&str, Value> = self
             .extra
             .iter()
             .map(|(name, value)| (*name, Value::from(Serde(value))))
             .collect();
+        let extra = Value::from(extra);
         minijinja::context! { ..base, ..extra }
     }
 }
