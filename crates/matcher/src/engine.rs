@@ -715,6 +715,17 @@ impl Engine {
                 .peek()
                 .map(|Reverse((t, _))| *t)
                 .filter(|t| *t <= now);
+            // The flow stage's deadlines interleave with the triggers' own, so a firing a
+            // proactive pass makes at `t` meets the flow state as it is at `t`. On a tie the
+            // flow stage goes first: a debounce quiet for exactly its period is over.
+            if let Some(due) = self.flow.next_deadline().filter(|d| *d <= now)
+                && timer.is_none_or(|t| due <= t)
+                && release.is_none_or(|r| due <= r)
+            {
+                self.set_clock(due);
+                self.flow.advance(due, out);
+                continue;
+            }
             match (timer, release) {
                 (None, None) => break,
                 (Some(t), r) if r.is_none_or(|r| t <= r) => {

@@ -93,13 +93,44 @@ fn trigger() -> impl Strategy<Value = Value> {
     ]
 }
 
+/// Flow-control settings (`debounce`, `batch`, `throttle`), so the properties hold for the
+/// flow stage too. Without a key renderer a key is its template text: one key per automation.
+fn flow() -> impl Strategy<Value = Value> {
+    let debounce = (1i64..20, prop::option::of(20i64..40), prop::bool::ANY).prop_map(
+        |(period, max_wait, last)| {
+            json!({"debounce": {"period": period, "max_wait": max_wait, "keep": if last { "last" } else { "first" }}})
+        },
+    );
+    let batch = (1u32..5, 1i64..30)
+        .prop_map(|(n, wait)| json!({"batch": {"max_events": n, "max_wait": wait}}));
+    let throttle = (1u32..4, 1i64..30, prop::bool::ANY).prop_map(|(limit, per, delay)| {
+        json!({"throttle": {"limit": limit, "per": per, "over": if delay { "delay" } else { "drop" }}})
+    });
+    (
+        prop::option::of(prop_oneof![debounce, batch]),
+        prop::option::of(throttle),
+    )
+        .prop_map(|(collapse, throttle)| {
+            let mut flow = serde_json::Map::new();
+            for part in collapse.into_iter().chain(throttle) {
+                if let Value::Object(part) = part {
+                    flow.extend(part);
+                }
+            }
+            Value::Object(flow)
+        })
+}
+
 fn automations() -> impl Strategy<Value = Vec<Arc<Automation>>> {
-    prop::collection::vec(trigger(), 1..8).prop_map(|triggers| {
+    prop::collection::vec((trigger(), prop::option::weighted(0.3, flow())), 1..8).prop_map(|triggers| {
         triggers
             .into_iter()
             .enumerate()
-            .filter_map(|(i, trigger)| {
-                let value = json!({"name": format!("auto-{i}"), "trigger": trigger, "actions": [{"type": "do-nothing"}]});
+            .filter_map(|(i, (trigger, flow))| {
+                let mut value = json!({"name": format!("auto-{i}"), "trigger": trigger, "actions": [{"type": "do-nothing"}]});
+                if let (Some(Value::Object(flow)), Value::Object(map)) = (flow, &mut value) {
+                    map.extend(flow);
+                }
                 let mut problems = Problems::new();
                 Automation::parse(&value, Dialect::Server, &mut problems).map(Arc::new)
             })
@@ -169,7 +200,15 @@ fn build_events(raw: &[RawEvent]) -> Vec<Arc<Event>> {
     out
 }
 
-type Observed = Vec<(String, &'static str, DateTime<Utc>, Option<Uuid>, Uuid)>;
+/// Name, state, time, triggering event, firing id, and what flow control did (count, skipped).
+type Observed = Vec<(
+    String,
+    &'static str,
+    DateTime<Utc>,
+    Option<Uuid>,
+    Uuid,
+    Option<(u64, bool)>,
+)>;
 
 fn observe(firings: &[Firing]) -> Observed {
     firings
@@ -181,6 +220,7 @@ fn observe(firings: &[Firing]) -> Observed {
                 f.at,
                 f.event.as_ref().map(|e| e.id),
                 f.id,
+                f.flow.as_ref().map(|s| (s.count, s.skipped.is_some())),
             )
         })
         .collect()
@@ -309,4 +349,26 @@ fn key_order_does_not_change_an_automations_fingerprint() {
         spur_matcher::fingerprint(&one),
         spur_matcher::fingerprint(&changed)
     );
+}
+
+#[test]
+fn generated_flow_settings_parse() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for _ in 0..200 {
+        let flow = flow().new_tree(&mut runner).expect("tree").current();
+        let mut value = json!({"name": "a", "trigger": {"type": "event", "expect": ["x"], "posture": "Reactive", "threshold": 1, "within": 0}, "actions": [{"type": "do-nothing"}]});
+        if let (Value::Object(flow), Value::Object(map)) = (flow.clone(), &mut value) {
+            map.extend(flow);
+        }
+        let mut problems = Problems::new();
+        let parsed = Automation::parse(&value, Dialect::Server, &mut problems);
+        assert!(parsed.is_some(), "{flow}: {:?}", problems.into_vec());
+        let has_settings = flow.as_object().is_some_and(|m| !m.is_empty());
+        assert_eq!(
+            parsed.and_then(|a| a.flow.clone()).is_some(),
+            has_settings,
+            "{flow}"
+        );
+    }
 }
