@@ -143,6 +143,18 @@ pub const ROUTES: &[(&str, &str, Scope)] = &[
 /// `/healthz`: `ok`, plus a warning line when the daemon is reachable beyond loopback
 /// without authentication.
 async fn healthz(State(state): State<ApiState>) -> Response {
+    if let Some(prefect) = &state.metrics.prefect {
+        let mut text = String::from("ok\n");
+        if let Some(warning) = state
+            .listen
+            .get()
+            .and_then(|addr| state.auth.exposure_warning(*addr))
+        {
+            text.push_str(&format!("warning: {warning}\n"));
+        }
+        text.push_str(&prefect.detail());
+        return text.into_response();
+    }
     match state
         .listen
         .get()
@@ -713,12 +725,27 @@ async fn automations(State(state): State<ApiState>, Query(q): Query<AutomationsQ
         Ok(answer) => answer,
         Err(unavailable) => return unavailable,
     };
+    let origins = state.status.read().ok().map(|s| {
+        page.iter()
+            .map(|a| {
+                let name = &a.automation.name;
+                (s.origin(name), s.sources.get(name).cloned())
+            })
+            .collect::<Vec<_>>()
+    });
     let automations: Vec<Value> = page
         .iter()
-        .map(|a| {
+        .enumerate()
+        .map(|(i, a)| {
+            let (origin, source) = origins
+                .as_ref()
+                .and_then(|o| o.get(i).cloned())
+                .unwrap_or(("file", None));
             json!({
                 "id": a.automation.id,
                 "name": a.automation.name,
+                "origin": origin,
+                "source": source,
                 "enabled": a.automation.enabled,
                 "description": a.automation.description,
                 "tags": a.automation.tags,
@@ -1643,6 +1670,11 @@ async fn automation_detail(
         .read()
         .ok()
         .and_then(|s| s.sources.get(&a.automation.name).cloned());
+    let origin = state
+        .status
+        .read()
+        .ok()
+        .map_or("file", |s| s.origin(&a.automation.name));
     let name = a.automation.name.clone();
     let store = state.store.clone();
     let found = tokio::task::spawn_blocking(move || {
@@ -1691,6 +1723,7 @@ async fn automation_detail(
         "actions_on_resolve": automation.actions_on_resolve,
         "owner_resource": automation.owner_resource,
         "source": source,
+        "origin": origin,
         "next_deadline": a.next_deadline.map(format_timestamp),
         "buckets": a.buckets.iter().map(|(trigger, key, b)| json!({
             "trigger_id": trigger,

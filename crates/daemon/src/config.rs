@@ -49,6 +49,8 @@ pub struct DaemonConfig {
     /// A websocket client using the `prefect` subprotocol must send its `auth` message (and
     /// an `/api/events/out` client its `filter`) within this time of connecting.
     pub websocket_auth_timeout: Duration,
+    /// A Prefect server whose events and automations Spur takes (`--prefect-api`).
+    pub prefect: Option<spur_ingest::prefect::PrefectConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -71,6 +73,7 @@ impl Default for DaemonConfig {
             tls: None,
             server: ServerLimits::default(),
             websocket_auth_timeout: Duration::from_secs(10),
+            prefect: None,
         }
     }
 }

@@ -13,7 +13,10 @@
 //!
 //! * [`config`] — [`DaemonConfig`] and its defaults.
 //! * [`pipeline`] — the single writer: log, engine, firings, checkpoints, recovery.
-//! * [`reload`] — the automations folder watcher.
+//! * [`reload`] — the automations folder watcher; the [`reload::Catalog`] that merges its
+//!   automations with a Prefect server's.
+//! * [`prefect_bridge`] — a Prefect server's automations kept in sync (`--prefect-api`); its
+//!   events come through `spur_ingest::prefect`.
 //! * [`api`] — read API, live feed, health and metrics; [`api::ROUTES`] lists every route
 //!   with the scope it needs.
 //! * [`auth`] — the auth layer in front of every route, scoped tokens (docs/security.md).
@@ -31,6 +34,7 @@ pub mod auth;
 pub mod config;
 pub mod metrics;
 pub mod pipeline;
+pub mod prefect_bridge;
 pub mod process;
 pub mod reload;
 pub mod server;
@@ -142,13 +146,28 @@ impl Daemon {
             error!(diagnostic = %e, "webhook refused");
         }
         initial.status.errors.extend(webhook_errors);
-        let status = Arc::new(RwLock::new(initial.status.clone()));
+        // With a Prefect server, its automations as last read run from the start (with their
+        // checkpointed state), beside the folder's, until the first read replaces them.
+        let prefect_cached = config
+            .prefect
+            .as_ref()
+            .map(|p| prefect_bridge::cached(&store, &p.api_url).unwrap_or_default());
+        let (initial_runnable, initial_status) = reload::merge(
+            &reload::runnable(&initial.automations),
+            &initial.status,
+            prefect_cached.as_ref(),
+        );
+        let status = Arc::new(RwLock::new(initial_status));
         let (dispatch_tx, dispatch_rx) = mpsc::unbounded_channel();
         let nats_counters = Arc::new(NatsCounters::default());
-        let metrics = Arc::new(metrics::Metrics::new(
-            intake.counters().clone(),
-            nats_counters.clone(),
-        ));
+        let prefect_health = config
+            .prefect
+            .as_ref()
+            .map(|p| Arc::new(spur_ingest::prefect::PrefectHealth::new(&p.api_url)));
+        let metrics = Arc::new(metrics::Metrics {
+            prefect: prefect_health.clone(),
+            ..metrics::Metrics::new(intake.counters().clone(), nats_counters.clone())
+        });
         metrics.load_errors.store(
             initial.status.errors.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
@@ -194,7 +213,7 @@ impl Daemon {
         let (fired, _) = broadcast::channel(4096);
         let pipeline = pipeline::start(
             store.clone(),
-            reload::runnable(&initial.automations),
+            initial_runnable.clone(),
             submit_rx,
             metrics.clone(),
             pipeline::Outputs {
@@ -222,12 +241,18 @@ impl Daemon {
         executor.set_control(pipeline.control.clone());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        let catalog = Arc::new(reload::Catalog::new(
+            reload::runnable(&initial.automations),
+            initial.status.clone(),
+            prefect_cached.clone(),
+            status.clone(),
+            pipeline.control.clone(),
+        ));
         tasks.push(tokio::spawn(reload::watch_folder(
             reload::Watcher {
                 path: config.automations.clone(),
                 interval: config.reload_interval,
-                status: status.clone(),
-                control: pipeline.control.clone(),
+                catalog: catalog.clone(),
                 metrics: metrics.clone(),
                 executor: executor.clone(),
                 webhooks: webhook_service.clone(),
@@ -235,7 +260,6 @@ impl Daemon {
             initial.automations.clone(),
             shutdown_rx.clone(),
         )));
-        let initial_automations = initial.automations;
         let mut covered = None;
         let mut mirror_task = None;
         // The doors other than NATS forward what they receive into the stream, when a
@@ -264,6 +288,30 @@ impl Daemon {
             executor.set_shared(state.clone(), instance, nats_counters.clone());
             mirror_task = Some(tokio::spawn(state.mirror(mirror_rx, covered_tx)));
             covered = Some(covered_rx);
+        }
+        if let (Some(prefect), Some(health)) = (config.prefect.clone(), prefect_health) {
+            info!(api = %prefect.api_url, "Prefect server bridge enabled: its events and automations");
+            tasks.push(tokio::spawn(prefect_bridge::sync_automations(
+                prefect_bridge::AutomationSync {
+                    config: prefect.clone(),
+                    catalog: catalog.clone(),
+                    store: store.clone(),
+                    health: health.clone(),
+                },
+                prefect_bridge::cached_raw(&store, &prefect.api_url),
+                shutdown_rx.clone(),
+            )));
+            let cursor = Arc::new(prefect_bridge::StoreCursor {
+                store: store.clone(),
+                api_url: prefect.api_url.clone(),
+            });
+            tasks.push(tokio::spawn(spur_ingest::prefect::run(
+                prefect,
+                external_intake.clone(),
+                cursor,
+                health,
+                shutdown_rx.clone(),
+            )));
         }
         if let Some(nats) = config.nats.clone() {
             info!(url = %nats.url, subjects = ?nats.subjects, jetstream = nats.jetstream, "NATS source enabled");
@@ -351,7 +399,7 @@ impl Daemon {
         executor.recover().await;
         {
             let executor = executor.clone();
-            let automations = reload::runnable(&initial_automations);
+            let automations = initial_runnable;
             tokio::spawn(async move { executor.redispatch(leftovers, &automations).await });
         }
         let executor_task = tokio::spawn(executor.run(dispatch_rx, shutdown_rx.clone()));

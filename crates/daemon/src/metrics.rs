@@ -107,6 +107,8 @@ pub struct Metrics {
     pub webhook_auth_failures: Arc<spur_ingest::webhook::FailureCounts>,
     /// API requests the auth layer refused, by reason (see [`API_AUTH_REASONS`]).
     pub api_auth_refused: [AtomicU64; API_AUTH_REASONS.len()],
+    /// The Prefect server bridge (`--prefect-api`), when configured.
+    pub prefect: Option<Arc<spur_ingest::prefect::PrefectHealth>>,
 }
 
 /// The `reason` labels of `spur_api_auth_refused_total`: no credentials, wrong credentials,
@@ -293,6 +295,9 @@ impl Metrics {
                 "spur_api_auth_refused_total{{reason=\"{reason}\"}} {}",
                 load(n)
             );
+        }
+        if let Some(prefect) = &self.prefect {
+            prefect.render_metrics(&mut out);
         }
         out
     }

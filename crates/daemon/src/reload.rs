@@ -37,8 +37,136 @@ pub struct LoadStatus {
     pub errors: Vec<String>,
     /// Warnings, same form.
     pub warnings: Vec<String>,
-    /// Where each loaded automation is defined, by name: `file:line`.
+    /// Where each loaded automation is defined, by name: `file:line`, or the Prefect server
+    /// URL of an automation read from one.
     pub sources: BTreeMap<String, String>,
+    /// The names of the automations read from a Prefect server (the others come from files).
+    pub from_prefect: std::collections::BTreeSet<String>,
+}
+
+impl LoadStatus {
+    /// `prefect` or `file`: where the automation `name` comes from.
+    pub fn origin(&self, name: &str) -> &'static str {
+        if self.from_prefect.contains(name) {
+            "prefect"
+        } else {
+            "file"
+        }
+    }
+}
+
+/// The automations read from a Prefect server (see `prefect_bridge`).
+#[derive(Debug, Default, Clone)]
+pub struct PrefectPart {
+    /// The ones Spur evaluates, in the server's order.
+    pub automations: Vec<Arc<Automation>>,
+    /// One line per automation Spur cannot evaluate, with the reason.
+    pub errors: Vec<String>,
+    /// Warnings, same form.
+    pub warnings: Vec<String>,
+    /// Each automation's URL on the server, by name.
+    pub sources: BTreeMap<String, String>,
+}
+
+/// The folder's automations and the Prefect server's, put together: what the engine runs and
+/// what `/api/automations` reports. A name the folder defines stays the folder's; a Prefect
+/// automation with the same name is reported and not evaluated.
+pub fn merge(
+    files: &[Arc<Automation>],
+    file_status: &LoadStatus,
+    prefect: Option<&PrefectPart>,
+) -> (Vec<Arc<Automation>>, LoadStatus) {
+    let mut automations = files.to_vec();
+    let mut status = file_status.clone();
+    let Some(prefect) = prefect else {
+        return (automations, status);
+    };
+    status.errors.extend(prefect.errors.iter().cloned());
+    status.warnings.extend(prefect.warnings.iter().cloned());
+    let taken: std::collections::HashSet<&str> = files.iter().map(|a| a.name.as_str()).collect();
+    for a in &prefect.automations {
+        let source = prefect.sources.get(&a.name).cloned().unwrap_or_default();
+        if taken.contains(a.name.as_str()) {
+            status.errors.push(format!(
+                "{source}: name: {:?} is defined in {}; the Prefect automation is not evaluated",
+                a.name,
+                file_status
+                    .sources
+                    .get(&a.name)
+                    .map_or("a file", String::as_str)
+            ));
+            continue;
+        }
+        status.from_prefect.insert(a.name.clone());
+        status.sources.insert(a.name.clone(), source);
+        automations.push(a.clone());
+    }
+    (automations, status)
+}
+
+/// Where the engine's automations are put together from their sources (the folder watcher and
+/// the Prefect bridge): each source replaces its own part, and the union goes to the
+/// pipeline and to the status the API reads.
+#[derive(Debug)]
+pub struct Catalog {
+    parts: tokio::sync::Mutex<Parts>,
+    status: Arc<RwLock<LoadStatus>>,
+    control: mpsc::Sender<Control>,
+}
+
+#[derive(Debug)]
+struct Parts {
+    files: Vec<Arc<Automation>>,
+    file_status: LoadStatus,
+    prefect: Option<PrefectPart>,
+}
+
+impl Catalog {
+    /// A catalog starting from what the pipeline was started with.
+    pub fn new(
+        files: Vec<Arc<Automation>>,
+        file_status: LoadStatus,
+        prefect: Option<PrefectPart>,
+        status: Arc<RwLock<LoadStatus>>,
+        control: mpsc::Sender<Control>,
+    ) -> Catalog {
+        Catalog {
+            parts: tokio::sync::Mutex::new(Parts {
+                files,
+                file_status,
+                prefect,
+            }),
+            status,
+            control,
+        }
+    }
+
+    /// Replaces the folder's part; false once the pipeline is gone.
+    pub async fn set_files(&self, files: Vec<Arc<Automation>>, status: LoadStatus) -> bool {
+        let mut parts = self.parts.lock().await;
+        parts.files = files;
+        parts.file_status = status;
+        self.publish(&parts).await
+    }
+
+    /// Replaces the Prefect server's part; false once the pipeline is gone.
+    pub async fn set_prefect(&self, prefect: PrefectPart) -> bool {
+        let mut parts = self.parts.lock().await;
+        parts.prefect = Some(prefect);
+        self.publish(&parts).await
+    }
+
+    /// Sends the union (under the lock, so two sources never publish out of order).
+    async fn publish(&self, parts: &Parts) -> bool {
+        let (automations, status) = merge(&parts.files, &parts.file_status, parts.prefect.as_ref());
+        if let Ok(mut s) = self.status.write() {
+            *s = status;
+        }
+        self.control
+            .send(Control::Reload(automations))
+            .await
+            .is_ok()
+    }
 }
 
 /// What a folder scan found: the automations to run and the diagnostics.
@@ -137,10 +265,8 @@ pub struct Watcher {
     pub path: PathBuf,
     /// How often to look.
     pub interval: Duration,
-    /// Where load errors are published.
-    pub status: Arc<RwLock<LoadStatus>>,
-    /// Where reloads go.
-    pub control: mpsc::Sender<Control>,
+    /// Where reloads go (with the Prefect server's automations, when there are any).
+    pub catalog: Arc<Catalog>,
     /// Gauges to update.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Receives the declared deployments.
@@ -159,8 +285,7 @@ pub async fn watch_folder(
     let Watcher {
         path,
         interval,
-        status,
-        control,
+        catalog,
         metrics,
         executor,
         webhooks,
@@ -216,14 +341,7 @@ pub async fn watch_folder(
             "automations reloaded"
         );
         current = loaded.automations;
-        if let Ok(mut s) = status.write() {
-            *s = loaded.status;
-        }
-        if control
-            .send(Control::Reload(runnable(&current)))
-            .await
-            .is_err()
-        {
+        if !catalog.set_files(runnable(&current), loaded.status).await {
             return;
         }
     }

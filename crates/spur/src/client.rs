@@ -409,9 +409,10 @@ pub fn automations(api: Option<&str>) -> Result<()> {
         for a in page {
             let buckets = a["state"]["buckets"].as_array().map_or(0, Vec::len);
             println!(
-                "{}  [{} open bucket(s)]",
+                "{}  [{} open bucket(s)] ({})",
                 a["summary"].as_str().unwrap_or(""),
-                buckets
+                buckets,
+                a["origin"].as_str().unwrap_or("file")
             );
         }
     })?;

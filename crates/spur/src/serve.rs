@@ -81,6 +81,16 @@ pub struct ServeArgs {
     /// Open connections (websockets included) beyond which new ones get 503 [default: 1024].
     #[arg(long, env = "SPUR_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// A Prefect server's API URL (`http://127.0.0.1:4200/api`): Spur takes its events and
+    /// its automations (turn the server's own triggers service off; see the README).
+    #[arg(long, env = "SPUR_PREFECT_API")]
+    pub prefect_api: Option<String>,
+    /// That server's auth string (`user:pass`, its `PREFECT_SERVER_API_AUTH_STRING`).
+    #[arg(long, env = "SPUR_PREFECT_AUTH_STRING")]
+    pub prefect_auth_string: Option<String>,
+    /// An API key for that server, sent as a bearer token (like `PREFECT_API_KEY`).
+    #[arg(long, env = "SPUR_PREFECT_API_KEY")]
+    pub prefect_api_key: Option<String>,
 }
 
 /// Parses `45`, `45s`, `30m`, `12h`, `7d`, or an ISO-8601 duration.
@@ -145,6 +155,7 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         "max_connections",
         "tls_cert",
         "tls_key",
+        "prefect",
     ];
     for key in file.keys() {
         if !KNOWN.contains(&key.as_str()) {
@@ -297,6 +308,33 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             }
         }
         config.nats = Some(nats);
+    }
+    // `prefect: URL` or `prefect: {api, auth_string, api_key}`; flags win.
+    let prefect_file = file.get("prefect");
+    let prefect_text = |key: &str| {
+        prefect_file
+            .and_then(|p| p.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let prefect_api = args.prefect_api.clone().or_else(|| match prefect_file {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => prefect_text("api"),
+    });
+    if let Some(api) = prefect_api {
+        if !(api.starts_with("http://") || api.starts_with("https://")) {
+            bail!("prefect api: {api:?} is not an http(s):// URL like http://127.0.0.1:4200/api");
+        }
+        let mut prefect = spur_ingest::prefect::PrefectConfig::new(api);
+        prefect.auth_string = args
+            .prefect_auth_string
+            .clone()
+            .or_else(|| prefect_text("auth_string"));
+        prefect.api_key = args
+            .prefect_api_key
+            .clone()
+            .or_else(|| prefect_text("api_key"));
+        config.prefect = Some(prefect);
     }
     let log_format = args
         .log_format

@@ -1,0 +1,308 @@
+//! Spur beside a Prefect server (`--prefect-api`): the server's automations, kept in sync.
+//!
+//! Every [`PrefectConfig::automations_interval`] the server's automations are read in full
+//! (`POST /automations/filter`, paged by 200, checked against `POST /automations/count` so a
+//! change while paging is read again instead of taken for a deletion), parsed with Spur's
+//! Prefect parser (`Dialect::Server`) and, when anything changed, handed to the
+//! [`Catalog`](crate::reload::Catalog), which puts them beside the folder's automations and
+//! reloads the engine. Unchanged automations keep their trigger state (the engine matches
+//! them by id and definition); paused ones on the server (`enabled: false`) are loaded but not
+//! evaluated; deleted ones go. An automation Spur cannot evaluate (say Prefect Cloud's
+//! `metric` trigger) is reported with its reason in `/api/automations`' errors and the log, and
+//! the others run.
+//!
+//! The last list read is kept in the store, so a restart evaluates the server's automations
+//! from the first event on, with their checkpointed state, even while the server is down.
+//! The event stream itself is `spur_ingest::prefect`; its position is kept in the store by
+//! [`StoreCursor`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use spur_core::trigger::Dialect;
+use spur_core::{Automation, Problems, Severity};
+use spur_ingest::prefect::{Backoff, BridgeError, Cursor, PrefectConfig, PrefectHealth, answer};
+use spur_store::Store;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::reload::{Catalog, PrefectPart};
+
+/// The store setting holding the event stream's position.
+const CURSOR_SETTING: &str = "prefect_events_cursor";
+/// The store setting holding the last automations read.
+const AUTOMATIONS_SETTING: &str = "prefect_automations";
+/// Page size of `/automations/filter` (the server's largest).
+const PAGE: usize = 200;
+
+/// The event stream's position, in the store, per server URL.
+#[derive(Debug)]
+pub struct StoreCursor {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The server it is the position on.
+    pub api_url: String,
+}
+
+impl Cursor for StoreCursor {
+    fn load(&self) -> Option<DateTime<Utc>> {
+        let value = self.store.get_setting(CURSOR_SETTING).ok().flatten()?;
+        if value["api_url"] != self.api_url.as_str() {
+            return None;
+        }
+        spur_core::time::parse_timestamp(&value["occurred"]).ok()
+    }
+
+    fn save(&self, at: DateTime<Utc>) {
+        let value = json!({
+            "api_url": self.api_url,
+            "occurred": spur_core::time::format_timestamp(at),
+        });
+        if let Err(e) = self.store.put_setting(CURSOR_SETTING, &value) {
+            warn!(error = %e, "cannot remember the Prefect event stream's position");
+        }
+    }
+}
+
+/// The automations last read from `api_url`, as kept in the store.
+pub fn cached(store: &Store, api_url: &str) -> Option<PrefectPart> {
+    let value = store.get_setting(AUTOMATIONS_SETTING).ok().flatten()?;
+    if value["api_url"] != api_url {
+        return None;
+    }
+    Some(parse(value["automations"].as_array()?, api_url))
+}
+
+/// Parses the server's automation objects; the ones that fail are reported, not loaded.
+pub fn parse(raw: &[Value], api_url: &str) -> PrefectPart {
+    let mut part = PrefectPart::default();
+    let mut names: std::collections::HashMap<String, String> = Default::default();
+    for value in raw {
+        let id = value["id"].as_str().unwrap_or("?").to_owned();
+        let name = value["name"].as_str().unwrap_or("?").to_owned();
+        let source = format!("{api_url}/automations/{id}");
+        let mut definition = value.clone();
+        if let Some(map) = definition.as_object_mut() {
+            // The read model's server-managed fields are not part of a definition.
+            map.remove("created");
+            map.remove("updated");
+        }
+        let mut problems = Problems::new();
+        let parsed = Automation::parse(&definition, Dialect::Server, &mut problems);
+        let describe = |p: &spur_core::Problem| {
+            format!("{source}: automation {name:?}: {}: {}", p.path, p.reason)
+        };
+        let problems = problems.into_vec();
+        for p in problems.iter().filter(|p| p.severity == Severity::Warning) {
+            part.warnings.push(describe(p));
+        }
+        let errors: Vec<String> = problems
+            .iter()
+            .filter(|p| p.severity == Severity::Error)
+            .map(describe)
+            .collect();
+        match parsed {
+            Some(automation) if errors.is_empty() => {
+                if let Some(other) = names.get(&automation.name) {
+                    part.errors.push(format!(
+                        "{source}: automation {name:?}: the name is taken by {other}; not evaluated (Spur needs unique names)"
+                    ));
+                    continue;
+                }
+                names.insert(automation.name.clone(), source.clone());
+                part.sources.insert(automation.name.clone(), source);
+                part.automations.push(Arc::new(automation));
+            }
+            _ if errors.is_empty() => part.errors.push(format!(
+                "{source}: automation {name:?}: cannot be evaluated"
+            )),
+            _ => part.errors.extend(errors),
+        }
+    }
+    part
+}
+
+/// Every automation on the server, oldest first.
+pub async fn read_all(
+    client: &reqwest::Client,
+    config: &PrefectConfig,
+) -> Result<Vec<Value>, BridgeError> {
+    let url = format!("{}/automations/filter", config.api_url);
+    let count_url = format!("{}/automations/count", config.api_url);
+    for _ in 0..3 {
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let body = json!({"sort": "CREATED_DESC", "limit": PAGE, "offset": all.len()});
+            let page = answer(config.authorize(client.post(&url).json(&body))).await?;
+            let Value::Array(page) = page else {
+                return Err(BridgeError::Protocol(
+                    "/automations/filter did not answer a list".into(),
+                ));
+            };
+            let n = page.len();
+            all.extend(page);
+            if n < PAGE {
+                break;
+            }
+        }
+        // Paging by offset over a list that changes can skip one; the count says so.
+        let count = answer(config.authorize(client.post(&count_url).json(&json!({})))).await?;
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|a| seen.insert(a["id"].as_str().unwrap_or_default().to_owned()));
+        if count.as_u64() == Some(all.len() as u64) {
+            all.reverse();
+            return Ok(all);
+        }
+    }
+    Err(BridgeError::Protocol(
+        "the automations kept changing while being read".into(),
+    ))
+}
+
+/// What the automations sync needs.
+#[derive(Debug)]
+pub struct AutomationSync {
+    /// The server.
+    pub config: PrefectConfig,
+    /// Where the automations go.
+    pub catalog: Arc<Catalog>,
+    /// Where the last list read is kept.
+    pub store: Arc<Store>,
+    /// Health and metrics.
+    pub health: Arc<PrefectHealth>,
+}
+
+/// Reads the server's automations every interval until `shutdown`; publishes them when they
+/// changed. `current` is the list the engine has (from the store's cache), if any.
+pub async fn sync_automations(
+    sync: AutomationSync,
+    mut current: Option<Vec<Value>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let AutomationSync {
+        config,
+        catalog,
+        store,
+        health,
+    } = sync;
+    let client = config.http_client();
+    let mut backoff = Backoff::new(config.backoff_max);
+    let mut wait = std::time::Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        match read_all(&client, &config).await {
+            Ok(raw) => {
+                backoff.reset();
+                wait = config.automations_interval;
+                health.automations_ok.store(true, Ordering::Relaxed);
+                if current.as_ref() == Some(&raw) {
+                    health.set_automations(format!(
+                        "{} in sync, checked {}",
+                        raw.len(),
+                        spur_core::time::format_timestamp(Utc::now())
+                    ));
+                    continue;
+                }
+                let part = parse(&raw, &config.api_url);
+                for e in &part.errors {
+                    error!(diagnostic = %e, "Prefect automation not evaluated");
+                }
+                info!(
+                    api = %config.api_url,
+                    automations = part.automations.len(),
+                    refused = part.errors.len(),
+                    "Prefect automations loaded"
+                );
+                health.set_automations(format!(
+                    "{} read ({} evaluated, {} refused) at {}",
+                    raw.len(),
+                    part.automations.len(),
+                    raw.len() - part.automations.len(),
+                    spur_core::time::format_timestamp(Utc::now())
+                ));
+                if !catalog.set_prefect(part).await {
+                    return;
+                }
+                let keep = json!({"api_url": config.api_url, "automations": raw});
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || {
+                    store.put_setting(AUTOMATIONS_SETTING, &keep)
+                })
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!(error = %e, "cannot keep the Prefect automations"),
+                    Err(e) => warn!(error = %e, "cannot keep the Prefect automations"),
+                }
+                current = Some(raw);
+            }
+            Err(e) => {
+                wait = backoff.next_wait();
+                health.automations_ok.store(false, Ordering::Relaxed);
+                health.automation_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(api = %config.api_url, error = %e, retry_in_s = wait.as_secs_f64(), "cannot read the Prefect automations; the loaded ones keep running");
+                health.set_automations(format!(
+                    "failing since {}: {e}; the loaded ones keep running",
+                    spur_core::time::format_timestamp(Utc::now())
+                ));
+            }
+        }
+    }
+}
+
+/// The raw list `cached` parsed (for [`sync_automations`]'s `current`).
+pub fn cached_raw(store: &Store, api_url: &str) -> Option<Vec<Value>> {
+    let value = store.get_setting(AUTOMATIONS_SETTING).ok().flatten()?;
+    if value["api_url"] != api_url {
+        return None;
+    }
+    value["automations"].as_array().cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_automations_parse_and_bad_ones_are_reported_with_their_reason() {
+        let raw = vec![
+            json!({"id": "36676e14-ea45-40fd-ab63-ceb3b07e391f", "name": "a1", "description": "",
+                   "enabled": true, "tags": [],
+                   "trigger": {"type": "event", "id": "53b0a3b9-a5dd-4089-90c2-8e37fbde199e",
+                               "match": {}, "match_related": {}, "after": [], "expect": ["x.*"],
+                               "for_each": [], "posture": "Reactive", "threshold": 2, "within": 30.0},
+                   "actions": [{"type": "do-nothing"}], "actions_on_trigger": [],
+                   "actions_on_resolve": [], "created": "2026-12-05T12:53:52.071595Z",
+                   "updated": "2026-12-05T12:53:52.071608Z"}),
+            json!({"id": "46676e14-ea45-40fd-ab63-ceb3b07e391f", "name": "cloud",
+                   "trigger": {"type": "metric", "metric": {}}, "actions": []}),
+            json!({"id": "56676e14-ea45-40fd-ab63-ceb3b07e391f", "name": "a1",
+                   "trigger": {"type": "event", "expect": ["y"], "posture": "Reactive"}, "actions": []}),
+        ];
+        let part = parse(&raw, "http://p/api");
+        assert_eq!(part.automations.len(), 1, "{part:#?}");
+        assert_eq!(part.automations[0].name, "a1");
+        assert!(part.warnings.is_empty(), "{:?}", part.warnings);
+        assert_eq!(
+            part.sources["a1"],
+            "http://p/api/automations/36676e14-ea45-40fd-ab63-ceb3b07e391f"
+        );
+        assert!(
+            part.errors
+                .iter()
+                .any(|e| e.contains("\"cloud\"") && e.contains("metric")),
+            "{:?}",
+            part.errors
+        );
+        assert!(
+            part.errors.iter().any(|e| e.contains("name is taken")),
+            "{:?}",
+            part.errors
+        );
+    }
+}
