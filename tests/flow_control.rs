@@ -1,0 +1,197 @@
+//! End-to-end tests of flow control (`debounce`, `throttle`, `batch`) against the real
+//! daemon: events over loopback HTTP, runs launched by the process launcher, a kill -9 in
+//! the middle of a throttle's queue. The rules themselves are pinned on the virtual clock by
+//! `tests/scenarios/2xx-flow-*.json`; these check that the daemon's wall clock, its store
+//! and its restart path give the same.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{SpurDaemon, automations_folder, eventually, http};
+
+/// Every run the daemon knows, oldest first.
+fn runs(daemon: &SpurDaemon) -> Vec<Value> {
+    let (status, body) = http("GET", &format!("{}/api/runs?limit=1000", daemon.url), None);
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).expect("runs JSON");
+    let mut runs = page["runs"].as_array().cloned().unwrap_or_default();
+    runs.reverse();
+    runs
+}
+
+/// `count` Prefect events `job.failed` on `resource`, payload `{"i": first + n}`.
+fn failures(resource: &str, first: usize, count: usize) -> Vec<Value> {
+    let now = chrono::Utc::now();
+    (first..first + count)
+        .map(|i| {
+            json!({
+                "id": uuid::Uuid::new_v4(),
+                "occurred": spur_core::time::format_timestamp(now),
+                "event": "job.failed",
+                "resource": {"prefect.resource.id": resource},
+                "payload": {"i": i},
+            })
+        })
+        .collect()
+}
+
+fn post_events(daemon: &SpurDaemon, events: Vec<Value>) {
+    let (status, body) = http(
+        "POST",
+        &format!("{}/api/events", daemon.url),
+        Some(Value::Array(events)),
+    );
+    assert!(status < 300, "{status} {body}");
+}
+
+const SINK: &str = "deployments:\n  - name: sink\n    launcher:\n      command: [sh, -c, 'true']\n";
+
+/// 500 failures in well under the period collapse into exactly one run, whose parameters
+/// name the last event of the burst and the count.
+#[test]
+fn a_burst_of_500_failures_becomes_one_run_with_the_last_event_and_the_count() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            ("d.yaml", SINK),
+            (
+                "a.yaml",
+                "name: collapse\ntrigger: {type: event, posture: Reactive, expect: [job.failed]}\n\
+                 debounce: {key: '{{ event.resource.id }}', period: 3s, max_wait: 1m}\n\
+                 actions:\n  - type: run-deployment\n    deployment: sink\n    parameters:\n      \
+                 count: '{{ debounce.count }}'\n      last: '{{ event.payload.i }}'\n      \
+                 key: '{{ debounce.key }}'\n",
+            ),
+        ],
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let started = Instant::now();
+    for chunk in 0..5 {
+        post_events(&daemon, failures("svc.db", chunk * 100, 100));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the burst took {:?}, longer than the debounce period",
+        started.elapsed()
+    );
+    let run = eventually(Duration::from_secs(20), "the debounced run", || {
+        runs(&daemon).into_iter().next()
+    });
+    assert_eq!(run["parameters"]["count"], 500, "{run}");
+    assert_eq!(run["parameters"]["last"], 499, "{run}");
+    assert_eq!(run["parameters"]["key"], "svc.db", "{run}");
+    // Quiet for another period: still one run.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(runs(&daemon).len(), 1, "{:?}", runs(&daemon));
+}
+
+/// `throttle {limit: 10, per: 4s, over: delay}` and 50 firings: 10 runs in the first
+/// window, the rest later and in order; a kill -9 while 40 wait loses none and repeats none.
+/// (The issue's 10 per minute, scaled to 4 s so the suite stays fast; the arithmetic is the
+/// same on the engine clock.)
+#[test]
+fn a_throttle_delays_the_rest_in_order_and_loses_none_across_a_kill() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            ("d.yaml", SINK),
+            (
+                "a.yaml",
+                "name: limited\ntrigger: {type: event, posture: Reactive, expect: [job.failed]}\n\
+                 throttle: {limit: 10, per: 4s, over: delay}\n\
+                 actions:\n  - type: run-deployment\n    deployment: sink\n    parameters:\n      \
+                 i: '{{ event.payload.i }}'\n",
+            ),
+        ],
+    );
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    post_events(&daemon, failures("svc.api", 0, 50));
+    let first = eventually(Duration::from_secs(10), "the first ten runs", || {
+        let runs = runs(&daemon);
+        (runs.len() >= 10).then_some(runs)
+    });
+    assert_eq!(first.len(), 10, "only ten in the first window: {first:?}");
+    daemon.kill();
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let all = eventually(Duration::from_secs(60), "all fifty runs", || {
+        let runs = runs(&daemon);
+        (runs.len() >= 50).then_some(runs)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let all_now = runs(&daemon);
+    assert_eq!(all_now.len(), 50, "none repeated: {}", all_now.len());
+    let order: Vec<i64> = all
+        .iter()
+        .map(|r| r["parameters"]["i"].as_i64().expect("i"))
+        .collect();
+    let distinct: BTreeSet<i64> = order.iter().copied().collect();
+    assert_eq!(distinct, (0..50).collect::<BTreeSet<_>>(), "{order:?}");
+    // In order window by window (the runs of one window launch together, so their
+    // creation order within the window is the launcher's, not the queue's).
+    for (window, runs) in order.chunks(10).enumerate() {
+        let got: BTreeSet<i64> = runs.iter().copied().collect();
+        let start = 10 * window as i64;
+        assert_eq!(got, (start..start + 10).collect(), "window {window}: {order:?}");
+    }
+    // No window of 4 s (by creation time) holds more than ten runs.
+    let created: Vec<chrono::DateTime<chrono::FixedOffset>> = all
+        .iter()
+        .map(|r| {
+            chrono::DateTime::parse_from_rfc3339(r["created"].as_str().expect("created"))
+                .expect("created time")
+        })
+        .collect();
+    for (n, start) in created.iter().enumerate() {
+        let within = created[n..]
+            .iter()
+            .take_while(|t| (**t - *start) < chrono::TimeDelta::milliseconds(3_900))
+            .count();
+        assert!(within <= 10, "{within} runs within 4 s of run {n}");
+    }
+}
+
+/// `batch {max_events: 25, max_wait: 2s}`: 60 firings become runs of 25, 25 and (after
+/// max_wait) 10, each with all of its events.
+#[test]
+fn a_batch_hands_on_full_batches_at_once_and_the_rest_at_max_wait() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            ("d.yaml", SINK),
+            (
+                "a.yaml",
+                "name: grouped\ntrigger: {type: event, posture: Reactive, expect: [job.failed]}\n\
+                 batch: {max_events: 25, max_wait: 2s}\n\
+                 actions:\n  - type: run-deployment\n    deployment: sink\n    parameters:\n      \
+                 count: '{{ batch.count }}'\n      \
+                 items: \"{{ batch.events | map(attribute='payload') | map(attribute='i') | list }}\"\n",
+            ),
+        ],
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    post_events(&daemon, failures("svc.q", 0, 60));
+    let mut all = eventually(Duration::from_secs(20), "three batch runs", || {
+        let runs = runs(&daemon);
+        (runs.len() >= 3).then_some(runs)
+    });
+    // The two full batches go at one instant and launch together: order them by content.
+    all.sort_by_key(|r| r["parameters"]["items"][0].as_i64());
+    let counts: Vec<i64> = all
+        .iter()
+        .map(|r| r["parameters"]["count"].as_i64().expect("count"))
+        .collect();
+    assert_eq!(counts, vec![25, 25, 10], "{all:?}");
+    let items: Vec<i64> = all
+        .iter()
+        .flat_map(|r| r["parameters"]["items"].as_array().cloned().unwrap_or_default())
+        .map(|i| i.as_i64().expect("item"))
+        .collect();
+    assert_eq!(items, (0..60).collect::<Vec<_>>());
+}
