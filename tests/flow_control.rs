@@ -137,7 +137,11 @@ fn a_throttle_delays_the_rest_in_order_and_loses_none_across_a_kill() {
     for (window, runs) in order.chunks(10).enumerate() {
         let got: BTreeSet<i64> = runs.iter().copied().collect();
         let start = 10 * window as i64;
-        assert_eq!(got, (start..start + 10).collect(), "window {window}: {order:?}");
+        assert_eq!(
+            got,
+            (start..start + 10).collect(),
+            "window {window}: {order:?}"
+        );
     }
     // No window of 4 s (by creation time) holds more than ten runs.
     let created: Vec<chrono::DateTime<chrono::FixedOffset>> = all
@@ -190,7 +194,12 @@ fn a_batch_hands_on_full_batches_at_once_and_the_rest_at_max_wait() {
     assert_eq!(counts, vec![25, 25, 10], "{all:?}");
     let items: Vec<i64> = all
         .iter()
-        .flat_map(|r| r["parameters"]["items"].as_array().cloned().unwrap_or_default())
+        .flat_map(|r| {
+            r["parameters"]["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .map(|i| i.as_i64().expect("item"))
         .collect();
     assert_eq!(items, (0..60).collect::<Vec<_>>());
