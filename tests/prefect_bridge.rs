@@ -1,0 +1,377 @@
+//! Spur beside a real Prefect server (`spur serve --prefect-api`, issue 14).
+//!
+//! A real `prefect server start` (3.8.8 from `scripts/provision.sh`) with its triggers service
+//! off, as the README tells users to run it, and the real `spur serve` beside it, loopback
+//! only, each with its own temporary folders:
+//!
+//! * an automation created through Prefect's API appears in Spur (origin `prefect`) and fires
+//!   there on events emitted to the server;
+//! * every event emitted to the server reaches Spur — also the ones emitted while Spur was
+//!   stopped (filled from the server's events API on restart), each exactly once;
+//! * pausing and deleting the automation on the server is followed;
+//! * `/healthz` and `/metrics` describe the bridge, and a server that goes away is reported
+//!   while Spur keeps running.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use support::{SpurDaemon, eventually, http, skip_without};
+
+/// A real Prefect server on a free loopback port with its own home and SQLite database, its
+/// triggers service off; its whole process group is killed on drop.
+struct PrefectServer {
+    child: Child,
+    api: String,
+    log: PathBuf,
+}
+
+impl PrefectServer {
+    fn start(prefect: &Path, dir: &Path) -> PrefectServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let home = dir.join("home");
+        std::fs::create_dir_all(&home).expect("prefect home");
+        let log = dir.join("prefect-server.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut command = Command::new(prefect);
+        command
+            .args(["server", "start", "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .arg("--no-ui")
+            .current_dir(dir)
+            .env("PREFECT_HOME", &home)
+            .env(
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                format!("sqlite+aiosqlite:///{}", dir.join("prefect.db").display()),
+            )
+            // The setting the README asks for: Spur evaluates the automations.
+            .env("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
+            // Services this test does not need, off to keep SQLite quiet.
+            .env("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false")
+            .env("PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED", "false")
+            .env("PREFECT_SERVER_SERVICES_FOREMAN_ENABLED", "false")
+            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            .env("DO_NOT_TRACK", "1")
+            .env_remove("PREFECT_API_URL")
+            .env_remove("PREFECT_PROFILE")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.spawn().expect("prefect server starts");
+        let mut server = PrefectServer {
+            child,
+            api: format!("http://127.0.0.1:{port}/api"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if matches!(
+                try_http("GET", &format!("{}/health", server.api), None),
+                Some((200, _))
+            ) {
+                return server;
+            }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!(
+                    "prefect server exited with {status}:\n{}",
+                    server.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prefect server not healthy within 90 s:\n{}",
+                server.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// A call, retried while the server still answers 503 (or not at all) after `/health`
+    /// turned green; panics on any other failure.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let url = format!("{}{path}", self.api);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match try_http(method, &url, body.clone()) {
+                Some((status, answer)) if (200..300).contains(&status) => return answer,
+                Some((503, _)) | None if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => panic!("{method} {url} answered {other:?}:\n{}", self.log_tail()),
+            }
+        }
+    }
+
+    /// Emits `n` events named `name` (ids returned), in batches, through `POST /events`.
+    fn emit(&self, name: &str, n: usize) -> Vec<String> {
+        let mut ids = Vec::new();
+        let events: Vec<Value> = (0..n)
+            .map(|i| {
+                let id = uuid::Uuid::new_v4().to_string();
+                ids.push(id.clone());
+                json!({
+                    "id": id,
+                    "occurred": spur_core::time::format_timestamp(Utc::now()),
+                    "event": name,
+                    "resource": {"prefect.resource.id": format!("bridge.res.{}", i % 5)},
+                    "payload": {"n": i},
+                })
+            })
+            .collect();
+        for chunk in events.chunks(100) {
+            self.call("POST", "/events", Some(Value::Array(chunk.to_vec())));
+        }
+        ids
+    }
+}
+
+impl Drop for PrefectServer {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP request: (status, JSON body), or `None` when nothing answers.
+fn try_http(method: &str, url: &str, body: Option<Value>) -> Option<(u16, Value)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = client.request(method, url).timeout(Duration::from_secs(10));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.ok()?;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        Some((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    })
+}
+
+/// The `prefect` CLI beside `$SPUR_PREFECT_PYTHON`, or `None` once the skip is reported.
+fn require_prefect_cli() -> Option<PathBuf> {
+    let python = support::require_prefect_python()?;
+    let cli = Path::new(&python).with_file_name("prefect");
+    if !cli.exists() {
+        skip_without(&format!(
+            "no prefect CLI beside {python} (scripts/provision.sh installs it)"
+        ));
+        return None;
+    }
+    Some(cli)
+}
+
+/// The ids of every event named `name` Spur has, in the order its pages list them (all
+/// pages of `/api/events/filter`).
+fn spur_event_ids(spur: &SpurDaemon, name: &str) -> Vec<String> {
+    let body = json!({"filter": {"event": {"name": [name]}, "order": "ASC"}, "limit": 50});
+    let (status, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", spur.url),
+        Some(body),
+    );
+    assert_eq!(status, 200, "{text}");
+    let mut page: Value = serde_json::from_str(&text).expect("an event page");
+    let mut ids = Vec::new();
+    for _ in 0..1000 {
+        for e in page["events"].as_array().into_iter().flatten() {
+            ids.push(e["id"].as_str().unwrap_or_default().to_owned());
+        }
+        let Some(next) = page["next_page"].as_str() else {
+            return ids;
+        };
+        let (status, text) = http("GET", next, None);
+        assert_eq!(status, 200, "{text}");
+        page = serde_json::from_str(&text).expect("an event page");
+    }
+    panic!("more than 1000 pages");
+}
+
+/// Spur's view of the automation `id`, if it has it.
+fn spur_automation(spur: &SpurDaemon, id: &str) -> Option<Value> {
+    let (status, text) = http("GET", &format!("{}/api/automations", spur.url), None);
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    body["automations"]
+        .as_array()?
+        .iter()
+        .find(|a| a["id"] == id)
+        .cloned()
+}
+
+/// The firings Spur recorded for the automation `name`.
+fn firings_of(spur: &SpurDaemon, name: &str) -> usize {
+    let (status, text) = http("GET", &format!("{}/api/firings?limit=1000", spur.url), None);
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    let list = body
+        .as_array()
+        .or_else(|| body["firings"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    list.iter().filter(|f| f["automation"] == name).count()
+}
+
+/// Waits until Spur holds exactly the events `expected` of `name`, each once.
+fn wait_for_events(spur: &SpurDaemon, name: &str, expected: &HashSet<String>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let ids = spur_event_ids(spur, name);
+        let unique: HashSet<String> = ids.iter().cloned().collect();
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "an event is in Spur more than once"
+        );
+        assert!(
+            unique.is_subset(expected),
+            "Spur has {name} events nobody emitted"
+        );
+        if unique.len() == expected.len() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Spur has {} of the {} {name} events after {within:?}; log: {:?}",
+            unique.len(),
+            expected.len(),
+            spur.log_lines("prefect")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn spur_takes_a_real_prefect_servers_events_and_automations() {
+    let Some(cli) = require_prefect_cli() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefect_dir = dir.path().join("prefect");
+    std::fs::create_dir_all(&prefect_dir).expect("prefect dir");
+    let server = PrefectServer::start(&cli, &prefect_dir);
+
+    // An automation created on the server, before Spur ever saw it.
+    let created = server.call(
+        "POST",
+        "/automations/",
+        Some(json!({
+            "name": "bridge-ticks",
+            "trigger": {"type": "event", "expect": ["bridge.tick"], "posture": "Reactive",
+                        "threshold": 1, "within": 0},
+            "actions": [{"type": "do-nothing"}],
+        })),
+    );
+    let automation = created["id"].as_str().expect("an automation id").to_owned();
+
+    let data = dir.path().join("data");
+    let folder = support::automations_folder(dir.path(), &[]);
+    let flags = ["--prefect-api", server.api.as_str()];
+    let spur = SpurDaemon::start(&data, &folder, &flags);
+
+    let seen = eventually(
+        Duration::from_secs(20),
+        "the Prefect automation in Spur",
+        || spur_automation(&spur, &automation),
+    );
+    assert_eq!(seen["origin"], "prefect", "{seen:#}");
+    assert_eq!(seen["name"], "bridge-ticks");
+    assert_eq!(seen["enabled"], true);
+    assert_eq!(
+        seen["source"],
+        format!("{}/automations/{automation}", server.api),
+        "{seen:#}"
+    );
+    eventually(Duration::from_secs(20), "the stream live", || {
+        (!spur.log_lines("Prefect event stream live").is_empty()).then_some(())
+    });
+
+    // Live: events emitted to the server reach Spur, and the automation fires there.
+    let mut expected: HashSet<String> = server.emit("bridge.tick", 20).into_iter().collect();
+    wait_for_events(&spur, "bridge.tick", &expected, Duration::from_secs(30));
+    eventually(
+        Duration::from_secs(10),
+        "20 firings of bridge-ticks",
+        || (firings_of(&spur, "bridge-ticks") == 20).then_some(()),
+    );
+    let (_, health) = http("GET", &format!("{}/healthz", spur.url), None);
+    assert!(health.contains("events: live since"), "{health}");
+    assert!(health.contains("automations: 1 "), "{health}");
+
+    // Spur stopped while 500 events are emitted; after the restart every one of them is in
+    // Spur exactly once (filled from the server's events API), and each fired once.
+    assert_eq!(spur.terminate(), Some(0), "a clean stop");
+    expected.extend(server.emit("bridge.tick", 500));
+    let spur = SpurDaemon::start(&data, &folder, &flags);
+    wait_for_events(&spur, "bridge.tick", &expected, Duration::from_secs(60));
+    eventually(
+        Duration::from_secs(10),
+        "520 firings of bridge-ticks",
+        || (firings_of(&spur, "bridge-ticks") == 520).then_some(()),
+    );
+    // And live again after the fill.
+    expected.extend(server.emit("bridge.tick", 5));
+    wait_for_events(&spur, "bridge.tick", &expected, Duration::from_secs(30));
+    let (_, metrics) = http("GET", &format!("{}/metrics", spur.url), None);
+    assert!(
+        metrics.contains("spur_prefect_connected{part=\"events\"} 1"),
+        "{metrics}"
+    );
+
+    // Paused on the server: paused in Spur, and it stops firing; deleted: gone.
+    server.call(
+        "PATCH",
+        &format!("/automations/{automation}"),
+        Some(json!({"enabled": false})),
+    );
+    eventually(Duration::from_secs(15), "the pause followed", || {
+        spur_automation(&spur, &automation).filter(|a| a["enabled"] == false)
+    });
+    let fired = firings_of(&spur, "bridge-ticks");
+    expected.extend(server.emit("bridge.tick", 3));
+    wait_for_events(&spur, "bridge.tick", &expected, Duration::from_secs(30));
+    assert_eq!(
+        firings_of(&spur, "bridge-ticks"),
+        fired,
+        "a paused automation fired"
+    );
+    server.call("DELETE", &format!("/automations/{automation}"), None);
+    eventually(Duration::from_secs(15), "the delete followed", || {
+        spur_automation(&spur, &automation).is_none().then_some(())
+    });
+
+    // The server goes away: Spur keeps serving and says so.
+    drop(server);
+    eventually(Duration::from_secs(30), "the outage reported", || {
+        let (status, health) = http("GET", &format!("{}/healthz", spur.url), None);
+        (status == 200 && health.contains("events: down since")).then_some(())
+    });
+    assert_eq!(spur_event_ids(&spur, "bridge.tick").len(), expected.len());
+    assert_eq!(spur.terminate(), Some(0), "a clean stop after the outage");
+}
