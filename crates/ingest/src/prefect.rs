@@ -17,7 +17,9 @@
 //! "The last event seen" is the newest `occurred` (never later than the wall clock) among the
 //! events made durable, kept through a [`Cursor`] (the daemon keeps it in its store), so a
 //! restart of Spur resumes where it stopped. The first start ever reads from now minus the
-//! overlap: history before Spur was pointed at the server is not replayed into its triggers.
+//! overlap (and remembers the moment it subscribed, so a restart before any event arrives
+//! still fills from there): history before Spur was pointed at the server is not replayed
+//! into its triggers.
 //! An event emitted with an `occurred` more than the overlap before the newest seen, while
 //! Spur was not subscribed, is not recovered (Prefect's own subscriber has the same window).
 //!
@@ -408,6 +410,7 @@ impl Source {
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Backoff,
     ) -> Result<Ended, BridgeError> {
+        let subscribed = Utc::now();
         let mut socket = self.subscribe().await?;
         let since = self.fill_start();
         let mut buffered: Vec<Value> = Vec::new();
@@ -417,6 +420,12 @@ impl Source {
             .fill_while_streaming(&mut socket, since, &mut buffered, &mut last_frame)
             .await?;
         self.submit_live(std::mem::take(&mut buffered)).await?;
+        if self.last.is_none() {
+            // Nothing seen yet (the first start ever, a quiet server): the stream covers
+            // everything from the subscription on, so a later restart fills from here.
+            self.last = Some(subscribed);
+            self.save_cursor(true).await;
+        }
         info!(api = %self.config.api_url, since = %spur_core::time::format_timestamp(since), filled, "Prefect event stream live");
         self.health.live.store(true, Ordering::Relaxed);
         self.health.set_stream(format!(
