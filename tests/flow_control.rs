@@ -204,3 +204,181 @@ fn a_batch_hands_on_full_batches_at_once_and_the_rest_at_max_wait() {
         .collect();
     assert_eq!(items, (0..60).collect::<Vec<_>>());
 }
+
+/// The `Running` → final interval of a run, from its history.
+fn running_interval(
+    run: &Value,
+) -> (
+    chrono::DateTime<chrono::FixedOffset>,
+    chrono::DateTime<chrono::FixedOffset>,
+) {
+    let history = run["history"].as_array().expect("history");
+    let at = |wanted: &dyn Fn(&str) -> bool| {
+        history
+            .iter()
+            .find(|h| wanted(h["state"].as_str().unwrap_or_default()))
+            .and_then(|h| h["at"].as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .unwrap_or_else(|| panic!("no such state in {run}"))
+    };
+    (
+        at(&|s| s == "Running"),
+        at(&|s| matches!(s, "Completed" | "Failed" | "Crashed" | "Cancelled")),
+    )
+}
+
+fn is_final(run: &Value) -> bool {
+    matches!(
+        run["state"].as_str(),
+        Some("Completed" | "Failed" | "Crashed" | "Cancelled")
+    )
+}
+
+/// `concurrency {key, limit: 1, on_full: queue}`: runs of one key never overlap, another
+/// key runs beside them, and firings waiting for a slot survive a kill -9.
+#[test]
+fn concurrency_queues_per_key_and_the_queue_survives_a_kill() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            (
+                "d.yaml",
+                "deployments:\n  - name: slow\n    launcher:\n      command: [sh, -c, 'sleep 1']\n",
+            ),
+            (
+                "a.yaml",
+                "name: one-at-a-time\ntrigger: {type: event, posture: Reactive, expect: [job.failed]}\n\
+                 concurrency: {key: '{{ event.resource.id }}', limit: 1, on_full: queue}\n\
+                 actions:\n  - type: run-deployment\n    deployment: slow\n    parameters:\n      \
+                 who: '{{ event.resource.id }}'\n      i: '{{ event.payload.i }}'\n",
+            ),
+        ],
+    );
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let mut events = failures("svc.a", 0, 4);
+    events.extend(failures("svc.b", 10, 1));
+    post_events(&daemon, events);
+    // The first of svc.a and the one of svc.b run together; the other three of svc.a wait.
+    eventually(Duration::from_secs(10), "two runs in progress", || {
+        let runs = runs(&daemon);
+        (runs.len() >= 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let early = runs(&daemon);
+    assert_eq!(early.len(), 2, "one per key: {early:?}");
+    daemon.kill();
+    let daemon = SpurDaemon::start(&data, &automations, &[]);
+    let all = eventually(Duration::from_secs(60), "five runs, all ended", || {
+        let runs = runs(&daemon);
+        (runs.len() >= 5 && runs.iter().all(is_final)).then_some(runs)
+    });
+    assert_eq!(all.len(), 5, "none lost, none repeated: {all:?}");
+    let of = |who: &str| -> Vec<&Value> {
+        all.iter()
+            .filter(|r| r["parameters"]["who"] == who)
+            .collect()
+    };
+    let a = of("svc.a");
+    assert_eq!(a.len(), 4, "{a:?}");
+    let ids: BTreeSet<i64> = a
+        .iter()
+        .map(|r| r["parameters"]["i"].as_i64().expect("i"))
+        .collect();
+    assert_eq!(ids, (0..4).collect(), "{a:?}");
+    // Runs that ran (the one a kill interrupted may have crashed) never overlap.
+    let mut intervals: Vec<_> = a
+        .iter()
+        .filter(|r| r["state"] == "Completed")
+        .map(|r| running_interval(r))
+        .collect();
+    intervals.sort();
+    assert!(intervals.len() >= 3, "{a:?}");
+    for pair in intervals.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "runs of one key overlapped: {pair:?}"
+        );
+    }
+}
+
+/// `on_full: cancel-running` cancels the older run; `on_full: skip` records the newer
+/// firing as skipped and starts nothing.
+#[test]
+fn concurrency_cancels_the_running_one_or_skips_the_new_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            (
+                "d.yaml",
+                "deployments:\n  - name: long\n    launcher:\n      command: [sh, -c, 'sleep 20']\n",
+            ),
+            (
+                "a.yaml",
+                "name: newest-wins\ntrigger: {type: event, posture: Reactive, expect: [deploy.requested]}\n\
+                 concurrency: {limit: 1, on_full: cancel-running}\n\
+                 actions:\n  - type: run-deployment\n    deployment: long\n    parameters: {i: '{{ event.payload.i }}'}\n\
+                 ---\n\
+                 name: first-wins\ntrigger: {type: event, posture: Reactive, expect: [report.requested]}\n\
+                 concurrency: {limit: 1, on_full: skip}\n\
+                 actions:\n  - type: run-deployment\n    deployment: long\n    parameters: {i: '{{ event.payload.i }}'}\n",
+            ),
+        ],
+    );
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let named = |name: &str, i: usize| {
+        let mut e = failures("svc.x", i, 1);
+        e[0]["event"] = json!(name);
+        e
+    };
+    post_events(&daemon, named("deploy.requested", 1));
+    post_events(&daemon, named("report.requested", 1));
+    eventually(Duration::from_secs(10), "both first runs running", || {
+        let runs = runs(&daemon);
+        (runs.len() == 2 && runs.iter().all(|r| r["state"] == "Running")).then_some(())
+    });
+    post_events(&daemon, named("deploy.requested", 2));
+    post_events(&daemon, named("report.requested", 2));
+    // The skip is decided (and logged with its reason) before anything is counted.
+    eventually(Duration::from_secs(10), "the second report skipped", || {
+        (!daemon
+            .log_lines("skipped by its concurrency limit")
+            .is_empty())
+        .then_some(())
+    });
+    let settled = eventually(
+        Duration::from_secs(10),
+        "the older deploy cancelled",
+        || {
+            let runs = runs(&daemon);
+            (runs.len() == 3 && runs.iter().any(|r| r["state"] == "Cancelled")).then_some(runs)
+        },
+    );
+    let by = |automation: &str| -> Vec<&Value> {
+        settled
+            .iter()
+            .filter(|r| r["automation"] == automation)
+            .collect()
+    };
+    let deploys = by("newest-wins");
+    assert_eq!(deploys.len(), 2, "{settled:?}");
+    let old = deploys
+        .iter()
+        .find(|r| r["parameters"]["i"] == 1)
+        .expect("the first deploy");
+    let new = deploys
+        .iter()
+        .find(|r| r["parameters"]["i"] == 2)
+        .expect("the second deploy");
+    assert_eq!(old["state"], "Cancelled", "{old}");
+    assert_ne!(new["state"], "Cancelled", "{new}");
+    let reports = by("first-wins");
+    assert_eq!(
+        reports.len(),
+        1,
+        "the second report was skipped: {settled:?}"
+    );
+    assert_eq!(reports[0]["parameters"]["i"], 1);
+}

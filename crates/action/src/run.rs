@@ -219,6 +219,11 @@ pub struct Run {
     /// run hands it to Prefect's `create_flow_run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_variables: Option<Value>,
+    /// The rendered `concurrency` key of the automation that launched it: while the run is
+    /// in progress it holds one of that key's slots (kept on the record, so a restart that
+    /// continues the run gives the slot back to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
 }
 
 /// What a run is a run of: its deployment and flow, by name and id.
@@ -270,6 +275,7 @@ impl Run {
             rerun_of: None,
             scheduled_start: None,
             job_variables: None,
+            concurrency_key: None,
         }
     }
 

@@ -332,6 +332,7 @@ const AUTOMATION_KEYS: &[&str] = &[
     "debounce",
     "throttle",
     "batch",
+    "concurrency",
 ];
 
 impl Automation {

@@ -41,6 +41,36 @@ pub struct FlowControl {
     /// Group firings into one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<Batch>,
+    /// Limit the runs in progress per key (applied by the action executor, which knows
+    /// when runs end; the other three run in the matcher on the engine clock).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// `concurrency: {key, limit, on_full}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Concurrency {
+    /// A template rendered against each firing; each key has its own slots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// How many firings per key may have runs in progress at once.
+    pub limit: u32,
+    /// What happens to a firing when its key's slots are all taken.
+    pub on_full: OnFull,
+}
+
+/// What `concurrency` does with a firing whose key is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFull {
+    /// It waits, in order, until a run of its key ends (durably: a waiting firing is not
+    /// dispatched yet, and a restart dispatches it again).
+    Queue,
+    /// The runs in progress of its key are cancelled and it starts (Hatchet's
+    /// cancel-in-progress).
+    CancelRunning,
+    /// It is skipped, recorded with the reason; its actions never run.
+    Skip,
 }
 
 /// `debounce: {key, period, max_wait, keep}`.
@@ -128,7 +158,7 @@ fn as_optional_seconds<S: Serializer>(d: &Option<TimeDelta>, s: S) -> Result<S::
 }
 
 /// The top-level automation keys this module reads.
-pub const FLOW_KEYS: &[&str] = &["debounce", "throttle", "batch"];
+pub const FLOW_KEYS: &[&str] = &["debounce", "throttle", "batch", "concurrency"];
 
 impl FlowControl {
     /// Reads the flow-control keys of an automation mapping; `None` when it has none.
@@ -223,6 +253,34 @@ impl FlowControl {
                 }
             }
         }
+        if let Some(v) = map.get("concurrency").filter(|v| !v.is_null()) {
+            let path = root.key("concurrency");
+            if let Some(fields) = settings(v, &path, &["key", "limit", "on_full"], problems) {
+                let limit = count(fields, &path, "limit", u32::MAX, problems);
+                let on_full = match fields.get("on_full") {
+                    None | Some(Value::Null) => OnFull::Queue,
+                    Some(Value::String(s)) if s == "queue" => OnFull::Queue,
+                    Some(Value::String(s)) if s == "cancel-running" => OnFull::CancelRunning,
+                    Some(Value::String(s)) if s == "skip" => OnFull::Skip,
+                    Some(other) => {
+                        problems.error(
+                            &path.key("on_full"),
+                            format!(
+                                "must be \"queue\", \"cancel-running\" or \"skip\", got {other}"
+                            ),
+                        );
+                        OnFull::Queue
+                    }
+                };
+                if let Some(limit) = limit {
+                    flow.concurrency = Some(Concurrency {
+                        key: key_template(fields, &path, problems),
+                        limit,
+                        on_full,
+                    });
+                }
+            }
+        }
         if flow.debounce.is_some() && flow.batch.is_some() {
             problems.error(
                 &root.key("batch"),
@@ -232,7 +290,7 @@ impl FlowControl {
         Some(flow)
     }
 
-    /// True when none is set.
+    /// True when none of the matcher's settings (`debounce`, `throttle`, `batch`) is set.
     pub fn is_empty(&self) -> bool {
         self.debounce.is_none() && self.throttle.is_none() && self.batch.is_none()
     }
@@ -398,6 +456,23 @@ mod tests {
             .map(|p| format!("{}: {}", p.path, p.reason))
             .collect();
         (flow, errors)
+    }
+
+    #[test]
+    fn reads_concurrency_and_refuses_a_zero_limit_or_unknown_on_full() {
+        let (flow, errors) =
+            parse(json!({"concurrency": {"key": "{{ event.resource.id }}", "limit": 2}}));
+        assert!(errors.is_empty(), "{errors:?}");
+        let c = flow
+            .expect("flow control")
+            .concurrency
+            .expect("concurrency");
+        assert_eq!((c.limit, c.on_full), (2, OnFull::Queue));
+        let (_, errors) = parse(json!({"concurrency": {"limit": 0, "on_full": "cancel-running"}}));
+        assert_eq!(errors, vec!["concurrency.limit: must be at least 1"]);
+        let (_, errors) = parse(json!({"concurrency": {"limit": 1, "on_full": "later"}}));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("concurrency.on_full:"), "{errors:?}");
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! and emitted as a `prefect.flow-run.<State>` event through the normal intake, so downstream
 //! automations see it and work chains.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -29,11 +29,12 @@ use spur_action::deployment::OnCrash;
 use spur_action::launcher::{self, LaunchContext};
 use spur_action::worker::{Handover, RunRequest};
 use spur_action::{Deployment, Launcher, Run, RunState};
+use spur_core::flow::OnFull;
 use spur_core::load::DeploymentRef;
 use spur_core::{Action, Event, EventLimits, Resource};
 use spur_ingest::Intake;
 use spur_ingest::nats::NatsCounters;
-use spur_matcher::{Firing, FiringState};
+use spur_matcher::{Firing, FiringState, FlowKeys};
 use spur_replay::firing_context;
 use spur_store::Store;
 use spur_template::TemplateEngine;
@@ -51,6 +52,8 @@ pub struct RunOptions {
     pub schedule_after: TimeDelta,
     /// Settings for its infrastructure (`job_variables`), passed on as they are.
     pub job_variables: Option<Value>,
+    /// The concurrency key whose slot the run holds while in progress (`concurrency:`).
+    pub concurrency_key: Option<String>,
 }
 
 /// An action with its templates rendered and its target resolved: what a retry re-performs.
@@ -75,6 +78,9 @@ pub enum Prepared {
         /// The action's `job_variables`, as given (Prefect never templates them).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         job_variables: Option<Value>,
+        /// The firing's rendered `concurrency` key, when its automation limits concurrency.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        concurrency_key: Option<String>,
     },
     /// Pause or resume an automation.
     SetAutomationPaused {
@@ -175,6 +181,53 @@ struct Inner {
     api_token: OnceLock<String>,
     retry_base: Duration,
     max_attempts: u32,
+    /// Renders `concurrency` keys (as the matcher's flow stage renders its own).
+    flow_keys: spur_replay::TemplateFlowKeys,
+    /// Concurrency slots (see [`Slots`]).
+    slots: Mutex<Slots>,
+}
+
+/// A concurrency slot's identity: the automation's name and the rendered key.
+type SlotKey = (String, String);
+
+/// `concurrency:` bookkeeping. A firing of an automation with `concurrency` takes a slot of
+/// its key before its actions run (a *reservation*), and each run those actions start holds
+/// it until the run reaches a final state. The runs are known from their records, so a
+/// restart that continues a run gives the slot back to it; a firing waiting for a slot is
+/// not marked dispatched, so a restart dispatches it again and it queues again, in order.
+#[derive(Debug, Default)]
+struct Slots {
+    by_key: HashMap<SlotKey, Slot>,
+    /// Run → the slot it holds.
+    runs: HashMap<Uuid, SlotKey>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    limit: usize,
+    running: HashSet<Uuid>,
+    reserved: usize,
+    queue: VecDeque<Dispatch>,
+}
+
+impl Slot {
+    fn in_progress(&self) -> usize {
+        self.running.len() + self.reserved
+    }
+}
+
+/// What the concurrency gate decided for a firing.
+enum Gate {
+    /// No concurrency setting: go.
+    Free,
+    /// A slot is reserved: go, and give it back when done.
+    Open(SlotKey),
+    /// Cancel these runs first, then go with the reserved slot (`cancel-running`).
+    CancelFirst(SlotKey, Vec<Uuid>),
+    /// Full: it waits in the slot's queue.
+    Queued,
+    /// Skipped, with the reason.
+    Skip(String),
 }
 
 /// Bound on Prefect's `response_body` detail.
@@ -212,6 +265,8 @@ impl Executor {
                 api_token: OnceLock::new(),
                 retry_base: Duration::from_millis(500),
                 max_attempts: 5,
+                flow_keys: spur_replay::TemplateFlowKeys(TemplateEngine::new()),
+                slots: Mutex::new(Slots::default()),
             }),
         }
     }
@@ -577,10 +632,12 @@ impl Executor {
         let deployment = self
             .find(Some(old.deployment_id), Some(&old.deployment))
             .ok_or_else(|| format!("deployment {:?} is no longer declared", old.deployment))?;
-        // A rerun starts now, on the same infrastructure settings.
+        // A rerun starts now, on the same infrastructure settings, in the same concurrency
+        // slot (it takes the old run's place).
         let options = RunOptions {
             schedule_after: TimeDelta::zero(),
             job_variables: old.job_variables.clone(),
+            concurrency_key: old.concurrency_key.clone(),
         };
         self.start_run(
             &deployment,
@@ -620,6 +677,195 @@ impl Executor {
             self.mark_dispatched(firing.id);
             return;
         }
+        let slot = match self.enter_gate(d) {
+            Ok((d, slot)) => (d, slot),
+            Err(()) => return,
+        };
+        self.run_actions(slot.0, slot.1).await;
+    }
+
+    /// The concurrency gate: `Err` when the firing waits (queued) or was skipped; otherwise
+    /// the dispatch back, with the slot it reserved. `cancel-running` cancels here.
+    fn enter_gate(&self, d: Dispatch) -> Result<(Dispatch, Option<SlotKey>), ()> {
+        let firing = &d.firing;
+        let concurrency = firing
+            .automation
+            .flow
+            .as_deref()
+            .and_then(|f| f.concurrency.as_ref());
+        let gate = match concurrency {
+            Some(c) if firing.state == FiringState::Triggered => {
+                let key = match &c.key {
+                    None => Ok(String::new()),
+                    Some(template) => self
+                        .inner
+                        .flow_keys
+                        .render(template, firing)
+                        .map_err(|e| format!("its concurrency key did not render: {e}")),
+                };
+                match key {
+                    Err(reason) => Gate::Skip(reason),
+                    Ok(key) => self.take_slot((firing.automation.name.clone(), key), c),
+                }
+            }
+            _ => Gate::Free,
+        };
+        match gate {
+            Gate::Free => Ok((d, None)),
+            Gate::Open(slot) => Ok((d, Some(slot))),
+            Gate::CancelFirst(slot, runs) => {
+                let executor = self.clone();
+                let reason = format!(
+                    "cancelled: a newer firing of automation {:?} took its concurrency slot (key {:?}, on_full: cancel-running)",
+                    slot.0, slot.1
+                );
+                tokio::spawn(async move {
+                    for run in runs {
+                        let _ = executor.cancel_with(run, &reason).await;
+                    }
+                    executor.run_actions(d, Some(slot)).await;
+                });
+                Err(())
+            }
+            Gate::Queued => {
+                info!(firing = %firing.id, automation = %firing.automation.name, "firing waits for a concurrency slot");
+                let limit = concurrency.map_or(1, |c| c.limit as usize);
+                if let Some(key) = self.slot_of_queued(&d) {
+                    if let Ok(mut slots) = self.inner.slots.lock() {
+                        let slot = slots.by_key.entry(key.clone()).or_default();
+                        slot.limit = limit;
+                        slot.queue.push_back(d);
+                    }
+                    // A run may have ended between the decision and the queueing.
+                    self.wake(&key);
+                }
+                Err(())
+            }
+            Gate::Skip(reason) => {
+                info!(firing = %firing.id, automation = %firing.automation.name, %reason, "firing skipped by its concurrency limit; no action runs");
+                self.mark_dispatched(firing.id);
+                Err(())
+            }
+        }
+    }
+
+    /// Where a queued firing waits (its key was rendered once already by `take_slot`; a
+    /// template renders the same for the same firing).
+    fn slot_of_queued(&self, d: &Dispatch) -> Option<SlotKey> {
+        let c = d.firing.automation.flow.as_deref()?.concurrency.as_ref()?;
+        let key = match &c.key {
+            None => String::new(),
+            Some(template) => self.inner.flow_keys.render(template, &d.firing).ok()?,
+        };
+        Some((d.firing.automation.name.clone(), key))
+    }
+
+    /// Reserves a slot of `key` if one is free; otherwise decides by `on_full`.
+    fn take_slot(&self, key: SlotKey, c: &spur_core::flow::Concurrency) -> Gate {
+        let Ok(mut slots) = self.inner.slots.lock() else {
+            return Gate::Free;
+        };
+        let slot = slots.by_key.entry(key.clone()).or_default();
+        slot.limit = c.limit as usize;
+        if slot.in_progress() < slot.limit && slot.queue.is_empty() {
+            slot.reserved += 1;
+            return Gate::Open(key);
+        }
+        match c.on_full {
+            OnFull::Queue => Gate::Queued,
+            OnFull::Skip => Gate::Skip(format!(
+                "concurrency: {} firing(s) of key {:?} in progress (on_full: skip)",
+                slot.in_progress(),
+                key.1
+            )),
+            OnFull::CancelRunning => {
+                slot.reserved += 1;
+                let runs = slot.running.iter().copied().collect();
+                Gate::CancelFirst(key, runs)
+            }
+        }
+    }
+
+    /// A run of a concurrency key started (or a restart found it in progress).
+    fn hold_slot(&self, run: &Run) {
+        let (Some(key), Some(automation)) = (&run.concurrency_key, &run.automation) else {
+            return;
+        };
+        if run.state.is_final() {
+            return;
+        }
+        if let Ok(mut slots) = self.inner.slots.lock() {
+            let slot_key = (automation.clone(), key.clone());
+            slots.runs.insert(run.id, slot_key.clone());
+            slots
+                .by_key
+                .entry(slot_key)
+                .or_default()
+                .running
+                .insert(run.id);
+        }
+    }
+
+    /// A run ended: its slot is free again.
+    fn release_run(&self, run: Uuid) {
+        let key = match self.inner.slots.lock() {
+            Ok(mut slots) => {
+                let Some(key) = slots.runs.remove(&run) else {
+                    return;
+                };
+                if let Some(slot) = slots.by_key.get_mut(&key) {
+                    slot.running.remove(&run);
+                }
+                key
+            }
+            Err(_) => return,
+        };
+        self.wake(&key);
+    }
+
+    /// Hands queued firings of `key` the slots that are free, in order.
+    fn wake(&self, key: &SlotKey) {
+        let ready: Vec<Dispatch> = match self.inner.slots.lock() {
+            Ok(mut slots) => {
+                let Some(slot) = slots.by_key.get_mut(key) else {
+                    return;
+                };
+                let mut ready = Vec::new();
+                while slot.in_progress() < slot.limit {
+                    let Some(d) = slot.queue.pop_front() else {
+                        break;
+                    };
+                    slot.reserved += 1;
+                    ready.push(d);
+                }
+                if slot.in_progress() == 0 && slot.queue.is_empty() {
+                    slots.by_key.remove(key);
+                }
+                ready
+            }
+            Err(_) => return,
+        };
+        for d in ready {
+            let executor = self.clone();
+            let key = key.clone();
+            tokio::spawn(async move { executor.run_actions(d, Some(key)).await });
+        }
+    }
+
+    /// Firings waiting for a concurrency slot, and runs holding one.
+    pub fn concurrency_counts(&self) -> (usize, usize) {
+        self.inner.slots.lock().map_or((0, 0), |slots| {
+            (
+                slots.by_key.values().map(|s| s.queue.len()).sum(),
+                slots.runs.len(),
+            )
+        })
+    }
+
+    /// Emits the firing's state event and performs its actions; `slot` is the concurrency
+    /// slot it reserved, given back at the end (its runs hold it on their own).
+    async fn run_actions(&self, d: Dispatch, slot: Option<SlotKey>) {
+        let firing = &d.firing;
         let state_event = firing.state_change_event();
         let state_event_id = state_event.id;
         self.record(vec![state_event]).await;
@@ -643,17 +889,34 @@ impl Executor {
             .cloned()
             .unwrap_or_default();
         for (index, action) in list.iter().enumerate() {
-            let prepared = self.prepare(
+            let mut prepared = self.prepare(
                 firing,
                 action,
                 index,
                 uses_state_event[index],
                 rendered.get(index),
             );
+            if let (
+                Some((_, key)),
+                Ok(Prepared::RunDeployment {
+                    concurrency_key, ..
+                }),
+            ) = (&slot, &mut prepared)
+            {
+                *concurrency_key = Some(key.clone());
+            }
             self.execute(firing, action, index, state_event_id, prepared)
                 .await;
         }
         self.mark_dispatched(firing.id);
+        if let Some(key) = slot {
+            if let Ok(mut slots) = self.inner.slots.lock()
+                && let Some(s) = slots.by_key.get_mut(&key)
+            {
+                s.reserved = s.reserved.saturating_sub(1);
+            }
+            self.wake(&key);
+        }
     }
 
     /// Records that a firing's actions all ran. The marks go to one writer task that commits
@@ -800,6 +1063,7 @@ impl Executor {
                         .field("job_variables")
                         .filter(|v| v.is_object())
                         .cloned(),
+                    concurrency_key: None,
                 })
             }
             "pause-deployment" | "resume-deployment" => {
@@ -1040,6 +1304,7 @@ impl Executor {
                 automation,
                 schedule_after_us,
                 job_variables,
+                concurrency_key,
             } => {
                 let dep = self.find(None, Some(deployment)).ok_or_else(|| {
                     Failure::Permanent(format!("deployment {deployment:?} is not declared"))
@@ -1047,6 +1312,7 @@ impl Executor {
                 let options = RunOptions {
                     schedule_after: TimeDelta::microseconds(*schedule_after_us),
                     job_variables: job_variables.clone(),
+                    concurrency_key: concurrency_key.clone(),
                 };
                 let run = self
                     .start(
@@ -1368,6 +1634,7 @@ impl Executor {
         );
         run.rerun_of = rerun_of;
         run.job_variables = options.job_variables;
+        run.concurrency_key = options.concurrency_key;
         if options.schedule_after > TimeDelta::zero() {
             run.scheduled_start = Some(run.created + options.schedule_after);
         }
@@ -1391,6 +1658,7 @@ impl Executor {
     }
 
     fn spawn_drive(&self, run: Run, launcher: Option<Launcher>, after_restart: bool) {
+        self.hold_slot(&run);
         let id = run.id;
         let executor = self.clone();
         let handle =
@@ -1595,6 +1863,9 @@ impl Executor {
         // a final state's event is durable, a restart has nothing left to do for the run.
         if self.emit(event).await && run.state.is_final() {
             self.settle(run).await;
+        }
+        if run.state.is_final() {
+            self.release_run(run.id);
         }
     }
 
