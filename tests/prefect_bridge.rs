@@ -9,6 +9,8 @@
 //! * every event emitted to the server reaches Spur — also the ones emitted while Spur was
 //!   stopped (filled from the server's events API on restart), each exactly once;
 //! * pausing and deleting the automation on the server is followed;
+//! * a restart of the server under a running Spur: it reconnects and fills in what was
+//!   emitted before it was subscribed again;
 //! * `/healthz` and `/metrics` describe the bridge, and a server that goes away is reported
 //!   while Spur keeps running.
 
@@ -29,17 +31,63 @@ struct PrefectServer {
     child: Child,
     api: String,
     log: PathBuf,
+    cli: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// `PREFECT_SERVER_API_AUTH_STRING`, when the server requires it.
+    auth: Option<String>,
 }
 
 impl PrefectServer {
     fn start(prefect: &Path, dir: &Path) -> PrefectServer {
+        Self::start_with(prefect, dir, None)
+    }
+
+    fn start_with(prefect: &Path, dir: &Path, auth: Option<&str>) -> PrefectServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        let auth = auth.map(str::to_owned);
+        let (child, log) = Self::spawn(prefect, dir, port, "prefect-server.log", &auth);
+        let mut server = PrefectServer {
+            child,
+            api: format!("http://127.0.0.1:{port}/api"),
+            log,
+            cli: prefect.to_owned(),
+            dir: dir.to_owned(),
+            port,
+            auth,
+        };
+        server.wait_healthy();
+        server
+    }
+
+    /// Kills the server and starts it again on the same port and database.
+    fn restart(&mut self) {
+        self.kill();
+        let (child, log) = Self::spawn(
+            &self.cli,
+            &self.dir,
+            self.port,
+            "prefect-server-2.log",
+            &self.auth,
+        );
+        self.child = child;
+        self.log = log;
+        self.wait_healthy();
+    }
+
+    fn spawn(
+        prefect: &Path,
+        dir: &Path,
+        port: u16,
+        log_name: &str,
+        auth: &Option<String>,
+    ) -> (Child, PathBuf) {
         let home = dir.join("home");
         std::fs::create_dir_all(&home).expect("prefect home");
-        let log = dir.join("prefect-server.log");
+        let log = dir.join(log_name);
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let mut command = Command::new(prefect);
@@ -66,34 +114,42 @@ impl PrefectServer {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        match auth {
+            Some(auth) => command.env("PREFECT_SERVER_API_AUTH_STRING", auth),
+            None => command.env_remove("PREFECT_SERVER_API_AUTH_STRING"),
+        };
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command.spawn().expect("prefect server starts");
-        let mut server = PrefectServer {
-            child,
-            api: format!("http://127.0.0.1:{port}/api"),
-            log,
-        };
+        (child, log)
+    }
+
+    fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if matches!(
-                try_http("GET", &format!("{}/health", server.api), None),
+                try_http("GET", &format!("{}/health", self.api), None, None),
                 Some((200, _))
             ) {
-                return server;
+                return;
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                panic!(
-                    "prefect server exited with {status}:\n{}",
-                    server.log_tail()
-                );
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("prefect server exited with {status}:\n{}", self.log_tail());
             }
             assert!(
                 Instant::now() < deadline,
                 "prefect server not healthy within 90 s:\n{}",
-                server.log_tail()
+                self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    fn kill(&mut self) {
+        // Its own process group: the server and whatever it started.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn log_tail(&self) -> String {
@@ -108,7 +164,7 @@ impl PrefectServer {
         let url = format!("{}{path}", self.api);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match try_http(method, &url, body.clone()) {
+            match try_http(method, &url, body.clone(), self.auth.as_deref()) {
                 Some((status, answer)) if (200..300).contains(&status) => return answer,
                 Some((503, _)) | None if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(250));
@@ -143,15 +199,17 @@ impl PrefectServer {
 
 impl Drop for PrefectServer {
     fn drop(&mut self) {
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
 /// One HTTP request: (status, JSON body), or `None` when nothing answers.
-fn try_http(method: &str, url: &str, body: Option<Value>) -> Option<(u16, Value)> {
+fn try_http(
+    method: &str,
+    url: &str,
+    body: Option<Value>,
+    auth: Option<&str>,
+) -> Option<(u16, Value)> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -161,6 +219,11 @@ fn try_http(method: &str, url: &str, body: Option<Value>) -> Option<(u16, Value)
         let client = reqwest::Client::new();
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let mut request = client.request(method, url).timeout(Duration::from_secs(10));
+        if let Some(auth) = auth {
+            use base64::Engine as _;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(auth);
+            request = request.header("Authorization", format!("Basic {encoded}"));
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
@@ -275,7 +338,7 @@ fn spur_takes_a_real_prefect_servers_events_and_automations() {
     let dir = tempfile::tempdir().expect("temp dir");
     let prefect_dir = dir.path().join("prefect");
     std::fs::create_dir_all(&prefect_dir).expect("prefect dir");
-    let server = PrefectServer::start(&cli, &prefect_dir);
+    let mut server = PrefectServer::start(&cli, &prefect_dir);
 
     // An automation created on the server, before Spur ever saw it.
     let created = server.call(
@@ -366,6 +429,17 @@ fn spur_takes_a_real_prefect_servers_events_and_automations() {
         spur_automation(&spur, &automation).is_none().then_some(())
     });
 
+    // The server restarts under a running Spur: Spur reconnects, and what was emitted before
+    // it was subscribed again is filled in, once.
+    server.restart();
+    expected.extend(server.emit("bridge.tick", 50));
+    wait_for_events(&spur, "bridge.tick", &expected, Duration::from_secs(60));
+    let (_, metrics) = http("GET", &format!("{}/metrics", spur.url), None);
+    assert!(
+        !metrics.contains("spur_prefect_stream_failures_total 0"),
+        "the restart was noticed: {metrics}"
+    );
+
     // The server goes away: Spur keeps serving and says so.
     drop(server);
     eventually(Duration::from_secs(30), "the outage reported", || {
@@ -374,4 +448,70 @@ fn spur_takes_a_real_prefect_servers_events_and_automations() {
     });
     assert_eq!(spur_event_ids(&spur, "bridge.tick").len(), expected.len());
     assert_eq!(spur.terminate(), Some(0), "a clean stop after the outage");
+}
+
+/// A server that requires an auth string: Spur without it is refused (and says so, and
+/// keeps running); with `--prefect-auth-string` it gets the stream, the fill and the
+/// automations.
+#[test]
+fn spur_authenticates_to_a_prefect_server_with_an_auth_string() {
+    let Some(cli) = require_prefect_cli() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefect_dir = dir.path().join("prefect");
+    std::fs::create_dir_all(&prefect_dir).expect("prefect dir");
+    let auth = "admin:s3cret";
+    let server = PrefectServer::start_with(&cli, &prefect_dir, Some(auth));
+    let created = server.call(
+        "POST",
+        "/automations/",
+        Some(json!({
+            "name": "guarded",
+            "trigger": {"type": "event", "expect": ["guarded.tick"], "posture": "Reactive",
+                        "threshold": 1, "within": 0},
+            "actions": [{"type": "do-nothing"}],
+        })),
+    );
+    let automation = created["id"].as_str().expect("an automation id").to_owned();
+    let folder = support::automations_folder(dir.path(), &[]);
+
+    // Without the credentials: refused, reported, and Spur keeps serving.
+    let refused = SpurDaemon::start(
+        &dir.path().join("data-refused"),
+        &folder,
+        &["--prefect-api", server.api.as_str()],
+    );
+    eventually(Duration::from_secs(20), "the refusal reported", || {
+        let (status, health) = http("GET", &format!("{}/healthz", refused.url), None);
+        (status == 200
+            && health.contains("automations: failing since")
+            && health.contains("401")
+            && health.contains("events: down since"))
+        .then_some(())
+    });
+    assert!(spur_automation(&refused, &automation).is_none());
+    assert_eq!(refused.terminate(), Some(0));
+
+    // With them: the automation, events emitted before the stream was up (the fill), and
+    // live ones.
+    let data = dir.path().join("data");
+    let flags = [
+        "--prefect-api",
+        server.api.as_str(),
+        "--prefect-auth-string",
+        auth,
+    ];
+    let spur = SpurDaemon::start(&data, &folder, &flags);
+    let mut expected: HashSet<String> = server.emit("guarded.tick", 10).into_iter().collect();
+    let seen = eventually(Duration::from_secs(20), "the automation in Spur", || {
+        spur_automation(&spur, &automation)
+    });
+    assert_eq!(seen["origin"], "prefect");
+    wait_for_events(&spur, "guarded.tick", &expected, Duration::from_secs(30));
+    expected.extend(server.emit("guarded.tick", 10));
+    wait_for_events(&spur, "guarded.tick", &expected, Duration::from_secs(30));
+    let (_, health) = http("GET", &format!("{}/healthz", spur.url), None);
+    assert!(health.contains("events: live since"), "{health}");
+    assert_eq!(spur.terminate(), Some(0));
 }

@@ -93,17 +93,15 @@ impl PrefectConfig {
 
     /// `request` with this server's credentials.
     pub fn authorize(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match (&self.auth_string, &self.api_key) {
-            (Some(auth), _) => match auth.split_once(':') {
-                Some((user, pass)) => request.basic_auth(user, Some(pass)),
-                None => request.basic_auth(auth, None::<&str>),
-            },
-            (None, Some(key)) => request.bearer_auth(key),
-            (None, None) => request,
+        match self.authorization() {
+            Some(value) => request.header("Authorization", value),
+            None => request,
         }
     }
 
-    /// The `Authorization` header value, if any.
+    /// The `Authorization` header value, if any. The auth string is encoded whole, as
+    /// Prefect's client does and its server compares it (`reqwest`'s `basic_auth` would add
+    /// a `:` to one without a password).
     fn authorization(&self) -> Option<String> {
         use base64::Engine as _;
         match (&self.auth_string, &self.api_key) {
@@ -740,6 +738,17 @@ mod tests {
         assert_eq!(waits, [1, 2, 4, 5, 5]);
         b.reset();
         assert_eq!(b.next_wait().as_secs(), 1);
+    }
+
+    #[test]
+    fn the_auth_string_is_sent_whole_and_a_key_as_a_bearer() {
+        let mut c = PrefectConfig::new("http://x/api");
+        assert_eq!(c.authorization(), None);
+        c.api_key = Some("k".into());
+        assert_eq!(c.authorization().as_deref(), Some("Bearer k"));
+        c.auth_string = Some("admin".into());
+        // base64("admin"): no trailing colon.
+        assert_eq!(c.authorization().as_deref(), Some("Basic YWRtaW4="));
     }
 
     #[test]
