@@ -87,6 +87,11 @@ fn a_burst_of_500_failures_becomes_one_run_with_the_last_event_and_the_count() {
     // Quiet for another period: still one run.
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(runs(&daemon).len(), 1, "{:?}", runs(&daemon));
+    // /metrics counts what the debounce folded, and nothing waits any more.
+    let (status, text) = http("GET", &format!("{}/metrics", daemon.url), None);
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\nspur_flow_collapsed_total 499\n"), "{text}");
+    assert!(text.contains("\nspur_flow_waiting 0\n"), "{text}");
 }
 
 /// `throttle {limit: 10, per: 4s, over: delay}` and 50 firings: 10 runs in the first

@@ -248,6 +248,12 @@ fn error(status: StatusCode, detail: impl Into<String>) -> Response {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
+    let (waiting, running) = state.executor.concurrency_counts();
+    let m = &state.metrics;
+    m.concurrency_waiting
+        .store(waiting as u64, std::sync::atomic::Ordering::Relaxed);
+    m.concurrency_running
+        .store(running as u64, std::sync::atomic::Ordering::Relaxed);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

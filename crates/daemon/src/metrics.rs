@@ -86,6 +86,19 @@ pub struct Metrics {
     pub resolved: AtomicU64,
     /// Live buckets (gauge).
     pub buckets: AtomicU64,
+    /// Firings waiting in the flow stage: open debounces and batches, throttled ones queued
+    /// (gauge).
+    pub flow_waiting: AtomicU64,
+    /// Firings a debounce or batch folded into another.
+    pub flow_collapsed: AtomicU64,
+    /// Firings a throttle handed on late.
+    pub flow_delayed: AtomicU64,
+    /// Firings flow control skipped (throttle `drop`, a key that did not render).
+    pub flow_skipped: AtomicU64,
+    /// Firings waiting for a concurrency slot (gauge; set when rendered).
+    pub concurrency_waiting: AtomicU64,
+    /// Runs holding a concurrency slot (gauge; set when rendered).
+    pub concurrency_running: AtomicU64,
     /// Loaded automations (gauge).
     pub automations: AtomicU64,
     /// Automation files currently failing to load (gauge).
@@ -230,6 +243,42 @@ impl Metrics {
             "spur_buckets",
             "Live trigger buckets.",
             load(&self.buckets),
+        );
+        gauge(
+            &mut out,
+            "spur_flow_waiting",
+            "Firings waiting in the flow stage (open debounces and batches, queued throttled firings).",
+            load(&self.flow_waiting),
+        );
+        counter(
+            &mut out,
+            "spur_flow_collapsed_total",
+            "Firings a debounce or batch folded into another.",
+            load(&self.flow_collapsed),
+        );
+        counter(
+            &mut out,
+            "spur_flow_delayed_total",
+            "Firings a throttle handed on late.",
+            load(&self.flow_delayed),
+        );
+        counter(
+            &mut out,
+            "spur_flow_skipped_total",
+            "Firings flow control skipped (throttle over: drop, a key that did not render, concurrency on_full: skip is logged).",
+            load(&self.flow_skipped),
+        );
+        gauge(
+            &mut out,
+            "spur_concurrency_waiting",
+            "Firings waiting for a concurrency slot.",
+            load(&self.concurrency_waiting),
+        );
+        gauge(
+            &mut out,
+            "spur_concurrency_running",
+            "Runs holding a concurrency slot.",
+            load(&self.concurrency_running),
         );
         gauge(
             &mut out,

@@ -447,6 +447,9 @@ impl Pipeline {
         }
         let firings = self.engine.advance_to(now);
         self.on_firings(firings);
+        self.metrics
+            .flow_waiting
+            .store(self.engine.flow_waiting() as u64, Ordering::Relaxed);
         self.prune_if_due();
     }
 
@@ -580,6 +583,9 @@ impl Pipeline {
         self.metrics
             .buckets
             .store(self.engine.stats().buckets as u64, Ordering::Relaxed);
+        self.metrics
+            .flow_waiting
+            .store(self.engine.flow_waiting() as u64, Ordering::Relaxed);
     }
 
     /// Moves every id appended since it was last merged into the store's id table (at
@@ -658,6 +664,17 @@ impl Pipeline {
                 FiringState::Triggered => self.metrics.triggered.fetch_add(1, Ordering::Relaxed),
                 FiringState::Resolved => self.metrics.resolved.fetch_add(1, Ordering::Relaxed),
             };
+            if let Some(flow) = &firing.flow {
+                let m = &self.metrics;
+                m.flow_collapsed
+                    .fetch_add(flow.count.saturating_sub(1), Ordering::Relaxed);
+                if flow.delayed_from.is_some() {
+                    m.flow_delayed.fetch_add(1, Ordering::Relaxed);
+                }
+                if flow.skipped.is_some() {
+                    m.flow_skipped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             info!(
                 automation = %firing.automation.name,
                 state = firing.state.as_str(),
