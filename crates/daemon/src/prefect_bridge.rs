@@ -105,6 +105,18 @@ pub fn parse(raw: &[Value], api_url: &str) -> PrefectPart {
             .collect();
         match parsed {
             Some(automation) if errors.is_empty() => {
+                for (list, actions) in [
+                    ("actions", &automation.actions),
+                    ("actions_on_trigger", &automation.actions_on_trigger),
+                    ("actions_on_resolve", &automation.actions_on_resolve),
+                ] {
+                    for (i, action) in actions.iter().enumerate() {
+                        if let Some(why) = not_on_the_server(action) {
+                            part.warnings
+                                .push(format!("{source}: automation {name:?}: {list}[{i}]: {why}"));
+                        }
+                    }
+                }
                 if let Some(other) = names.get(&automation.name) {
                     part.errors.push(format!(
                         "{source}: automation {name:?}: the name is taken by {other}; not evaluated (Spur needs unique names)"
@@ -122,6 +134,29 @@ pub fn parse(raw: &[Value], api_url: &str) -> PrefectPart {
         }
     }
     part
+}
+
+/// Why an action of a server automation will not act on that server yet, if it will not
+/// (issue 14: actions on the server come in a later phase).
+fn not_on_the_server(action: &spur_core::Action) -> Option<String> {
+    let kind = action.action_type.as_str();
+    match kind {
+        "run-deployment" => Some(match action.field("deployment_id").and_then(Value::as_str) {
+            Some(id) => format!(
+                "run-deployment runs only a deployment the automations folder declares (with `id: {id}` and a `prefect` launcher); Spur does not run the server's deployments itself yet"
+            ),
+            None => "run-deployment runs only a deployment the automations folder declares; Spur does not run the server's deployments itself yet".to_owned(),
+        }),
+        "pause-deployment" | "resume-deployment" | "pause-work-pool" | "resume-work-pool"
+        | "pause-work-queue" | "resume-work-queue" | "cancel-flow-run" | "suspend-flow-run"
+        | "resume-flow-run" | "change-flow-run-state" | "delete-flow-run" => Some(format!(
+            "{kind} acts on Spur's own runs and deployments, not yet on the Prefect server's"
+        )),
+        "send-notification" if action.field("block_document_id").is_some() => Some(
+            "send-notification to a Prefect block is not sent yet (Spur cannot read the server's blocks)".to_owned(),
+        ),
+        _ => None,
+    }
 }
 
 /// Every automation on the server, oldest first.
@@ -288,6 +323,24 @@ mod tests {
         assert_eq!(part.automations.len(), 1, "{part:#?}");
         assert_eq!(part.automations[0].name, "a1");
         assert!(part.warnings.is_empty(), "{:?}", part.warnings);
+        let runs = parse(
+            &[
+                json!({"id": "66676e14-ea45-40fd-ab63-ceb3b07e391f", "name": "chain",
+                     "trigger": {"type": "event", "expect": ["y"], "posture": "Reactive"},
+                     "actions": [{"type": "run-deployment", "source": "selected",
+                                  "deployment_id": "853499d2-ab38-4332-981e-2022e382fcdc",
+                                  "parameters": {}, "job_variables": null}]}),
+            ],
+            "http://p/api",
+        );
+        assert_eq!(runs.automations.len(), 1, "{runs:#?}");
+        assert!(
+            runs.warnings.len() == 1
+                && runs.warnings[0].contains("actions[0]: run-deployment")
+                && runs.warnings[0].contains("id: 853499d2-ab38-4332-981e-2022e382fcdc"),
+            "{:?}",
+            runs.warnings
+        );
         assert_eq!(
             part.sources["a1"],
             "http://p/api/automations/36676e14-ea45-40fd-ab63-ceb3b07e391f"
