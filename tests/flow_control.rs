@@ -70,8 +70,11 @@ fn a_burst_of_500_failures_becomes_one_run_with_the_last_event_and_the_count() {
     );
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
     let started = Instant::now();
+    let mut seventh = None;
     for chunk in 0..5 {
-        post_events(&daemon, failures("svc.db", chunk * 100, 100));
+        let events = failures("svc.db", chunk * 100, 100);
+        seventh = seventh.or_else(|| events[7]["id"].as_str().map(str::to_owned));
+        post_events(&daemon, events);
     }
     assert!(
         started.elapsed() < Duration::from_secs(3),
@@ -84,6 +87,14 @@ fn a_burst_of_500_failures_becomes_one_run_with_the_last_event_and_the_count() {
     assert_eq!(run["parameters"]["count"], 500, "{run}");
     assert_eq!(run["parameters"]["last"], 499, "{run}");
     assert_eq!(run["parameters"]["key"], "svc.db", "{run}");
+    // `spur explain` says where an event of the burst went.
+    let seventh = seventh.expect("an event id");
+    let (ok, out, err) = support::spur(&["explain", &seventh, "--api", &daemon.url]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("collapsed into a debounce") && out.contains("8 waiting"),
+        "{out}"
+    );
     // Quiet for another period: still one run.
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(runs(&daemon).len(), 1, "{:?}", runs(&daemon));

@@ -289,6 +289,32 @@ impl Engine {
         }
     }
 
+    /// Records a decision about `event` that is the automation's, not one leaf's (flow
+    /// control).
+    fn note_automation(
+        &mut self,
+        event: Uuid,
+        automation: &Automation,
+        trigger_id: Uuid,
+        outcome: Outcome,
+    ) {
+        let Some(e) = self.explain.as_mut() else {
+            return;
+        };
+        let decision = Decision {
+            automation: automation.name.clone(),
+            automation_id: automation.id,
+            trigger_id,
+            outcome,
+        };
+        match e.by_event.iter_mut().rev().find(|(id, _, _)| *id == event) {
+            Some((_, _, decisions)) => decisions.push(decision),
+            None => e
+                .by_event
+                .push((event, EventFate::Evaluated, vec![decision])),
+        }
+    }
+
     fn note(&mut self, event: Uuid, leaf: usize, outcome: Outcome) {
         let Some(e) = self.explain.as_mut() else {
             return;
@@ -1227,7 +1253,33 @@ impl Engine {
                 .and_then(|i| self.plan.fingerprints.get(*i as usize))
                 .copied()
                 .unwrap_or_default();
+            let explained = self.explain.is_some() && firing.automation.flow.is_some();
+            let (id, event, automation, trigger) = (
+                firing.id,
+                firing.event.as_ref().map(|e| e.id),
+                firing.automation.clone(),
+                firing.trigger_id,
+            );
+            let before = out.len();
             self.flow.offer(firing, fingerprint, now, out);
+            if explained && let Some(event) = event {
+                let outcome = match self.flow.take_wait() {
+                    Some(w) => Some(Outcome::FlowWaiting {
+                        firing: id,
+                        flow: w.kind,
+                        key: w.key,
+                        waiting: w.waiting,
+                        until: w.until,
+                    }),
+                    None => out[before..].iter().find_map(|f| {
+                        let reason = f.flow.as_ref()?.skipped.clone()?;
+                        (f.id == id).then_some(Outcome::FlowSkipped { firing: id, reason })
+                    }),
+                };
+                if let Some(outcome) = outcome {
+                    self.note_automation(event, &automation, trigger, outcome);
+                }
+            }
             return;
         };
         let info = &self.plan.composites[composite];

@@ -104,6 +104,28 @@ pub enum Outcome {
         /// The firing id(s) (a composite parent's firing follows from the leaf's).
         firings: Vec<Uuid>,
     },
+    /// The firing it caused waits in the automation's flow control: collapsed into a
+    /// debounce or batch, or queued by a throttle, until `until` at the latest.
+    FlowWaiting {
+        /// The firing that waits.
+        firing: Uuid,
+        /// `debounce`, `batch` or `throttle`.
+        flow: crate::flow::FlowKind,
+        /// The rendered key.
+        key: String,
+        /// Firings waiting under that key now (this one included).
+        waiting: u64,
+        /// When they are handed on, if no other firing moves it (a debounce's next firing
+        /// pushes it back, up to `max_wait`).
+        until: Option<DateTime<Utc>>,
+    },
+    /// The firing it caused was skipped by flow control; its actions never run.
+    FlowSkipped {
+        /// The firing.
+        firing: Uuid,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Which clause of `covers` failed, for the explanation.

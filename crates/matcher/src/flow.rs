@@ -104,6 +104,17 @@ pub(crate) struct FlowStage {
     /// instant come out in one order every time.
     groups: BTreeMap<(Uuid, String), Group>,
     windows: BTreeMap<(Uuid, String), Window>,
+    /// Where the last offered firing waits, for `explain` (taken by the engine).
+    last_wait: Option<FlowWait>,
+}
+
+/// Where an offered firing waits (see [`FlowStage::take_wait`]).
+#[derive(Clone, Debug)]
+pub(crate) struct FlowWait {
+    pub(crate) kind: FlowKind,
+    pub(crate) key: String,
+    pub(crate) waiting: u64,
+    pub(crate) until: Option<DateTime<Utc>>,
 }
 
 fn flow_of(automation: &Automation) -> Option<&FlowControl> {
@@ -113,6 +124,11 @@ fn flow_of(automation: &Automation) -> Option<&FlowControl> {
 impl FlowStage {
     pub(crate) fn set_keys(&mut self, keys: Arc<dyn FlowKeys>) {
         self.keys = Some(keys);
+    }
+
+    /// Where the firing last offered waits, if it waits (for `explain`).
+    pub(crate) fn take_wait(&mut self) -> Option<FlowWait> {
+        self.last_wait.take()
     }
 
     /// Takes a firing the triggers produced at `now`: hands it on into `out` (at once, or
@@ -135,6 +151,7 @@ impl FlowStage {
         }
         // Whatever was due before this instant goes first.
         self.advance(now, out);
+        self.last_wait = None;
         let flow = flow.clone();
         if let Some(debounce) = &flow.debounce {
             let key = match self.key(debounce.key.as_deref(), &firing) {
@@ -157,9 +174,10 @@ impl FlowStage {
                 }
                 None => {
                     let group = Group::new(firing, fingerprint, FlowKind::Debounce, now);
-                    self.groups.insert(slot, group);
+                    self.groups.insert(slot.clone(), group);
                 }
             }
+            self.note_group(&slot);
             return;
         }
         if let Some(batch) = &flow.batch {
@@ -190,10 +208,21 @@ impl FlowStage {
             {
                 let released = group.release(&slot.1, now);
                 self.throttle(released, fingerprint, now, out);
+                return;
             }
+            self.note_group(&slot);
             return;
         }
         self.throttle(firing, fingerprint, now, out);
+    }
+
+    fn note_group(&mut self, slot: &(Uuid, String)) {
+        self.last_wait = self.groups.get(slot).map(|g| FlowWait {
+            kind: g.kind,
+            key: slot.1.clone(),
+            waiting: g.count,
+            until: g.deadline(),
+        });
     }
 
     /// Hands on everything due at or before `now`, each at its own instant, in time order.
@@ -305,7 +334,15 @@ impl FlowStage {
             return;
         }
         match throttle.over {
-            Overflow::Delay => window.queue.push_back((firing, now)),
+            Overflow::Delay => {
+                window.queue.push_back((firing, now));
+                self.last_wait = Some(FlowWait {
+                    kind: FlowKind::Throttle,
+                    key: slot.1.clone(),
+                    waiting: window.queue.len() as u64,
+                    until: window.deadline(),
+                });
+            }
             Overflow::Drop => {
                 let reason = format!(
                     "throttled: {} firings within {} s already (over: drop)",

@@ -857,6 +857,22 @@ pub fn explain(api: Option<&str>, id: &str, as_json: bool) -> Result<()> {
                 d["window_end"].as_str().unwrap_or("")
             ),
             "fired" => format!("fired {}", d["firings"]),
+            "flow_waiting" => format!(
+                "its firing waits in flow control: {} (key {}), {} waiting, until {}",
+                match d["flow"].as_str() {
+                    Some("debounce") => "collapsed into a debounce",
+                    Some("batch") => "collected into a batch",
+                    Some("throttle") => "delayed by a throttle",
+                    _ => "held",
+                },
+                d["key"],
+                d["waiting"],
+                d["until"].as_str().unwrap_or("a slot frees up")
+            ),
+            "flow_skipped" => format!(
+                "its firing was skipped by flow control: {}",
+                d["reason"].as_str().unwrap_or("")
+            ),
             other => other.to_owned(),
         };
         println!("  {name}: {line}");
