@@ -8,6 +8,7 @@
 //!   there on events emitted to the server;
 //! * every event emitted to the server reaches Spur — also the ones emitted while Spur was
 //!   stopped (filled from the server's events API on restart), each exactly once;
+//! * Spur's `prefect.automation.triggered` events are posted back to the server, once each;
 //! * pausing and deleting the automation on the server is followed;
 //! * a restart of the server under a running Spur: it reconnects and fills in what was
 //!   emitted before it was subscribed again;
@@ -194,6 +195,15 @@ impl PrefectServer {
             self.call("POST", "/events", Some(Value::Array(chunk.to_vec())));
         }
         ids
+    }
+
+    /// How many events named `name` about `resource` the server has stored.
+    fn count(&self, name: &str, resource: &str) -> u64 {
+        let filter = json!({"filter": {"event": {"name": [name]}, "resource": {"id": [resource]}},
+                            "limit": 1});
+        self.call("POST", "/events/filter", Some(filter))["total"]
+            .as_u64()
+            .unwrap_or(0)
     }
 }
 
@@ -397,6 +407,18 @@ fn spur_takes_a_real_prefect_servers_events_and_automations() {
         Duration::from_secs(10),
         "520 firings of bridge-ticks",
         || (firings_of(&spur, "bridge-ticks") == 520).then_some(()),
+    );
+    // The feed goes back: the server has Spur's prefect.automation.triggered event of each
+    // firing, once (the first run's and the restarted one's).
+    let resource = format!("prefect.automation.{automation}");
+    eventually(
+        Duration::from_secs(30),
+        "520 triggered events on the Prefect server",
+        || {
+            let n = server.count("prefect.automation.triggered", &resource);
+            assert!(n <= 520, "{n} triggered events on the server");
+            (n == 520).then_some(())
+        },
     );
     // And live again after the fill.
     expected.extend(server.emit("bridge.tick", 5));

@@ -301,6 +301,14 @@ impl Daemon {
                 prefect_bridge::cached_raw(&store, &prefect.api_url),
                 shutdown_rx.clone(),
             )));
+            tasks.push(tokio::spawn(prefect_bridge::feed_back(
+                prefect_bridge::Feed {
+                    config: prefect.clone(),
+                    store: store.clone(),
+                    health: health.clone(),
+                },
+                shutdown_rx.clone(),
+            )));
             let cursor = Arc::new(prefect_bridge::StoreCursor {
                 store: store.clone(),
                 api_url: prefect.api_url.clone(),

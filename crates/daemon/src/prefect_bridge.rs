@@ -290,6 +290,150 @@ pub async fn sync_automations(
     }
 }
 
+/// The store setting holding how far the feed back to the server has got (a log sequence).
+const FEED_SETTING: &str = "prefect_feed";
+
+/// What the feed back to the server needs.
+#[derive(Debug)]
+pub struct Feed {
+    /// The server.
+    pub config: PrefectConfig,
+    /// The event log it reads.
+    pub store: Arc<Store>,
+    /// Health and metrics.
+    pub health: Arc<PrefectHealth>,
+}
+
+/// True for the events Spur posts back: its `prefect.automation.triggered` / `resolved` and
+/// `prefect.automation.action.*` events (the ones Prefect's own automations services emit).
+pub fn fed_back(event: &spur_core::Event) -> bool {
+    event.event.starts_with("prefect.automation.")
+}
+
+/// The events a feed batch reads from the log at once.
+const FEED_BATCH: usize = 2000;
+
+/// Posts Spur's automation events to the server (`POST /events`) until `shutdown`, so
+/// Prefect's UI shows what fired. Reads the event log in order from a position kept in the
+/// store (per server URL; a first start begins at the log's end): an outage delays the
+/// posts, it loses none within the log's retention. A repeat is harmless, the server stores
+/// an event id once; the events come back on the stream and Spur keeps them once too.
+pub async fn feed_back(feed: Feed, mut shutdown: watch::Receiver<bool>) {
+    let Feed {
+        config,
+        store,
+        health,
+    } = feed;
+    let client = config.http_client();
+    let url = format!("{}/events", config.api_url);
+    let mut backoff = Backoff::new(config.backoff_max);
+    let start = {
+        let (store, api) = (store.clone(), config.api_url.clone());
+        tokio::task::spawn_blocking(move || {
+            let kept = store.get_setting(FEED_SETTING).ok().flatten();
+            match kept {
+                Some(v) if v["api_url"] == api.as_str() => v["seq"].as_u64(),
+                _ => {
+                    // Kept at once: a crash before the first post must not skip what
+                    // follows.
+                    let seq = store.last_seq().ok()?;
+                    let keep = json!({"api_url": api, "seq": seq});
+                    store.put_setting(FEED_SETTING, &keep).ok()?;
+                    Some(seq)
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    };
+    let Some(mut seq) = start else {
+        error!(
+            "cannot read the event log's position; Spur's automation events are not posted to the Prefect server"
+        );
+        return;
+    };
+    let idle = std::time::Duration::from_millis(500);
+    let mut wait = std::time::Duration::ZERO;
+    let mut saved = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+        let read = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.events_after(seq, FEED_BATCH)).await
+        };
+        let batch = match read {
+            Ok(Ok(batch)) => batch,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the event log to feed the Prefect server");
+                wait = backoff.next_wait();
+                continue;
+            }
+            Err(_) => return,
+        };
+        let Some(last) = batch.last().map(|(s, _)| *s) else {
+            wait = idle;
+            continue;
+        };
+        let events: Vec<Value> = batch
+            .iter()
+            .filter(|(_, e)| fed_back(e))
+            .map(|(_, e)| e.to_json())
+            .collect();
+        let posting = !events.is_empty();
+        if posting {
+            let n = events.len();
+            let posted = answer_empty(config.authorize(client.post(&url).json(&events))).await;
+            if let Err(e) = posted {
+                wait = backoff.next_wait();
+                health.post_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(api = %config.api_url, error = %e, retry_in_s = wait.as_secs_f64(), "cannot post Spur's automation events to the Prefect server; retrying");
+                health.set_feed(format!(
+                    "failing since {}: {e}; {n} event(s) waiting",
+                    spur_core::time::format_timestamp(Utc::now())
+                ));
+                continue;
+            }
+            health.events_posted.fetch_add(n as u64, Ordering::Relaxed);
+            health.set_feed(format!(
+                "posted up to {}",
+                spur_core::time::format_timestamp(Utc::now())
+            ));
+        }
+        backoff.reset();
+        seq = last;
+        // Kept after every post; past other events only every few seconds (each keep is a
+        // store commit, and re-reading a few seconds of the log after a crash costs little).
+        if posting || saved.elapsed() > std::time::Duration::from_secs(5) {
+            saved = std::time::Instant::now();
+            let keep = json!({"api_url": config.api_url, "seq": seq});
+            let store = store.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || store.put_setting(FEED_SETTING, &keep)).await;
+        }
+        wait = if batch.len() >= FEED_BATCH {
+            std::time::Duration::ZERO
+        } else {
+            idle
+        };
+    }
+}
+
+/// Sends `request`; Ok for any 2xx (Prefect's `POST /events` answers 204, no body).
+async fn answer_empty(request: reqwest::RequestBuilder) -> Result<(), BridgeError> {
+    let response = request.send().await?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let mut text = response.text().await.unwrap_or_default();
+    text.truncate(300);
+    Err(BridgeError::Http(format!("HTTP {status}: {text}")))
+}
+
 /// The raw list `cached` parsed (for [`sync_automations`]'s `current`).
 pub fn cached_raw(store: &Store, api_url: &str) -> Option<Vec<Value>> {
     let value = store.get_setting(AUTOMATIONS_SETTING).ok().flatten()?;

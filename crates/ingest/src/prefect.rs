@@ -212,7 +212,11 @@ pub struct PrefectHealth {
     pub live: AtomicBool,
     /// The last automations read succeeded.
     pub automations_ok: AtomicBool,
-    detail: Mutex<(String, String)>,
+    /// Spur's own automation events posted to the server.
+    pub events_posted: AtomicU64,
+    /// Failed posts of them.
+    pub post_failures: AtomicU64,
+    detail: Mutex<(String, String, String)>,
 }
 
 impl PrefectHealth {
@@ -224,7 +228,15 @@ impl PrefectHealth {
         }
         health.set_stream("connecting");
         health.set_automations("not read yet");
+        health.set_feed("nothing posted yet");
         health
+    }
+
+    /// Describes the feed of Spur's automation events to the server.
+    pub fn set_feed(&self, text: impl Into<String>) {
+        if let Ok(mut d) = self.detail.lock() {
+            d.2 = text.into();
+        }
     }
 
     /// Describes the event stream's state.
@@ -241,11 +253,13 @@ impl PrefectHealth {
         }
     }
 
-    /// Lines for `/healthz`: `prefect events: …` and `prefect automations: …`.
+    /// Lines for `/healthz`: `prefect URL events: …`, `… automations: …`, `… feed: …`.
     pub fn detail(&self) -> String {
         let url = self.api_url.lock().map(|u| u.clone()).unwrap_or_default();
-        let (stream, automations) = self.detail.lock().map(|d| d.clone()).unwrap_or_default();
-        format!("prefect {url} events: {stream}\nprefect {url} automations: {automations}\n")
+        let (stream, automations, feed) = self.detail.lock().map(|d| d.clone()).unwrap_or_default();
+        format!(
+            "prefect {url} events: {stream}\nprefect {url} automations: {automations}\nprefect {url} feed: {feed}\n"
+        )
     }
 
     /// The Prometheus lines.
@@ -282,6 +296,16 @@ impl PrefectHealth {
             "spur_prefect_automation_failures_total",
             "Failed reads of the Prefect server's automations.",
             load(&self.automation_failures),
+        );
+        counter(
+            "spur_prefect_events_posted_total",
+            "Spur's prefect.automation.* events posted to the Prefect server.",
+            load(&self.events_posted),
+        );
+        counter(
+            "spur_prefect_post_failures_total",
+            "Failed posts of Spur's automation events to the Prefect server.",
+            load(&self.post_failures),
         );
         let _ = writeln!(
             out,
