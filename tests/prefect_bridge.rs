@@ -474,7 +474,7 @@ fn spur_takes_a_real_prefect_servers_events_and_automations() {
 
 /// A server that requires an auth string: Spur without it is refused (and says so, and
 /// keeps running); with `--prefect-auth-string` it gets the stream, the fill and the
-/// automations.
+/// automations, fires a proactive one created meanwhile and posts its firing back.
 #[test]
 fn spur_authenticates_to_a_prefect_server_with_an_auth_string() {
     let Some(cli) = require_prefect_cli() else {
@@ -535,5 +535,40 @@ fn spur_authenticates_to_a_prefect_server_with_an_auth_string() {
     wait_for_events(&spur, "guarded.tick", &expected, Duration::from_secs(30));
     let (_, health) = http("GET", &format!("{}/healthz", spur.url), None);
     assert!(health.contains("events: live since"), "{health}");
+
+    // A proactive automation created on the server while Spur runs: nothing arrives within
+    // its window, so Spur fires it, and the server hears of it.
+    let quiet = server.call(
+        "POST",
+        "/automations/",
+        Some(json!({
+            "name": "guarded-silence",
+            "trigger": {"type": "event", "expect": ["guarded.heartbeat"], "posture": "Proactive",
+                        "threshold": 1, "within": 10},
+            "actions": [{"type": "do-nothing"}],
+        })),
+    );
+    let quiet = quiet["id"].as_str().expect("an automation id").to_owned();
+    eventually(
+        Duration::from_secs(15),
+        "the proactive automation in Spur",
+        || spur_automation(&spur, &quiet),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "the proactive automation fired",
+        || (firings_of(&spur, "guarded-silence") >= 1).then_some(()),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "its triggered event on the server",
+        || {
+            (server.count(
+                "prefect.automation.triggered",
+                &format!("prefect.automation.{quiet}"),
+            ) >= 1)
+                .then_some(())
+        },
+    );
     assert_eq!(spur.terminate(), Some(0));
 }
