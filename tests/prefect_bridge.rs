@@ -381,6 +381,14 @@ fn spur_takes_a_real_prefect_servers_events_and_automations() {
         format!("{}/automations/{automation}", server.api),
         "{seen:#}"
     );
+    let (ok, listed, err) = support::spur(&["automations", "ls", "--api", &spur.url]);
+    assert!(ok, "{err}");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("bridge-ticks") && l.ends_with("(prefect)")),
+        "{listed}"
+    );
     eventually(Duration::from_secs(20), "the stream live", || {
         (!spur.log_lines("Prefect event stream live").is_empty()).then_some(())
     });
