@@ -98,6 +98,79 @@ fn memory_report() {
     drop(engine);
 }
 
+/// Keys a firing by its event's resource id: what `key: "{{ event.resource.id }}"` renders
+/// to, without the template engine (the matcher does not depend on it), so the figure is the
+/// flow stage's own memory.
+#[derive(Debug)]
+struct ResourceKey;
+
+impl spur_matcher::FlowKeys for ResourceKey {
+    fn render(&self, _template: &str, firing: &spur_matcher::Firing) -> Result<String, String> {
+        Ok(firing
+            .event
+            .as_ref()
+            .map(|e| e.resource.id().to_owned())
+            .unwrap_or_default())
+    }
+}
+
+/// Bytes per live flow-control key: 100 000 firings with distinct keys, each opening one
+/// debounce (or one throttle window), measured like the buckets above.
+fn flow_memory_report(setting: &str, flow: serde_json::Value) {
+    let start: DateTime<Utc> = "2024-01-01T00:00:00Z".parse().expect("valid time");
+    let mut engine = Engine::new(EngineConfig {
+        dedupe_window: Some(TimeDelta::zero()),
+        dedupe_capacity: Some(0),
+        ..EngineConfig::default()
+    });
+    engine.set_flow_keys(Arc::new(ResourceKey));
+    let mut automation = json!({
+        "name": "flow",
+        "trigger": {"type": "event", "posture": "Reactive", "expect": ["job.failed"],
+                    "threshold": 1, "within": 0},
+        "actions": [{"type": "do-nothing"}]
+    });
+    if let (Some(map), Some(flow)) = (automation.as_object_mut(), flow.as_object()) {
+        map.extend(flow.clone());
+    }
+    engine.load(vec![parse(automation)]);
+    const N: usize = 100_000;
+    let limits = EventLimits::default();
+    let events: Vec<Arc<Event>> = (0..N)
+        .map(|n| {
+            let occurred = start + TimeDelta::milliseconds(n as i64);
+            let value = json!({"id": uuid::Uuid::from_u128(n as u128 + 1).to_string(), "event": "job.failed",
+                               "occurred": spur_core::time::format_timestamp(occurred),
+                               "resource": {"prefect.resource.id": format!("job.{n:08}")}});
+            Arc::new(Event::from_json(&value, occurred, &limits).expect("valid event"))
+        })
+        .collect();
+    // One firing first, so the trigger's own (single) bucket is not counted per key.
+    let mut handed_on = engine.handle(events[0].clone(), events[0].occurred).len();
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    for e in &events[1..] {
+        handed_on += engine.handle(e.clone(), e.occurred).len();
+    }
+    let after = LIVE_BYTES.load(Ordering::Relaxed);
+    let keys = N - 1;
+    let waiting = engine.flow_waiting();
+    let per_key = (after - before) as f64 / keys as f64;
+    println!(
+        "memory: {setting}: {per_key:.0} bytes per live key ({keys} keys, {waiting} firings \
+         waiting, {handed_on} handed on; the events are shared with the event log and not counted)"
+    );
+    drop(events);
+    drop(engine);
+}
+
 fn main() {
     memory_report();
+    flow_memory_report(
+        "debounce",
+        json!({"debounce": {"key": "k", "period": "1h"}}),
+    );
+    flow_memory_report(
+        "throttle",
+        json!({"throttle": {"key": "k", "limit": 10, "per": "1h"}}),
+    );
 }

@@ -16,7 +16,7 @@
 //! Keys are templates; the matcher does not render templates (it depends on the model only),
 //! so its user gives it a [`FlowKeys`] renderer. Without one a key is its template text.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -85,6 +85,8 @@ struct Group {
     events: Vec<Uuid>,
     /// Batch: every firing, in order.
     members: Vec<Arc<Firing>>,
+    /// Its entry in [`FlowStage::deadlines`].
+    indexed: Option<DateTime<Utc>>,
 }
 
 /// One throttle key: when it last handed firings on, and what waits.
@@ -94,7 +96,15 @@ struct Window {
     fingerprint: u64,
     sent: VecDeque<DateTime<Utc>>,
     queue: VecDeque<(Firing, DateTime<Utc>)>,
+    /// Its entry in [`FlowStage::deadlines`].
+    indexed: Option<DateTime<Utc>>,
 }
+
+/// A [`FlowStage::deadlines`] entry: when, groups (0) before windows (1) at one instant, and
+/// which.
+type Due = (DateTime<Utc>, u8, (Uuid, String));
+const GROUP: u8 = 0;
+const WINDOW: u8 = 1;
 
 /// The stage's state (see the module docs).
 #[derive(Debug, Default)]
@@ -104,6 +114,9 @@ pub(crate) struct FlowStage {
     /// instant come out in one order every time.
     groups: BTreeMap<(Uuid, String), Group>,
     windows: BTreeMap<(Uuid, String), Window>,
+    /// Every group's and window's next deadline, so what is due is found by a lookup, not a
+    /// scan (a scan per event would be quadratic in the number of live keys).
+    deadlines: BTreeSet<Due>,
     /// Where the last offered firing waits, for `explain` (taken by the engine).
     last_wait: Option<FlowWait>,
 }
@@ -129,6 +142,70 @@ impl FlowStage {
     /// Where the firing last offered waits, if it waits (for `explain`).
     pub(crate) fn take_wait(&mut self) -> Option<FlowWait> {
         self.last_wait.take()
+    }
+
+    /// Brings the deadline index up to date for one group or window (present or gone).
+    fn reindex(&mut self, kind: u8, slot: &(Uuid, String)) {
+        let (old, new) = match kind {
+            GROUP => match self.groups.get_mut(slot) {
+                Some(g) => {
+                    let new = g.deadline();
+                    (std::mem::replace(&mut g.indexed, new), new)
+                }
+                None => (None, None),
+            },
+            _ => match self.windows.get_mut(slot) {
+                Some(w) => {
+                    let new = w.deadline();
+                    (std::mem::replace(&mut w.indexed, new), new)
+                }
+                None => (None, None),
+            },
+        };
+        if old == new {
+            return;
+        }
+        if let Some(old) = old {
+            self.deadlines.remove(&(old, kind, slot.clone()));
+        }
+        if let Some(new) = new {
+            self.deadlines.insert((new, kind, slot.clone()));
+        }
+    }
+
+    /// Removes a group with its index entry.
+    fn take_group(&mut self, slot: &(Uuid, String)) -> Option<Group> {
+        let group = self.groups.remove(slot)?;
+        if let Some(at) = group.indexed {
+            self.deadlines.remove(&(at, GROUP, slot.clone()));
+        }
+        Some(group)
+    }
+
+    /// Removes a window with its index entry.
+    fn drop_window(&mut self, slot: &(Uuid, String)) {
+        if let Some(w) = self.windows.remove(slot)
+            && let Some(at) = w.indexed
+        {
+            self.deadlines.remove(&(at, WINDOW, slot.clone()));
+        }
+    }
+
+    /// Rebuilds the deadline index from scratch (after a reload or a restore).
+    fn rebuild_index(&mut self) {
+        self.deadlines.clear();
+        for (slot, g) in &mut self.groups {
+            g.indexed = g.deadline();
+            if let Some(at) = g.indexed {
+                self.deadlines.insert((at, GROUP, slot.clone()));
+            }
+        }
+        for (slot, w) in &mut self.windows {
+            w.indexed = w.deadline();
+            if let Some(at) = w.indexed {
+                self.deadlines.insert((at, WINDOW, slot.clone()));
+            }
+        }
     }
 
     /// Takes a firing the triggers produced at `now`: hands it on into `out` (at once, or
@@ -177,6 +254,7 @@ impl FlowStage {
                     self.groups.insert(slot.clone(), group);
                 }
             }
+            self.reindex(GROUP, &slot);
             self.note_group(&slot);
             return;
         }
@@ -204,12 +282,13 @@ impl FlowStage {
                 }
             };
             if group.count >= u64::from(batch.max_events)
-                && let Some(group) = self.groups.remove(&slot)
+                && let Some(group) = self.take_group(&slot)
             {
                 let released = group.release(&slot.1, now);
                 self.throttle(released, fingerprint, now, out);
                 return;
             }
+            self.reindex(GROUP, &slot);
             self.note_group(&slot);
             return;
         }
@@ -227,43 +306,38 @@ impl FlowStage {
 
     /// Hands on everything due at or before `now`, each at its own instant, in time order.
     pub(crate) fn advance(&mut self, now: DateTime<Utc>, out: &mut Vec<Firing>) {
-        loop {
-            let group_due = self
-                .groups
-                .iter()
-                .filter_map(|(slot, g)| g.deadline().map(|d| (d, slot.clone())))
-                .filter(|(d, _)| *d <= now)
-                .min();
-            let window_due = self
-                .windows
-                .iter()
-                .filter_map(|(slot, w)| w.deadline().map(|d| (d, slot.clone())))
-                .filter(|(d, _)| *d <= now)
-                .min();
-            let group_first = match (&group_due, &window_due) {
-                (None, None) => return,
-                (Some((g, _)), Some((w, _))) => g <= w,
-                (g, _) => g.is_some(),
-            };
-            if group_first {
-                if let Some((at, slot)) = group_due
-                    && let Some(group) = self.groups.remove(&slot)
-                {
-                    let fingerprint = group.fingerprint;
-                    let released = group.release(&slot.1, at);
-                    self.throttle(released, fingerprint, at, out);
+        while let Some(first) = self.deadlines.first().cloned() {
+            let (at, kind, slot) = first;
+            if at > now {
+                return;
+            }
+            if kind == GROUP {
+                match self.take_group(&slot) {
+                    Some(group) => {
+                        let fingerprint = group.fingerprint;
+                        let released = group.release(&slot.1, at);
+                        self.throttle(released, fingerprint, at, out);
+                    }
+                    None => {
+                        self.deadlines.remove(&(at, kind, slot));
+                    }
                 }
-            } else if let Some((at, slot)) = window_due {
+            } else {
                 self.drain_window(&slot, at, out);
+                // Progress even if the window is gone or its deadline did not move.
+                if self.deadlines.first() == Some(&(at, kind, slot.clone())) {
+                    self.deadlines.remove(&(at, kind, slot.clone()));
+                    if let Some(w) = self.windows.get_mut(&slot) {
+                        w.indexed = None;
+                    }
+                }
             }
         }
     }
 
     /// When [`FlowStage::advance`] next has something to hand on.
     pub(crate) fn next_deadline(&self) -> Option<DateTime<Utc>> {
-        let groups = self.groups.values().filter_map(Group::deadline);
-        let windows = self.windows.values().filter_map(Window::deadline);
-        groups.chain(windows).min()
+        self.deadlines.first().map(|(at, _, _)| *at)
     }
 
     /// Firings waiting in the stage (debounces and batches open, throttled firings queued).
@@ -292,6 +366,7 @@ impl FlowStage {
             }
             _ => false,
         });
+        self.rebuild_index();
     }
 
     fn key(&self, template: Option<&str>, firing: &Firing) -> Result<String, String> {
@@ -331,6 +406,7 @@ impl FlowStage {
         if !full {
             window.sent.push_back(now);
             out.push(firing);
+            self.reindex(WINDOW, &slot);
             return;
         }
         match throttle.over {
@@ -342,6 +418,7 @@ impl FlowStage {
                     waiting: window.queue.len() as u64,
                     until: window.deadline(),
                 });
+                self.reindex(WINDOW, &slot);
             }
             Overflow::Drop => {
                 let reason = format!(
@@ -373,7 +450,7 @@ impl FlowStage {
             .and_then(flow_of)
             .and_then(|f| f.throttle.clone())
         else {
-            self.windows.remove(slot);
+            self.drop_window(slot);
             return;
         };
         window.expire(now, throttle.per);
@@ -392,7 +469,9 @@ impl FlowStage {
             ));
         }
         if window.queue.is_empty() && window.sent.is_empty() {
-            self.windows.remove(slot);
+            self.drop_window(slot);
+        } else {
+            self.reindex(WINDOW, slot);
         }
     }
 }
@@ -409,6 +488,7 @@ impl Group {
             count: 1,
             events: firing.event.iter().map(|e| e.id).collect(),
             members: Vec::new(),
+            indexed: None,
             kept: firing,
         }
     }
@@ -460,18 +540,19 @@ impl Window {
         }
     }
 
-    /// When the head of the queue may go: when the oldest hand-on leaves the window.
+    /// When the head of the queue may go (when the oldest hand-on leaves the window), or,
+    /// with nothing queued, when the window is empty and can be forgotten (so idle keys do
+    /// not pile up).
     fn deadline(&self) -> Option<DateTime<Utc>> {
-        if self.queue.is_empty() {
-            // An idle window only needs forgetting; `expire` does it lazily.
-            return None;
-        }
         let per = self
             .automation
             .as_deref()
             .and_then(flow_of)
             .and_then(|f| f.throttle.as_ref())
             .map(|t| t.per)?;
+        if self.queue.is_empty() {
+            return self.sent.back().map(|t| *t + per);
+        }
         Some(
             self.sent
                 .front()
@@ -644,6 +725,7 @@ impl FlowStage {
                         .iter()
                         .map(|m| Arc::new(load(m, automation)))
                         .collect(),
+                    indexed: None,
                 },
             );
         }
@@ -665,8 +747,10 @@ impl FlowStage {
                         .iter()
                         .map(|(f, at)| (load(f, automation), *at))
                         .collect(),
+                    indexed: None,
                 },
             );
         }
+        self.rebuild_index();
     }
 }
