@@ -14,6 +14,10 @@
 //! looping symbolic link is noticed and reported like any broken file. Loading reads files
 //! and parses untrusted text, so it runs on a blocking thread, not on a tokio worker; its
 //! recursion is bounded by the loader's nesting limit, not by a thread's stack.
+//!
+//! The engine's automations can come from more than the folder (a Prefect server's, see
+//! `prefect_bridge`): [`Catalog`] puts the parts together, and every source publishes through
+//! it, so one source's reload never drops another's automations.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -344,5 +348,56 @@ pub async fn watch_folder(
         if !catalog.set_files(runnable(&current), loaded.status).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn automation(name: &str) -> Arc<Automation> {
+        let value = serde_json::json!({
+            "name": name,
+            "trigger": {"type": "event", "expect": ["x"], "posture": "Reactive"},
+            "actions": [],
+        });
+        let mut problems = spur_core::Problems::new();
+        let a = Automation::parse(&value, spur_core::trigger::Dialect::Server, &mut problems);
+        Arc::new(a.expect("a valid automation"))
+    }
+
+    #[test]
+    fn merge_keeps_the_folders_names_and_marks_the_servers_automations() {
+        let files = vec![automation("shared"), automation("from-file")];
+        let mut file_status = LoadStatus::default();
+        file_status
+            .sources
+            .insert("shared".into(), "a.yaml:1".into());
+        let prefect = PrefectPart {
+            automations: vec![automation("shared"), automation("from-server")],
+            errors: vec!["bad one".into()],
+            warnings: Vec::new(),
+            sources: [
+                ("shared".to_owned(), "http://p/api/automations/1".to_owned()),
+                (
+                    "from-server".to_owned(),
+                    "http://p/api/automations/2".to_owned(),
+                ),
+            ]
+            .into(),
+        };
+        let (automations, status) = merge(&files, &file_status, Some(&prefect));
+        let names: Vec<&str> = automations.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["shared", "from-file", "from-server"]);
+        assert_eq!(status.origin("from-server"), "prefect");
+        assert_eq!(status.origin("shared"), "file");
+        assert_eq!(status.sources["shared"], "a.yaml:1");
+        assert_eq!(status.sources["from-server"], "http://p/api/automations/2");
+        assert_eq!(status.errors.len(), 2, "{:?}", status.errors);
+        assert!(status.errors[1].contains("a.yaml:1"), "{:?}", status.errors);
+        // Without a server, the folder's part as it is.
+        let (alone, status) = merge(&files, &file_status, None);
+        assert_eq!(alone.len(), 2);
+        assert!(status.from_prefect.is_empty());
     }
 }
