@@ -398,3 +398,45 @@ fn concurrency_cancels_the_running_one_or_skips_the_new_one() {
     );
     assert_eq!(reports[0]["parameters"]["i"], 1);
 }
+
+/// Bad flow-control settings are load errors naming file, line, column and field; the
+/// automation beside them in the same daemon keeps running.
+#[test]
+fn bad_settings_are_named_with_their_place_and_the_others_keep_running() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[
+            ("d.yaml", SINK),
+            (
+                "good.yaml",
+                "name: good\ntrigger: {type: event, posture: Reactive, expect: [job.failed]}\n\
+                 actions:\n  - type: run-deployment\n    deployment: sink\n",
+            ),
+            (
+                "bad.yaml",
+                "name: bad\ntrigger: {type: event, posture: Reactive, expect: [job.failed]}\n\
+                 throttle: {limit: 0, per: 1m}\ndebounce:\n  period: soon\n\
+                 concurrency: {limit: 1, on_full: later}\nactions: [{type: do-nothing}]\n",
+            ),
+        ],
+    );
+    let bad = automations.join("bad.yaml");
+    let (ok, out, err) = support::spur(&["check", bad.to_str().expect("utf-8 path")]);
+    assert!(!ok, "{out}{err}");
+    let text = format!("{out}{err}");
+    for expected in [
+        "bad.yaml:3:12: throttle.limit: must be at least 1",
+        "bad.yaml:5:3: debounce.period: \"soon\" is not a duration",
+        "bad.yaml:6:",
+        "concurrency.on_full:",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in {text}");
+    }
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    post_events(&daemon, failures("svc.a", 0, 1));
+    let run = eventually(Duration::from_secs(10), "the good automation's run", || {
+        runs(&daemon).into_iter().next()
+    });
+    assert_eq!(run["automation"], "good", "{run}");
+}
