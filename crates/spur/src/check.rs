@@ -30,6 +30,10 @@ const KNOWN_VARIABLES: &[&str] = &[
     "dict",
     "namespace",
     "debug",
+    // What flow control adds (docs/flow-control.md); undefined without it.
+    "debounce",
+    "batch",
+    "throttle",
 ];
 
 /// Every warning for `path` (a file or folder), given what loading it produced.
