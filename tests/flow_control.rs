@@ -22,6 +22,17 @@ fn runs(daemon: &SpurDaemon) -> Vec<Value> {
     runs
 }
 
+/// `/api/automations/{name}/detail`.
+fn automation_detail(daemon: &SpurDaemon, name: &str) -> Value {
+    let (status, body) = http(
+        "GET",
+        &format!("{}/api/automations/{name}/detail", daemon.url),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("detail JSON")
+}
+
 /// `count` Prefect events `job.failed` on `resource`, payload `{"i": first + n}`.
 fn failures(resource: &str, first: usize, count: usize) -> Vec<Value> {
     let now = chrono::Utc::now();
@@ -133,6 +144,14 @@ fn a_throttle_delays_the_rest_in_order_and_loses_none_across_a_kill() {
         (runs.len() >= 10).then_some(runs)
     });
     assert_eq!(first.len(), 10, "only ten in the first window: {first:?}");
+    let detail = automation_detail(&daemon, "limited");
+    let key = &detail["flow_keys"][0];
+    assert_eq!(key["kind"], "throttle", "{detail}");
+    assert_eq!(key["in_window"], 10, "{detail}");
+    assert!(
+        key["waiting"].as_u64().is_some_and(|w| w > 0 && w <= 40),
+        "{detail}"
+    );
     daemon.kill();
     let daemon = SpurDaemon::start(&data, &automations, &[]);
     let all = eventually(Duration::from_secs(60), "all fifty runs", || {
@@ -284,6 +303,21 @@ fn concurrency_queues_per_key_and_the_queue_survives_a_kill() {
     std::thread::sleep(Duration::from_millis(300));
     let early = runs(&daemon);
     assert_eq!(early.len(), 2, "one per key: {early:?}");
+    // The automation's page shows the queue per key.
+    let detail = automation_detail(&daemon, "one-at-a-time");
+    let slots = detail["concurrency"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let a = slots
+        .iter()
+        .find(|s| s["key"] == "svc.a")
+        .expect("svc.a's slot");
+    assert_eq!(
+        (a["in_progress"].as_u64(), a["waiting"].as_u64()),
+        (Some(1), Some(3)),
+        "{detail}"
+    );
     daemon.kill();
     let daemon = SpurDaemon::start(&data, &automations, &[]);
     let all = eventually(Duration::from_secs(60), "five runs, all ended", || {

@@ -852,6 +852,21 @@ impl Executor {
         }
     }
 
+    /// One automation's concurrency keys: `(key, runs in progress, firings waiting)`.
+    pub fn concurrency_of(&self, automation: &str) -> Vec<(String, usize, usize)> {
+        let Ok(slots) = self.inner.slots.lock() else {
+            return Vec::new();
+        };
+        let mut keys: Vec<(String, usize, usize)> = slots
+            .by_key
+            .iter()
+            .filter(|((name, _), _)| name == automation)
+            .map(|((_, key), slot)| (key.clone(), slot.in_progress(), slot.queue.len()))
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Firings waiting for a concurrency slot, and runs holding one.
     pub fn concurrency_counts(&self) -> (usize, usize) {
         self.inner.slots.lock().map_or((0, 0), |slots| {

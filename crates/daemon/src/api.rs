@@ -1716,9 +1716,22 @@ async fn automation_detail(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let automation = &a.automation;
+    let id = automation.id;
+    let flow_keys = inspect(&state, move |engine| engine.flow_keys_of(id))
+        .await
+        .unwrap_or_default();
+    let concurrency: Vec<Value> = state
+        .executor
+        .concurrency_of(&automation.name)
+        .into_iter()
+        .map(|(key, running, waiting)| json!({"key": key, "in_progress": running, "waiting": waiting}))
+        .collect();
     axum::Json(json!({
         "id": automation.id,
         "name": automation.name,
+        "flow_control": automation.flow,
+        "flow_keys": flow_keys,
+        "concurrency": concurrency,
         "enabled": automation.enabled,
         "description": automation.description,
         "tags": automation.tags,

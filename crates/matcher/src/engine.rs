@@ -258,6 +258,11 @@ impl Engine {
         self.flow.waiting()
     }
 
+    /// One automation's live flow-control keys (for its page in the UI).
+    pub fn flow_keys_of(&self, automation: Uuid) -> Vec<crate::flow::FlowKeyState> {
+        self.flow.keys_of(automation)
+    }
+
     /// The loaded automations with flow control, with their fingerprints.
     fn flow_automations(&self) -> BTreeMap<Uuid, (Arc<Automation>, u64)> {
         self.plan

@@ -121,6 +121,22 @@ pub(crate) struct FlowStage {
     last_wait: Option<FlowWait>,
 }
 
+/// One live key of an automation's flow control, for its page in the UI.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FlowKeyState {
+    /// `debounce` or `batch` (an open group), or `throttle` (a window).
+    pub kind: FlowKind,
+    /// The rendered key.
+    pub key: String,
+    /// Debounce/batch: the firings collapsed so far. Throttle: the firings queued.
+    pub waiting: u64,
+    /// Throttle: firings handed on within the current window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_window: Option<usize>,
+    /// When the key is next handed on (or, for an idle throttle window, forgotten).
+    pub until: Option<DateTime<Utc>>,
+}
+
 /// Where an offered firing waits (see [`FlowStage::take_wait`]).
 #[derive(Clone, Debug)]
 pub(crate) struct FlowWait {
@@ -338,6 +354,34 @@ impl FlowStage {
     /// When [`FlowStage::advance`] next has something to hand on.
     pub(crate) fn next_deadline(&self) -> Option<DateTime<Utc>> {
         self.deadlines.first().map(|(at, _, _)| *at)
+    }
+
+    /// The live keys of one automation: its open groups, then its throttle windows.
+    pub(crate) fn keys_of(&self, automation: Uuid) -> Vec<FlowKeyState> {
+        let from = (automation, String::new());
+        let groups = self
+            .groups
+            .range(from.clone()..)
+            .take_while(|((id, _), _)| *id == automation)
+            .map(|((_, key), g)| FlowKeyState {
+                kind: g.kind,
+                key: key.clone(),
+                waiting: g.count,
+                in_window: None,
+                until: g.deadline(),
+            });
+        let windows = self
+            .windows
+            .range(from..)
+            .take_while(|((id, _), _)| *id == automation)
+            .map(|((_, key), w)| FlowKeyState {
+                kind: FlowKind::Throttle,
+                key: key.clone(),
+                waiting: w.queue.len() as u64,
+                in_window: Some(w.sent.len()),
+                until: w.deadline(),
+            });
+        groups.chain(windows).collect()
     }
 
     /// Firings waiting in the stage (debounces and batches open, throttled firings queued).

@@ -21,6 +21,6 @@ pub mod snapshot;
 pub use engine::{Bucket, Engine, EngineConfig, EngineStats, fingerprint};
 pub use explain::{Decision, EventFate, Outcome};
 pub use firing::{Firing, FiringState};
-pub use flow::{FlowKeys, FlowKind, FlowSummary};
+pub use flow::{FlowKeyState, FlowKeys, FlowKind, FlowSummary};
 pub use index::TriggerIndex;
 pub use snapshot::EngineSnapshot;
