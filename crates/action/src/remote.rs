@@ -145,6 +145,17 @@ pub async fn launch_http(
     }
 }
 
+/// The `Authorization` value Prefect's client sends for `PREFECT_API_AUTH_STRING`: the whole
+/// string, base64-encoded. (`reqwest`'s `basic_auth` would append a `:` to a string without
+/// one, which a Prefect server refuses.)
+fn basic_authorization(auth_string: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(auth_string)
+    )
+}
+
 /// Performs a `prefect` launch.
 pub async fn launch_prefect(
     client: &reqwest::Client,
@@ -153,10 +164,7 @@ pub async fn launch_prefect(
 ) -> Outcome {
     let api = launcher.api_url.trim_end_matches('/');
     let with_auth = |r: reqwest::RequestBuilder| match &launcher.auth_string {
-        Some(auth) => match auth.split_once(':') {
-            Some((user, pass)) => r.basic_auth(user, Some(pass)),
-            None => r.basic_auth(auth, None::<&str>),
-        },
+        Some(auth) => r.header(reqwest::header::AUTHORIZATION, basic_authorization(auth)),
         None => r,
     };
     let id = match (&launcher.deployment_id, &launcher.deployment_name) {
@@ -307,5 +315,24 @@ pub async fn launch_prefect(
             )),
             ..Outcome::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::basic_authorization;
+
+    #[test]
+    fn the_auth_string_is_encoded_whole_as_prefects_client_does() {
+        // base64("admin:secret") and base64("token-without-colon"), as Python's
+        // base64.b64encode(auth_string.encode()) gives them.
+        assert_eq!(
+            basic_authorization("admin:secret"),
+            "Basic YWRtaW46c2VjcmV0"
+        );
+        assert_eq!(
+            basic_authorization("token-without-colon"),
+            "Basic dG9rZW4td2l0aG91dC1jb2xvbg=="
+        );
     }
 }
