@@ -580,3 +580,132 @@ fn spur_authenticates_to_a_prefect_server_with_an_auth_string() {
     );
     assert_eq!(spur.terminate(), Some(0));
 }
+
+/// Prefect's chain pattern, served by Spur: an automation on the server whose
+/// `run-deployment` names a deployment of the server (`source: selected`, and `inferred` from
+/// the event's related deployment). Spur evaluates it and creates the flow run on the server
+/// with the rendered parameters, under Prefect's idempotency-key shape, so a restart that
+/// dispatches the firing again finds the same flow run; Spur keeps no run of its own.
+#[test]
+fn a_prefect_automation_runs_the_servers_deployment_on_the_server() {
+    let Some(cli) = require_prefect_cli() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefect_dir = dir.path().join("prefect");
+    std::fs::create_dir_all(&prefect_dir).expect("prefect dir");
+    let server = PrefectServer::start(&cli, &prefect_dir);
+    let flow = server.call("POST", "/flows/", Some(json!({"name": "downstream"})));
+    let deployment = server.call(
+        "POST",
+        "/deployments/",
+        Some(json!({"name": "on-result", "flow_id": flow["id"],
+                    "parameter_openapi_schema": {"type": "object", "properties": {}}})),
+    );
+    let deployment = deployment["id"]
+        .as_str()
+        .expect("a deployment id")
+        .to_owned();
+    for (name, source) in [
+        ("chain-selected", "selected"),
+        ("chain-inferred", "inferred"),
+    ] {
+        let mut action = json!({"type": "run-deployment", "source": source,
+                                "parameters": {"prev_result": "{{ event.payload.result }}",
+                                               "via": name}});
+        if source == "selected" {
+            action["deployment_id"] = json!(deployment);
+        }
+        server.call(
+            "POST",
+            "/automations/",
+            Some(json!({
+                "name": name,
+                "trigger": {"type": "event", "expect": ["prefect.result.produced"],
+                            "posture": "Reactive", "threshold": 1, "within": 0},
+                "actions": [action],
+            })),
+        );
+    }
+    let data = dir.path().join("data");
+    let folder = support::automations_folder(dir.path(), &[]);
+    let flags = ["--prefect-api", server.api.as_str()];
+    let spur = SpurDaemon::start(&data, &folder, &flags);
+    eventually(
+        Duration::from_secs(20),
+        "both automations and the live stream",
+        || {
+            let live = !spur.log_lines("Prefect event stream live").is_empty();
+            let loaded = ["chain-selected", "chain-inferred"]
+                .iter()
+                .all(|n| spur_automation_named(&spur, n));
+            (live && loaded).then_some(())
+        },
+    );
+    server.call(
+        "POST",
+        "/events",
+        Some(json!([{
+            "id": uuid::Uuid::new_v4(),
+            "occurred": spur_core::time::format_timestamp(Utc::now()),
+            "event": "prefect.result.produced",
+            "resource": {"prefect.resource.id": "prefect.result.upstream.1"},
+            "related": [{"prefect.resource.id": format!("prefect.deployment.{deployment}"),
+                         "prefect.resource.role": "deployment"}],
+            "payload": {"result": "foobar"},
+        }])),
+    );
+    let runs_on_server = || -> Vec<Value> {
+        server
+            .call(
+                "POST",
+                "/flow_runs/filter",
+                Some(json!({"flow_runs": {"deployment_id": {"any_": [deployment]}}})),
+            )
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let runs = eventually(
+        Duration::from_secs(30),
+        "two flow runs on the server",
+        || {
+            let runs = runs_on_server();
+            (runs.len() >= 2).then_some(runs)
+        },
+    );
+    let mut via: Vec<&str> = runs
+        .iter()
+        .map(|r| {
+            assert_eq!(r["parameters"]["prev_result"], "foobar", "{r:#}");
+            assert_eq!(r["state_type"], "SCHEDULED", "{r:#}");
+            r["parameters"]["via"].as_str().unwrap_or_default()
+        })
+        .collect();
+    via.sort_unstable();
+    assert_eq!(via, ["chain-inferred", "chain-selected"]);
+    // Spur kept no run of its own (the server's workers run it, the server reports it).
+    let (_, body) = http("GET", &format!("{}/api/runs", spur.url), None);
+    let own: Value = serde_json::from_str(&body).expect("runs JSON");
+    assert_eq!(own["runs"].as_array().map(Vec::len), Some(0), "{own}");
+    // A restart (which re-dispatches anything not marked done) creates no second run.
+    assert_eq!(spur.terminate(), Some(0));
+    let spur = SpurDaemon::start(&data, &folder, &flags);
+    eventually(Duration::from_secs(20), "the stream live again", || {
+        (!spur.log_lines("Prefect event stream live").is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(runs_on_server().len(), 2, "no second run after the restart");
+}
+
+fn spur_automation_named(spur: &SpurDaemon, name: &str) -> bool {
+    let (_, body) = http(
+        "GET",
+        &format!("{}/api/automations?name={name}", spur.url),
+        None,
+    );
+    serde_json::from_str::<Value>(&body)
+        .ok()
+        .and_then(|v| v["automations"].as_array().cloned())
+        .is_some_and(|a| a.iter().any(|x| x["name"] == name))
+}

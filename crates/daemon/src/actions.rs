@@ -82,6 +82,29 @@ pub enum Prepared {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         concurrency_key: Option<String>,
     },
+    /// Create a flow run on the Prefect server (`--prefect-api`) from a deployment Spur does
+    /// not declare: the server's workers run it, and the server emits its flow-run events
+    /// (which come back through the bridge), so Spur keeps no run record of its own.
+    PrefectFlowRun {
+        /// The server's deployment.
+        deployment_id: Uuid,
+        /// Rendered parameters.
+        parameters: Value,
+        /// Prefect's actions service's key shape (`automation <id>, action <index>,
+        /// invocation <id>`), with Spur's deterministic invocation id: a repeat after a
+        /// crash finds the same flow run instead of creating a second.
+        idempotency_key: String,
+        /// The automation (its id and name go in Prefect's `Prefect-Automation-*` headers).
+        automation_id: Uuid,
+        /// Its name.
+        automation: String,
+        /// `schedule_after`, in microseconds.
+        #[serde(default)]
+        schedule_after_us: i64,
+        /// `job_variables`, as given.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_variables: Option<Value>,
+    },
     /// Pause or resume an automation.
     SetAutomationPaused {
         /// Its id.
@@ -181,6 +204,9 @@ struct Inner {
     api_token: OnceLock<String>,
     retry_base: Duration,
     max_attempts: u32,
+    /// The Prefect server that runs deployments Spur does not declare (`--prefect-api`):
+    /// its API URL and the `Authorization` header value, if any.
+    prefect: OnceLock<(String, Option<String>)>,
     /// Renders `concurrency` keys (as the matcher's flow stage renders its own).
     flow_keys: spur_replay::TemplateFlowKeys,
     /// Concurrency slots (see [`Slots`]).
@@ -265,10 +291,35 @@ impl Executor {
                 api_token: OnceLock::new(),
                 retry_base: Duration::from_millis(500),
                 max_attempts: 5,
+                prefect: OnceLock::new(),
                 flow_keys: spur_replay::TemplateFlowKeys(TemplateEngine::new()),
                 slots: Mutex::new(Slots::default()),
             }),
         }
+    }
+
+    /// Sends `run-deployment` actions whose deployment Spur does not declare to this Prefect
+    /// server (`--prefect-api`): `api_url` like `http://127.0.0.1:4200/api`, with its auth
+    /// string (basic, as Prefect's client sends it) or API key (bearer).
+    pub fn set_prefect_server(
+        &self,
+        api_url: &str,
+        auth_string: Option<&str>,
+        api_key: Option<&str>,
+    ) {
+        use base64::Engine as _;
+        let authorization = match (auth_string, api_key) {
+            (Some(auth), _) => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(auth)
+            )),
+            (None, Some(key)) => Some(format!("Bearer {key}")),
+            (None, None) => None,
+        };
+        let _ = self
+            .inner
+            .prefect
+            .set((api_url.trim_end_matches('/').to_owned(), authorization));
     }
 
     /// The daemon URL given to launched processes as `SPUR_API_URL`.
@@ -1056,7 +1107,6 @@ impl Executor {
                 {
                     return Err(error.to_owned());
                 }
-                let deployment = self.resolve_deployment(action, event.as_deref())?;
                 let parameters = rendered
                     .and_then(|r| r.get("parameters"))
                     .cloned()
@@ -1068,6 +1118,42 @@ impl Executor {
                     .transpose()
                     .map_err(|e| format!("schedule_after: {e}"))?
                     .unwrap_or_default();
+                let deployment = match self.resolve_deployment(action, event.as_deref()) {
+                    Ok(deployment) => deployment,
+                    // Not declared here: a Prefect server beside Spur runs it, if there is one.
+                    Err(reason) => {
+                        let on_server = self
+                            .inner
+                            .prefect
+                            .get()
+                            .and(server_deployment_id(action, event.as_deref()));
+                        let Some(deployment_id) = on_server else {
+                            return Err(reason);
+                        };
+                        let invocation = Uuid::new_v5(
+                            &spur_core::SPUR_NAMESPACE,
+                            format!("action:{}:{index}", firing.id).as_bytes(),
+                        );
+                        return Ok(Prepared::PrefectFlowRun {
+                            deployment_id,
+                            parameters,
+                            idempotency_key: format!(
+                                "automation {}, action {index}, invocation {invocation}",
+                                firing.automation.id
+                            ),
+                            automation_id: firing.automation.id,
+                            automation: firing.automation.name.clone(),
+                            schedule_after_us: schedule_after
+                                .num_microseconds()
+                                .unwrap_or(0)
+                                .max(0),
+                            job_variables: action
+                                .field("job_variables")
+                                .filter(|v| v.is_object())
+                                .cloned(),
+                        });
+                    }
+                };
                 Ok(Prepared::RunDeployment {
                     deployment: deployment.name,
                     parameters,
@@ -1312,6 +1398,91 @@ impl Executor {
     async fn perform(&self, prepared: &Prepared) -> Result<Outcome, Failure> {
         match prepared {
             Prepared::DoNothing => Ok(Outcome::default()),
+            Prepared::PrefectFlowRun {
+                deployment_id,
+                parameters,
+                idempotency_key,
+                automation_id,
+                automation,
+                schedule_after_us,
+                job_variables,
+            } => {
+                use base64::Engine as _;
+                let Some((api, authorization)) = self.inner.prefect.get() else {
+                    return Err(Failure::Permanent(format!(
+                        "deployment {deployment_id} is not declared, and no Prefect server is configured (--prefect-api)"
+                    )));
+                };
+                let start = Utc::now() + TimeDelta::microseconds(*schedule_after_us);
+                let mut body = json!({
+                    "parameters": parameters,
+                    "idempotency_key": idempotency_key,
+                    "state": {"type": "SCHEDULED", "name": "Scheduled",
+                              "state_details": {"scheduled_time": spur_core::time::format_timestamp(start)}},
+                });
+                if let Some(variables) = job_variables {
+                    body["job_variables"] = variables.clone();
+                }
+                let mut request = self
+                    .inner
+                    .http
+                    .post(format!("{api}/deployments/{deployment_id}/create_flow_run"))
+                    .header("Prefect-Automation-ID", automation_id.to_string())
+                    .header(
+                        "Prefect-Automation-Name",
+                        base64::engine::general_purpose::STANDARD.encode(automation),
+                    )
+                    .json(&body);
+                if let Some(value) = authorization {
+                    request = request.header(reqwest::header::AUTHORIZATION, value);
+                }
+                let response = request.send().await.map_err(|e| {
+                    Failure::Transient(format!("Prefect server {api} unreachable: {e}"))
+                })?;
+                let status = response.status();
+                let text = response.text().await.unwrap_or_default();
+                if status.is_server_error() {
+                    return Err(Failure::Transient(format!(
+                        "Unexpected status from 'run-deployment' action: {}",
+                        status.as_u16()
+                    )));
+                }
+                if !status.is_success() {
+                    let detail: String = text.chars().take(RESPONSE_BODY_LIMIT).collect();
+                    return Err(Failure::Permanent(
+                        if matches!(status.as_u16(), 409 | 422) {
+                            format!("Validation error occurred for 'run-deployment' - {detail}")
+                        } else if status.as_u16() == 404 {
+                            format!("Deployment {deployment_id} not found on the Prefect server")
+                        } else {
+                            format!(
+                                "Unexpected status from 'run-deployment' action: {}",
+                                status.as_u16()
+                            )
+                        },
+                    ));
+                }
+                let run: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let mut outcome = Outcome::default();
+                outcome.related.push(Resource::from_pairs([
+                    (
+                        "prefect.resource.id",
+                        format!(
+                            "prefect.flow-run.{}",
+                            run["id"].as_str().unwrap_or_default()
+                        ),
+                    ),
+                    ("prefect.resource.role", "flow-run".to_owned()),
+                    (
+                        "prefect.resource.name",
+                        run["name"].as_str().unwrap_or_default().to_owned(),
+                    ),
+                ]));
+                outcome
+                    .details
+                    .insert("status_code".into(), json!(status.as_u16()));
+                Ok(outcome)
+            }
             Prepared::RunDeployment {
                 deployment,
                 parameters,
@@ -1945,6 +2116,18 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const MARKS_GATHER: Duration = Duration::from_millis(50);
 
 /// The first involved resource `<prefix><uuid>` (Prefect's inference rule).
+/// The deployment a `run-deployment` action names on a Prefect server: its `deployment_id`
+/// (`source: selected`), or the one inferred from the triggering event (`source: inferred`).
+fn server_deployment_id(action: &Action, event: Option<&Event>) -> Option<Uuid> {
+    if action.field("source").and_then(Value::as_str) == Some("inferred") {
+        return infer_id(event, "prefect.deployment.", "deployment").ok();
+    }
+    action
+        .field("deployment_id")
+        .and_then(Value::as_str)
+        .and_then(|s| Uuid::parse_str(s).ok())
+}
+
 fn infer_id(event: Option<&Event>, prefix: &str, what: &str) -> Result<Uuid, String> {
     let event = event.ok_or_else(|| format!("No event to infer the {what}"))?;
     event

@@ -119,6 +119,14 @@ impl Daemon {
         let (submit_tx, submit_rx) = mpsc::channel(config.queue_capacity);
         let intake = Intake::new(submit_tx, EventLimits::default());
         let executor = actions::Executor::new(store.clone(), intake.clone());
+        if let Some(prefect) = &config.prefect {
+            // Deployments Spur does not declare are the Prefect server's to run.
+            executor.set_prefect_server(
+                &prefect.api_url,
+                prefect.auth_string.as_deref(),
+                prefect.api_key.as_deref(),
+            );
+        }
         if let Err(e) = executor.set_marker_dir(config.data.join("run-markers")) {
             warn!(error = %e, "cannot create the run marker folder: runs a crash interrupts will be marked Crashed");
         }

@@ -141,12 +141,9 @@ pub fn parse(raw: &[Value], api_url: &str) -> PrefectPart {
 fn not_on_the_server(action: &spur_core::Action) -> Option<String> {
     let kind = action.action_type.as_str();
     match kind {
-        "run-deployment" => Some(match action.field("deployment_id").and_then(Value::as_str) {
-            Some(id) => format!(
-                "run-deployment runs only a deployment the automations folder declares (with `id: {id}` and a `prefect` launcher); Spur does not run the server's deployments itself yet"
-            ),
-            None => "run-deployment runs only a deployment the automations folder declares; Spur does not run the server's deployments itself yet".to_owned(),
-        }),
+        // A deployment the automations folder does not declare is created as a flow run on
+        // the server (`Prepared::PrefectFlowRun` in actions.rs).
+        "run-deployment" => None,
         "pause-deployment" | "resume-deployment" | "pause-work-pool" | "resume-work-pool"
         | "pause-work-queue" | "resume-work-queue" | "cancel-flow-run" | "suspend-flow-run"
         | "resume-flow-run" | "change-flow-run-state" | "delete-flow-run" => Some(format!(
@@ -473,15 +470,16 @@ mod tests {
                      "trigger": {"type": "event", "expect": ["y"], "posture": "Reactive"},
                      "actions": [{"type": "run-deployment", "source": "selected",
                                   "deployment_id": "853499d2-ab38-4332-981e-2022e382fcdc",
-                                  "parameters": {}, "job_variables": null}]}),
+                                  "parameters": {}, "job_variables": null},
+                                 {"type": "pause-deployment", "source": "selected",
+                                  "deployment_id": "853499d2-ab38-4332-981e-2022e382fcdc"}]}),
             ],
             "http://p/api",
         );
         assert_eq!(runs.automations.len(), 1, "{runs:#?}");
+        // run-deployment runs on the server; pausing the server's deployment does not yet.
         assert!(
-            runs.warnings.len() == 1
-                && runs.warnings[0].contains("actions[0]: run-deployment")
-                && runs.warnings[0].contains("id: 853499d2-ab38-4332-981e-2022e382fcdc"),
+            runs.warnings.len() == 1 && runs.warnings[0].contains("actions[1]: pause-deployment"),
             "{:?}",
             runs.warnings
         );
