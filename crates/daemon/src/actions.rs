@@ -105,6 +105,26 @@ pub enum Prepared {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         job_variables: Option<Value>,
     },
+    /// One call to the Prefect server's API (`--prefect-api`): pausing its deployments and
+    /// work queues, or (when the flow run is not Spur's) changing a flow run's state.
+    PrefectCall {
+        /// `POST` or `PATCH`.
+        method: String,
+        /// Below the API URL: `/deployments/{id}/pause_deployment`.
+        path: String,
+        /// The JSON body.
+        body: Value,
+        /// The action's type, for the failure reason.
+        action: String,
+    },
+    /// Pause or resume a work pool on the Prefect server (its API names pools by name, so the
+    /// id is looked up first).
+    PrefectWorkPoolPaused {
+        /// The pool's id.
+        work_pool: Uuid,
+        /// Pause (true) or resume.
+        paused: bool,
+    },
     /// Pause or resume an automation.
     SetAutomationPaused {
         /// Its id.
@@ -320,6 +340,97 @@ impl Executor {
             .inner
             .prefect
             .set((api_url.trim_end_matches('/').to_owned(), authorization));
+    }
+
+    /// A flow run that is not Spur's, with a Prefect server beside Spur: the server's.
+    async fn is_server_flow_run(&self, run: Uuid) -> bool {
+        self.inner.prefect.get().is_some() && self.load_run(run).await.is_none()
+    }
+
+    /// Sets a server flow run's state, as Prefect's flow-run actions do (not forced); a
+    /// state the server does not accept fails the action with its reason.
+    async fn set_server_state(
+        &self,
+        run: Uuid,
+        state_type: &str,
+        message: &str,
+        action: &str,
+    ) -> Result<Outcome, Failure> {
+        let body = json!({"state": {"type": state_type, "message": message}, "force": false});
+        let answer = self
+            .prefect_call(
+                "POST",
+                &format!("/flow_runs/{run}/set_state"),
+                &body,
+                action,
+            )
+            .await?;
+        if answer["status"] != "ACCEPT" {
+            return Err(Failure::Permanent(format!(
+                "Failed to set state: {}",
+                answer["details"]["reason"]
+                    .as_str()
+                    .unwrap_or("not accepted")
+            )));
+        }
+        let mut outcome = Outcome::default();
+        outcome.related.push(Resource::from_pairs([
+            ("prefect.resource.id", format!("prefect.flow-run.{run}")),
+            ("prefect.resource.role", "target".to_owned()),
+        ]));
+        Ok(outcome)
+    }
+
+    /// One call to the Prefect server's API; its JSON answer. 5xx and connection failures
+    /// are transient (retried), other failures permanent with Prefect's reason wording.
+    async fn prefect_call(
+        &self,
+        method: &str,
+        path: &str,
+        body: &Value,
+        action: &str,
+    ) -> Result<Value, Failure> {
+        let Some((api, authorization)) = self.inner.prefect.get() else {
+            return Err(Failure::Permanent(
+                "no Prefect server is configured (--prefect-api)".to_owned(),
+            ));
+        };
+        let method = reqwest::Method::from_bytes(method.as_bytes())
+            .map_err(|_| Failure::Permanent(format!("bad HTTP method {method:?}")))?;
+        let mut request = self
+            .inner
+            .http
+            .request(method, format!("{api}{path}"))
+            .json(body);
+        if let Some(value) = authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| Failure::Transient(format!("Prefect server {api} unreachable: {e}")))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if status.is_server_error() {
+            return Err(Failure::Transient(format!(
+                "Unexpected status from '{action}' action: {}",
+                status.as_u16()
+            )));
+        }
+        if !status.is_success() {
+            let detail: String = text.chars().take(RESPONSE_BODY_LIMIT).collect();
+            return Err(Failure::Permanent(
+                if matches!(status.as_u16(), 409 | 422) {
+                    format!("Validation error occurred for '{action}' - {detail}")
+                } else {
+                    format!(
+                        "Unexpected status from '{action}' action: {}",
+                        status.as_u16()
+                    )
+                },
+            ));
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     /// The daemon URL given to launched processes as `SPUR_API_URL`.
@@ -1168,10 +1279,59 @@ impl Executor {
                 })
             }
             "pause-deployment" | "resume-deployment" => {
-                let deployment = self.resolve_deployment(action, event.as_deref())?;
-                Ok(Prepared::SetDeploymentPaused {
-                    deployment: deployment.name,
-                    paused: action.action_type == "pause-deployment",
+                let pause = action.action_type == "pause-deployment";
+                match self.resolve_deployment(action, event.as_deref()) {
+                    Ok(deployment) => Ok(Prepared::SetDeploymentPaused {
+                        deployment: deployment.name,
+                        paused: pause,
+                    }),
+                    Err(reason) => {
+                        let id = self
+                            .inner
+                            .prefect
+                            .get()
+                            .and(server_deployment_id(action, event.as_deref()))
+                            .ok_or(reason)?;
+                        let verb = if pause { "pause" } else { "resume" };
+                        Ok(Prepared::PrefectCall {
+                            method: "POST".to_owned(),
+                            path: format!("/deployments/{id}/{verb}_deployment"),
+                            body: json!({}),
+                            action: action.action_type.clone(),
+                        })
+                    }
+                }
+            }
+            "pause-work-queue" | "resume-work-queue" | "pause-work-pool" | "resume-work-pool"
+                if self.inner.prefect.get().is_some() =>
+            {
+                let pool = action.action_type.ends_with("work-pool");
+                let (field, prefix, what) = if pool {
+                    ("work_pool_id", "prefect.work-pool.", "work pool")
+                } else {
+                    ("work_queue_id", "prefect.work-queue.", "work queue")
+                };
+                let id = match action.field("source").and_then(Value::as_str) {
+                    Some("inferred") => infer_id(event.as_deref(), prefix, what)?,
+                    _ => action
+                        .field(field)
+                        .and_then(Value::as_str)
+                        .and_then(|s| Uuid::parse_str(s).ok())
+                        .ok_or_else(|| format!("{field} is required"))?,
+                };
+                let paused = action.action_type.starts_with("pause");
+                Ok(if pool {
+                    Prepared::PrefectWorkPoolPaused {
+                        work_pool: id,
+                        paused,
+                    }
+                } else {
+                    Prepared::PrefectCall {
+                        method: "PATCH".to_owned(),
+                        path: format!("/work_queues/{id}"),
+                        body: json!({"is_paused": paused}),
+                        action: action.action_type.clone(),
+                    }
                 })
             }
             "pause-automation" | "resume-automation" => {
@@ -1567,6 +1727,11 @@ impl Executor {
                 Ok(Outcome::default())
             }
             Prepared::CancelRun { run, message } => {
+                if self.is_server_flow_run(*run).await {
+                    return self
+                        .set_server_state(*run, "CANCELLING", message, "cancel-flow-run")
+                        .await;
+                }
                 self.cancel_with(*run, message)
                     .await
                     .map_err(Failure::Permanent)?;
@@ -1577,9 +1742,56 @@ impl Executor {
                 state,
                 message,
             } => {
+                if self.is_server_flow_run(*run).await {
+                    return self
+                        .set_server_state(
+                            *run,
+                            state.state_type(),
+                            message,
+                            "change-flow-run-state",
+                        )
+                        .await;
+                }
                 self.force_state(*run, *state, message)
                     .await
                     .map_err(Failure::Permanent)?;
+                Ok(Outcome::default())
+            }
+            Prepared::PrefectCall {
+                method,
+                path,
+                body,
+                action,
+            } => {
+                self.prefect_call(method, path, body, action).await?;
+                Ok(Outcome::default())
+            }
+            Prepared::PrefectWorkPoolPaused { work_pool, paused } => {
+                let what = if *paused {
+                    "pause-work-pool"
+                } else {
+                    "resume-work-pool"
+                };
+                let found = self
+                    .prefect_call(
+                        "POST",
+                        "/work_pools/filter",
+                        &json!({"work_pools": {"id": {"any_": [work_pool]}}}),
+                        what,
+                    )
+                    .await?;
+                let name = found
+                    .get(0)
+                    .and_then(|p| p["name"].as_str())
+                    .ok_or_else(|| Failure::Permanent(format!("Work pool {work_pool} not found")))?
+                    .to_owned();
+                self.prefect_call(
+                    "PATCH",
+                    &format!("/work_pools/{name}"),
+                    &json!({"is_paused": paused}),
+                    what,
+                )
+                .await?;
                 Ok(Outcome::default())
             }
             Prepared::Http {

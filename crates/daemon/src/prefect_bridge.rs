@@ -144,10 +144,10 @@ fn not_on_the_server(action: &spur_core::Action) -> Option<String> {
         // A deployment the automations folder does not declare is created as a flow run on
         // the server (`Prepared::PrefectFlowRun` in actions.rs).
         "run-deployment" => None,
-        "pause-deployment" | "resume-deployment" | "pause-work-pool" | "resume-work-pool"
-        | "pause-work-queue" | "resume-work-queue" | "cancel-flow-run" | "suspend-flow-run"
-        | "resume-flow-run" | "change-flow-run-state" | "delete-flow-run" => Some(format!(
-            "{kind} acts on Spur's own runs and deployments, not yet on the Prefect server's"
+        // Pausing the server's deployments, work pools and queues, and cancelling or
+        // changing the state of its flow runs, act on the server (actions.rs).
+        "suspend-flow-run" | "resume-flow-run" | "delete-flow-run" => Some(format!(
+            "{kind} acts on Spur's own runs, not yet on the Prefect server's"
         )),
         "send-notification" if action.field("block_document_id").is_some() => Some(
             "send-notification to a Prefect block is not sent yet (Spur cannot read the server's blocks)".to_owned(),
@@ -471,15 +471,14 @@ mod tests {
                      "actions": [{"type": "run-deployment", "source": "selected",
                                   "deployment_id": "853499d2-ab38-4332-981e-2022e382fcdc",
                                   "parameters": {}, "job_variables": null},
-                                 {"type": "pause-deployment", "source": "selected",
-                                  "deployment_id": "853499d2-ab38-4332-981e-2022e382fcdc"}]}),
+                                 {"type": "suspend-flow-run"}]}),
             ],
             "http://p/api",
         );
         assert_eq!(runs.automations.len(), 1, "{runs:#?}");
-        // run-deployment runs on the server; pausing the server's deployment does not yet.
+        // run-deployment runs on the server; suspending its flow runs does not yet.
         assert!(
-            runs.warnings.len() == 1 && runs.warnings[0].contains("actions[1]: pause-deployment"),
+            runs.warnings.len() == 1 && runs.warnings[0].contains("actions[1]: suspend-flow-run"),
             "{:?}",
             runs.warnings
         );
