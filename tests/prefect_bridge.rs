@@ -818,3 +818,160 @@ fn prefect_automations_pause_and_cancel_on_the_server() {
         "{failures:?}"
     );
 }
+
+/// Prefect's own quickstart chain, as users write it, with Spur as the automations engine:
+/// an upstream flow whose `on_completion` hook emits `prefect.result.produced`; a downstream
+/// deployment made with `.deploy(triggers=[DeploymentEventTrigger(...)])`; a real `prefect
+/// worker` on a `process` pool. Running the upstream flow makes the worker run the
+/// downstream deployment with `prev_result == "foobar"`, read back from Prefect's API.
+#[test]
+fn prefects_quickstart_chain_runs_on_a_real_worker_with_spur_evaluating() {
+    let Some(cli) = require_prefect_cli() else {
+        return;
+    };
+    let python = cli.with_file_name("python");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefect_dir = dir.path().join("prefect");
+    std::fs::create_dir_all(&prefect_dir).expect("prefect dir");
+    let server = PrefectServer::start(&cli, &prefect_dir);
+    let code = dir.path().join("code");
+    std::fs::create_dir_all(&code).expect("code dir");
+    support::write(
+        &code,
+        "flows.py",
+        r#"from prefect import flow
+from prefect.events import emit_event
+
+
+def emit_result(flow, flow_run, state):
+    r = state.result()
+    emit_event(
+        event="prefect.result.produced",
+        resource={"prefect.resource.id": f"prefect.result.{flow.name}.{flow_run.id}"},
+        related=[{"prefect.resource.id": f"prefect.flow.{flow_run.flow_id}",
+                  "prefect.resource.role": "flow", "prefect.resource.name": flow.name}],
+        payload={"result": r},
+    )
+
+
+@flow(on_completion=[emit_result])
+def upstream():
+    return "foobar"
+
+
+@flow
+def downstream(prev_result: str):
+    print(f"downstream got {prev_result}")
+    return prev_result
+"#,
+    );
+    support::write(
+        &code,
+        "deploy.py",
+        r#"import os
+from prefect import flow
+from prefect.events import DeploymentEventTrigger
+
+# `.to_deployment(...).apply()` creates the deployment and its trigger; `.deploy()` does the
+# same and then looks for online workers, a lookup the pinned server (3.8.8 on FastAPI
+# 0.154.0) answers with 422, so the test takes the step that does the work.
+flow.from_source(
+    source=os.path.dirname(os.path.abspath(__file__)), entrypoint="flows.py:downstream"
+).to_deployment(
+    name="downstream",
+    work_pool_name="chain-pool",
+    triggers=[DeploymentEventTrigger(
+        expect={"prefect.result.produced"},
+        match_related={"prefect.resource.role": "flow", "prefect.resource.name": "upstream"},
+        parameters={"prev_result": "{{ event.payload.result }}"},
+    )],
+).apply()
+"#,
+    );
+    let home = dir.path().join("client-home");
+    std::fs::create_dir_all(&home).expect("client home");
+    let env = |command: &mut Command| {
+        command
+            .current_dir(&code)
+            .env("PREFECT_API_URL", &server.api)
+            .env("PREFECT_HOME", &home)
+            .env("PREFECT_LOGGING_LEVEL", "WARNING")
+            .env("PREFECT_WORKER_QUERY_SECONDS", "1")
+            .env("PREFECT_WORKER_PREFETCH_SECONDS", "1")
+            .env("DO_NOT_TRACK", "1")
+            .env_remove("PREFECT_PROFILE");
+    };
+    let run = |program: &Path, args: &[&str]| {
+        let mut command = Command::new(program);
+        command.args(args);
+        env(&mut command);
+        let out = command.output().expect("runs");
+        assert!(
+            out.status.success(),
+            "{program:?} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        &cli,
+        &["work-pool", "create", "chain-pool", "--type", "process"],
+    );
+    run(&python, &["deploy.py"]);
+
+    let data = dir.path().join("data");
+    let folder = support::automations_folder(dir.path(), &[]);
+    let flags = ["--prefect-api", server.api.as_str()];
+    let spur = SpurDaemon::start(&data, &folder, &flags);
+    eventually(
+        Duration::from_secs(30),
+        "the deployment's trigger in Spur, live",
+        || {
+            let live = !spur.log_lines("Prefect event stream live").is_empty();
+            let (_, body) = http("GET", &format!("{}/api/automations", spur.url), None);
+            let loaded = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["automations"].as_array().cloned())
+                .is_some_and(|a| a.iter().any(|x| x["origin"] == "prefect"));
+            (live && loaded).then_some(())
+        },
+    );
+    let mut worker = Command::new(&cli);
+    worker.args(["worker", "start", "--pool", "chain-pool"]);
+    env(&mut worker);
+    let worker_log = std::fs::File::create(dir.path().join("worker.log")).expect("log");
+    worker
+        .stdout(worker_log.try_clone().expect("log"))
+        .stderr(worker_log);
+    std::os::unix::process::CommandExt::process_group(&mut worker, 0);
+    let mut worker = WorkerGuard(worker.spawn().expect("the worker starts"));
+
+    run(&python, &["-c", "from flows import upstream; upstream()"]);
+    let done = eventually(
+        Duration::from_secs(120),
+        "the downstream run completed",
+        || {
+            let runs = server.call(
+                "POST",
+                "/flow_runs/filter",
+                Some(json!({"deployments": {"name": {"any_": ["downstream"]}}})),
+            );
+            runs.as_array()
+                .and_then(|r| r.iter().find(|r| r["state_type"] == "COMPLETED").cloned())
+        },
+    );
+    assert_eq!(done["parameters"]["prev_result"], "foobar", "{done:#}");
+    let _ = &mut worker;
+}
+
+/// Kills the worker's process group when the test ends.
+struct WorkerGuard(Child);
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
