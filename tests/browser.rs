@@ -741,3 +741,69 @@ fn every_page_shows_its_data_links_a_firing_to_its_run_and_back_and_says_why_a_r
     );
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 }
+
+/// The automations page pages (100 a page, Previous/Next following the API's cursor) and
+/// searches by name prefix, so it stays usable with a large automation set.
+#[test]
+fn the_automations_page_pages_and_searches() {
+    let (Some(chromium), Some(chromedriver)) = (which("chromium"), which("chromedriver")) else {
+        support::skip_without(
+            "chromium and chromedriver are not installed (scripts/provision.sh installs them)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    let file: String = (0..250)
+        .map(|i| {
+            let group = if i < 30 { "billing" } else { "tenant" };
+            format!(
+                "- name: {group}-{i:03}\n  trigger: {{type: event, posture: Reactive, expect: [job.failed], match: {{tenant: t{i}}}}}\n  actions: [{{type: do-nothing}}]\n"
+            )
+        })
+        .collect();
+    std::fs::write(automations.join("many.yaml"), file).expect("write");
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let browser = Browser::start(&chromium, &chromedriver, &dir.path().join("profile"));
+    browser.goto(&format!("{}/#/automations", daemon.url));
+    let count = |what: &str, expected: &str| {
+        browser.wait_text("#automations-count", what, |t| t.starts_with(expected))
+    };
+    count("the first page", "100 shown of 250 loaded");
+    let first = browser.text("main").expect("main");
+    assert!(
+        first.contains("billing-000") && !first.contains("tenant-130"),
+        "{first}"
+    );
+    browser.click("#automations-next");
+    count("the second page", "100 shown of 250 loaded");
+    browser.wait_text("main", "the second page's rows", |t| {
+        t.contains("tenant-100") && !t.contains("billing-000")
+    });
+    browser.click("#automations-next");
+    count("the last page", "50 shown of 250 loaded");
+    let disabled = browser.script("return document.querySelector('#automations-next').disabled");
+    assert_eq!(disabled, json!(true), "no page after the last");
+    browser.click("#automations-previous");
+    browser.wait_text("main", "back on the second page", |t| {
+        t.contains("tenant-100")
+    });
+
+    browser.type_into("#automations-search", "billing");
+    browser.click("#automations-search-form button");
+    count(
+        "the search",
+        "30 shown of 250 loaded (names starting with \"billing\")",
+    );
+    let found = browser.text("main").expect("main");
+    assert!(
+        found.contains("billing-029") && !found.contains("tenant-"),
+        "{found}"
+    );
+    assert!(
+        browser.console_errors().is_empty(),
+        "{:?}",
+        browser.console_errors()
+    );
+    browser.screenshot(&root().join("target/screenshots/automations-paged.png"));
+}
