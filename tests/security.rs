@@ -965,3 +965,97 @@ fn the_api_serves_tls_and_refuses_plain_http_cleanly() {
     );
     assert!(stderr.contains("other.key"), "{stderr}");
 }
+
+/// `--nats-tls-ca` and `--nats-nkey`: against a nats-server that serves TLS only and knows
+/// its clients by nkey, the daemon connects, consumes JetStream and stores what a publisher
+/// with the same credentials sends; a credential file that cannot be read stops the start
+/// naming the flag and the path.
+#[test]
+fn the_daemon_reaches_nats_over_tls_with_an_nkey() {
+    let Some(bin) = support::require_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).expect("certs dir");
+    test_certificates(&certs);
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let seed_file = dir.path().join("spur.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("write seed");
+    let config = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\nauthorization {{\n  users: [ {{ nkey: \"{}\" }} ]\n}}\n",
+        certs.join("server.pem").display(),
+        certs.join("server.key").display(),
+        user.public_key()
+    );
+    let nats = support::NatsServer::start_with_config(&bin, &dir.path().join("nats"), &config);
+    let ca = certs.join("ca.pem");
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations_folder(dir.path(), &[]),
+        &[
+            "--nats",
+            &nats.url,
+            "--nats-tls-ca",
+            ca.to_str().expect("utf-8 path"),
+            "--nats-nkey",
+            seed_file.to_str().expect("utf-8 path"),
+        ],
+    );
+    daemon.wait_for_jetstream();
+
+    let runtime = support_runtime();
+    let id = uuid::Uuid::new_v4().to_string();
+    runtime.block_on(async {
+        // Without credentials the server refuses the publisher: the flags are what let Spur in.
+        let refused = async_nats::ConnectOptions::new()
+            .add_root_certificates(ca.clone())
+            .require_tls(true)
+            .connect(&nats.url)
+            .await;
+        assert!(refused.is_err(), "the test server must require an nkey");
+        let client = async_nats::ConnectOptions::new()
+            .add_root_certificates(ca.clone())
+            .require_tls(true)
+            .nkey(seed.clone())
+            .connect(&nats.url)
+            .await
+            .expect("the publisher connects with TLS and the nkey");
+        let event = json!({
+            "id": id, "event": "job.failed", "occurred": chrono::Utc::now().to_rfc3339(),
+            "resource": {"prefect.resource.id": "job.tls"},
+        });
+        client
+            .publish("events.job.failed", event.to_string().into())
+            .await
+            .expect("publish");
+        client.flush().await.expect("flush");
+    });
+    eventually(Duration::from_secs(15), "the event over TLS stored", || {
+        let (status, body) = request(
+            "POST",
+            &format!("{}/api/events/filter", daemon.url),
+            &[("content-type", "application/json".to_owned())],
+            json!({"filter": {"id": {"id": [id]}}})
+                .to_string()
+                .into_bytes(),
+        );
+        (status == 200 && serde_json::from_str::<Value>(&body).ok()?["total"] == 1).then_some(())
+    });
+
+    let missing = dir.path().join("no-such.creds");
+    let stderr = serve_refuses(
+        dir.path(),
+        &[
+            "--nats",
+            &nats.url,
+            "--nats-creds",
+            missing.to_str().expect("utf-8 path"),
+        ],
+    );
+    assert!(
+        stderr.contains("--nats-creds") && stderr.contains("no-such.creds"),
+        "{stderr}"
+    );
+}

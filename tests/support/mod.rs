@@ -293,6 +293,7 @@ pub struct NatsServer {
     pub port: u16,
     dir: PathBuf,
     bin: PathBuf,
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -304,6 +305,25 @@ impl NatsServer {
             port: 0,
             dir: dir.to_owned(),
             bin: bin.to_owned(),
+            config: None,
+        };
+        server.spawn(None);
+        server
+    }
+
+    /// Starts like [`NatsServer::start`], with `config` (nats-server's config format: TLS,
+    /// authorization…) written to a file under `dir` and passed with `-c`.
+    pub fn start_with_config(bin: &Path, dir: &Path, config: &str) -> NatsServer {
+        std::fs::create_dir_all(dir).expect("nats dir");
+        let file = dir.join("nats.conf");
+        std::fs::write(&file, config).expect("write nats.conf");
+        let mut server = NatsServer {
+            child: None,
+            url: String::new(),
+            port: 0,
+            dir: dir.to_owned(),
+            bin: bin.to_owned(),
+            config: Some(file),
         };
         server.spawn(None);
         server
@@ -314,7 +334,11 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).expect("ports dir");
         let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
             .arg(self.dir.join("js"))
             .arg("--ports_file_dir")

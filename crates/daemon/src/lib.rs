@@ -187,7 +187,9 @@ impl Daemon {
         let mut restore_from = None;
         let mut nats_client = None;
         if let Some(nats) = &config.nats {
-            match spur_ingest::nats::connect(&nats.url, nats_counters.clone()).await {
+            match spur_ingest::nats::connect_with(&nats.url, &nats.auth, nats_counters.clone())
+                .await
+            {
                 Ok(client) => {
                     if nats.jetstream {
                         match shared_state::SharedState::connect(&client).await {

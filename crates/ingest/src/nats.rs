@@ -43,6 +43,40 @@ pub struct NatsConfig {
     pub max_age: Duration,
     /// Templates that turn arbitrary messages on matching subjects into events.
     pub templates: Vec<SubjectTemplate>,
+    /// How the daemon authenticates to NATS and which TLS it trusts.
+    pub auth: NatsAuth,
+}
+
+/// NATS credentials and TLS, the way every NATS client takes them (user and password go in
+/// the URL: `nats://user:pass@host:4222`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// A `.creds` file (JWT and nkey seed, what `nsc` makes).
+    pub creds: Option<std::path::PathBuf>,
+    /// A file holding an nkey seed (`SU…`).
+    pub nkey: Option<std::path::PathBuf>,
+    /// CA certificate(s) (PEM) that sign the server's certificate; turns TLS on.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate and key (PEM) for servers that verify clients.
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Why the NATS connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsConnectError {
+    /// A credentials, nkey or TLS file is unusable (the message names it).
+    #[error("{what} {}: {reason}", path.display())]
+    File {
+        /// Which setting.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The client refused to connect.
+    #[error(transparent)]
+    Connect(#[from] async_nats::ConnectError),
 }
 
 /// A template for messages that are not events: for subjects matching `subject` (NATS
@@ -83,6 +117,7 @@ impl NatsConfig {
             consumer: "spur".to_owned(),
             max_age: Duration::from_secs(7 * 24 * 3600),
             templates: Vec::new(),
+            auth: NatsAuth::default(),
         }
     }
 }
@@ -288,6 +323,79 @@ pub async fn connect(
     url: &str,
     counters: Arc<NatsCounters>,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
+    base_options(counters).connect(url).await
+}
+
+/// Checks the files of `auth` (readable, an nkey seed where one is expected) and turns them
+/// into connect options.
+pub async fn auth_options(
+    auth: &NatsAuth,
+    mut options: async_nats::ConnectOptions,
+) -> Result<async_nats::ConnectOptions, NatsConnectError> {
+    let file = |what: &'static str, path: &std::path::Path| NatsConnectError::File {
+        what,
+        path: path.to_owned(),
+        reason: String::new(),
+    };
+    let with = |e: NatsConnectError, reason: String| match e {
+        NatsConnectError::File { what, path, .. } => NatsConnectError::File { what, path, reason },
+        other => other,
+    };
+    if let Some(path) = &auth.creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| with(file("NATS credentials file", path), e.to_string()))?;
+    }
+    if let Some(path) = &auth.nkey {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| with(file("NATS nkey seed file", path), e.to_string()))?;
+        let seed = seed
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with('S'))
+            .ok_or_else(|| {
+                with(
+                    file("NATS nkey seed file", path),
+                    "holds no nkey seed (a line starting with S)".to_owned(),
+                )
+            })?
+            .to_owned();
+        options = options.nkey(seed);
+    }
+    for (what, path) in
+        auth.tls_ca
+            .iter()
+            .map(|p| ("NATS TLS CA", p))
+            .chain(auth.tls_client.iter().flat_map(|(c, k)| {
+                [
+                    ("NATS TLS client certificate", c),
+                    ("NATS TLS client key", k),
+                ]
+            }))
+    {
+        std::fs::metadata(path).map_err(|e| with(file(what, path), e.to_string()))?;
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &auth.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
+}
+
+/// Connects with `auth`'s credentials and TLS, reconnects enabled and events logged.
+pub async fn connect_with(
+    url: &str,
+    auth: &NatsAuth,
+    counters: Arc<NatsCounters>,
+) -> Result<async_nats::Client, NatsConnectError> {
+    let options = auth_options(auth, base_options(counters)).await?;
+    Ok(options.connect(url).await?)
+}
+
+fn base_options(counters: Arc<NatsCounters>) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new()
         .name("spur")
         .retry_on_initial_connect()
@@ -307,8 +415,6 @@ pub async fn connect(
                 }
             }
         })
-        .connect(url)
-        .await
 }
 
 /// Runs the source until `shutdown` turns true.
@@ -322,7 +428,7 @@ pub async fn run(
     covered: Option<watch::Receiver<u64>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let client = match connect(&config.url, counters.clone()).await {
+    let client = match connect_with(&config.url, &config.auth, counters.clone()).await {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, url = %config.url, "cannot connect to NATS");
