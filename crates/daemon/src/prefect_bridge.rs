@@ -1,6 +1,10 @@
 //! Spur beside a Prefect server (`--prefect-api`): the server's automations, kept in sync.
 //!
-//! Every [`PrefectConfig::automations_interval`] the server's automations are read in full
+//! Every [`PrefectConfig::automations_probe_interval`] (500 ms) the server is asked cheaply
+//! whether its automations changed: their count and the most recently updated one
+//! (`/automations/count`, `/automations/filter` sorted `UPDATED_DESC`, limit 1). A create,
+//! change, pause or delete moves one of the two, and then, or every
+//! [`PrefectConfig::automations_interval`] regardless, they are read in full
 //! (`POST /automations/filter`, paged by 200, checked against `POST /automations/count` so a
 //! change while paging is read again instead of taken for a deletion), parsed with Spur's
 //! Prefect parser (`Dialect::Server`) and, when anything changed, handed to the
@@ -193,6 +197,59 @@ pub async fn read_all(
     ))
 }
 
+/// What the cheap probe sees of the server's automations: how many, and the id and `updated`
+/// of the most recently updated one. Equal probes mean nothing was created, changed, paused
+/// or deleted in between (a deletion lowers the count; anything else moves the newest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Probe {
+    count: u64,
+    newest: Option<(String, String)>,
+}
+
+async fn probe(client: &reqwest::Client, config: &PrefectConfig) -> Result<Probe, BridgeError> {
+    let count_url = format!("{}/automations/count", config.api_url);
+    let count = answer(config.authorize(client.post(&count_url).json(&json!({})))).await?;
+    let url = format!("{}/automations/filter", config.api_url);
+    let body = json!({"sort": "UPDATED_DESC", "limit": 1});
+    let newest = answer(config.authorize(client.post(&url).json(&body))).await?;
+    let newest = newest.get(0).map(|a| {
+        let text = |k: &str| a[k].as_str().unwrap_or_default().to_owned();
+        (text("id"), text("updated"))
+    });
+    Ok(Probe {
+        count: count.as_u64().unwrap_or_default(),
+        newest,
+    })
+}
+
+/// Waits until the probe sees a change from `last`, `full_after` has passed, or `shutdown`;
+/// `false` on shutdown. A failing probe ends the wait (the full read reports the failure).
+async fn wait_for_change(
+    client: &reqwest::Client,
+    config: &PrefectConfig,
+    last: Option<&Probe>,
+    full_after: std::time::Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + full_after;
+    loop {
+        let step = config
+            .automations_probe_interval
+            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        tokio::select! {
+            _ = tokio::time::sleep(step) => {}
+            _ = shutdown.changed() => return false,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return true;
+        }
+        match (last, probe(client, config).await) {
+            (Some(last), Ok(now)) if &now == last => {}
+            _ => return true,
+        }
+    }
+}
+
 /// What the automations sync needs.
 #[derive(Debug)]
 pub struct AutomationSync {
@@ -222,14 +279,25 @@ pub async fn sync_automations(
     let client = config.http_client();
     let mut backoff = Backoff::new(config.backoff_max);
     let mut wait = std::time::Duration::ZERO;
+    // The probe taken just before the last full read that succeeded.
+    let mut last_probe: Option<Probe> = None;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+        if last_probe.is_some() {
+            if !wait_for_change(&client, &config, last_probe.as_ref(), wait, &mut shutdown).await {
+                return;
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
         }
+        // Probed before the read: a change during the read shows in the next probe.
+        let before = probe(&client, &config).await.ok();
         match read_all(&client, &config).await {
             Ok(raw) => {
                 backoff.reset();
+                last_probe = before;
                 wait = config.automations_interval;
                 health.automations_ok.store(true, Ordering::Relaxed);
                 if current.as_ref() == Some(&raw) {
@@ -275,6 +343,7 @@ pub async fn sync_automations(
             }
             Err(e) => {
                 wait = backoff.next_wait();
+                last_probe = None;
                 health.automations_ok.store(false, Ordering::Relaxed);
                 health.automation_failures.fetch_add(1, Ordering::Relaxed);
                 warn!(api = %config.api_url, error = %e, retry_in_s = wait.as_secs_f64(), "cannot read the Prefect automations; the loaded ones keep running");

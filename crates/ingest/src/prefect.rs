@@ -59,8 +59,12 @@ pub struct PrefectConfig {
     pub overlap: Duration,
     /// When the second fill pass runs after going live (see the module docs).
     pub settle: Duration,
-    /// How often the server's automations are read.
+    /// How often the server's automations are read in full (a safety net: changes are
+    /// noticed sooner by the probe).
     pub automations_interval: Duration,
+    /// How often the server is asked, cheaply, whether its automations changed (their count
+    /// and the most recently updated one); a change triggers a full read at once.
+    pub automations_probe_interval: Duration,
     /// The longest wait between two attempts after failures.
     pub backoff_max: Duration,
     /// Timeout of one HTTP request and of the websocket handshake.
@@ -68,8 +72,8 @@ pub struct PrefectConfig {
 }
 
 impl PrefectConfig {
-    /// Defaults for `api_url`: 60 s overlap, settle pass after 6 s, automations every 3 s,
-    /// backoff up to 30 s.
+    /// Defaults for `api_url`: 60 s overlap, settle pass after 6 s, automations probed every
+    /// 500 ms and read in full every 15 s, backoff up to 30 s.
     pub fn new(api_url: impl Into<String>) -> PrefectConfig {
         PrefectConfig {
             api_url: api_url.into().trim_end_matches('/').to_owned(),
@@ -77,7 +81,8 @@ impl PrefectConfig {
             api_key: None,
             overlap: Duration::from_secs(60),
             settle: Duration::from_secs(6),
-            automations_interval: Duration::from_secs(3),
+            automations_interval: Duration::from_secs(15),
+            automations_probe_interval: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
         }
