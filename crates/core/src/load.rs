@@ -9,18 +9,18 @@
 //!   that runs that deployment (Prefect's `DeploymentTrigger.as_automation`),
 //! * or both keys side by side. Multi-document YAML (`---`) is read document by document.
 //!
-//! While parsing, every node's position is recorded in a [`SourceMap`] keyed by its
+//! The text is read by [`yaml`] straight from saphyr's event stream into JSON values, and
+//! every node's position is recorded in a [`SourceMap`] keyed by (a hash of) its
 //! [`FieldPath`], so a validation [`Problem`] deep in a trigger becomes
 //! `file:line:column: field: reason`.
 //!
 //! Files are untrusted input (anyone who can write to the watched folder), so loading is
 //! bounded and never gives up silently:
 //!
-//! * **Nesting depth.** saphyr builds its tree, and this module converts it, by recursion:
-//!   2 000 nested mappings overflowed a 2 MiB tokio worker stack and aborted the daemon. The
-//!   parser's event stream (which is iterative) is read first and a document nested deeper
-//!   than [`MAX_NESTING_DEPTH`] is refused at the line where it crosses the limit, before
-//!   any tree exists.
+//! * **Nesting depth.** Later steps (validation, dropping a value) recurse: 2 000 nested
+//!   mappings once overflowed a 2 MiB tokio worker stack and aborted the daemon. The reader
+//!   keeps its own stack and refuses a document nested deeper than [`MAX_NESTING_DEPTH`] at
+//!   the line where it crosses the limit.
 //! * **Files that cannot be read** (a dangling symbolic link, a link loop, no permission)
 //!   each get an error naming the file; a directory linked into itself is walked once.
 //! * **Name clashes.** Automation names are unique. When the daemon reloads, the file that
@@ -33,14 +33,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use saphyr::{LoadableYamlNode, MarkedYaml, Scalar, YamlData};
-use saphyr_parser::{Event as YamlEvent, Parser as YamlParser};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::automation::Automation;
 use crate::problem::{FieldPath, Problem, Problems, Severity};
 use crate::trigger::Dialect;
+
+mod yaml;
+
+use yaml::parse_documents;
+pub use yaml::{MAX_NESTING_DEPTH, SourceMap};
 
 /// A finding tied to a place in a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,27 +77,6 @@ impl fmt::Display for Diagnostic {
             self.field,
             self.reason
         )
-    }
-}
-
-/// Positions (1-based line, column) of every node of one document, by path.
-#[derive(Clone, Debug, Default)]
-pub struct SourceMap {
-    positions: HashMap<FieldPath, (usize, usize)>,
-}
-
-impl SourceMap {
-    /// The position of `path`, or of its nearest ancestor that has one.
-    pub fn locate(&self, path: &FieldPath) -> (usize, usize) {
-        let mut segments = path.0.clone();
-        loop {
-            if let Some(&pos) = self.positions.get(&FieldPath(segments.clone())) {
-                return pos;
-            }
-            if segments.pop().is_none() {
-                return (1, 1);
-            }
-        }
     }
 }
 
@@ -145,13 +127,6 @@ pub struct LoadOutcome {
     /// Modification times of the files read, to tell an old file from a newcomer.
     modified: HashMap<PathBuf, SystemTime>,
 }
-
-/// Deepest nesting of mappings and lists accepted in a YAML or JSON file (the document's own
-/// top-level collection is level 1). Real automation files stay under 15; the limit is
-/// serde_json's own recursion limit, so a file is refused exactly when the same structure
-/// sent as JSON would be. It keeps every recursive step of loading (saphyr's tree builder,
-/// the conversion to JSON, validation, dropping the tree) well inside a 2 MiB thread stack.
-pub const MAX_NESTING_DEPTH: usize = 128;
 
 /// The automations already running and the file each comes from. On a name clash the file
 /// that already provides the name keeps it; the other file (the newcomer) is refused.
@@ -428,7 +403,15 @@ pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPa
 }
 
 fn load_source(outcome: &mut LoadOutcome, file: &Path, text: &str) {
-    let documents = match parse_documents(text) {
+    let is_json = file
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let text = if is_json {
+        yaml::join_json_surrogate_pairs(text)
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    };
+    let documents = match parse_documents(&text) {
         Ok(docs) => docs,
         Err((line, column, reason)) => {
             outcome.diagnostics.push(Diagnostic {
@@ -820,126 +803,6 @@ pub fn parse_yaml(text: &str) -> Result<Value, (usize, usize, String)> {
     })
 }
 
-/// Parses every YAML document of `text` into JSON plus a source map. The error is
-/// `(line, column, reason)`.
-fn parse_documents(text: &str) -> Result<Vec<(Value, SourceMap)>, (usize, usize, String)> {
-    check_nesting(text)?;
-    let docs = MarkedYaml::load_from_str(text).map_err(|e| {
-        let m = e.marker();
-        (m.line(), m.col() + 1, e.info().to_owned())
-    })?;
-    docs.iter()
-        .map(|doc| {
-            let mut map = SourceMap::default();
-            let value = convert(doc, &FieldPath::root(), &mut map)?;
-            Ok((value, map))
-        })
-        .collect()
-}
-
-/// Refuses text nested deeper than [`MAX_NESTING_DEPTH`], reading saphyr's event stream
-/// (an iterative state machine, so any depth is safe to read) before a tree is built by
-/// recursion. The error points at the collection that crosses the limit; a syntax error met
-/// on the way is reported as the tree builder would.
-fn check_nesting(text: &str) -> Result<(), (usize, usize, String)> {
-    let mut parser = YamlParser::new_from_str(text);
-    let mut depth = 0usize;
-    while let Some(next) = parser.next_event() {
-        let (event, span) = next.map_err(|e| {
-            let m = e.marker();
-            (m.line(), m.col() + 1, e.info().to_owned())
-        })?;
-        match event {
-            YamlEvent::SequenceStart(..) | YamlEvent::MappingStart(..) => {
-                depth += 1;
-                if depth > MAX_NESTING_DEPTH {
-                    return Err((
-                        span.start.line(),
-                        span.start.col() + 1,
-                        format!(
-                            "nested too deeply: more than {MAX_NESTING_DEPTH} levels of \
-                             mappings and lists inside each other"
-                        ),
-                    ));
-                }
-            }
-            YamlEvent::SequenceEnd | YamlEvent::MappingEnd => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Converts a YAML node to JSON (YAML 1.2 core schema: only `true`/`false` are booleans, so
-/// `no` stays a string), recording each node's position.
-fn convert(
-    node: &MarkedYaml<'_>,
-    path: &FieldPath,
-    map: &mut SourceMap,
-) -> Result<Value, (usize, usize, String)> {
-    let position = (node.span.start.line(), node.span.start.col() + 1);
-    map.positions.entry(path.clone()).or_insert(position);
-    match &node.data {
-        YamlData::Value(scalar) => Ok(match scalar {
-            Scalar::Null => Value::Null,
-            Scalar::Boolean(b) => Value::Bool(*b),
-            Scalar::Integer(i) => Value::from(*i),
-            Scalar::FloatingPoint(f) => {
-                let f = f.into_inner();
-                serde_json::Number::from_f64(f)
-                    .map_or_else(|| Value::String(f.to_string()), Value::Number)
-            }
-            Scalar::String(s) => Value::String(s.to_string()),
-        }),
-        YamlData::Sequence(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| convert(item, &path.index(i), map))
-            .collect::<Result<Vec<_>, _>>()
-            .map(Value::Array),
-        YamlData::Mapping(entries) => {
-            let mut object = Map::new();
-            for (key, value) in entries {
-                let key_text = match &key.data {
-                    YamlData::Value(Scalar::String(s)) => s.to_string(),
-                    YamlData::Value(Scalar::Integer(i)) => i.to_string(),
-                    YamlData::Value(Scalar::Boolean(b)) => b.to_string(),
-                    YamlData::Value(Scalar::FloatingPoint(f)) => f.to_string(),
-                    YamlData::Value(Scalar::Null) => "null".to_owned(),
-                    _ => {
-                        return Err((
-                            key.span.start.line(),
-                            key.span.start.col() + 1,
-                            "mapping keys must be plain scalars".to_owned(),
-                        ));
-                    }
-                };
-                let child = path.key(&key_text);
-                // Point a field at its key: that is the line a person reads.
-                map.positions.insert(
-                    child.clone(),
-                    (key.span.start.line(), key.span.start.col() + 1),
-                );
-                let converted = convert(value, &child, map)?;
-                object.insert(key_text, converted);
-            }
-            Ok(Value::Object(object))
-        }
-        YamlData::Tagged(_, inner) => convert(inner, path, map),
-        YamlData::Representation(text, _, _) => Ok(Value::String(text.to_string())),
-        YamlData::Alias(_) => Err((
-            position.0,
-            position.1,
-            "YAML aliases are not supported here; repeat the value".to_owned(),
-        )),
-        YamlData::BadValue => Err((
-            position.0,
-            position.1,
-            "a value that does not match its tag".to_owned(),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,6 +815,14 @@ mod tests {
         let d = &outcome.diagnostics[0];
         assert_eq!((d.line, d.column), (6, 3), "{d}");
         assert_eq!(d.field, "trigger.within");
+    }
+
+    #[test]
+    fn a_json_file_may_write_emoji_as_surrogate_pairs_as_python_does() {
+        let text = r#"{"name": "alert \ud83d\ude80", "trigger": {"type": "event", "posture": "Reactive", "expect": ["x"]}, "actions": [{"type": "do-nothing"}]}"#;
+        let outcome = load_str(Path::new("a.json"), text);
+        assert!(!outcome.has_errors(), "{:?}", outcome.diagnostics);
+        assert_eq!(outcome.automations[0].automation.name, "alert \u{1F680}");
     }
 
     #[test]

@@ -163,7 +163,40 @@ fn flow_memory_report(setting: &str, flow: serde_json::Value) {
     drop(engine);
 }
 
+/// Bytes per loaded automation, for the shape issue #23 measures (reactive, one event name, a
+/// resource filter, `do-nothing`): first the validated [`Automation`] itself, then what the
+/// engine adds when it loads them (its name index, per-automation state).
+fn automation_memory_report() {
+    const N: usize = 100_000;
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let values: Vec<serde_json::Value> = (0..N)
+        .map(|n| {
+            json!({"name": format!("tenant-{n}"),
+                   "trigger": {"type": "event", "posture": "Reactive", "expect": ["order.failed"],
+                               "match": {"prefect.resource.id": format!("tenant.{n}")},
+                               "threshold": 1, "within": 0},
+                   "actions": [{"type": "do-nothing"}]})
+        })
+        .collect();
+    let as_json = LIVE_BYTES.load(Ordering::Relaxed) - before;
+    let automations: Vec<Arc<Automation>> = values.into_iter().map(parse).collect();
+    let parsed = LIVE_BYTES.load(Ordering::Relaxed);
+    let mut engine = Engine::new(EngineConfig::default());
+    engine.load(automations);
+    let loaded = LIVE_BYTES.load(Ordering::Relaxed);
+    // `parse` consumed the JSON values, so `parsed - before` is the automations alone.
+    println!(
+        "memory: {N} automations: {:.0} bytes per parsed automation ({:.0} as JSON), {:.0} more \
+         per automation once loaded into the engine",
+        (parsed - before) as f64 / N as f64,
+        as_json as f64 / N as f64,
+        (loaded - parsed) as f64 / N as f64,
+    );
+    drop(engine);
+}
+
 fn main() {
+    automation_memory_report();
     memory_report();
     flow_memory_report(
         "debounce",
