@@ -483,9 +483,16 @@ impl Automation {
                 }
             }
         };
-        let actions = parse_actions("actions", true);
-        let actions_on_trigger = parse_actions("actions_on_trigger", false);
-        let actions_on_resolve = parse_actions("actions_on_resolve", false);
+        // `filter_map(..).collect()` over-allocates (it cannot know how many survive); a large
+        // automation set keeps these lists for its whole life, so trim them to size.
+        let mut tags = tags;
+        tags.shrink_to_fit();
+        let mut actions = parse_actions("actions", true);
+        actions.shrink_to_fit();
+        let mut actions_on_trigger = parse_actions("actions_on_trigger", false);
+        actions_on_trigger.shrink_to_fit();
+        let mut actions_on_resolve = parse_actions("actions_on_resolve", false);
+        actions_on_resolve.shrink_to_fit();
         let flow = crate::flow::FlowControl::parse(map, &root, problems).map(Box::new);
 
         if problems.error_count() != errors_before {

@@ -13,15 +13,18 @@
 //!   becomes `.+` (one or more characters), everything else is literal, and the match is anchored
 //!   at the start only. See [`PrefixRegex`].
 //!
-//! All three are compiled into small token lists; matching never allocates.
+//! All three are compiled into small token lists; matching never allocates. Compiled patterns
+//! are kept small because a large automation set holds hundreds of thousands of them: a
+//! literal token is a byte range into the pattern's own text rather than a copy of it, and
+//! every list is boxed to its exact length.
 
 use std::fmt;
 
 /// One piece of a compiled shell glob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Token {
-    /// A literal run of characters.
-    Literal(String),
+    /// A literal run of characters: the byte range `start..end` of the glob's source.
+    Literal(u32, u32),
     /// `?`: exactly one character.
     AnyChar,
     /// `*`: any run of characters, possibly empty.
@@ -29,7 +32,7 @@ enum Token {
     /// `[...]` / `[!...]`: one character in (or not in) the class.
     Class {
         negated: bool,
-        items: Vec<ClassItem>,
+        items: Box<[ClassItem]>,
     },
 }
 
@@ -45,30 +48,52 @@ enum ClassItem {
 /// directly after `[` or `[!` is part of the class; there is no escape character.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Glob {
-    source: String,
-    tokens: Vec<Token>,
+    /// The text the glob was compiled from. For a [`LabelPattern`] this includes its leading
+    /// `!`, so the pattern's text is stored once; the glob itself starts at `body`.
+    source: Box<str>,
+    /// Byte offset of the glob's first character in `source`.
+    body: u32,
+    tokens: Box<[Token]>,
 }
 
 impl fmt::Debug for Glob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Glob({:?})", self.source)
+        write!(f, "Glob({:?})", self.as_str())
     }
 }
 
 impl Glob {
     /// Compiles `pattern`. Every string is a valid glob, so this cannot fail.
     pub fn new(pattern: &str) -> Glob {
-        let chars: Vec<char> = pattern.chars().collect();
+        Glob::compile(pattern, 0)
+    }
+
+    /// Compiles `source[body..]`, keeping all of `source` (see [`LabelPattern`]).
+    fn compile(source: &str, body: usize) -> Glob {
+        // Char positions paired with their byte offsets, so literal runs become byte ranges.
+        let chars: Vec<(usize, char)> = source
+            .char_indices()
+            .skip_while(|&(at, _)| at < body)
+            .collect();
+        let only: Vec<char> = chars.iter().map(|&(_, c)| c).collect();
         let mut tokens: Vec<Token> = Vec::new();
-        let mut literal = String::new();
+        // The open literal run as a byte range, if any.
+        let mut literal: Option<(usize, usize)> = None;
         let mut i = 0;
-        let flush = |literal: &mut String, tokens: &mut Vec<Token>| {
-            if !literal.is_empty() {
-                tokens.push(Token::Literal(std::mem::take(literal)));
+        let flush = |literal: &mut Option<(usize, usize)>, tokens: &mut Vec<Token>| {
+            if let Some((start, end)) = literal.take() {
+                tokens.push(Token::Literal(start as u32, end as u32));
             }
         };
+        let extend = |literal: &mut Option<(usize, usize)>, (at, c): (usize, char)| {
+            let end = at + c.len_utf8();
+            *literal = Some(match *literal {
+                Some((start, _)) => (start, end),
+                None => (at, end),
+            });
+        };
         while i < chars.len() {
-            match chars[i] {
+            match chars[i].1 {
                 '*' => {
                     flush(&mut literal, &mut tokens);
                     // Consecutive stars are one star.
@@ -82,45 +107,51 @@ impl Glob {
                     tokens.push(Token::AnyChar);
                     i += 1;
                 }
-                '[' => match parse_class(&chars, i) {
+                '[' => match parse_class(&only, i) {
                     Some((token, next)) => {
                         flush(&mut literal, &mut tokens);
                         tokens.push(token);
                         i = next;
                     }
                     None => {
-                        literal.push('[');
+                        extend(&mut literal, chars[i]);
                         i += 1;
                     }
                 },
-                c => {
-                    literal.push(c);
+                _ => {
+                    extend(&mut literal, chars[i]);
                     i += 1;
                 }
             }
         }
         flush(&mut literal, &mut tokens);
         Glob {
-            source: pattern.to_owned(),
-            tokens,
+            source: source.into(),
+            body: body as u32,
+            tokens: tokens.into_boxed_slice(),
         }
     }
 
     /// The pattern as written.
     pub fn as_str(&self) -> &str {
-        &self.source
+        &self.source[self.body as usize..]
+    }
+
+    /// The text of a literal token.
+    fn text(&self, start: u32, end: u32) -> &str {
+        &self.source[start as usize..end as usize]
     }
 
     /// True when the pattern has no special characters: it matches only itself.
     pub fn is_literal(&self) -> bool {
-        self.tokens.iter().all(|t| matches!(t, Token::Literal(_)))
+        self.tokens.iter().all(|t| matches!(t, Token::Literal(..)))
     }
 
     /// If the pattern is `prefix*` (one trailing star, nothing else special), the prefix.
     pub fn trailing_star_prefix(&self) -> Option<&str> {
-        match self.tokens.as_slice() {
+        match &*self.tokens {
             [Token::AnyRun] => Some(""),
-            [Token::Literal(p), Token::AnyRun] => Some(p),
+            [Token::Literal(start, end), Token::AnyRun] => Some(self.text(*start, *end)),
             _ => None,
         }
     }
@@ -129,7 +160,7 @@ impl Glob {
     /// special character).
     pub fn literal_prefix(&self) -> &str {
         match self.tokens.first() {
-            Some(Token::Literal(p)) => p,
+            Some(Token::Literal(start, end)) => self.text(*start, *end),
             _ => "",
         }
     }
@@ -138,12 +169,12 @@ impl Glob {
     pub fn only_stars(&self) -> bool {
         self.tokens
             .iter()
-            .all(|t| matches!(t, Token::Literal(_) | Token::AnyRun))
+            .all(|t| matches!(t, Token::Literal(..) | Token::AnyRun))
     }
 
     /// Whole-string, case-sensitive match.
     pub fn matches(&self, text: &str) -> bool {
-        match_tokens(&self.tokens, text)
+        match_tokens(&self.source, &self.tokens, text)
     }
 }
 
@@ -183,7 +214,13 @@ fn parse_class(chars: &[char], start: usize) -> Option<(Token, usize)> {
             k += 1;
         }
     }
-    Some((Token::Class { negated, items }, j + 1))
+    Some((
+        Token::Class {
+            negated,
+            items: items.into_boxed_slice(),
+        },
+        j + 1,
+    ))
 }
 
 fn class_matches(negated: bool, items: &[ClassItem], c: char) -> bool {
@@ -195,7 +232,7 @@ fn class_matches(negated: bool, items: &[ClassItem], c: char) -> bool {
 }
 
 /// Iterative glob matching with single-star backtracking (linear in practice, no recursion).
-fn match_tokens(tokens: &[Token], text: &str) -> bool {
+fn match_tokens(source: &str, tokens: &[Token], text: &str) -> bool {
     let mut t = 0; // token index
     let mut pos = 0; // byte offset in text
     // Where to resume after the most recent `*`: (token index after it, text offset it absorbed to).
@@ -203,7 +240,10 @@ fn match_tokens(tokens: &[Token], text: &str) -> bool {
     loop {
         if t < tokens.len() {
             let step = match &tokens[t] {
-                Token::Literal(lit) => text[pos..].starts_with(lit.as_str()).then_some(lit.len()),
+                Token::Literal(start, end) => {
+                    let lit = &source[*start as usize..*end as usize];
+                    text[pos..].starts_with(lit).then_some(lit.len())
+                }
                 Token::AnyChar => text[pos..].chars().next().map(char::len_utf8),
                 Token::Class { negated, items } => text[pos..]
                     .chars()
@@ -240,33 +280,27 @@ fn match_tokens(tokens: &[Token], text: &str) -> bool {
 /// A label-value pattern from `match`/`match_related`: an optional leading `!`, then a [`Glob`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabelPattern {
-    negated: bool,
+    /// Compiled from the text after any `!`, but holding the whole text (`!` included).
     glob: Glob,
-    source: String,
 }
 
 impl LabelPattern {
     /// Compiles a label-value pattern.
     pub fn new(pattern: &str) -> LabelPattern {
-        let (negated, rest) = match pattern.strip_prefix('!') {
-            Some(rest) => (true, rest),
-            None => (false, pattern),
-        };
+        let body = usize::from(pattern.starts_with('!'));
         LabelPattern {
-            negated,
-            glob: Glob::new(rest),
-            source: pattern.to_owned(),
+            glob: Glob::compile(pattern, body),
         }
     }
 
     /// The pattern as written, `!` included.
     pub fn as_str(&self) -> &str {
-        &self.source
+        &self.glob.source
     }
 
     /// True for a `!`-negated pattern.
     pub fn is_negated(&self) -> bool {
-        self.negated
+        self.glob.body != 0
     }
 
     /// The glob after any leading `!`.
@@ -278,7 +312,7 @@ impl LabelPattern {
     pub fn matches(&self, value: Option<&str>) -> bool {
         match value {
             None => false,
-            Some(v) => self.glob.matches(v) != self.negated,
+            Some(v) => self.glob.matches(v) != self.is_negated(),
         }
     }
 }

@@ -31,6 +31,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde_json::{Map, Value};
@@ -42,8 +43,8 @@ use crate::trigger::Dialect;
 
 mod yaml;
 
-use yaml::parse_documents;
 pub use yaml::{MAX_NESTING_DEPTH, SourceMap};
+use yaml::{parse_documents, parse_documents_shallow};
 
 /// A finding tied to a place in a file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,7 +96,7 @@ pub struct Origin {
 #[derive(Clone, Debug)]
 pub struct LoadedAutomation {
     /// The validated automation.
-    pub automation: Automation,
+    pub automation: Arc<Automation>,
     /// Its source.
     pub origin: Origin,
 }
@@ -122,10 +123,53 @@ pub struct LoadOutcome {
     pub webhooks: Vec<Value>,
     /// Errors and warnings, in file order.
     pub diagnostics: Vec<Diagnostic>,
-    /// Source maps by (file, document), to place later findings.
-    source_maps: HashMap<(PathBuf, usize), SourceMap>,
+    /// Where things are in each file read, to place findings.
+    sources: HashMap<PathBuf, FileSource>,
     /// Modification times of the files read, to tell an old file from a newcomer.
     modified: HashMap<PathBuf, SystemTime>,
+}
+
+/// The positions of one file's nodes. Only shallow ones are recorded as the file loads (an
+/// automation's own line); the first finding deeper inside it parses the text again for a
+/// complete map, which a file without problems never pays for.
+#[derive(Debug, Default)]
+struct FileSource {
+    /// The text as parsed, to build the complete maps from.
+    text: Option<Arc<str>>,
+    /// Per document, nodes at most [`SHALLOW_DEPTH`] segments deep.
+    shallow: Vec<SourceMap>,
+    /// Per document, every node; built on first need.
+    complete: std::sync::OnceLock<Vec<SourceMap>>,
+}
+
+/// Path segments recorded while loading: enough for an automation in a list or under
+/// `automations:` (`automations[3]`); a deployment trigger (`deployments[0].triggers[1]`) and
+/// anything inside an automation use the complete map.
+const SHALLOW_DEPTH: usize = 2;
+
+impl FileSource {
+    fn locate(&self, document: usize, path: &FieldPath) -> (usize, usize) {
+        if let Some(map) = self.shallow.get(document).filter(|m| m.covers(path)) {
+            return map.locate(path);
+        }
+        let complete = self.complete.get_or_init(|| {
+            self.text
+                .as_deref()
+                .and_then(|text| parse_documents(text).ok())
+                .map(|docs| docs.into_iter().map(|(_, map)| map).collect())
+                .unwrap_or_default()
+        });
+        complete.get(document).map_or((1, 1), |m| m.locate(path))
+    }
+}
+
+impl LoadOutcome {
+    /// The position of `path` in `document` of `file`, or (1, 1) when unknown.
+    fn locate(&self, file: &Path, document: usize, path: &FieldPath) -> (usize, usize) {
+        self.sources
+            .get(file)
+            .map_or((1, 1), |source| source.locate(document, path))
+    }
 }
 
 /// The automations already running and the file each comes from. On a name clash the file
@@ -257,10 +301,7 @@ impl LoadOutcome {
     /// Turns a problem found later (relative to an automation) into a diagnostic.
     pub fn diagnose(&self, origin: &Origin, problem: Problem) -> Diagnostic {
         let path = origin.base.join(&problem.path);
-        let (line, column) = self
-            .source_maps
-            .get(&(origin.file.clone(), origin.document))
-            .map_or((1, 1), |m| m.locate(&path));
+        let (line, column) = self.locate(&origin.file, origin.document, &path);
         Diagnostic {
             file: origin.file.clone(),
             line,
@@ -388,15 +429,28 @@ pub fn load_str(file: &Path, text: &str) -> LoadOutcome {
     outcome
 }
 
+/// A `OnceLock` already holding `maps`.
+fn complete_maps(maps: Vec<SourceMap>) -> std::sync::OnceLock<Vec<SourceMap>> {
+    let lock = std::sync::OnceLock::new();
+    let _ = lock.set(maps);
+    lock
+}
+
 /// Loads automations from an already-parsed JSON value (e.g. a scenario's `automations`).
 /// `base` is where the value sits in its document, for diagnostics.
 pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPath) -> LoadOutcome {
     let mut outcome = LoadOutcome::default();
-    let map = text
+    let complete = text
         .and_then(|t| parse_documents(t).ok())
-        .and_then(|mut docs| (!docs.is_empty()).then(|| docs.swap_remove(0).1))
+        .map(|docs| docs.into_iter().map(|(_, map)| map).collect())
         .unwrap_or_default();
-    outcome.source_maps.insert((file.to_owned(), 0), map);
+    outcome.sources.insert(
+        file.to_owned(),
+        FileSource {
+            complete: complete_maps(complete),
+            ..FileSource::default()
+        },
+    );
     load_document(&mut outcome, file, 0, value, base);
     check_unique_names(&mut outcome, &Incumbents::default());
     outcome
@@ -411,7 +465,7 @@ fn load_source(outcome: &mut LoadOutcome, file: &Path, text: &str) {
     } else {
         std::borrow::Cow::Borrowed(text)
     };
-    let documents = match parse_documents(&text) {
+    let documents = match parse_documents_shallow(&text, SHALLOW_DEPTH) {
         Ok(docs) => docs,
         Err((line, column, reason)) => {
             outcome.diagnostics.push(Diagnostic {
@@ -425,9 +479,17 @@ fn load_source(outcome: &mut LoadOutcome, file: &Path, text: &str) {
             return;
         }
     };
-    for (index, (value, map)) in documents.into_iter().enumerate() {
-        outcome.source_maps.insert((file.to_owned(), index), map);
-        load_document(outcome, file, index, &value, &FieldPath::root());
+    let (values, shallow): (Vec<Value>, Vec<SourceMap>) = documents.into_iter().unzip();
+    outcome.sources.insert(
+        file.to_owned(),
+        FileSource {
+            text: Some(Arc::from(text)),
+            shallow,
+            complete: std::sync::OnceLock::new(),
+        },
+    );
+    for (index, value) in values.iter().enumerate() {
+        load_document(outcome, file, index, value, &FieldPath::root());
     }
 }
 
@@ -440,10 +502,7 @@ fn load_document(
     base: &FieldPath,
 ) {
     let push = |outcome: &mut LoadOutcome, path: FieldPath, reason: String| {
-        let (line, column) = outcome
-            .source_maps
-            .get(&(file.to_owned(), document))
-            .map_or((1, 1), |m| m.locate(&path));
+        let (line, column) = outcome.locate(file, document, &path);
         outcome.diagnostics.push(Diagnostic {
             file: file.to_owned(),
             line,
@@ -553,9 +612,10 @@ fn load_automation(
         outcome.diagnostics.push(diagnostic);
     }
     if let Some(automation) = automation {
-        outcome
-            .automations
-            .push(LoadedAutomation { automation, origin });
+        outcome.automations.push(LoadedAutomation {
+            automation: Arc::new(automation),
+            origin,
+        });
     }
 }
 
@@ -656,7 +716,7 @@ fn load_deployment(
         }
         if let Some(automation) = parsed {
             outcome.automations.push(LoadedAutomation {
-                automation,
+                automation: Arc::new(automation),
                 origin: Origin {
                     file: file.to_owned(),
                     base: path,
@@ -730,9 +790,8 @@ fn remap_deployment_trigger_path(path: &FieldPath) -> FieldPath {
 fn check_unique_names(outcome: &mut LoadOutcome, incumbents: &Incumbents) {
     let line_of = |outcome: &LoadOutcome, origin: &Origin| {
         outcome
-            .source_maps
-            .get(&(origin.file.clone(), origin.document))
-            .map_or(1, |m| m.locate(&origin.base).0)
+            .locate(&origin.file, origin.document, &origin.base)
+            .0
     };
     let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, loaded) in outcome.automations.iter().enumerate() {

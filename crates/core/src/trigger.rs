@@ -6,6 +6,9 @@
 //! composites), deployment `triggers:` like Prefect's client does (both default). Unknown keys
 //! inside a trigger are ignored, as Prefect does, but reported as warnings.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
 use chrono::TimeDelta;
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
@@ -124,8 +127,11 @@ impl ResourceSpecification {
                     "an empty pattern list never matches: this trigger can never fire",
                 );
             }
+            let mut list = list;
+            list.shrink_to_fit();
             spec.labels.push((label.clone(), list));
         }
+        spec.labels.shrink_to_fit();
         spec
     }
 }
@@ -175,11 +181,12 @@ pub struct EventTrigger {
     pub threshold: i64,
     /// The window length; zero means "immediate" for reactive triggers.
     pub within: TimeDelta,
-    compiled: CompiledNames,
+    /// Shared by every trigger with the same `expect` and `after` (see [`CompiledNames::shared`]).
+    compiled: Arc<CompiledNames>,
 }
 
 /// The event-name patterns of a trigger, compiled for the three checks Prefect makes.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct CompiledNames {
     /// `fnmatchcase` globs over `expect ∪ after` (the index pre-filter).
     prefilter: Vec<Glob>,
@@ -191,7 +198,35 @@ struct CompiledNames {
     after: Vec<LabelPattern>,
 }
 
+/// The [`CompiledNames`] alive in this process, by `(expect, after)`. Generated automation sets
+/// repeat a handful of event names across tens of thousands of triggers; compiling each set once
+/// and sharing it keeps a trigger's memory to its own fields.
+type NameCache = HashMap<(Vec<String>, Vec<String>), Weak<CompiledNames>>;
+
+static COMPILED_NAMES: Mutex<Option<(NameCache, usize)>> = Mutex::new(None);
+
 impl CompiledNames {
+    /// The compiled patterns for `expect`/`after`, shared with every live trigger that has the
+    /// same sets. Entries whose triggers are all gone are swept whenever the cache has doubled
+    /// since the last sweep, so it stays proportional to the distinct sets in use.
+    fn shared(expect: &[String], after: &[String]) -> Arc<CompiledNames> {
+        let key = (expect.to_vec(), after.to_vec());
+        // A poisoned lock only means another thread panicked mid-insert; the map is still a
+        // valid cache.
+        let mut guard = COMPILED_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        let (cache, swept_at) = guard.get_or_insert_with(|| (HashMap::new(), 0));
+        if let Some(live) = cache.get(&key).and_then(Weak::upgrade) {
+            return live;
+        }
+        let compiled = Arc::new(CompiledNames::new(expect, after));
+        cache.insert(key, Arc::downgrade(&compiled));
+        if cache.len() > 2 * (*swept_at).max(512) {
+            cache.retain(|_, weak| weak.strong_count() > 0);
+            *swept_at = cache.len();
+        }
+        compiled
+    }
+
     fn new(expect: &[String], after: &[String]) -> CompiledNames {
         let both: Vec<&str> = expect
             .iter()
@@ -227,7 +262,7 @@ impl EventTrigger {
     ) -> EventTrigger {
         let after = sorted_set(after);
         let expect = sorted_set(expect);
-        let compiled = CompiledNames::new(&expect, &after);
+        let compiled = CompiledNames::shared(&expect, &after);
         EventTrigger {
             id,
             match_resource,
@@ -581,8 +616,8 @@ impl Serialize for CompositeTrigger {
 /// Any trigger.
 #[derive(Clone, Debug)]
 pub enum Trigger {
-    /// A leaf over events.
-    Event(EventTrigger),
+    /// A leaf over events, shared with the matcher's flattened plan rather than copied.
+    Event(Arc<EventTrigger>),
     /// A compound or sequence over child triggers.
     Composite(CompositeTrigger),
 }
@@ -668,7 +703,8 @@ impl Trigger {
             None => "event".to_owned(),
         };
         match type_name.as_str() {
-            "event" => EventTrigger::parse(map, path, dialect, id, problems).map(Trigger::Event),
+            "event" => EventTrigger::parse(map, path, dialect, id, problems)
+                .map(|t| Trigger::Event(Arc::new(t))),
             "compound" | "sequence" => {
                 parse_composite(map, path, dialect, id, id_seed, &type_name, problems)
                     .map(Trigger::Composite)
@@ -853,6 +889,7 @@ pub(crate) fn as_integer(value: &Value) -> Option<i64> {
 fn sorted_set(mut items: Vec<String>) -> Vec<String> {
     items.sort();
     items.dedup();
+    items.shrink_to_fit();
     items
 }
 

@@ -256,10 +256,7 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
 
 /// The automations to hand to the engine.
 pub fn runnable(loaded: &[LoadedAutomation]) -> Vec<Arc<Automation>> {
-    loaded
-        .iter()
-        .map(|l| Arc::new(l.automation.clone()))
-        .collect()
+    loaded.iter().map(|l| l.automation.clone()).collect()
 }
 
 /// What the folder watcher needs.

@@ -14,7 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use spur_core::{
@@ -90,7 +90,7 @@ pub struct Bucket {
 /// A leaf event trigger in the loaded plan.
 #[derive(Debug)]
 struct Leaf {
-    trigger: EventTrigger,
+    trigger: Arc<EventTrigger>,
     automation: usize,
     parent: Option<(usize, usize)>,
 }
@@ -111,7 +111,10 @@ struct Composite {
 #[derive(Debug, Default)]
 struct Plan {
     automations: Vec<Arc<Automation>>,
-    fingerprints: Vec<u64>,
+    /// Each automation's [`fingerprint`], computed the first time it is needed: only state
+    /// that is kept across a reload or saved in a checkpoint needs one, so loading 100 000
+    /// stateless automations never serializes them.
+    fingerprints: Vec<OnceLock<u64>>,
     leaves: Vec<Leaf>,
     composites: Vec<Composite>,
     index: TriggerIndex,
@@ -125,6 +128,11 @@ struct Plan {
 }
 
 impl Plan {
+    /// The fingerprint of the automation at `index`.
+    fn fingerprint_of(&self, index: usize) -> u64 {
+        *self.fingerprints[index].get_or_init(|| fingerprint(&self.automations[index]))
+    }
+
     /// The leaves of the automation `id`, if it is loaded.
     fn leaves_of(&self, id: Uuid) -> std::ops::Range<usize> {
         match self.by_id.get(&id) {
@@ -143,6 +151,13 @@ struct LeafState {
     next_run: Option<DateTime<Utc>>,
     /// Keys whose proactive firing has not been resolved yet → that firing's id.
     unresolved: FxHashMap<BucketKey, Uuid>,
+}
+
+impl LeafState {
+    /// True when nothing has happened to this leaf yet: the state a new leaf starts with.
+    fn is_fresh(&self) -> bool {
+        self.buckets.is_empty() && self.next_run.is_none() && self.unresolved.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -268,9 +283,9 @@ impl Engine {
         self.plan
             .automations
             .iter()
-            .zip(&self.plan.fingerprints)
-            .filter(|(a, _)| a.flow.is_some())
-            .map(|(a, f)| (a.id, (a.clone(), *f)))
+            .enumerate()
+            .filter(|(_, a)| a.flow.is_some())
+            .map(|(i, a)| (a.id, (a.clone(), self.plan.fingerprint_of(i))))
             .collect()
     }
 
@@ -348,51 +363,52 @@ impl Engine {
         let old_plan = std::mem::take(&mut self.plan);
         let mut old_leaf_states: HashMap<(Uuid, Uuid), LeafState> = HashMap::new();
         let mut old_composite_states: HashMap<(Uuid, Uuid), CompositeState> = HashMap::new();
-        let old_fingerprints: HashMap<Uuid, u64> = old_plan
-            .automations
-            .iter()
-            .zip(&old_plan.fingerprints)
-            .map(|(a, f)| (a.id, *f))
-            .collect();
         let mut plan = Plan::default();
         for automation in automations {
-            let fingerprint = fingerprint(&automation);
             let index = plan.automations.len();
             plan.first_leaf.push(plan.leaves.len() as u32);
             plan.by_id.insert(automation.id, index as u32);
             if automation.enabled {
                 flatten(&mut plan, index, &automation.trigger, None);
             }
-            plan.fingerprints.push(fingerprint);
+            plan.fingerprints.push(OnceLock::new());
             plan.automations.push(automation);
         }
         plan.first_leaf.push(plan.leaves.len() as u32);
-        // Carry state over for unchanged automations.
+        // Carry state over for unchanged automations. Only state that exists is looked at
+        // (a fresh state is what a changed automation gets anyway), so a reload costs
+        // fingerprints in proportion to the live state, not to the automations loaded.
         let leaf_states = std::mem::take(&mut self.leaf_states);
         for (leaf, state) in old_plan.leaves.iter().zip(leaf_states) {
-            let automation = &old_plan.automations[leaf.automation];
-            old_leaf_states.insert((automation.id, leaf.trigger.id), state);
+            if !state.is_fresh() {
+                let automation = &old_plan.automations[leaf.automation];
+                old_leaf_states.insert((automation.id, leaf.trigger.id), state);
+            }
         }
         let composite_states = std::mem::take(&mut self.composite_states);
         for (composite, state) in old_plan.composites.iter().zip(composite_states) {
-            let automation = &old_plan.automations[composite.automation];
-            old_composite_states.insert((automation.id, composite.id), state);
+            if state.children.iter().any(Option::is_some) {
+                let automation = &old_plan.automations[composite.automation];
+                old_composite_states.insert((automation.id, composite.id), state);
+            }
         }
+        // The same automation (the same `Arc`, or an equal definition) as before?
         let unchanged = |plan: &Plan, automation: usize| {
             let a = &plan.automations[automation];
-            old_fingerprints.get(&a.id) == Some(&plan.fingerprints[automation])
+            old_plan.by_id.get(&a.id).is_some_and(|&old| {
+                let old = old as usize;
+                Arc::ptr_eq(&old_plan.automations[old], a)
+                    || old_plan.fingerprint_of(old) == plan.fingerprint_of(automation)
+            })
         };
         self.leaf_states = plan
             .leaves
             .iter()
             .map(|leaf| {
                 let id = plan.automations[leaf.automation].id;
-                if unchanged(&plan, leaf.automation) {
-                    old_leaf_states
-                        .remove(&(id, leaf.trigger.id))
-                        .unwrap_or_default()
-                } else {
-                    LeafState::default()
+                match old_leaf_states.remove(&(id, leaf.trigger.id)) {
+                    Some(state) if unchanged(&plan, leaf.automation) => state,
+                    _ => LeafState::default(),
                 }
             })
             .collect();
@@ -401,15 +417,15 @@ impl Engine {
             .iter()
             .map(|c| {
                 let id = plan.automations[c.automation].id;
-                let kept = unchanged(&plan, c.automation)
-                    .then(|| old_composite_states.remove(&(id, c.id)))
-                    .flatten();
+                let kept = old_composite_states
+                    .remove(&(id, c.id))
+                    .filter(|_| unchanged(&plan, c.automation));
                 kept.unwrap_or_else(|| CompositeState {
                     children: (0..c.children).map(|_| None).collect(),
                 })
             })
             .collect();
-        plan.index = TriggerIndex::build(plan.leaves.iter().map(|l| &l.trigger));
+        plan.index = TriggerIndex::build(plan.leaves.iter().map(|l| &*l.trigger));
         plan.proactive = (0..plan.leaves.len())
             .filter(|&i| plan.leaves[i].trigger.posture == Posture::Proactive)
             .collect();
@@ -502,14 +518,10 @@ impl Engine {
             .zip(&self.leaf_states)
             // A leaf with no state is restored as fresh anyway: leaving it out keeps the
             // checkpoint proportional to live state, not to the number of automations.
-            .filter(|(_, state)| {
-                !state.buckets.is_empty()
-                    || state.next_run.is_some()
-                    || !state.unresolved.is_empty()
-            })
+            .filter(|(_, state)| !state.is_fresh())
             .map(|(leaf, state)| LeafSnapshot {
                 automation: self.plan.automations[leaf.automation].id,
-                fingerprint: self.plan.fingerprints[leaf.automation],
+                fingerprint: self.plan.fingerprint_of(leaf.automation),
                 trigger: leaf.trigger.id,
                 buckets: state
                     .buckets
@@ -538,7 +550,7 @@ impl Engine {
             .filter(|(_, state)| state.children.iter().any(Option::is_some))
             .map(|(c, state)| CompositeSnapshot {
                 automation: self.plan.automations[c.automation].id,
-                fingerprint: self.plan.fingerprints[c.automation],
+                fingerprint: self.plan.fingerprint_of(c.automation),
                 trigger: c.id,
                 children: state
                     .children
@@ -584,14 +596,23 @@ impl Engine {
         self.sequence = snapshot.sequence;
         let current = self.flow_automations();
         self.flow.restore(&snapshot.flow, &current, restore_firing);
+        // Saved states by (automation, trigger): restoring is proportional to what was saved.
+        let saved_leaves: HashMap<(Uuid, Uuid), &LeafSnapshot> = snapshot
+            .leaves
+            .iter()
+            .map(|s| ((s.automation, s.trigger), s))
+            .collect();
+        let saved_composites: HashMap<(Uuid, Uuid), &CompositeSnapshot> = snapshot
+            .composites
+            .iter()
+            .map(|s| ((s.automation, s.trigger), s))
+            .collect();
         for (leaf, state) in self.plan.leaves.iter().zip(self.leaf_states.iter_mut()) {
             let automation = &self.plan.automations[leaf.automation];
-            let fingerprint = self.plan.fingerprints[leaf.automation];
-            let Some(saved) = snapshot.leaves.iter().find(|s| {
-                s.automation == automation.id
-                    && s.trigger == leaf.trigger.id
-                    && s.fingerprint == fingerprint
-            }) else {
+            let Some(saved) = saved_leaves
+                .get(&(automation.id, leaf.trigger.id))
+                .filter(|s| s.fingerprint == self.plan.fingerprint_of(leaf.automation))
+            else {
                 continue;
             };
             state.buckets = saved
@@ -631,10 +652,10 @@ impl Engine {
             .zip(self.composite_states.iter_mut())
         {
             let automation = &self.plan.automations[c.automation];
-            let fingerprint = self.plan.fingerprints[c.automation];
-            let Some(saved) = snapshot.composites.iter().find(|s| {
-                s.automation == automation.id && s.trigger == c.id && s.fingerprint == fingerprint
-            }) else {
+            let Some(saved) = saved_composites
+                .get(&(automation.id, c.id))
+                .filter(|s| s.fingerprint == self.plan.fingerprint_of(c.automation))
+            else {
                 continue;
             };
             if saved.children.len() != state.children.len() {
@@ -1255,8 +1276,7 @@ impl Engine {
                 .plan
                 .by_id
                 .get(&firing.automation.id)
-                .and_then(|i| self.plan.fingerprints.get(*i as usize))
-                .copied()
+                .map(|&i| self.plan.fingerprint_of(i as usize))
                 .unwrap_or_default();
             let explained = self.explain.is_some() && firing.automation.flow.is_some();
             let (id, event, automation, trigger) = (

@@ -151,7 +151,7 @@ impl Firing {
 fn find_trigger_json(automation: &Automation, id: Uuid) -> serde_json::Value {
     fn walk(t: &spur_core::Trigger, id: Uuid) -> Option<serde_json::Value> {
         match t {
-            spur_core::Trigger::Event(e) if e.id == id => serde_json::to_value(e).ok(),
+            spur_core::Trigger::Event(e) if e.id == id => serde_json::to_value(&**e).ok(),
             spur_core::Trigger::Composite(c) if c.id == id => serde_json::to_value(c).ok(),
             spur_core::Trigger::Composite(c) => c.triggers.iter().find_map(|child| walk(child, id)),
             spur_core::Trigger::Event(_) => None,

@@ -119,7 +119,7 @@ pub fn load_scenario(path: &Path, templates: &TemplateEngine) -> Result<Scenario
     let automations = outcome
         .automations
         .into_iter()
-        .map(|l| Arc::new(l.automation))
+        .map(|l| l.automation)
         .collect();
 
     let raw: RawScenario<'_> =

@@ -15,7 +15,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -731,7 +730,7 @@ fn replay(automations: &Path, source: EventSource<'_>, until: Option<&str>) -> R
     let automations = outcome
         .automations
         .into_iter()
-        .map(|l| Arc::new(l.automation))
+        .map(|l| l.automation)
         .collect();
     let mut session = Replay::new(automations);
     let stdout = std::io::stdout();
@@ -768,7 +767,7 @@ fn diff(path: &Path, api: Option<&str>) -> Result<ExitCode> {
     }
     let live = client::loaded_automations(api)?;
     let proposed: Vec<&spur_core::Automation> =
-        outcome.automations.iter().map(|l| &l.automation).collect();
+        outcome.automations.iter().map(|l| &*l.automation).collect();
     let mut changes = 0;
     for a in &proposed {
         let definition = serde_json::to_value(a)?;
