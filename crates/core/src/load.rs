@@ -84,10 +84,10 @@ impl fmt::Display for Diagnostic {
 /// Where an automation came from, to report problems found after loading (e.g. templates).
 #[derive(Clone, Debug)]
 pub struct Origin {
-    /// The file.
-    pub file: PathBuf,
+    /// The file (shared by every automation from it: a reload copies origins around).
+    pub file: Arc<Path>,
     /// The automation's path inside the document.
-    pub base: FieldPath,
+    pub base: Arc<FieldPath>,
     /// Which document of a multi-document file.
     pub document: usize,
 }
@@ -123,8 +123,8 @@ pub struct LoadOutcome {
     pub webhooks: Vec<Value>,
     /// Errors and warnings, in file order.
     pub diagnostics: Vec<Diagnostic>,
-    /// Where things are in each file read, to place findings.
-    sources: HashMap<PathBuf, FileSource>,
+    /// Where things are in each file read, to place findings (shared with the file cache).
+    sources: HashMap<PathBuf, Arc<FileSource>>,
     /// Modification times of the files read, to tell an old file from a newcomer.
     modified: HashMap<PathBuf, SystemTime>,
 }
@@ -164,6 +164,21 @@ impl FileSource {
 }
 
 impl LoadOutcome {
+    /// Adds one file's outcome to this one (the automations are shared, not copied).
+    fn absorb(&mut self, part: &LoadOutcome) {
+        self.automations.extend(part.automations.iter().cloned());
+        self.deployments.extend(part.deployments.iter().cloned());
+        self.webhooks.extend(part.webhooks.iter().cloned());
+        self.diagnostics.extend(part.diagnostics.iter().cloned());
+        self.sources.extend(
+            part.sources
+                .iter()
+                .map(|(file, source)| (file.clone(), source.clone())),
+        );
+        self.modified
+            .extend(part.modified.iter().map(|(file, at)| (file.clone(), *at)));
+    }
+
     /// The position of `path` in `document` of `file`, or (1, 1) when unknown.
     fn locate(&self, file: &Path, document: usize, path: &FieldPath) -> (usize, usize) {
         self.sources
@@ -174,25 +189,33 @@ impl LoadOutcome {
 
 /// The automations already running and the file each comes from. On a name clash the file
 /// that already provides the name keeps it; the other file (the newcomer) is refused.
-#[derive(Clone, Debug, Default)]
-pub struct Incumbents {
-    by_name: HashMap<String, PathBuf>,
+///
+/// Borrowed from what runs, and indexed only when a clash asks: a reload beside 100 000
+/// running automations with unique names never builds the index.
+#[derive(Debug, Default)]
+pub struct Incumbents<'a> {
+    running: &'a [LoadedAutomation],
+    by_name: std::sync::OnceLock<HashMap<&'a str, &'a Path>>,
 }
 
-impl Incumbents {
+impl<'a> Incumbents<'a> {
     /// The names and files of what is loaded now.
-    pub fn of(running: &[LoadedAutomation]) -> Incumbents {
+    pub fn of(running: &'a [LoadedAutomation]) -> Incumbents<'a> {
         Incumbents {
-            by_name: running
-                .iter()
-                .map(|a| (a.automation.name.clone(), a.origin.file.clone()))
-                .collect(),
+            running,
+            by_name: std::sync::OnceLock::new(),
         }
     }
 
     /// The file that provides the running automation `name`, if one runs.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.by_name.get(name).map(PathBuf::as_path)
+        let by_name = self.by_name.get_or_init(|| {
+            self.running
+                .iter()
+                .map(|a| (a.automation.name.as_str(), &*a.origin.file))
+                .collect()
+        });
+        by_name.get(name).copied()
     }
 }
 
@@ -298,12 +321,17 @@ impl LoadOutcome {
             .any(|d| d.severity == Severity::Error)
     }
 
+    /// The line an automation starts on in its file.
+    pub fn line_of(&self, origin: &Origin) -> usize {
+        self.locate(&origin.file, origin.document, &origin.base).0
+    }
+
     /// Turns a problem found later (relative to an automation) into a diagnostic.
     pub fn diagnose(&self, origin: &Origin, problem: Problem) -> Diagnostic {
         let path = origin.base.join(&problem.path);
         let (line, column) = self.locate(&origin.file, origin.document, &path);
         Diagnostic {
-            file: origin.file.clone(),
+            file: origin.file.to_path_buf(),
             line,
             column,
             field: problem.path.to_string(),
@@ -329,6 +357,39 @@ pub fn load_path(path: &Path) -> LoadOutcome {
 /// [`load_path`] for a reload: on a name clash, the file in `incumbents` that already
 /// provides the name keeps it and the other file is refused.
 pub fn load_path_with(path: &Path, incumbents: &Incumbents) -> LoadOutcome {
+    load_path_cached(path, incumbents, &mut FileCache::default(), |_| {})
+}
+
+/// What each file contributed when it was last read, by path, with the size and modification
+/// time it had then. [`load_path_cached`] re-reads only the files whose stamp changed, so a
+/// reload beside 100 000 unchanged automations costs what the changed file costs.
+#[derive(Debug, Default)]
+pub struct FileCache {
+    files: HashMap<PathBuf, ((u64, SystemTime), LoadOutcome)>,
+}
+
+impl FileCache {
+    /// How many files are remembered.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// True when no file is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// [`load_path_with`], reading only files that changed since `cache` saw them. `prepare` runs
+/// on each file's own outcome right after it is read (the daemon checks templates there), and
+/// its result is remembered with the file. The checks across files (unique names, deployment
+/// references) run on the whole set every time.
+pub fn load_path_cached(
+    path: &Path,
+    incumbents: &Incumbents,
+    cache: &mut FileCache,
+    prepare: impl Fn(&mut LoadOutcome),
+) -> LoadOutcome {
     let mut outcome = LoadOutcome::default();
     let files = match automation_files(path) {
         Ok(files) => files,
@@ -344,31 +405,58 @@ pub fn load_path_with(path: &Path, incumbents: &Incumbents) -> LoadOutcome {
             return outcome;
         }
     };
+    let mut previous = std::mem::take(&mut cache.files);
     for found in files {
-        let file = found.path;
-        let text = match found.problem {
-            Some(problem) => Err(problem),
-            None => std::fs::read_to_string(&file).map_err(|e| unreadable_reason(&file, &e)),
+        // Only a file with a known modification time can be recognised as unchanged.
+        let stamp = match (found.stamp, &found.problem) {
+            (Some((len, Some(modified))), None) => Some((len, modified)),
+            _ => None,
         };
-        match text {
-            Ok(text) => {
-                if let Some((_, Some(modified))) = found.stamp {
-                    outcome.modified.insert(file.clone(), modified);
-                }
-                load_source(&mut outcome, &file, &text);
+        let part = match (stamp, previous.remove(&found.path)) {
+            (Some(stamp), Some((seen, part))) if seen == stamp => part,
+            _ => {
+                let mut part = load_file(found.path.clone(), found.stamp, found.problem);
+                prepare(&mut part);
+                part
             }
-            Err(reason) => outcome.diagnostics.push(Diagnostic {
-                file,
-                line: 1,
-                column: 1,
-                field: "(file)".to_owned(),
-                reason,
-                severity: Severity::Error,
-            }),
+        };
+        outcome.absorb(&part);
+        if let Some(stamp) = stamp {
+            cache.files.insert(found.path, (stamp, part));
         }
     }
     check_unique_names(&mut outcome, incumbents);
     check_deployment_references(&mut outcome);
+    outcome
+}
+
+/// Reads and loads one file on its own.
+fn load_file(
+    file: PathBuf,
+    stamp: Option<(u64, Option<SystemTime>)>,
+    problem: Option<String>,
+) -> LoadOutcome {
+    let mut outcome = LoadOutcome::default();
+    let text = match problem {
+        Some(problem) => Err(problem),
+        None => std::fs::read_to_string(&file).map_err(|e| unreadable_reason(&file, &e)),
+    };
+    match text {
+        Ok(text) => {
+            if let Some((_, Some(modified))) = stamp {
+                outcome.modified.insert(file.clone(), modified);
+            }
+            load_source(&mut outcome, &file, &text);
+        }
+        Err(reason) => outcome.diagnostics.push(Diagnostic {
+            file,
+            line: 1,
+            column: 1,
+            field: "(file)".to_owned(),
+            reason,
+            severity: Severity::Error,
+        }),
+    }
     outcome
 }
 
@@ -446,12 +534,12 @@ pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPa
         .unwrap_or_default();
     outcome.sources.insert(
         file.to_owned(),
-        FileSource {
+        Arc::new(FileSource {
             complete: complete_maps(complete),
             ..FileSource::default()
-        },
+        }),
     );
-    load_document(&mut outcome, file, 0, value, base);
+    load_document(&mut outcome, &Arc::from(file), 0, value, base);
     check_unique_names(&mut outcome, &Incumbents::default());
     outcome
 }
@@ -480,23 +568,24 @@ fn load_source(outcome: &mut LoadOutcome, file: &Path, text: &str) {
         }
     };
     let (values, shallow): (Vec<Value>, Vec<SourceMap>) = documents.into_iter().unzip();
+    let shared_file: Arc<Path> = Arc::from(file);
     outcome.sources.insert(
         file.to_owned(),
-        FileSource {
+        Arc::new(FileSource {
             text: Some(Arc::from(text)),
             shallow,
             complete: std::sync::OnceLock::new(),
-        },
+        }),
     );
     for (index, value) in values.iter().enumerate() {
-        load_document(outcome, file, index, value, &FieldPath::root());
+        load_document(outcome, &shared_file, index, value, &FieldPath::root());
     }
 }
 
 /// Dispatches on the document's shape.
 fn load_document(
     outcome: &mut LoadOutcome,
-    file: &Path,
+    file: &Arc<Path>,
     document: usize,
     value: &Value,
     base: &FieldPath,
@@ -504,7 +593,7 @@ fn load_document(
     let push = |outcome: &mut LoadOutcome, path: FieldPath, reason: String| {
         let (line, column) = outcome.locate(file, document, &path);
         outcome.diagnostics.push(Diagnostic {
-            file: file.to_owned(),
+            file: file.to_path_buf(),
             line,
             column,
             field: path.to_string(),
@@ -594,7 +683,7 @@ fn load_document(
 
 fn load_automation(
     outcome: &mut LoadOutcome,
-    file: &Path,
+    file: &Arc<Path>,
     document: usize,
     value: &Value,
     base: &FieldPath,
@@ -603,8 +692,8 @@ fn load_automation(
     let mut problems = Problems::new();
     let automation = Automation::parse(value, dialect, &mut problems);
     let origin = Origin {
-        file: file.to_owned(),
-        base: base.clone(),
+        file: file.clone(),
+        base: Arc::new(base.clone()),
         document,
     };
     for problem in problems.into_vec() {
@@ -622,14 +711,14 @@ fn load_automation(
 /// A `prefect.yaml` deployment: record it, and turn each of its `triggers` into an automation.
 fn load_deployment(
     outcome: &mut LoadOutcome,
-    file: &Path,
+    file: &Arc<Path>,
     document: usize,
     value: &Value,
     base: &FieldPath,
 ) {
     let origin = Origin {
-        file: file.to_owned(),
-        base: base.clone(),
+        file: file.clone(),
+        base: Arc::new(base.clone()),
         document,
     };
     let mut problems = Problems::new();
@@ -688,8 +777,8 @@ fn load_deployment(
         let path = base.key("triggers").index(i);
         let Some(automation) = deployment_trigger_as_automation(&name, id, i, trigger) else {
             let origin = Origin {
-                file: file.to_owned(),
-                base: path,
+                file: file.clone(),
+                base: Arc::new(path),
                 document,
             };
             let mut p = Problems::new();
@@ -705,8 +794,8 @@ fn load_deployment(
         let mut problems = Problems::new();
         let parsed = Automation::parse(&automation, Dialect::Client, &mut problems);
         let entry_origin = Origin {
-            file: file.to_owned(),
-            base: path.clone(),
+            file: file.clone(),
+            base: Arc::new(path.clone()),
             document,
         };
         for mut problem in problems.into_vec() {
@@ -719,7 +808,7 @@ fn load_deployment(
                 automation: Arc::new(automation),
                 origin: Origin {
                     file: file.to_owned(),
-                    base: path,
+                    base: Arc::new(path),
                     document,
                 },
             });
@@ -793,31 +882,36 @@ fn check_unique_names(outcome: &mut LoadOutcome, incumbents: &Incumbents) {
             .locate(&origin.file, origin.document, &origin.base)
             .0
     };
-    let mut by_name: HashMap<&str, Vec<usize>> = HashMap::new();
+    // Each name's first definition; only names defined again get a list of their places.
+    let mut first: HashMap<&str, usize> = HashMap::with_capacity(outcome.automations.len());
+    let mut clashes: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, loaded) in outcome.automations.iter().enumerate() {
-        by_name
-            .entry(loaded.automation.name.as_str())
-            .or_default()
-            .push(i);
+        let name = loaded.automation.name.as_str();
+        match first.entry(name) {
+            std::collections::hash_map::Entry::Occupied(seen) => clashes
+                .entry(name)
+                .or_insert_with(|| vec![*seen.get()])
+                .push(i),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(i);
+            }
+        }
     }
     let mut refused: Vec<(usize, String)> = Vec::new();
-    for (name, indexes) in by_name {
-        if indexes.len() < 2 {
-            continue;
-        }
+    for (name, indexes) in clashes {
         let file = |i: usize| &outcome.automations[i].origin.file;
         let running = incumbents.file_of(name);
         let keep = indexes
             .iter()
             .copied()
-            .find(|&i| Some(file(i).as_path()) == running)
+            .find(|&i| Some(&**file(i)) == running)
             .or_else(|| {
                 // Oldest file first; without a time (in-memory text), order decides.
                 indexes.iter().copied().min_by_key(|&i| {
                     (
                         outcome
                             .modified
-                            .get(file(i))
+                            .get(&**file(i))
                             .copied()
                             .unwrap_or(SystemTime::UNIX_EPOCH),
                         i,
@@ -826,7 +920,7 @@ fn check_unique_names(outcome: &mut LoadOutcome, incumbents: &Incumbents) {
             })
             .unwrap_or(indexes[0]);
         let kept = &outcome.automations[keep].origin;
-        let what = if running == Some(kept.file.as_path()) {
+        let what = if running == Some(&*kept.file) {
             "already running from"
         } else {
             "first defined at"
@@ -1046,7 +1140,7 @@ deployments:
         // Nothing running (start, `spur check`): the older file keeps the name.
         let outcome = load_path(dir.path());
         assert_eq!(outcome.automations.len(), 1);
-        assert_eq!(outcome.automations[0].origin.file, ok);
+        assert_eq!(outcome.automations[0].origin.file.as_ref(), ok.as_path());
         let d = &outcome.diagnostics[0];
         assert_eq!((d.file.as_path(), d.line), (dup.as_path(), 2), "{d}");
         assert!(
@@ -1059,12 +1153,11 @@ deployments:
         write_with_age(&ok, &tick("a"), 0);
         write_with_age(&dup, &format!("# a newcomer\n{}", tick("b")), 3600);
         let running = load_path(dir.path()); // what runs: ok.yaml's, by the incumbents below
-        let incumbents = Incumbents {
-            by_name: [("ok-tick".to_owned(), ok.clone())].into(),
-        };
+        let running_ok = load_path(&ok).automations;
+        let incumbents = Incumbents::of(&running_ok);
         let outcome = load_path_with(dir.path(), &incumbents);
         assert_eq!(outcome.automations.len(), 1);
-        assert_eq!(outcome.automations[0].origin.file, ok);
+        assert_eq!(outcome.automations[0].origin.file.as_ref(), ok.as_path());
         let d = &outcome.diagnostics[0];
         assert_eq!((d.file.as_path(), d.line), (dup.as_path(), 2), "{d}");
         assert!(
@@ -1073,7 +1166,7 @@ deployments:
             "{d}"
         );
         // Without incumbents the older file (now dup.yaml) would have won.
-        assert_eq!(running.automations[0].origin.file, dup);
+        assert_eq!(running.automations[0].origin.file.as_ref(), dup.as_path());
     }
 
     #[test]

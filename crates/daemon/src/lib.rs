@@ -104,7 +104,8 @@ impl Daemon {
         let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
         let store = Arc::new(Store::open(&config.data.join("spur.redb"))?);
         let templates = TemplateEngine::new();
-        let mut initial = reload::load(&config.automations, &templates, &[]);
+        let mut file_cache = spur_core::load::FileCache::default();
+        let mut initial = reload::load(&config.automations, &templates, &[], &mut file_cache);
         for e in &initial.status.errors {
             error!(diagnostic = %e, "automation file refused");
         }
@@ -266,6 +267,7 @@ impl Daemon {
                 metrics: metrics.clone(),
                 executor: executor.clone(),
                 webhooks: webhook_service.clone(),
+                cache: file_cache,
             },
             initial.automations.clone(),
             shutdown_rx.clone(),

@@ -356,8 +356,14 @@ impl Pipeline {
                         let _ = reply.send(self.set_paused(id, paused));
                     }
                     Some(Control::Reload(automations)) => {
+                        let started = std::time::Instant::now();
                         self.metrics.automations.store(automations.len() as u64, Ordering::Relaxed);
                         self.engine.load(apply_pauses(&automations, &self.paused));
+                        info!(
+                            automations = automations.len(),
+                            swap_ms = started.elapsed().as_secs_f64() * 1000.0,
+                            "engine now runs the reloaded automations"
+                        );
                         self.loaded = automations;
                         let firings = self.engine.advance_to(Utc::now());
                         self.on_firings(firings);

@@ -26,7 +26,9 @@ use std::time::{Duration, SystemTime};
 
 use spur_core::Automation;
 use spur_core::Severity;
-use spur_core::load::{Incumbents, LoadedAutomation, automation_files, load_path_with};
+use spur_core::load::{
+    FileCache, Incumbents, LoadedAutomation, automation_files, load_path_cached,
+};
 use spur_replay::check_templates;
 use spur_template::TemplateEngine;
 use tokio::sync::{mpsc, watch};
@@ -201,31 +203,35 @@ fn fingerprint(path: &Path) -> Fingerprint {
 /// Loads the folder; for files with errors, keeps the automations `previous` had from them.
 /// A name `previous` runs stays with the file it comes from: another file defining it is
 /// refused.
-pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomation]) -> Loaded {
-    let mut outcome = load_path_with(path, &Incumbents::of(previous));
-    check_templates(&mut outcome, templates);
+///
+/// Only files changed since `cache` last saw them are read and checked again.
+pub fn load(
+    path: &Path,
+    templates: &TemplateEngine,
+    previous: &[LoadedAutomation],
+    cache: &mut FileCache,
+) -> Loaded {
+    let mut outcome = load_path_cached(path, &Incumbents::of(previous), cache, |part| {
+        check_templates(part, templates)
+    });
     let mut status = LoadStatus::default();
-    let mut failed_files: Vec<PathBuf> = Vec::new();
+    let mut failed_files: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
     for d in &outcome.diagnostics {
         match d.severity {
             Severity::Error => {
                 status.errors.push(d.to_string());
-                if !failed_files.contains(&d.file) {
-                    failed_files.push(d.file.clone());
-                }
+                failed_files.insert(d.file.clone());
             }
             Severity::Warning => status.warnings.push(d.to_string()),
         }
     }
-    let mut automations: Vec<LoadedAutomation> = outcome
-        .automations
-        .clone()
+    let mut automations: Vec<LoadedAutomation> = std::mem::take(&mut outcome.automations)
         .into_iter()
-        .filter(|a| !failed_files.contains(&a.origin.file))
+        .filter(|a| !failed_files.contains(&*a.origin.file))
         .collect();
     for kept in previous
         .iter()
-        .filter(|a| failed_files.contains(&a.origin.file))
+        .filter(|a| failed_files.contains(&*a.origin.file))
     {
         if !automations
             .iter()
@@ -235,15 +241,9 @@ pub fn load(path: &Path, templates: &TemplateEngine, previous: &[LoadedAutomatio
         }
     }
     for a in &automations {
-        let at = spur_core::Problem {
-            path: spur_core::FieldPath::root(),
-            reason: String::new(),
-            severity: Severity::Warning,
-        };
-        let d = outcome.diagnose(&a.origin, at);
         status.sources.insert(
             a.automation.name.clone(),
-            format!("{}:{}", d.file.display(), d.line),
+            format!("{}:{}", a.origin.file.display(), outcome.line_of(&a.origin)),
         );
     }
     Loaded {
@@ -274,13 +274,15 @@ pub struct Watcher {
     pub executor: crate::actions::Executor,
     /// Receives the declared webhooks.
     pub webhooks: crate::webhooks::WebhookService,
+    /// What the first load read, so the first reload reads only what changed since.
+    pub cache: FileCache,
 }
 
 /// Watches the folder until `shutdown`, sending reloads to the pipeline. `current` is what is
 /// loaded now.
 pub async fn watch_folder(
     watcher: Watcher,
-    mut current: Vec<LoadedAutomation>,
+    current: Vec<LoadedAutomation>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let Watcher {
@@ -290,7 +292,11 @@ pub async fn watch_folder(
         metrics,
         executor,
         webhooks,
+        cache,
     } = watcher;
+    let mut cache = Some(cache);
+    let mut current = Arc::new(current);
+    let mut started;
     let templates = Arc::new(TemplateEngine::new());
     let mut seen = fingerprint(&path);
     loop {
@@ -299,15 +305,24 @@ pub async fn watch_folder(
             _ = shutdown.changed() => return,
         }
         let (now, loaded) = {
+            // `current` is shared with the scan, not copied: at 100 000 automations a copy
+            // every poll would cost more than the scan.
             let (path, templates, previous) = (path.clone(), templates.clone(), current.clone());
             let seen = seen.clone();
+            // The cache travels to the blocking thread and back; a scan that panics loses
+            // it, and the next reload reads every file again.
+            let mut taken = cache.take().unwrap_or_default();
+            started = std::time::Instant::now();
             let scan = tokio::task::spawn_blocking(move || {
                 let now = fingerprint(&path);
-                let loaded = (now != seen).then(|| load(&path, &templates, &previous));
-                (now, loaded)
+                let loaded = (now != seen).then(|| load(&path, &templates, &previous, &mut taken));
+                (now, loaded, taken)
             });
             match scan.await {
-                Ok(scan) => scan,
+                Ok((now, loaded, taken)) => {
+                    cache = Some(taken);
+                    (now, loaded)
+                }
                 Err(e) => {
                     error!(error = %e, "automations folder scan failed; keeping what runs");
                     continue;
@@ -339,9 +354,10 @@ pub async fn watch_folder(
         info!(
             automations = loaded.automations.len(),
             errors = loaded.status.errors.len(),
+            read_ms = started.elapsed().as_secs_f64() * 1000.0,
             "automations reloaded"
         );
-        current = loaded.automations;
+        current = Arc::new(loaded.automations);
         if !catalog.set_files(runnable(&current), loaded.status).await {
             return;
         }
