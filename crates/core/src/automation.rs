@@ -469,11 +469,17 @@ impl Automation {
                     Vec::new()
                 }
                 None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, item)| Action::parse(item, &root.key(key).index(i), problems))
-                    .collect(),
+                Some(Value::Array(items)) => {
+                    let mut actions: Vec<Action> = items
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, item)| {
+                            Action::parse(item, &root.key(key).index(i), problems)
+                        })
+                        .collect();
+                    actions.shrink_to_fit();
+                    actions
+                }
                 Some(other) => {
                     problems.error(
                         &root.key(key),
@@ -484,15 +490,13 @@ impl Automation {
             }
         };
         // `filter_map(..).collect()` over-allocates (it cannot know how many survive); a large
-        // automation set keeps these lists for its whole life, so trim them to size.
+        // automation set keeps these lists for its whole life, so trim them to size (the
+        // action lists are trimmed in `parse_actions`).
         let mut tags = tags;
         tags.shrink_to_fit();
-        let mut actions = parse_actions("actions", true);
-        actions.shrink_to_fit();
-        let mut actions_on_trigger = parse_actions("actions_on_trigger", false);
-        actions_on_trigger.shrink_to_fit();
-        let mut actions_on_resolve = parse_actions("actions_on_resolve", false);
-        actions_on_resolve.shrink_to_fit();
+        let actions = parse_actions("actions", true);
+        let actions_on_trigger = parse_actions("actions_on_trigger", false);
+        let actions_on_resolve = parse_actions("actions_on_resolve", false);
         let flow = crate::flow::FlowControl::parse(map, &root, problems).map(Box::new);
 
         if problems.error_count() != errors_before {

@@ -10,9 +10,11 @@
 //! * or both keys side by side. Multi-document YAML (`---`) is read document by document.
 //!
 //! The text is read by [`yaml`] straight from saphyr's event stream into JSON values, and
-//! every node's position is recorded in a [`SourceMap`] keyed by (a hash of) its
-//! [`FieldPath`], so a validation [`Problem`] deep in a trigger becomes
-//! `file:line:column: field: reason`.
+//! node positions go into a [`SourceMap`] keyed by (a hash of) their [`FieldPath`], so a
+//! validation [`Problem`] deep in a trigger becomes `file:line:column: field: reason`. While
+//! loading only automation-level positions are kept; the first finding deeper in a file
+//! parses it again for every node's position. [`load_path_cached`] re-reads only the files
+//! whose size or modification time changed.
 //!
 //! Files are untrusted input (anyone who can write to the watched folder), so loading is
 //! bounded and never gives up silently:
@@ -368,18 +370,6 @@ pub struct FileCache {
     files: HashMap<PathBuf, ((u64, SystemTime), LoadOutcome)>,
 }
 
-impl FileCache {
-    /// How many files are remembered.
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    /// True when no file is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-}
-
 /// [`load_path_with`], reading only files that changed since `cache` saw them. `prepare` runs
 /// on each file's own outcome right after it is read (the daemon checks templates there), and
 /// its result is remembered with the file. The checks across files (unique names, deployment
@@ -517,25 +507,15 @@ pub fn load_str(file: &Path, text: &str) -> LoadOutcome {
     outcome
 }
 
-/// A `OnceLock` already holding `maps`.
-fn complete_maps(maps: Vec<SourceMap>) -> std::sync::OnceLock<Vec<SourceMap>> {
-    let lock = std::sync::OnceLock::new();
-    let _ = lock.set(maps);
-    lock
-}
-
 /// Loads automations from an already-parsed JSON value (e.g. a scenario's `automations`).
 /// `base` is where the value sits in its document, for diagnostics.
 pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPath) -> LoadOutcome {
     let mut outcome = LoadOutcome::default();
-    let complete = text
-        .and_then(|t| parse_documents(t).ok())
-        .map(|docs| docs.into_iter().map(|(_, map)| map).collect())
-        .unwrap_or_default();
+    // No shallow map: the first finding parses `text` for the complete one.
     outcome.sources.insert(
         file.to_owned(),
         Arc::new(FileSource {
-            complete: complete_maps(complete),
+            text: text.map(Arc::from),
             ..FileSource::default()
         }),
     );
@@ -806,11 +786,7 @@ fn load_deployment(
         if let Some(automation) = parsed {
             outcome.automations.push(LoadedAutomation {
                 automation: Arc::new(automation),
-                origin: Origin {
-                    file: file.to_owned(),
-                    base: Arc::new(path),
-                    document,
-                },
+                origin: entry_origin,
             });
         }
     }

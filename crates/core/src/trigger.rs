@@ -7,7 +7,7 @@
 //! inside a trigger are ignored, as Prefect does, but reported as warnings.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use chrono::TimeDelta;
 use serde::Serialize;
@@ -203,7 +203,9 @@ struct CompiledNames {
 /// and sharing it keeps a trigger's memory to its own fields.
 type NameCache = HashMap<(Vec<String>, Vec<String>), Weak<CompiledNames>>;
 
-static COMPILED_NAMES: Mutex<Option<(NameCache, usize)>> = Mutex::new(None);
+/// The cache and its size after the last sweep.
+static COMPILED_NAMES: LazyLock<Mutex<(NameCache, usize)>> =
+    LazyLock::new(|| Mutex::new((HashMap::new(), 0)));
 
 impl CompiledNames {
     /// The compiled patterns for `expect`/`after`, shared with every live trigger that has the
@@ -214,7 +216,7 @@ impl CompiledNames {
         // A poisoned lock only means another thread panicked mid-insert; the map is still a
         // valid cache.
         let mut guard = COMPILED_NAMES.lock().unwrap_or_else(|e| e.into_inner());
-        let (cache, swept_at) = guard.get_or_insert_with(|| (HashMap::new(), 0));
+        let (cache, swept_at) = &mut *guard;
         if let Some(live) = cache.get(&key).and_then(Weak::upgrade) {
             return live;
         }

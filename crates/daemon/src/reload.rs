@@ -2,11 +2,12 @@
 //!
 //! The folder is polled (default every 500 ms) for a change in its YAML/JSON files' names,
 //! sizes and modification times — simple, portable, and well inside the one-second promise.
-//! On a change everything is re-validated. A file that fails keeps contributing the
-//! automations it had before (so a typo never stops what was running) and its errors are
-//! published for `/api/automations` and the log; files that load replace their previous
-//! automations. Unchanged automations keep their trigger state (the engine matches them by
-//! id and definition).
+//! On a change only the files whose size or modification time changed are read and
+//! validated again (`spur_core::load::FileCache`); the others contribute what they did. A
+//! file that fails keeps contributing the automations it had before (so a typo never stops
+//! what was running) and its errors are published for `/api/automations` and the log; files
+//! that load replace their previous automations. Unchanged automations keep their trigger
+//! state (the engine matches them by id and definition).
 //!
 //! What runs is never displaced by a newcomer: on a name clash the file that provides the
 //! running automation keeps it and the other file is refused (`spur_core::load::Incumbents`).
@@ -296,7 +297,6 @@ pub async fn watch_folder(
     } = watcher;
     let mut cache = Some(cache);
     let mut current = Arc::new(current);
-    let mut started;
     let templates = Arc::new(TemplateEngine::new());
     let mut seen = fingerprint(&path);
     loop {
@@ -304,6 +304,7 @@ pub async fn watch_folder(
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.changed() => return,
         }
+        let started = std::time::Instant::now();
         let (now, loaded) = {
             // `current` is shared with the scan, not copied: at 100 000 automations a copy
             // every poll would cost more than the scan.
@@ -312,7 +313,6 @@ pub async fn watch_folder(
             // The cache travels to the blocking thread and back; a scan that panics loses
             // it, and the next reload reads every file again.
             let mut taken = cache.take().unwrap_or_default();
-            started = std::time::Instant::now();
             let scan = tokio::task::spawn_blocking(move || {
                 let now = fingerprint(&path);
                 let loaded = (now != seen).then(|| load(&path, &templates, &previous, &mut taken));

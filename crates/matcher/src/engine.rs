@@ -172,6 +172,13 @@ struct CompositeState {
     children: Vec<Option<ChildFiring>>,
 }
 
+impl CompositeState {
+    /// True when no child has fired yet: the state a new composite starts with.
+    fn is_fresh(&self) -> bool {
+        self.children.iter().all(Option::is_none)
+    }
+}
+
 /// Summary counts for metrics and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineStats {
@@ -387,7 +394,7 @@ impl Engine {
         }
         let composite_states = std::mem::take(&mut self.composite_states);
         for (composite, state) in old_plan.composites.iter().zip(composite_states) {
-            if state.children.iter().any(Option::is_some) {
+            if !state.is_fresh() {
                 let automation = &old_plan.automations[composite.automation];
                 old_composite_states.insert((automation.id, composite.id), state);
             }
@@ -547,7 +554,7 @@ impl Engine {
             .composites
             .iter()
             .zip(&self.composite_states)
-            .filter(|(_, state)| state.children.iter().any(Option::is_some))
+            .filter(|(_, state)| !state.is_fresh())
             .map(|(c, state)| CompositeSnapshot {
                 automation: self.plan.automations[c.automation].id,
                 fingerprint: self.plan.fingerprint_of(c.automation),

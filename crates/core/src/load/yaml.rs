@@ -165,6 +165,12 @@ enum Slot {
 }
 
 impl Builder {
+    /// Records the node with path hash `hash` at `mark`; its path is as deep as the stack.
+    fn record(&mut self, hash: u64, mark: &Marker, overwrite: bool) {
+        self.map
+            .record(self.stack.len(), hash, position(mark), overwrite);
+    }
+
     fn slot(&self) -> Slot {
         match self.stack.last() {
             None => Slot::Value(ROOT_HASH),
@@ -206,8 +212,7 @@ impl Builder {
                 ),
             ));
         }
-        self.map
-            .record(self.stack.len(), hash, position(mark), false);
+        self.record(hash, mark, false);
         self.stack.push(if sequence {
             Open::Sequence {
                 items: Vec::new(),
@@ -235,8 +240,7 @@ impl Builder {
     fn scalar(&mut self, mark: &Marker, scalar: Scalar<'_>) -> Result<(), ParseError> {
         match self.slot() {
             Slot::Value(hash) => {
-                self.map
-                    .record(self.stack.len(), hash, position(mark), false);
+                self.record(hash, mark, false);
                 self.finish(scalar_value(scalar));
             }
             Slot::Key(parent) => {
@@ -249,8 +253,7 @@ impl Builder {
                     *key = Some((text, child));
                 }
                 // Point a field at its key: that is the line a person reads.
-                self.map
-                    .record(self.stack.len(), child, position(mark), true);
+                self.record(child, mark, true);
             }
         }
         Ok(())
