@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use minijinja::value::{Enumerator, Object, ObjectRepr, Serde};
+use minijinja::value::{Enumerator, Object, ObjectRepr, Serde, Tuple};
 use minijinja::{Error, ErrorKind, State, Value};
 use spur_core::time::format_timestamp;
 use spur_core::{Event, Resource};
@@ -83,7 +83,8 @@ impl Object for ResourceView {
         match key {
             "id" => Some(Value::from(self.0.id())),
             "name" => Some(self.0.name().map_or(Value::from(()), Value::from)),
-            "role" => Some(self.0.role().map_or(Value::from(()), Value::from)),
+            // Undefined when absent, as in Prefect (the triggering resource has no role).
+            "role" => self.0.role().map(Value::from),
             "labels" => Some(Value::from_object(LabelDiver::new(
                 self.0
                     .labels()
@@ -115,7 +116,7 @@ impl Object for ResourceView {
             "items" => Ok(Value::from(
                 self.0
                     .labels()
-                    .map(|(k, v)| Value::from(vec![Value::from(k), Value::from(v)]))
+                    .map(|(k, v)| Value::from(Tuple::from([Value::from(k), Value::from(v)])))
                     .collect::<Vec<_>>(),
             )),
             "keys" => Ok(Value::from(
@@ -247,12 +248,14 @@ impl Object for LabelDiver {
 
     fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.prefix.is_empty() {
-            let map: serde_json::Map<String, serde_json::Value> = self
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
-                .collect();
-            write!(f, "{}", serde_json::Value::Object(map))
+            // The labels as a Python dict (Prefect's own LabelDiver prints as nothing).
+            let map = Value::from_pairs(
+                self.labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), Value::from(v.as_str()))),
+            );
+            let text = crate::python::py_repr(&map).map_err(|_| std::fmt::Error)?;
+            f.write_str(&text)
         } else {
             f.write_str(self.exact().unwrap_or(""))
         }
@@ -288,6 +291,8 @@ impl Object for DateTimeView {
             "minute" => t.minute() as i64,
             "second" => t.second() as i64,
             "microsecond" => (t.nanosecond() / 1000) as i64,
+            // Event times are UTC; Python prints their zone as `UTC`.
+            "tzinfo" => return Some(Value::from("UTC")),
             _ => return None,
         }))
     }
@@ -306,6 +311,7 @@ impl Object for DateTimeView {
                     .replace(".+", "+"),
             )),
             "timestamp" => Ok(Value::from(self.0.timestamp_micros() as f64 / 1e6)),
+            "date" => Ok(Value::from_object(DateView(self.0.date_naive()))),
             "strftime" => {
                 let format = args
                     .first()
@@ -332,5 +338,50 @@ impl Object for DateTimeView {
                 self.0.format("%Y-%m-%d %H:%M:%S")
             )
         }
+    }
+}
+
+/// A calendar date (`event.occurred.date()`): prints as Python's `str(date)` (`2024-05-01`),
+/// with `year`, `month`, `day`, `isoformat()` and `strftime()`.
+#[derive(Debug)]
+pub struct DateView(pub chrono::NaiveDate);
+
+impl Object for DateView {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Plain
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        use chrono::Datelike;
+        Some(Value::from(match key.as_str()? {
+            "year" => self.0.year() as i64,
+            "month" => self.0.month() as i64,
+            "day" => self.0.day() as i64,
+            _ => return None,
+        }))
+    }
+
+    fn call_method(
+        self: &Arc<Self>,
+        _state: &mut State<'_, '_>,
+        method: &str,
+        args: &[Value],
+    ) -> Result<Value, Error> {
+        match method {
+            "isoformat" => Ok(Value::from(self.0.format("%Y-%m-%d").to_string())),
+            "strftime" => {
+                let format = args.first().and_then(Value::as_str).unwrap_or("%Y-%m-%d");
+                let mut out = String::new();
+                use std::fmt::Write;
+                write!(out, "{}", self.0.format(format))
+                    .map_err(|_| Error::new(ErrorKind::InvalidOperation, "strftime: bad format"))?;
+                Ok(Value::from(out))
+            }
+            _ => Err(Error::from(ErrorKind::UnknownMethod)),
+        }
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.format("%Y-%m-%d"))
     }
 }

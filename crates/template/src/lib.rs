@@ -19,6 +19,8 @@
 mod cloud_event;
 mod context;
 pub mod humanize;
+mod jinja;
+mod methods;
 mod python;
 
 use std::borrow::Cow;
@@ -217,6 +219,9 @@ fn to_json_value(value: &Value) -> Result<Json, Error> {
     }
     if let Some(t) = value.downcast_object_ref::<context::DateTimeView>() {
         return Ok(Json::String(t.iso()));
+    }
+    if let Some(d) = value.downcast_object_ref::<context::DateView>() {
+        return Ok(Json::String(d.0.format("%Y-%m-%d").to_string()));
     }
     match value.kind() {
         minijinja::value::ValueKind::Map => {
@@ -433,6 +438,10 @@ impl TemplateEngine {
         // Lists and dicts print as Python prints them (`{'k': 'v'}`), as in Prefect.
         env.set_formatter(python::formatter);
         env.add_filter("string", python::string_filter);
+        // Jinja's filters, tests and globals that minijinja lacks or spells otherwise, and
+        // Python's methods on strings, lists and dicts.
+        jinja::register(&mut env);
+        env.set_unknown_method_callback(methods::unknown_method);
         env.add_function("range", capped_range);
         env.add_filter("fromjson", fromjson);
         env.add_filter("tojson", tojson);

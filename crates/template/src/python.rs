@@ -4,8 +4,9 @@
 //! dict's Python `repr`: `{'k': 'v', 'ok': True, 'none': None}`. minijinja on its own prints
 //! containers as JSON-like text (`{"k": "v", ...}`), so a run parameter or a notification
 //! body built from a dict would differ from what the same automation gives in Prefect.
-//! [`formatter`] prints lists and dicts as Python does; everything else (strings, numbers,
-//! Spur's event views) prints as before.
+//! [`formatter`] prints lists, dicts, tuples and floats as Python does (`{'k': 1}`, `('a', 2)`,
+//! `1e+20`); [`py_str`] is Python's `str()` for filters that convert (`string`, `join`,
+//! `format`); Spur's event views print as they are.
 
 use std::fmt::Write as _;
 
@@ -19,19 +20,68 @@ const MAX_DEPTH: usize = 64;
 
 /// minijinja's output formatter with Python's printing of lists and dicts.
 pub(crate) fn formatter(out: &mut Output, state: &mut State, value: &Value) -> Result<(), Error> {
-    if !is_plain_container(value) {
+    let text = if is_plain_container(value) {
+        let mut text = String::new();
+        repr(value, &mut text, 0)?;
+        text
+    } else if is_float(value) {
+        float_repr(f64::try_from(value.clone()).unwrap_or(f64::NAN))
+    } else {
         return minijinja::escape_formatter(out, state, value);
-    }
-    let mut text = String::new();
-    repr(value, &mut text, 0)?;
+    };
     out.write_str(&text)
         .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write the output"))
 }
 
-/// A list or dict of plain data (not one of Spur's event views, which print as they are).
-fn is_plain_container(value: &Value) -> bool {
-    matches!(value.kind(), ValueKind::Map | ValueKind::Seq)
-        && value.downcast_object_ref::<EventView>().is_none()
+/// A number that is not an integer (Python's `float`).
+pub(crate) fn is_float(value: &Value) -> bool {
+    value.kind() == ValueKind::Number && !value.is_integer()
+}
+
+/// Python's `str(value)`: strings as they are, floats as [`float_repr`], containers as their
+/// repr, `None`, `True`/`False`; an undefined value is `""` (Jinja's `Undefined`).
+pub(crate) fn py_str(value: &Value) -> Result<String, Error> {
+    if let Some(s) = value.as_str() {
+        return Ok(s.to_owned());
+    }
+    if value.is_undefined() {
+        return Ok(String::new());
+    }
+    if is_plain_container(value) || is_float(value) {
+        let mut text = String::new();
+        repr(value, &mut text, 0)?;
+        return Ok(text);
+    }
+    Ok(value.to_string())
+}
+
+/// Python's `repr(value)`.
+pub(crate) fn py_repr(value: &Value) -> Result<String, Error> {
+    let mut text = String::new();
+    if value.is_undefined() {
+        // Jinja's `repr(Undefined)` is `Undefined`.
+        text.push_str("Undefined");
+    } else {
+        repr(value, &mut text, 0)?;
+    }
+    Ok(text)
+}
+
+/// Is `value` a tuple for Python: a tuple literal, or one of `groupby`'s `(grouper, list)`
+/// pairs (a two-item sequence that answers `.grouper`).
+fn is_tuple(value: &Value) -> bool {
+    value.is_tuple()
+        || (value.kind() == ValueKind::Seq
+            && value.len() == Some(2)
+            && value.get_attr("grouper").is_ok_and(|g| !g.is_undefined()))
+}
+
+/// A list, tuple or dict of plain data (not one of Spur's event views, which print as they are).
+pub(crate) fn is_plain_container(value: &Value) -> bool {
+    matches!(
+        value.kind(),
+        ValueKind::Map | ValueKind::Seq | ValueKind::Iterable
+    ) && value.downcast_object_ref::<EventView>().is_none()
         && value.downcast_object_ref::<ResourceView>().is_none()
         && value.downcast_object_ref::<LabelDiver>().is_none()
 }
@@ -49,6 +99,21 @@ fn repr(value: &Value, out: &mut String, depth: usize) -> Result<(), Error> {
         ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
         ValueKind::Number => number(value, out),
         ValueKind::String => string(value.as_str().unwrap_or_default(), out),
+        ValueKind::Seq if is_tuple(value) => {
+            out.push('(');
+            let mut count = 0;
+            for (i, item) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                repr(&item, out, depth + 1)?;
+                count += 1;
+            }
+            if count == 1 {
+                out.push(',');
+            }
+            out.push(')');
+        }
         ValueKind::Seq | ValueKind::Iterable => {
             out.push('[');
             for (i, item) in value.try_iter()?.enumerate() {
@@ -118,10 +183,8 @@ pub(crate) fn float_repr(float: f64) -> String {
 
 /// Jinja's `string` filter under Python: `str(value)`, so lists and dicts give their repr.
 pub(crate) fn string_filter(state: &State, value: &Value) -> Result<Value, Error> {
-    if is_plain_container(value) {
-        let mut text = String::new();
-        repr(value, &mut text, 0)?;
-        Ok(Value::from(text))
+    if is_plain_container(value) || is_float(value) {
+        Ok(Value::from(py_str(value)?))
     } else {
         minijinja::filters::string(state, value)
     }
