@@ -209,13 +209,14 @@ fn check_action(action: &Action, path: &FieldPath, declared: &[String], out: &mu
     };
     for field in templated {
         if let Some(value) = action.field(field) {
-            check_templates(value, &path.key(field), out);
+            check_templates(value, &path.key(field), *field == "parameters", out);
         }
     }
 }
 
-/// Every template string inside `value` that reads an unknown top-level variable.
-fn check_templates(value: &Value, path: &FieldPath, out: &mut Vec<Problem>) {
+/// Every template string inside `value` that reads an unknown top-level variable, or that
+/// renders in Spur but would fail in Prefect (`parameters`: run-deployment parameters).
+fn check_templates(value: &Value, path: &FieldPath, parameters: bool, out: &mut Vec<Problem>) {
     match value {
         Value::String(s) if spur_template::maybe_template(s) => {
             for name in unknown_variables(s) {
@@ -228,14 +229,20 @@ fn check_templates(value: &Value, path: &FieldPath, out: &mut Vec<Problem>) {
                     ),
                 ));
             }
+            for why in spur_template::prefect_incompatibilities(s, parameters) {
+                out.push(warning(
+                    path,
+                    format!("Prefect would not render this as Spur does: {why}"),
+                ));
+            }
         }
         Value::Object(map) => map
             .iter()
-            .for_each(|(k, v)| check_templates(v, &path.key(k), out)),
+            .for_each(|(k, v)| check_templates(v, &path.key(k), parameters, out)),
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .for_each(|(i, v)| check_templates(v, &path.index(i), out)),
+            .for_each(|(i, v)| check_templates(v, &path.index(i), parameters, out)),
         _ => {}
     }
 }

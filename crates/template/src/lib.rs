@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 mod cloud_event;
+mod compat;
 mod context;
 pub mod humanize;
 mod jinja;
@@ -32,6 +33,7 @@ use serde_json::{Map, Value as Json};
 use spur_core::{Automation, Event, FieldPath, Problems};
 use thiserror::Error as ThisError;
 
+pub use compat::prefect_incompatibilities;
 pub use context::{EventView, LabelDiver, ResourceView, resource_value};
 /// The template engine's value type (a rendered context).
 pub use minijinja::Value as TemplateValue;
