@@ -112,6 +112,9 @@ pub struct Metrics {
     /// Pipeline time per checkpoint of the trigger state: the snapshot, and the write when
     /// it is not part of a batch's commit (encoding runs on a worker).
     pub checkpoint: Histogram,
+    /// Size of the last stored checkpoint in bytes (gauge): it follows the live trigger
+    /// state, not the number of automations.
+    pub checkpoint_bytes: AtomicU64,
     /// Events per committed batch.
     pub batch_events: AtomicU64,
     /// Committed batches.
@@ -291,6 +294,12 @@ impl Metrics {
             "spur_automation_load_errors",
             "Automation files failing to load.",
             load(&self.load_errors),
+        );
+        gauge(
+            &mut out,
+            "spur_checkpoint_bytes",
+            "Size of the last stored checkpoint of the trigger state.",
+            load(&self.checkpoint_bytes),
         );
         self.evaluation.render(
             "spur_evaluation_seconds",

@@ -786,6 +786,9 @@ impl Pipeline {
 
     /// A checkpoint is durable: tell the mirror (shared state), count the pipeline's time.
     fn checkpoint_stored(&mut self, seq: u64, bytes: Vec<u8>, spent: Duration) {
+        self.metrics
+            .checkpoint_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
         if let Some(mirror) = &self.mirror {
             let _ = mirror.send(Some((seq, Arc::new(bytes))));
         }
