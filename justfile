@@ -41,3 +41,9 @@ fuzz-targets SECONDS="60":
 fuzz SEED COUNT SWITCHES="none":
     cargo build --release -p spur
     SPUR_BIN=target/release/spur ./scripts/oracle.sh {{SEED}} {{COUNT}} {{SWITCHES}}
+
+# Issue 23's end-to-end figures: load, memory, ingest, listing, reload and checkpoint at
+# 1 000 / 10 000 / 100 000 automations (docs/benchmarks.md).
+bench-automations COUNTS="1000,10000,100000":
+    cargo build --release -p spur
+    python3 scripts/bench_automations.py --counts {{COUNTS}}
