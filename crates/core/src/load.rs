@@ -40,7 +40,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::automation::Automation;
-use crate::problem::{FieldPath, Problem, Problems, Severity};
+use crate::problem::{FieldPath, PathSegment, Problem, Problems, Severity};
 use crate::trigger::Dialect;
 
 mod yaml;
@@ -88,10 +88,27 @@ impl fmt::Display for Diagnostic {
 pub struct Origin {
     /// The file (shared by every automation from it: a reload copies origins around).
     pub file: Arc<Path>,
-    /// The automation's path inside the document.
-    pub base: Arc<FieldPath>,
+    /// The list the automation is an item of (`automations`, a deployment's `triggers`), or
+    /// the automation's own path when it is not in a list. Shared by every item of the list:
+    /// one path for 100 000 automations instead of one each.
+    parent: Arc<FieldPath>,
+    /// The automation's position in `parent`, when it is an item of a list.
+    index: Option<u32>,
     /// Which document of a multi-document file.
     pub document: usize,
+    /// The line the automation starts on, found once when the file is read (a reload beside
+    /// 100 000 unchanged automations reports their places without looking them up again).
+    pub line: u32,
+}
+
+impl Origin {
+    /// The automation's path inside the document (`automations[3]`).
+    pub fn base(&self) -> FieldPath {
+        match self.index {
+            Some(i) => self.parent.index(i as usize),
+            None => (*self.parent).clone(),
+        }
+    }
 }
 
 /// An automation and where it was defined.
@@ -129,6 +146,8 @@ pub struct LoadOutcome {
     sources: HashMap<PathBuf, Arc<FileSource>>,
     /// Modification times of the files read, to tell an old file from a newcomer.
     modified: HashMap<PathBuf, SystemTime>,
+    /// The list path of the last origin made, for the next item of the same list to share.
+    last_parent: Option<Arc<FieldPath>>,
 }
 
 /// The positions of one file's nodes. Only shallow ones are recorded as the file loads (an
@@ -136,8 +155,8 @@ pub struct LoadOutcome {
 /// complete map, which a file without problems never pays for.
 #[derive(Debug, Default)]
 struct FileSource {
-    /// The text as parsed, to build the complete maps from.
-    text: Option<Arc<str>>,
+    /// Where the text to build the complete maps from is.
+    text: TextSource,
     /// Per document, nodes at most [`SHALLOW_DEPTH`] segments deep.
     shallow: Vec<SourceMap>,
     /// Per document, every node; built on first need.
@@ -149,19 +168,79 @@ struct FileSource {
 /// anything inside an automation use the complete map.
 const SHALLOW_DEPTH: usize = 2;
 
+/// The text a [`FileSource`] was parsed from, for the complete maps it may need later.
+#[derive(Debug, Default)]
+enum TextSource {
+    /// Text that exists only in memory (a scenario's automations, a test's string).
+    InMemory(Arc<str>),
+    /// A file on disk, as it was when read. Not kept in memory: the file cache holds every
+    /// file's outcome for the daemon's whole life, and the text of 100 000 automations is
+    /// 21 MB that almost never serves. A later finding reads the file again, and uses it
+    /// only if its size and modification time are still the ones parsed; otherwise the
+    /// finding gets the nearest place the shallow map knows (the automation's own line),
+    /// and the next reload, which sees the change, places everything afresh.
+    OnDisk {
+        path: PathBuf,
+        stamp: (u64, SystemTime),
+    },
+    /// No text (the complete map is empty).
+    #[default]
+    Gone,
+}
+
+impl TextSource {
+    /// The text as parsed, if it can still be had.
+    fn text(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match self {
+            TextSource::InMemory(text) => Some(std::borrow::Cow::Borrowed(text)),
+            TextSource::OnDisk { path, stamp } => {
+                let meta = std::fs::metadata(path).ok()?;
+                if (meta.len(), meta.modified().ok()?) != *stamp {
+                    return None;
+                }
+                let text = std::fs::read_to_string(path).ok()?;
+                if (text.len() as u64) != stamp.0 {
+                    return None;
+                }
+                Some(std::borrow::Cow::Owned(
+                    parsed_text(path, &text).into_owned(),
+                ))
+            }
+            TextSource::Gone => None,
+        }
+    }
+}
+
 impl FileSource {
     fn locate(&self, document: usize, path: &FieldPath) -> (usize, usize) {
-        if let Some(map) = self.shallow.get(document).filter(|m| m.covers(path)) {
+        let shallow = self.shallow.get(document);
+        if let Some(map) = shallow.filter(|m| m.covers(path)) {
             return map.locate(path);
         }
         let complete = self.complete.get_or_init(|| {
             self.text
-                .as_deref()
-                .and_then(|text| parse_documents(text).ok())
+                .text()
+                .and_then(|text| parse_documents(&text).ok())
                 .map(|docs| docs.into_iter().map(|(_, map)| map).collect())
                 .unwrap_or_default()
         });
-        complete.get(document).map_or((1, 1), |m| m.locate(path))
+        match complete.get(document) {
+            Some(map) => map.locate(path),
+            // The text is gone or changed: the nearest shallow ancestor's place.
+            None => shallow.map_or((1, 1), |m| m.locate(path)),
+        }
+    }
+}
+
+/// The text the parser reads for `file`: JSON's escaped surrogate pairs are joined first.
+fn parsed_text<'a>(file: &Path, text: &'a str) -> std::borrow::Cow<'a, str> {
+    let is_json = file
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    if is_json {
+        yaml::join_json_surrogate_pairs(text)
+    } else {
+        std::borrow::Cow::Borrowed(text)
     }
 }
 
@@ -325,12 +404,41 @@ impl LoadOutcome {
 
     /// The line an automation starts on in its file.
     pub fn line_of(&self, origin: &Origin) -> usize {
-        self.locate(&origin.file, origin.document, &origin.base).0
+        origin.line as usize
+    }
+
+    /// The origin of the thing at `base` in `document` of `file` (already read). Items of
+    /// the list the previous origin was in share its path.
+    fn origin(&mut self, file: &Arc<Path>, document: usize, base: FieldPath) -> Origin {
+        let line = self.locate(file, document, &base).0;
+        let mut parent = base;
+        let index = match parent.0.last() {
+            Some(PathSegment::Index(i)) => u32::try_from(*i).ok(),
+            _ => None,
+        };
+        if index.is_some() {
+            parent.0.pop();
+        }
+        let parent = match &self.last_parent {
+            Some(shared) if **shared == parent => shared.clone(),
+            _ => {
+                let shared = Arc::new(parent);
+                self.last_parent = Some(shared.clone());
+                shared
+            }
+        };
+        Origin {
+            file: file.clone(),
+            parent,
+            index,
+            document,
+            line: u32::try_from(line).unwrap_or(u32::MAX),
+        }
     }
 
     /// Turns a problem found later (relative to an automation) into a diagnostic.
     pub fn diagnose(&self, origin: &Origin, problem: Problem) -> Diagnostic {
-        let path = origin.base.join(&problem.path);
+        let path = origin.base().join(&problem.path);
         let (line, column) = self.locate(&origin.file, origin.document, &path);
         Diagnostic {
             file: origin.file.to_path_buf(),
@@ -433,10 +541,14 @@ fn load_file(
     };
     match text {
         Ok(text) => {
-            if let Some((_, Some(modified))) = stamp {
-                outcome.modified.insert(file.clone(), modified);
-            }
-            load_source(&mut outcome, &file, &text);
+            let on_disk = match stamp {
+                Some((len, Some(modified))) => {
+                    outcome.modified.insert(file.clone(), modified);
+                    Some((len, modified))
+                }
+                _ => None,
+            };
+            load_source(&mut outcome, &file, &text, on_disk);
         }
         Err(reason) => outcome.diagnostics.push(Diagnostic {
             file,
@@ -502,7 +614,7 @@ fn check_deployment_references(outcome: &mut LoadOutcome) {
 /// Loads automations from in-memory text (used for scenario files and tests).
 pub fn load_str(file: &Path, text: &str) -> LoadOutcome {
     let mut outcome = LoadOutcome::default();
-    load_source(&mut outcome, file, text);
+    load_source(&mut outcome, file, text, None);
     check_unique_names(&mut outcome, &Incumbents::default());
     outcome
 }
@@ -515,7 +627,7 @@ pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPa
     outcome.sources.insert(
         file.to_owned(),
         Arc::new(FileSource {
-            text: text.map(Arc::from),
+            text: text.map_or(TextSource::Gone, |t| TextSource::InMemory(Arc::from(t))),
             ..FileSource::default()
         }),
     );
@@ -524,15 +636,16 @@ pub fn load_value(file: &Path, text: Option<&str>, value: &Value, base: &FieldPa
     outcome
 }
 
-fn load_source(outcome: &mut LoadOutcome, file: &Path, text: &str) {
-    let is_json = file
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    let text = if is_json {
-        yaml::join_json_surrogate_pairs(text)
-    } else {
-        std::borrow::Cow::Borrowed(text)
-    };
+/// Parses `text` (of `file`) and loads its documents. `on_disk`: the file's size and
+/// modification time when it was read, so the text need not be kept (see [`TextSource`]).
+fn load_source(
+    outcome: &mut LoadOutcome,
+    file: &Path,
+    text: &str,
+    on_disk: Option<(u64, SystemTime)>,
+) {
+    let read_len = text.len() as u64;
+    let text = parsed_text(file, text);
     let documents = match parse_documents_shallow(&text, SHALLOW_DEPTH) {
         Ok(docs) => docs,
         Err((line, column, reason)) => {
@@ -552,7 +665,14 @@ fn load_source(outcome: &mut LoadOutcome, file: &Path, text: &str) {
     outcome.sources.insert(
         file.to_owned(),
         Arc::new(FileSource {
-            text: Some(Arc::from(text)),
+            text: match on_disk {
+                // Read whole (the size read is the size stamped): it can be read again.
+                Some(stamp) if stamp.0 == read_len => TextSource::OnDisk {
+                    path: file.to_owned(),
+                    stamp,
+                },
+                _ => TextSource::InMemory(Arc::from(text)),
+            },
             shallow,
             complete: std::sync::OnceLock::new(),
         }),
@@ -671,11 +791,7 @@ fn load_automation(
 ) {
     let mut problems = Problems::new();
     let automation = Automation::parse(value, dialect, &mut problems);
-    let origin = Origin {
-        file: file.clone(),
-        base: Arc::new(base.clone()),
-        document,
-    };
+    let origin = outcome.origin(file, document, base.clone());
     for problem in problems.into_vec() {
         let diagnostic = outcome.diagnose(&origin, problem);
         outcome.diagnostics.push(diagnostic);
@@ -696,11 +812,7 @@ fn load_deployment(
     value: &Value,
     base: &FieldPath,
 ) {
-    let origin = Origin {
-        file: file.clone(),
-        base: Arc::new(base.clone()),
-        document,
-    };
+    let origin = outcome.origin(file, document, base.clone());
     let mut problems = Problems::new();
     let root = FieldPath::root();
     let Value::Object(map) = value else {
@@ -756,11 +868,7 @@ fn load_deployment(
     for (i, trigger) in triggers.iter().enumerate() {
         let path = base.key("triggers").index(i);
         let Some(automation) = deployment_trigger_as_automation(&name, id, i, trigger) else {
-            let origin = Origin {
-                file: file.clone(),
-                base: Arc::new(path),
-                document,
-            };
+            let origin = outcome.origin(file, document, path);
             let mut p = Problems::new();
             p.error(&FieldPath::root(), "a deployment trigger must be a mapping");
             for p in p.into_vec() {
@@ -773,11 +881,7 @@ fn load_deployment(
         // `trigger.x` and `actions[0].parameters` back to the entry's own keys.
         let mut problems = Problems::new();
         let parsed = Automation::parse(&automation, Dialect::Client, &mut problems);
-        let entry_origin = Origin {
-            file: file.clone(),
-            base: Arc::new(path.clone()),
-            document,
-        };
+        let entry_origin = outcome.origin(file, document, path.clone());
         for mut problem in problems.into_vec() {
             problem.path = remap_deployment_trigger_path(&problem.path);
             let d = outcome.diagnose(&entry_origin, problem);
@@ -853,11 +957,6 @@ fn remap_deployment_trigger_path(path: &FieldPath) -> FieldPath {
 ///    restart keeps what ran before it);
 /// 3. else the first in file order.
 fn check_unique_names(outcome: &mut LoadOutcome, incumbents: &Incumbents) {
-    let line_of = |outcome: &LoadOutcome, origin: &Origin| {
-        outcome
-            .locate(&origin.file, origin.document, &origin.base)
-            .0
-    };
     // Each name's first definition; only names defined again get a list of their places.
     let mut first: HashMap<&str, usize> = HashMap::with_capacity(outcome.automations.len());
     let mut clashes: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -901,7 +1000,7 @@ fn check_unique_names(outcome: &mut LoadOutcome, incumbents: &Incumbents) {
         } else {
             "first defined at"
         };
-        let at = format!("{}:{}", kept.file.display(), line_of(outcome, kept));
+        let at = format!("{}:{}", kept.file.display(), kept.line);
         for &i in indexes.iter().filter(|&&i| i != keep) {
             refused.push((
                 i,
@@ -935,6 +1034,51 @@ pub fn parse_yaml(text: &str) -> Result<Value, (usize, usize, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The file cache keeps no file text: a finding deep inside an unchanged file on a later
+    /// load (here: the deployment it names was removed from another file) reads the file
+    /// again for its place, and falls back to the automation's own line if the file changed.
+    #[test]
+    fn a_later_finding_in_an_unchanged_file_is_placed_from_the_file_on_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let uses = dir.path().join("uses.yaml");
+        let declares = dir.path().join("declares.yaml");
+        std::fs::write(
+            &uses,
+            "automations:\n  - name: a\n    trigger: {posture: Reactive, expect: [x]}\n    actions:\n      - type: run-deployment\n        deployment: etl\n",
+        )
+        .expect("write");
+        std::fs::write(&declares, "deployments:\n  - name: etl\n").expect("write");
+        let mut cache = FileCache::default();
+        let first = load_path_cached(dir.path(), &Incumbents::default(), &mut cache, |_| {});
+        assert!(!first.has_errors(), "{:?}", first.diagnostics);
+        std::fs::write(&declares, "deployments: []\n").expect("write");
+        let second = load_path_cached(dir.path(), &Incumbents::default(), &mut cache, |_| {});
+        let d = second
+            .diagnostics
+            .iter()
+            .find(|d| d.file == uses)
+            .expect("the reference is refused");
+        assert_eq!((d.line, d.column), (6, 9), "{d}");
+        assert_eq!(d.field, "actions[0].deployment");
+        // The same finding once the file changed on disk since it was read: the cached
+        // outcome cannot be placed from the new text, so it gets the automation's line.
+        let source = &second.sources[&uses];
+        std::fs::write(&uses, "# a comment that shifts every line\n").expect("write");
+        let fresh = FileSource {
+            text: TextSource::OnDisk {
+                path: uses.clone(),
+                stamp: match &source.text {
+                    TextSource::OnDisk { stamp, .. } => *stamp,
+                    other => panic!("kept in memory: {other:?}"),
+                },
+            },
+            shallow: source.shallow.clone(),
+            complete: std::sync::OnceLock::new(),
+        };
+        let path = FieldPath::root().key("automations").index(0).key("actions");
+        assert_eq!(fresh.locate(0, &path), (2, 5));
+    }
 
     #[test]
     fn yaml_errors_point_at_the_field() {

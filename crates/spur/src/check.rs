@@ -142,7 +142,7 @@ fn action_warnings(outcome: &LoadOutcome) -> Vec<Diagnostic> {
         let a = &loaded.automation;
         // An automation a deployment's `triggers` entry made: its paths are the entry's.
         let from_deployment_trigger = matches!(
-            loaded.origin.base.0.as_slice(),
+            loaded.origin.base().0.as_slice(),
             [.., PathSegment::Key(k), PathSegment::Index(_)] if k == "triggers"
         );
         let mut problems: Vec<Problem> = Vec::new();
