@@ -198,10 +198,12 @@ struct CompiledNames {
     after: Vec<LabelPattern>,
 }
 
-/// The [`CompiledNames`] alive in this process, by `(expect, after)`. Generated automation sets
-/// repeat a handful of event names across tens of thousands of triggers; compiling each set once
-/// and sharing it keeps a trigger's memory to its own fields.
-type NameCache = HashMap<(Vec<String>, Vec<String>), Weak<CompiledNames>>;
+/// The [`CompiledNames`] alive in this process, by a hash of `(expect, after)`. Generated
+/// automation sets repeat a handful of event names across tens of thousands of triggers;
+/// compiling each set once and sharing it keeps a trigger's memory to its own fields. The key
+/// is a hash, not a copy of the names: a set of 100 000 *distinct* names would otherwise keep
+/// each name twice more (a hit is confirmed against the names the compiled set holds).
+type NameCache = HashMap<u64, Weak<CompiledNames>>;
 
 /// The cache and its size after the last sweep.
 static COMPILED_NAMES: LazyLock<Mutex<(NameCache, usize)>> =
@@ -212,21 +214,42 @@ impl CompiledNames {
     /// same sets. Entries whose triggers are all gone are swept whenever the cache has doubled
     /// since the last sweep, so it stays proportional to the distinct sets in use.
     fn shared(expect: &[String], after: &[String]) -> Arc<CompiledNames> {
-        let key = (expect.to_vec(), after.to_vec());
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (expect, after).hash(&mut hasher);
+            hasher.finish()
+        };
         // A poisoned lock only means another thread panicked mid-insert; the map is still a
         // valid cache.
         let mut guard = COMPILED_NAMES.lock().unwrap_or_else(|e| e.into_inner());
         let (cache, swept_at) = &mut *guard;
-        if let Some(live) = cache.get(&key).and_then(Weak::upgrade) {
-            return live;
+        let cached = cache.get(&key).and_then(Weak::upgrade);
+        if let Some(live) = &cached
+            && live.is_for(expect, after)
+        {
+            return live.clone();
         }
         let compiled = Arc::new(CompiledNames::new(expect, after));
+        if cached.is_some() {
+            // Another live set with the same hash keeps the slot; this one is not shared.
+            return compiled;
+        }
         cache.insert(key, Arc::downgrade(&compiled));
         if cache.len() > 2 * (*swept_at).max(512) {
             cache.retain(|_, weak| weak.strong_count() > 0);
             *swept_at = cache.len();
         }
         compiled
+    }
+
+    /// True when this was compiled from exactly `expect` and `after`.
+    fn is_for(&self, expect: &[String], after: &[String]) -> bool {
+        let same = |patterns: &[LabelPattern], names: &[String]| {
+            patterns.len() == names.len()
+                && patterns.iter().zip(names).all(|(p, n)| p.as_str() == n)
+        };
+        same(&self.expect, expect) && same(&self.after, after)
     }
 
     fn new(expect: &[String], after: &[String]) -> CompiledNames {
@@ -928,6 +951,26 @@ pub(crate) fn matches_every_flow_run(trigger: &EventTrigger) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn triggers_with_the_same_names_share_one_compiled_set() {
+        let names = |expect: &[&str], after: &[&str]| {
+            let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            CompiledNames::shared(&own(expect), &own(after))
+        };
+        let a = names(&["shared.x.*", "shared.y"], &[]);
+        let b = names(&["shared.x.*", "shared.y"], &[]);
+        assert!(Arc::ptr_eq(&a, &b), "the same sets share");
+        // Same names on the other side, or one more: a set of its own.
+        let moved = names(&["shared.x.*"], &["shared.y"]);
+        assert!(!Arc::ptr_eq(&a, &moved));
+        assert!(moved.is_for(&["shared.x.*".into()], &["shared.y".into()]));
+        assert!(!moved.is_for(&["shared.x.*".into(), "shared.y".into()], &[]));
+        // Once every holder is gone the next one compiles afresh (and still matches).
+        drop((a, b));
+        let again = names(&["shared.x.*", "shared.y"], &[]);
+        assert!(again.covers.matches("shared.x.1") && !again.covers.matches("other"));
+    }
 
     fn parse(value: Value, dialect: Dialect) -> (Option<Trigger>, Vec<crate::Problem>) {
         let mut problems = Problems::new();
