@@ -127,6 +127,12 @@ struct Plan {
     by_id: FxHashMap<Uuid, u32>,
 }
 
+/// The plan an [`Engine::load_keeping_old`] replaced, to be dropped where it costs nothing.
+#[derive(Debug)]
+pub struct RetiredPlan {
+    _plan: Plan,
+}
+
 impl Plan {
     /// The fingerprint of the automation at `index`.
     fn fingerprint_of(&self, index: usize) -> u64 {
@@ -367,10 +373,25 @@ impl Engine {
     /// An automation that is unchanged (same id and same definition) keeps its trigger state;
     /// a changed or new one starts fresh (as Prefect resets state on every update).
     pub fn load(&mut self, automations: Vec<Arc<Automation>>) {
+        drop(self.load_keeping_old(automations));
+    }
+
+    /// [`Engine::load`], handing back what the engine no longer needs instead of dropping it
+    /// here. Freeing the previous plan of 100 000 automations is a good part of a reload's
+    /// time; a caller with events waiting (the daemon's pipeline) drops it elsewhere.
+    #[must_use = "dropping the retired plan here is what `load` does"]
+    pub fn load_keeping_old(&mut self, automations: Vec<Arc<Automation>>) -> RetiredPlan {
         let old_plan = std::mem::take(&mut self.plan);
         let mut old_leaf_states: HashMap<(Uuid, Uuid), LeafState> = HashMap::new();
         let mut old_composite_states: HashMap<(Uuid, Uuid), CompositeState> = HashMap::new();
         let mut plan = Plan::default();
+        // Sized once: one leaf per automation is the common shape.
+        let count = automations.len();
+        plan.automations.reserve_exact(count);
+        plan.fingerprints.reserve_exact(count);
+        plan.first_leaf.reserve_exact(count + 1);
+        plan.leaves.reserve(count);
+        plan.by_id.reserve(count);
         for automation in automations {
             let index = plan.automations.len();
             plan.first_leaf.push(plan.leaves.len() as u32);
@@ -412,6 +433,10 @@ impl Engine {
             .leaves
             .iter()
             .map(|leaf| {
+                if old_leaf_states.is_empty() {
+                    // Nothing (left) to carry over: no lookup per leaf.
+                    return LeafState::default();
+                }
                 let id = plan.automations[leaf.automation].id;
                 match old_leaf_states.remove(&(id, leaf.trigger.id)) {
                     Some(state) if unchanged(&plan, leaf.automation) => state,
@@ -448,6 +473,7 @@ impl Engine {
         self.plan = plan;
         let current = self.flow_automations();
         self.flow.retain(&current);
+        RetiredPlan { _plan: old_plan }
     }
 
     /// The loaded automations, in load order.

@@ -79,12 +79,12 @@ pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 /// Leaf triggers filed by the event names (and resource ids) they can match.
 #[derive(Debug, Default)]
 pub struct TriggerIndex {
-    literal: FxHashMap<Box<str>, Vec<u32>>,
+    literal: FxHashMap<Box<str>, Leaves>,
     prefixes: PrefixTrie,
     globs: Option<GlobSet>,
     glob_owners: Vec<u32>,
     always: Vec<u32>,
-    any_name_by_resource: FxHashMap<Box<str>, Vec<u32>>,
+    any_name_by_resource: FxHashMap<Box<str>, Leaves>,
     leaf_count: usize,
 }
 
@@ -101,10 +101,14 @@ pub struct CandidateScratch {
 impl TriggerIndex {
     /// Builds the index over `leaves` (leaf number = position).
     pub fn build<'a>(leaves: impl IntoIterator<Item = &'a EventTrigger>) -> TriggerIndex {
+        let leaves = leaves.into_iter();
         let mut index = TriggerIndex::default();
+        // One entry per leaf is the common shape (an event name per automation): size the
+        // map once instead of growing it through every power of two.
+        index.literal.reserve(leaves.size_hint().0.min(MAX_PRESIZE));
         let mut glob_builder = GlobSetBuilder::new();
         let mut glob_count = 0usize;
-        for (n, trigger) in leaves.into_iter().enumerate() {
+        for (n, trigger) in leaves.enumerate() {
             let leaf = n as u32;
             index.leaf_count = n + 1;
             let patterns = trigger.index_patterns();
@@ -113,10 +117,7 @@ impl TriggerIndex {
                 match trigger.match_resource.literal_values(RESOURCE_ID) {
                     Some(ids) if !ids.is_empty() => {
                         for id in ids {
-                            push_unique(
-                                index.any_name_by_resource.entry(id.into()).or_default(),
-                                leaf,
-                            );
+                            Leaves::add(index.any_name_by_resource.entry(id.into()), leaf);
                         }
                     }
                     _ => index.always.push(leaf),
@@ -125,7 +126,7 @@ impl TriggerIndex {
             }
             for glob in patterns {
                 if glob.is_literal() {
-                    push_unique(index.literal.entry(glob.as_str().into()).or_default(), leaf);
+                    Leaves::add(index.literal.entry(glob.as_str().into()), leaf);
                 } else if !glob.literal_prefix().is_empty() || glob.trailing_star_prefix().is_some()
                 {
                     // Every match starts with the literal prefix (for `prefix*` that is the
@@ -199,7 +200,7 @@ impl TriggerIndex {
         };
         let name = event.event.as_str();
         if let Some(list) = self.literal.get(name) {
-            add(list);
+            add(list.as_slice());
         }
         self.prefixes
             .for_each_prefix_of(name.as_bytes(), |list| add(list));
@@ -211,7 +212,7 @@ impl TriggerIndex {
             }
         }
         if let Some(list) = self.any_name_by_resource.get(event.resource.id()) {
-            add(list);
+            add(list.as_slice());
         }
         add(&self.always);
         leaves.sort_unstable();
@@ -276,6 +277,45 @@ impl PrefixTrie {
         }
         if !node.leaves.is_empty() {
             visit(&node.leaves);
+        }
+    }
+}
+
+/// Upper bound on the entries [`TriggerIndex::build`] reserves up front (a hint, not a limit).
+const MAX_PRESIZE: usize = 1 << 20;
+
+/// The leaves under one key of a map, in leaf order. Most keys have exactly one (one
+/// automation per event name or resource): those hold it inline, so 100 000 such automations
+/// cost no allocation per key to build, keep or drop.
+#[derive(Debug)]
+enum Leaves {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Leaves {
+    /// Adds `leaf` under the key of `entry` (leaves arrive in order; a repeat is skipped).
+    fn add(entry: std::collections::hash_map::Entry<'_, Box<str>, Leaves>, leaf: u32) {
+        use std::collections::hash_map::Entry;
+        match entry {
+            Entry::Vacant(slot) => {
+                slot.insert(Leaves::One(leaf));
+            }
+            Entry::Occupied(mut slot) => match slot.get_mut() {
+                Leaves::One(first) if *first == leaf => {}
+                Leaves::One(first) => {
+                    let first = *first;
+                    slot.insert(Leaves::Many(vec![first, leaf]));
+                }
+                Leaves::Many(list) => push_unique(list, leaf),
+            },
+        }
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Leaves::One(leaf) => std::slice::from_ref(leaf),
+            Leaves::Many(list) => list,
         }
     }
 }
