@@ -679,13 +679,13 @@ async fn automations(State(state): State<ApiState>, Query(q): Query<AutomationsQ
     };
     let (errors, warnings, in_file) = match state.status.read() {
         Ok(status) => {
-            let in_file: Option<HashSet<String>> =
+            let in_file: Option<HashSet<uuid::Uuid>> =
                 q.file.as_deref().filter(|f| !f.is_empty()).map(|file| {
                     status
                         .sources
                         .iter()
-                        .filter(|(_, source)| source_in_file(source, file))
-                        .map(|(name, _)| name.clone())
+                        .filter(|(_, source)| source.is_in_file(file))
+                        .map(|(id, _)| *id)
                         .collect()
                 });
             (status.errors.clone(), status.warnings.clone(), in_file)
@@ -704,7 +704,7 @@ async fn automations(State(state): State<ApiState>, Query(q): Query<AutomationsQ
                     .is_none_or(|t| a.tags.iter().any(|own| own == t))
             })
             .filter(|a| enabled.is_none_or(|e| a.enabled == e))
-            .filter(|a| in_file.as_ref().is_none_or(|names| names.contains(&a.name)))
+            .filter(|a| in_file.as_ref().is_none_or(|ids| ids.contains(&a.id)))
             .collect();
         let (page, more) = smallest(selected, limit, |a| a.name.as_str());
         let page: Vec<crate::pipeline::AutomationState> = page
@@ -733,10 +733,7 @@ async fn automations(State(state): State<ApiState>, Query(q): Query<AutomationsQ
     };
     let origins = state.status.read().ok().map(|s| {
         page.iter()
-            .map(|a| {
-                let name = &a.automation.name;
-                (s.origin(name), s.sources.get(name).cloned())
-            })
+            .map(|a| (s.origin(a.automation.id), s.source(a.automation.id)))
             .collect::<Vec<_>>()
     });
     let automations: Vec<Value> = page
@@ -784,12 +781,6 @@ async fn automations(State(state): State<ApiState>, Query(q): Query<AutomationsQ
         "clock": clock.map(format_timestamp),
     }))
     .into_response()
-}
-
-/// Is `source` (`file:line`) in `file` (the whole path, or its last components)?
-fn source_in_file(source: &str, file: &str) -> bool {
-    let path = source.rsplit_once(':').map_or(source, |(path, _)| path);
-    path == file || path.ends_with(&format!("/{file}"))
 }
 
 async fn set_paused(state: &ApiState, wanted: &str, paused: bool) -> Response {
@@ -1675,12 +1666,12 @@ async fn automation_detail(
         .status
         .read()
         .ok()
-        .and_then(|s| s.sources.get(&a.automation.name).cloned());
+        .and_then(|s| s.source(a.automation.id));
     let origin = state
         .status
         .read()
         .ok()
-        .map_or("file", |s| s.origin(&a.automation.name));
+        .map_or("file", |s| s.origin(a.automation.id));
     let name = a.automation.name.clone();
     let store = state.store.clone();
     let found = tokio::task::spawn_blocking(move || {

@@ -106,6 +106,8 @@ impl Daemon {
         let templates = TemplateEngine::new();
         let mut file_cache = spur_core::load::FileCache::default();
         let mut initial = reload::load(&config.automations, &templates, &[], &mut file_cache);
+        // The files' parse trees are gone: give their memory back (see the function).
+        process::return_free_memory();
         for e in &initial.status.errors {
             error!(diagnostic = %e, "automation file refused");
         }

@@ -358,12 +358,22 @@ impl Pipeline {
                     Some(Control::Reload(automations)) => {
                         let started = std::time::Instant::now();
                         self.metrics.automations.store(automations.len() as u64, Ordering::Relaxed);
-                        self.engine.load(apply_pauses(&automations, &self.paused));
+                        let retired = self
+                            .engine
+                            .load_keeping_old(apply_pauses(&automations, &self.paused));
                         info!(
                             automations = automations.len(),
                             swap_ms = started.elapsed().as_secs_f64() * 1000.0,
                             "engine now runs the reloaded automations"
                         );
+                        // Freeing the previous plan (100 000 automations' worth) is not the
+                        // pipeline's job: events wait behind it.
+                        let dropper = std::thread::Builder::new()
+                            .name("spur-retired-plan".into())
+                            .spawn(move || drop(retired));
+                        if let Err(e) = dropper {
+                            warn!(error = %e, "no thread to free the previous plan; freeing it here");
+                        }
                         self.loaded = automations;
                         let firings = self.engine.advance_to(Utc::now());
                         self.on_firings(firings);

@@ -128,7 +128,7 @@ pub fn parse(raw: &[Value], api_url: &str) -> PrefectPart {
                     continue;
                 }
                 names.insert(automation.name.clone(), source.clone());
-                part.sources.insert(automation.name.clone(), source);
+                part.sources.insert(automation.id, source);
                 part.automations.push(Arc::new(automation));
             }
             _ if errors.is_empty() => part.errors.push(format!(
@@ -552,7 +552,7 @@ mod tests {
             runs.warnings
         );
         assert_eq!(
-            part.sources["a1"],
+            part.sources[&uuid::Uuid::from_u128(0x36676e14_ea45_40fd_ab63_ceb3b07e391f)],
             "http://p/api/automations/36676e14-ea45-40fd-ab63-ceb3b07e391f"
         );
         assert!(

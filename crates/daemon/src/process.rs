@@ -27,6 +27,24 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Hands the memory this thread has freed back to the operating system now (mimalloc's
+/// `mi_collect(true)`), instead of when the allocator next gets round to it.
+///
+/// Why: loading 100 000 automations builds a parse tree of ~370 MB next to the ~230 MB the
+/// loaded automations keep, and frees it when the load is done. mimalloc gives freed pages
+/// back only after a delay, and only when allocation activity checks that delay: a daemon
+/// that is idle after its load kept the whole peak resident (700 MB RSS at 100 000
+/// automations, 275 MB after this call). Loads call it on the thread that did the parsing,
+/// right after the parse tree is gone. It costs a few milliseconds, once per load.
+///
+/// In a process whose global allocator is not mimalloc this only tidies mimalloc's own
+/// (empty) heaps.
+pub fn return_free_memory() {
+    // SAFETY: mi_collect takes no pointers; it walks the calling thread's heap and the
+    // allocator's arenas under their own locks.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     #[test]

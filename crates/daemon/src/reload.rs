@@ -20,7 +20,7 @@
 //! `prefect_bridge`): [`Catalog`] puts the parts together, and every source publishes through
 //! it, so one source's reload never drops another's automations.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -34,6 +34,7 @@ use spur_replay::check_templates;
 use spur_template::TemplateEngine;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
+use uuid::Uuid;
 
 use crate::pipeline::Control;
 
@@ -44,21 +45,68 @@ pub struct LoadStatus {
     pub errors: Vec<String>,
     /// Warnings, same form.
     pub warnings: Vec<String>,
-    /// Where each loaded automation is defined, by name: `file:line`, or the Prefect server
-    /// URL of an automation read from one.
-    pub sources: BTreeMap<String, String>,
-    /// The names of the automations read from a Prefect server (the others come from files).
-    pub from_prefect: std::collections::BTreeSet<String>,
+    /// Where each loaded automation is defined, by automation id. Shared, not copied: the
+    /// catalog, the API and every reload hold the same map until one of them changes it, and
+    /// its entries are built from what the loader already knows (no string per automation),
+    /// so a reload beside 100 000 automations does not format 100 000 places.
+    pub sources: Arc<HashMap<Uuid, Source>>,
+}
+
+/// Where an automation is defined.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A file of the automations folder, at this line.
+    File {
+        /// The file.
+        file: Arc<Path>,
+        /// The line the automation starts on.
+        line: u32,
+    },
+    /// A Prefect server: the automation's URL there.
+    Prefect(String),
+}
+
+impl Source {
+    /// `prefect` or `file`: the origin `/api/automations` and the UI show.
+    pub fn origin(&self) -> &'static str {
+        match self {
+            Source::File { .. } => "file",
+            Source::Prefect(_) => "prefect",
+        }
+    }
+
+    /// True for a file whose path is `file` or ends with `/file` (the whole path, or its last
+    /// components).
+    pub fn is_in_file(&self, file: &str) -> bool {
+        match self {
+            Source::File { file: path, .. } => {
+                let path = path.to_string_lossy();
+                path == file || path.ends_with(&format!("/{file}"))
+            }
+            Source::Prefect(_) => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    /// `file:line`, or the URL.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::File { file, line } => write!(f, "{}:{line}", file.display()),
+            Source::Prefect(url) => f.write_str(url),
+        }
+    }
 }
 
 impl LoadStatus {
-    /// `prefect` or `file`: where the automation `name` comes from.
-    pub fn origin(&self, name: &str) -> &'static str {
-        if self.from_prefect.contains(name) {
-            "prefect"
-        } else {
-            "file"
-        }
+    /// `prefect` or `file`: where the automation `id` comes from.
+    pub fn origin(&self, id: Uuid) -> &'static str {
+        self.sources.get(&id).map_or("file", Source::origin)
+    }
+
+    /// Where the automation `id` is defined (`file:line` or a URL), if known.
+    pub fn source(&self, id: Uuid) -> Option<String> {
+        self.sources.get(&id).map(Source::to_string)
     }
 }
 
@@ -71,8 +119,8 @@ pub struct PrefectPart {
     pub errors: Vec<String>,
     /// Warnings, same form.
     pub warnings: Vec<String>,
-    /// Each automation's URL on the server, by name.
-    pub sources: BTreeMap<String, String>,
+    /// Each automation's URL on the server, by id.
+    pub sources: HashMap<Uuid, String>,
 }
 
 /// The folder's automations and the Prefect server's, put together: what the engine runs and
@@ -91,21 +139,22 @@ pub fn merge(
     status.errors.extend(prefect.errors.iter().cloned());
     status.warnings.extend(prefect.warnings.iter().cloned());
     let taken: std::collections::HashSet<&str> = files.iter().map(|a| a.name.as_str()).collect();
+    let sources = Arc::make_mut(&mut status.sources);
     for a in &prefect.automations {
-        let source = prefect.sources.get(&a.name).cloned().unwrap_or_default();
+        let source = prefect.sources.get(&a.id).cloned().unwrap_or_default();
         if taken.contains(a.name.as_str()) {
+            let defined = files
+                .iter()
+                .find(|f| f.name == a.name)
+                .and_then(|f| file_status.source(f.id))
+                .unwrap_or_else(|| "a file".to_owned());
             status.errors.push(format!(
-                "{source}: name: {:?} is defined in {}; the Prefect automation is not evaluated",
+                "{source}: name: {:?} is defined in {defined}; the Prefect automation is not evaluated",
                 a.name,
-                file_status
-                    .sources
-                    .get(&a.name)
-                    .map_or("a file", String::as_str)
             ));
             continue;
         }
-        status.from_prefect.insert(a.name.clone());
-        status.sources.insert(a.name.clone(), source);
+        sources.insert(a.id, Source::Prefect(source));
         automations.push(a.clone());
     }
     (automations, status)
@@ -241,12 +290,18 @@ pub fn load(
             automations.push(kept.clone());
         }
     }
-    for a in &automations {
-        status.sources.insert(
-            a.automation.name.clone(),
-            format!("{}:{}", a.origin.file.display(), outcome.line_of(&a.origin)),
-        );
-    }
+    status.sources = Arc::new(
+        automations
+            .iter()
+            .map(|a| {
+                let source = Source::File {
+                    file: a.origin.file.clone(),
+                    line: a.origin.line,
+                };
+                (a.automation.id, source)
+            })
+            .collect(),
+    );
     Loaded {
         automations,
         status,
@@ -315,7 +370,11 @@ pub async fn watch_folder(
             let mut taken = cache.take().unwrap_or_default();
             let scan = tokio::task::spawn_blocking(move || {
                 let now = fingerprint(&path);
-                let loaded = (now != seen).then(|| load(&path, &templates, &previous, &mut taken));
+                let loaded = (now != seen).then(|| {
+                    let loaded = load(&path, &templates, &previous, &mut taken);
+                    crate::process::return_free_memory();
+                    loaded
+                });
                 (now, loaded, taken)
             });
             match scan.await {
@@ -379,38 +438,50 @@ mod tests {
         Arc::new(a.expect("a valid automation"))
     }
 
+    fn with_id(a: Arc<Automation>, n: u128) -> Arc<Automation> {
+        let mut a = (*a).clone();
+        a.id = Uuid::from_u128(n);
+        Arc::new(a)
+    }
+
     #[test]
     fn merge_keeps_the_folders_names_and_marks_the_servers_automations() {
         let files = vec![automation("shared"), automation("from-file")];
+        // The server's automations have their own ids (as a server's do).
+        let server_shared = with_id(automation("shared"), 1);
+        let server_only = with_id(automation("from-server"), 2);
         let mut file_status = LoadStatus::default();
-        file_status
-            .sources
-            .insert("shared".into(), "a.yaml:1".into());
+        let source = Source::File {
+            file: Arc::from(Path::new("a.yaml")),
+            line: 1,
+        };
+        file_status.sources = Arc::new([(files[0].id, source)].into());
         let prefect = PrefectPart {
-            automations: vec![automation("shared"), automation("from-server")],
+            automations: vec![server_shared.clone(), server_only.clone()],
             errors: vec!["bad one".into()],
             warnings: Vec::new(),
             sources: [
-                ("shared".to_owned(), "http://p/api/automations/1".to_owned()),
-                (
-                    "from-server".to_owned(),
-                    "http://p/api/automations/2".to_owned(),
-                ),
+                (server_shared.id, "http://p/api/automations/1".to_owned()),
+                (server_only.id, "http://p/api/automations/2".to_owned()),
             ]
             .into(),
         };
         let (automations, status) = merge(&files, &file_status, Some(&prefect));
         let names: Vec<&str> = automations.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["shared", "from-file", "from-server"]);
-        assert_eq!(status.origin("from-server"), "prefect");
-        assert_eq!(status.origin("shared"), "file");
-        assert_eq!(status.sources["shared"], "a.yaml:1");
-        assert_eq!(status.sources["from-server"], "http://p/api/automations/2");
+        assert_eq!(status.origin(server_only.id), "prefect");
+        assert_eq!(status.origin(files[0].id), "file");
+        assert_eq!(status.source(files[0].id).as_deref(), Some("a.yaml:1"));
+        assert_eq!(
+            status.source(server_only.id).as_deref(),
+            Some("http://p/api/automations/2")
+        );
+        assert_eq!(status.source(server_shared.id), None, "not evaluated");
         assert_eq!(status.errors.len(), 2, "{:?}", status.errors);
         assert!(status.errors[1].contains("a.yaml:1"), "{:?}", status.errors);
         // Without a server, the folder's part as it is.
         let (alone, status) = merge(&files, &file_status, None);
         assert_eq!(alone.len(), 2);
-        assert!(status.from_prefect.is_empty());
+        assert!(status.sources.values().all(|s| s.origin() == "file"));
     }
 }
