@@ -966,6 +966,74 @@ fn the_api_serves_tls_and_refuses_plain_http_cleanly() {
     assert!(stderr.contains("other.key"), "{stderr}");
 }
 
+/// A `nats-server` on loopback that serves TLS only (a certificate of [`test_certificates`])
+/// and knows its one client by nkey.
+struct SecuredNats {
+    server: support::NatsServer,
+    /// The CA that signed the server's certificate.
+    ca: std::path::PathBuf,
+    /// A file holding the client's nkey seed.
+    seed_file: std::path::PathBuf,
+    /// The seed itself.
+    seed: String,
+}
+
+impl SecuredNats {
+    fn start(bin: &std::path::Path, dir: &std::path::Path) -> SecuredNats {
+        let certs = dir.join("certs");
+        std::fs::create_dir_all(&certs).expect("certs dir");
+        test_certificates(&certs);
+        let user = nkeys::KeyPair::new_user();
+        let seed = user.seed().expect("seed");
+        let seed_file = dir.join("spur.nk");
+        std::fs::write(&seed_file, format!("{seed}\n")).expect("write seed");
+        let config = format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\nauthorization {{\n  users: [ {{ nkey: \"{}\" }} ]\n}}\n",
+            certs.join("server.pem").display(),
+            certs.join("server.key").display(),
+            user.public_key()
+        );
+        let server = support::NatsServer::start_with_config(bin, &dir.join("nats"), &config);
+        SecuredNats {
+            server,
+            ca: certs.join("ca.pem"),
+            seed_file,
+            seed,
+        }
+    }
+
+    fn url(&self) -> &str {
+        &self.server.url
+    }
+
+    /// `--nats URL --nats-tls-ca CA --nats-nkey SEED_FILE`.
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--nats".to_owned(),
+            self.server.url.clone(),
+            "--nats-tls-ca".to_owned(),
+            self.ca.display().to_string(),
+            "--nats-nkey".to_owned(),
+            self.seed_file.display().to_string(),
+        ]
+    }
+}
+
+/// `POST /api/events/filter` for one id on an open daemon: the total.
+fn stored(daemon: &SpurDaemon, id: &str) -> Option<u64> {
+    let (status, body) = request(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        &[("content-type", "application/json".to_owned())],
+        json!({"filter": {"id": {"id": [id]}}})
+            .to_string()
+            .into_bytes(),
+    );
+    (status == 200)
+        .then(|| serde_json::from_str::<Value>(&body).ok()?["total"].as_u64())
+        .flatten()
+}
+
 /// `--nats-tls-ca` and `--nats-nkey`: against a nats-server that serves TLS only and knows
 /// its clients by nkey, the daemon connects, consumes JetStream and stores what a publisher
 /// with the same credentials sends; a credential file that cannot be read stops the start
@@ -976,32 +1044,12 @@ fn the_daemon_reaches_nats_over_tls_with_an_nkey() {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).expect("certs dir");
-    test_certificates(&certs);
-    let user = nkeys::KeyPair::new_user();
-    let seed = user.seed().expect("seed");
-    let seed_file = dir.path().join("spur.nk");
-    std::fs::write(&seed_file, format!("{seed}\n")).expect("write seed");
-    let config = format!(
-        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\nauthorization {{\n  users: [ {{ nkey: \"{}\" }} ]\n}}\n",
-        certs.join("server.pem").display(),
-        certs.join("server.key").display(),
-        user.public_key()
-    );
-    let nats = support::NatsServer::start_with_config(&bin, &dir.path().join("nats"), &config);
-    let ca = certs.join("ca.pem");
+    let nats = SecuredNats::start(&bin, dir.path());
+    let flags = nats.flags();
     let daemon = SpurDaemon::start(
         &dir.path().join("data"),
         &automations_folder(dir.path(), &[]),
-        &[
-            "--nats",
-            &nats.url,
-            "--nats-tls-ca",
-            ca.to_str().expect("utf-8 path"),
-            "--nats-nkey",
-            seed_file.to_str().expect("utf-8 path"),
-        ],
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     daemon.wait_for_jetstream();
 
@@ -1010,16 +1058,16 @@ fn the_daemon_reaches_nats_over_tls_with_an_nkey() {
     runtime.block_on(async {
         // Without credentials the server refuses the publisher: the flags are what let Spur in.
         let refused = async_nats::ConnectOptions::new()
-            .add_root_certificates(ca.clone())
+            .add_root_certificates(nats.ca.clone())
             .require_tls(true)
-            .connect(&nats.url)
+            .connect(nats.url())
             .await;
         assert!(refused.is_err(), "the test server must require an nkey");
         let client = async_nats::ConnectOptions::new()
-            .add_root_certificates(ca.clone())
+            .add_root_certificates(nats.ca.clone())
             .require_tls(true)
-            .nkey(seed.clone())
-            .connect(&nats.url)
+            .nkey(nats.seed.clone())
+            .connect(nats.url())
             .await
             .expect("the publisher connects with TLS and the nkey");
         let event = json!({
@@ -1033,15 +1081,7 @@ fn the_daemon_reaches_nats_over_tls_with_an_nkey() {
         client.flush().await.expect("flush");
     });
     eventually(Duration::from_secs(15), "the event over TLS stored", || {
-        let (status, body) = request(
-            "POST",
-            &format!("{}/api/events/filter", daemon.url),
-            &[("content-type", "application/json".to_owned())],
-            json!({"filter": {"id": {"id": [id]}}})
-                .to_string()
-                .into_bytes(),
-        );
-        (status == 200 && serde_json::from_str::<Value>(&body).ok()?["total"] == 1).then_some(())
+        (stored(&daemon, &id) == Some(1)).then_some(())
     });
 
     let missing = dir.path().join("no-such.creds");
@@ -1049,7 +1089,7 @@ fn the_daemon_reaches_nats_over_tls_with_an_nkey() {
         dir.path(),
         &[
             "--nats",
-            &nats.url,
+            nats.url(),
             "--nats-creds",
             missing.to_str().expect("utf-8 path"),
         ],
@@ -1057,5 +1097,240 @@ fn the_daemon_reaches_nats_over_tls_with_an_nkey() {
     assert!(
         stderr.contains("--nats-creds") && stderr.contains("no-such.creds"),
         "{stderr}"
+    );
+}
+
+/// Runs `spur ARGS` with `env` (the `SPUR_NATS_*` variables removed first) and waits at most
+/// `timeout` for it to exit: (exited successfully, stdout, stderr); killed (and failed) if
+/// it does not exit in time.
+fn spur_bounded(
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+    timeout: Duration,
+) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_spur"));
+    command.args(args);
+    for var in [
+        "SPUR_NATS",
+        "SPUR_NATS_CREDS",
+        "SPUR_NATS_NKEY",
+        "SPUR_NATS_TLS_CA",
+        "SPUR_NATS_TLS_CERT",
+        "SPUR_NATS_TLS_KEY",
+    ] {
+        command.env_remove(var);
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spur runs");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut out, &mut stdout);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+    }
+    assert!(
+        status.is_some(),
+        "spur {args:?} did not exit within {timeout:?}: {stdout}{stderr}"
+    );
+    (status.is_some_and(|s| s.success()), stdout, stderr)
+}
+
+/// The other commands that connect to NATS take the same credentials and TLS as the daemon
+/// (one set of flags, `SPUR_NATS_*` variables too): `spur emit --nats` publishes through a
+/// TLS-only, nkey-only nats-server to the daemon, and `spur worker` (configured by the
+/// variables) runs the quickstart chain's runs. Without the credentials both stop at once,
+/// saying the server refused them, and an unreadable credential file is named.
+#[test]
+fn spur_emit_and_spur_worker_reach_nats_with_credentials() {
+    let Some(bin) = support::require_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = SecuredNats::start(&bin, dir.path());
+    let flags = nats.flags();
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &support::root().join("config/examples/chain-worker"),
+        &flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    daemon.wait_for_jetstream();
+    let bound = Duration::from_secs(20);
+
+    // `spur emit --nats` with the flags: JetStream acknowledges it, the daemon stores it.
+    let mut emit = vec!["emit", "cli.over-nats", "--resource", "cli.tls"];
+    emit.extend(flags.iter().map(String::as_str));
+    let (ok, stdout, stderr) = spur_bounded(&emit, &[], bound);
+    assert!(ok, "{stdout}{stderr}");
+    let id = stdout.trim().to_owned();
+    eventually(Duration::from_secs(15), "the emitted event stored", || {
+        (stored(&daemon, &id) == Some(1)).then_some(())
+    });
+    // The same through the variables.
+    let (ok, stdout, stderr) = spur_bounded(
+        &[
+            "emit",
+            "cli.over-nats",
+            "--resource",
+            "cli.env",
+            "--nats",
+            nats.url(),
+        ],
+        &[
+            ("SPUR_NATS_TLS_CA", &nats.ca),
+            ("SPUR_NATS_NKEY", &nats.seed_file),
+        ],
+        bound,
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let by_env = stdout.trim().to_owned();
+    eventually(
+        Duration::from_secs(15),
+        "the event sent by env stored",
+        || (stored(&daemon, &by_env) == Some(1)).then_some(()),
+    );
+    // Without the nkey the server refuses, and the command says so instead of retrying.
+    let (ok, stdout, stderr) = spur_bounded(
+        &[
+            "emit",
+            "cli.over-nats",
+            "--resource",
+            "cli.refused",
+            "--nats",
+            nats.url(),
+        ],
+        &[("SPUR_NATS_TLS_CA", &nats.ca)],
+        bound,
+    );
+    assert!(!ok, "{stdout}");
+    assert!(
+        stderr.contains("cannot connect to NATS") && stderr.contains("authorization"),
+        "{stderr}"
+    );
+    // Without the CA the server's certificate is not trusted.
+    let (ok, _, stderr) = spur_bounded(
+        &[
+            "emit",
+            "cli.over-nats",
+            "--resource",
+            "cli.refused",
+            "--nats",
+            nats.url(),
+        ],
+        &[("SPUR_NATS_NKEY", &nats.seed_file)],
+        bound,
+    );
+    assert!(!ok && stderr.contains("cannot connect to NATS"), "{stderr}");
+    // An unreadable file is named with its flag.
+    let missing = dir.path().join("no-such.nk");
+    let (ok, _, stderr) = spur_bounded(
+        &[
+            "emit",
+            "x",
+            "--resource",
+            "r",
+            "--nats",
+            nats.url(),
+            "--nats-nkey",
+            missing.to_str().expect("utf-8 path"),
+        ],
+        &[],
+        bound,
+    );
+    assert!(
+        !ok && stderr.contains("--nats-nkey") && stderr.contains("no-such.nk"),
+        "{stderr}"
+    );
+
+    // `spur worker` without the nkey stops at once (no silent retrying).
+    let (ok, _, stderr) = spur_bounded(
+        &["worker", "--pool", "default", "--nats", nats.url()],
+        &[("SPUR_NATS_TLS_CA", &nats.ca)],
+        bound,
+    );
+    assert!(
+        !ok && stderr.contains("cannot connect to NATS") && stderr.contains("authorization"),
+        "{stderr}"
+    );
+    // With it (by the variables), it serves the pool: the chain runs on it.
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(["worker", "--pool", "default", "--nats", nats.url()])
+        .env("SPUR_NATS_TLS_CA", &nats.ca)
+        .env("SPUR_NATS_NKEY", &nats.seed_file)
+        .env_remove("SPUR_NATS_CREDS")
+        .env("SPUR_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spur worker starts");
+    let worker_log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let sink = worker_log.clone();
+        let stderr = worker.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
+            {
+                if let Ok(mut log) = sink.lock() {
+                    log.push_str(&line);
+                    log.push('\n');
+                }
+            }
+        });
+    }
+    eventually(Duration::from_secs(15), "the worker ready", || {
+        worker_log
+            .lock()
+            .ok()?
+            .contains("worker ready")
+            .then_some(())
+    });
+    let (ok, out, err) = spur_bounded(
+        &["runs", "start", "upstream", "--api", &daemon.url],
+        &[],
+        bound,
+    );
+    assert!(ok, "{out}{err}");
+    let downstream = eventually(
+        Duration::from_secs(30),
+        "the downstream run on the worker",
+        || {
+            let (_, body) = request("GET", &format!("{}/api/runs", daemon.url), &[], Vec::new());
+            let v: Value = serde_json::from_str(&body).ok()?;
+            let runs = v["runs"].as_array()?.clone();
+            runs.into_iter().find(|r| {
+                r["deployment"] == "downstream"
+                    && matches!(
+                        r["state"].as_str(),
+                        Some("Completed" | "Failed" | "Crashed")
+                    )
+            })
+        },
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(downstream["state"], "Completed", "{downstream}");
+    assert_eq!(
+        downstream["parameters"]["prev_result"], "foobar",
+        "{downstream}"
     );
 }

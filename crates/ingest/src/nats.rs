@@ -79,6 +79,16 @@ pub enum NatsConnectError {
     Connect(#[from] async_nats::ConnectError),
 }
 
+impl NatsConnectError {
+    /// Is the server just not reachable (yet): no answer, a refused or timed-out TCP
+    /// connection, a name that does not resolve? Refused credentials and TLS failures are not.
+    pub fn is_unreachable(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        matches!(self, NatsConnectError::Connect(e)
+            if matches!(e.kind(), Kind::Io | Kind::TimedOut | Kind::Dns))
+    }
+}
+
 /// A template for messages that are not events: for subjects matching `subject` (NATS
 /// wildcards: `*` one token, `>` the rest), the template renders the event JSON from
 /// `subject`, `headers` and `body` (parsed JSON when it parses, else the text) — the same
@@ -323,7 +333,10 @@ pub async fn connect(
     url: &str,
     counters: Arc<NatsCounters>,
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
-    base_options(counters).connect(url).await
+    base_options(counters)
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
 }
 
 /// Checks the files of `auth` (readable, an nkey seed where one is expected) and turns them
@@ -392,13 +405,25 @@ pub async fn connect_with(
     counters: Arc<NatsCounters>,
 ) -> Result<async_nats::Client, NatsConnectError> {
     let options = auth_options(auth, base_options(counters)).await?;
+    Ok(options.retry_on_initial_connect().connect(url).await?)
+}
+
+/// Connects with `auth`'s credentials and TLS for a command line: the first connection is
+/// tried once (within the client's connect timeout), so refused credentials, a failed TLS
+/// handshake or an unreachable server are an error at once rather than retries in the
+/// background; later disconnects reconnect as usual.
+pub async fn connect_once(
+    url: &str,
+    auth: &NatsAuth,
+    counters: Arc<NatsCounters>,
+) -> Result<async_nats::Client, NatsConnectError> {
+    let options = auth_options(auth, base_options(counters)).await?;
     Ok(options.connect(url).await?)
 }
 
 fn base_options(counters: Arc<NatsCounters>) -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new()
         .name("spur")
-        .retry_on_initial_connect()
         .event_callback(move |event| {
             let counters = counters.clone();
             async move {

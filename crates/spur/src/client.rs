@@ -149,6 +149,8 @@ pub struct EmitOptions<'a> {
     pub follows: Option<&'a str>,
     pub api: Option<&'a str>,
     pub nats: Option<&'a str>,
+    /// Credentials and TLS for `nats`.
+    pub nats_connection: &'a crate::serve::NatsConnectArgs,
     pub subject_prefix: &'a str,
 }
 
@@ -177,9 +179,10 @@ pub fn emit(o: &EmitOptions<'_>) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         if let Some(url) = o.nats {
-            let client = spur_ingest::nats::connect(url, Arc::default())
+            let auth = o.nats_connection.auth(None)?;
+            let client = spur_ingest::nats::connect_once(url, &auth, Arc::default())
                 .await
-                .context("cannot connect to NATS")?;
+                .with_context(|| format!("cannot connect to NATS at {url}"))?;
             let subject = spur_ingest::nats::subject_for(o.subject_prefix, &event.event);
             spur_ingest::nats::publish(&client, subject.clone(), &event)
                 .await

@@ -58,6 +58,8 @@ enum Command {
         /// This worker's name in reports [default: host name and process id].
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        nats_connection: serve::NatsConnectArgs,
     },
     /// Send one event to the daemon (or publish it to NATS); prints its id.
     Emit {
@@ -87,6 +89,8 @@ enum Command {
         /// Publish to this NATS server instead of the daemon's HTTP API.
         #[arg(long)]
         nats: Option<String>,
+        #[command(flatten)]
+        nats_connection: serve::NatsConnectArgs,
         /// Subject prefix for --nats (the subject is PREFIX.EVENT_NAME).
         #[arg(long, default_value = "events")]
         subject_prefix: String,
@@ -464,9 +468,12 @@ fn main() -> ExitCode {
         }
         .map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::serve(&args).map(|()| ExitCode::SUCCESS),
-        Command::Worker { pool, nats, name } => {
-            serve::worker(&pool, &nats, name).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Worker {
+            pool,
+            nats,
+            name,
+            nats_connection,
+        } => serve::worker(&pool, &nats, name, &nats_connection).map(|()| ExitCode::SUCCESS),
         Command::Emit {
             name,
             resource,
@@ -477,6 +484,7 @@ fn main() -> ExitCode {
             follows,
             api,
             nats,
+            nats_connection,
             subject_prefix,
         } => client::emit(&client::EmitOptions {
             name: &name,
@@ -488,6 +496,7 @@ fn main() -> ExitCode {
             follows: follows.as_deref(),
             api: api.as_deref(),
             nats: nats.as_deref(),
+            nats_connection: &nats_connection,
             subject_prefix: &subject_prefix,
         })
         .map(|()| ExitCode::SUCCESS),

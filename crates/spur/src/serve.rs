@@ -36,22 +36,9 @@ pub struct ServeArgs {
     /// Use core NATS subscriptions instead of a JetStream durable consumer (lossy).
     #[arg(long, env = "SPUR_NATS_CORE")]
     pub nats_core: bool,
-    /// A NATS credentials file (`.creds`: a user JWT and its nkey seed, what `nsc` writes).
-    /// A user and password go in the URL instead: `nats://user:pass@host:4222`.
-    #[arg(long, env = "SPUR_NATS_CREDS")]
-    pub nats_creds: Option<PathBuf>,
-    /// A file holding the nkey seed (`SU…`) NATS knows this client by.
-    #[arg(long, env = "SPUR_NATS_NKEY")]
-    pub nats_nkey: Option<PathBuf>,
-    /// CA certificate(s) (PEM) that signed the NATS server's certificate; turns TLS on.
-    #[arg(long, env = "SPUR_NATS_TLS_CA")]
-    pub nats_tls_ca: Option<PathBuf>,
-    /// A client certificate (PEM) for a NATS server that verifies clients; needs --nats-tls-key.
-    #[arg(long, env = "SPUR_NATS_TLS_CERT", requires = "nats_tls_key")]
-    pub nats_tls_cert: Option<PathBuf>,
-    /// The private key (PEM) for --nats-tls-cert.
-    #[arg(long, env = "SPUR_NATS_TLS_KEY", requires = "nats_tls_cert")]
-    pub nats_tls_key: Option<PathBuf>,
+    /// How Spur authenticates to NATS and which TLS it trusts.
+    #[command(flatten)]
+    pub nats_connection: NatsConnectArgs,
     /// How long events are kept: seconds, or 30m / 12h / 7d, or ISO-8601 [default: 7d].
     #[arg(long, env = "SPUR_RETENTION")]
     pub retention: Option<String>,
@@ -142,46 +129,74 @@ fn file_settings(path: &Path) -> Result<serde_json::Map<String, Value>> {
     }
 }
 
-/// The NATS connection's credentials and TLS: flags win over the config file's `nats:`
-/// object (`creds`, `nkey`, `tls_ca`, `tls_cert`, `tls_key`). A file that cannot be read
-/// stops the start with its setting and path named.
-fn nats_auth(args: &ServeArgs, nats_file: Option<&Value>) -> Result<spur_ingest::nats::NatsAuth> {
-    let from_file = |key: &str| {
-        nats_file
-            .and_then(|n| n.get(key))
-            .and_then(Value::as_str)
-            .map(PathBuf::from)
-    };
-    let pick = |flag: &Option<PathBuf>, key: &str| flag.clone().or_else(|| from_file(key));
-    let tls_client = match (
-        pick(&args.nats_tls_cert, "tls_cert"),
-        pick(&args.nats_tls_key, "tls_key"),
-    ) {
-        (Some(cert), Some(key)) => Some((cert, key)),
-        (None, None) => None,
-        (Some(_), None) => bail!("nats.tls_cert is set but nats.tls_key is not (both are needed)"),
-        (None, Some(_)) => bail!("nats.tls_key is set but nats.tls_cert is not (both are needed)"),
-    };
-    let auth = spur_ingest::nats::NatsAuth {
-        creds: pick(&args.nats_creds, "creds"),
-        nkey: pick(&args.nats_nkey, "nkey"),
-        tls_ca: pick(&args.nats_tls_ca, "tls_ca"),
-        tls_client,
-    };
-    let files = [
-        ("--nats-creds", auth.creds.as_ref()),
-        ("--nats-nkey", auth.nkey.as_ref()),
-        ("--nats-tls-ca", auth.tls_ca.as_ref()),
-        ("--nats-tls-cert", auth.tls_client.as_ref().map(|(c, _)| c)),
-        ("--nats-tls-key", auth.tls_client.as_ref().map(|(_, k)| k)),
-    ];
-    for (setting, path) in files {
-        if let Some(path) = path {
-            std::fs::File::open(path)
-                .with_context(|| format!("{setting} {}: cannot be read", path.display()))?;
+/// The NATS connection's credentials and TLS, the flags every command that connects to NATS
+/// takes (`serve`, `worker`, `emit --nats`), each also a `SPUR_NATS_*` variable. User and
+/// password go in the URL instead: `nats://user:pass@host:4222`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct NatsConnectArgs {
+    /// A NATS credentials file (`.creds`: a user JWT and its nkey seed, what `nsc` writes).
+    #[arg(long, env = "SPUR_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// A file holding the nkey seed (`SU…`) NATS knows this client by.
+    #[arg(long, env = "SPUR_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that signed the NATS server's certificate; turns TLS on.
+    #[arg(long, env = "SPUR_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a NATS server that verifies clients; needs --nats-tls-key.
+    #[arg(long, env = "SPUR_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for --nats-tls-cert.
+    #[arg(long, env = "SPUR_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+impl NatsConnectArgs {
+    /// The credentials and TLS settings: flags (and their variables) win over `nats_file`, the
+    /// config file's `nats:` object (`creds`, `nkey`, `tls_ca`, `tls_cert`, `tls_key`; only
+    /// `spur serve` reads one). A file that cannot be read is an error naming its flag and path.
+    pub fn auth(&self, nats_file: Option<&Value>) -> Result<spur_ingest::nats::NatsAuth> {
+        let from_file = |key: &str| {
+            nats_file
+                .and_then(|n| n.get(key))
+                .and_then(Value::as_str)
+                .map(PathBuf::from)
+        };
+        let pick = |flag: &Option<PathBuf>, key: &str| flag.clone().or_else(|| from_file(key));
+        let tls_client = match (
+            pick(&self.nats_tls_cert, "tls_cert"),
+            pick(&self.nats_tls_key, "tls_key"),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                bail!("nats.tls_cert is set but nats.tls_key is not (both are needed)")
+            }
+            (None, Some(_)) => {
+                bail!("nats.tls_key is set but nats.tls_cert is not (both are needed)")
+            }
+        };
+        let auth = spur_ingest::nats::NatsAuth {
+            creds: pick(&self.nats_creds, "creds"),
+            nkey: pick(&self.nats_nkey, "nkey"),
+            tls_ca: pick(&self.nats_tls_ca, "tls_ca"),
+            tls_client,
+        };
+        let files = [
+            ("--nats-creds", auth.creds.as_ref()),
+            ("--nats-nkey", auth.nkey.as_ref()),
+            ("--nats-tls-ca", auth.tls_ca.as_ref()),
+            ("--nats-tls-cert", auth.tls_client.as_ref().map(|(c, _)| c)),
+            ("--nats-tls-key", auth.tls_client.as_ref().map(|(_, k)| k)),
+        ];
+        for (setting, path) in files {
+            if let Some(path) = path {
+                std::fs::File::open(path)
+                    .with_context(|| format!("{setting} {}: cannot be read", path.display()))?;
+            }
         }
+        Ok(auth)
     }
-    Ok(auth)
 }
 
 /// Merges flags, environment, file and defaults into the daemon config.
@@ -344,7 +359,7 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             .map(|js| !js)
             .unwrap_or(false);
         nats.jetstream = !(args.nats_core || core_in_file);
-        nats.auth = nats_auth(args, nats_file)?;
+        nats.auth = args.nats_connection.auth(nats_file)?;
         if let Some(list) = nats_file.and_then(|n| n.get("templates")) {
             let Value::Array(items) = list else {
                 bail!("nats.templates: a list of {{subject, template}}");
@@ -462,9 +477,17 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     })
 }
 
-/// `spur worker`: serves a pool until SIGINT/SIGTERM or the connection closes.
-pub fn worker(pool: &str, nats: &str, name: Option<String>) -> Result<()> {
+/// `spur worker`: serves a pool until SIGINT/SIGTERM or the connection closes. Refused
+/// credentials or a failed TLS handshake stop it at once; a server not reachable yet is
+/// waited for (reconnects are retried, as before the credentials existed).
+pub fn worker(
+    pool: &str,
+    nats: &str,
+    name: Option<String>,
+    connection: &NatsConnectArgs,
+) -> Result<()> {
     init_logging("pretty");
+    let auth = connection.auth(None)?;
     let name = name.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
         format!("{}-{}", host.trim(), std::process::id())
@@ -474,9 +497,16 @@ pub fn worker(pool: &str, nats: &str, name: Option<String>) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let client = spur_ingest::nats::connect(nats, Default::default())
-            .await
-            .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+        let client = match spur_ingest::nats::connect_once(nats, &auth, Default::default()).await
+        {
+            Ok(client) => client,
+            Err(e) if e.is_unreachable() => {
+                tracing::warn!(error = %e, "NATS at {nats} is not reachable yet: waiting for it");
+                spur_ingest::nats::connect_with(nats, &auth, Default::default()).await
+            }
+            .with_context(|| format!("cannot connect to NATS at {nats}"))?,
+            Err(e) => return Err(e).with_context(|| format!("cannot connect to NATS at {nats}")),
+        };
         tokio::select! {
             result = spur_action::worker::serve_pool(client, pool, &name) => result.map_err(|e| anyhow::anyhow!("{e}")),
             _ = wait_for_signal() => {
