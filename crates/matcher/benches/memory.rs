@@ -166,13 +166,16 @@ fn flow_memory_report(setting: &str, flow: serde_json::Value) {
 /// Bytes per loaded automation, for the shape issue #23 measures (reactive, one event name, a
 /// resource filter, `do-nothing`): first the validated [`Automation`] itself, then what the
 /// engine adds when it loads them (its name index, per-automation state).
-fn automation_memory_report() {
+/// Bytes per automation of issue 23's shape (reactive, one event name, one resource filter,
+/// `do-nothing`), parsed and then loaded into the engine. `name` gives automation `n` its
+/// event name: one name for all (their compiled names are shared) or one each.
+fn automation_memory_report(label: &str, name: impl Fn(usize) -> String) {
     const N: usize = 100_000;
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     let values: Vec<serde_json::Value> = (0..N)
         .map(|n| {
             json!({"name": format!("tenant-{n}"),
-                   "trigger": {"type": "event", "posture": "Reactive", "expect": ["order.failed"],
+                   "trigger": {"type": "event", "posture": "Reactive", "expect": [name(n)],
                                "match": {"prefect.resource.id": format!("tenant.{n}")},
                                "threshold": 1, "within": 0},
                    "actions": [{"type": "do-nothing"}]})
@@ -186,8 +189,8 @@ fn automation_memory_report() {
     let loaded = LIVE_BYTES.load(Ordering::Relaxed);
     // `parse` consumed the JSON values, so `parsed - before` is the automations alone.
     println!(
-        "memory: {N} automations: {:.0} bytes per parsed automation ({:.0} as JSON), {:.0} more \
-         per automation once loaded into the engine",
+        "memory: {N} automations ({label}): {:.0} bytes per parsed automation ({:.0} as JSON), \
+         {:.0} more per automation once loaded into the engine",
         (parsed - before) as f64 / N as f64,
         as_json as f64 / N as f64,
         (loaded - parsed) as f64 / N as f64,
@@ -196,7 +199,8 @@ fn automation_memory_report() {
 }
 
 fn main() {
-    automation_memory_report();
+    automation_memory_report("one event name", |_| "order.failed".to_owned());
+    automation_memory_report("an event name each", |n| format!("tenant.{n}.job.failed"));
     memory_report();
     flow_memory_report(
         "debounce",

@@ -101,14 +101,12 @@ pub struct CandidateScratch {
 impl TriggerIndex {
     /// Builds the index over `leaves` (leaf number = position).
     pub fn build<'a>(leaves: impl IntoIterator<Item = &'a EventTrigger>) -> TriggerIndex {
-        let leaves = leaves.into_iter();
         let mut index = TriggerIndex::default();
-        // One entry per leaf is the common shape (an event name per automation): size the
-        // map once instead of growing it through every power of two.
-        index.literal.reserve(leaves.size_hint().0.min(MAX_PRESIZE));
+        // Not sized up front: 100 000 leaves may share one name (one entry) or have one each,
+        // and a map reserved for the second wastes ~45 bytes per leaf in the first.
         let mut glob_builder = GlobSetBuilder::new();
         let mut glob_count = 0usize;
-        for (n, trigger) in leaves.enumerate() {
+        for (n, trigger) in leaves.into_iter().enumerate() {
             let leaf = n as u32;
             index.leaf_count = n + 1;
             let patterns = trigger.index_patterns();
@@ -280,9 +278,6 @@ impl PrefixTrie {
         }
     }
 }
-
-/// Upper bound on the entries [`TriggerIndex::build`] reserves up front (a hint, not a limit).
-const MAX_PRESIZE: usize = 1 << 20;
 
 /// The leaves under one key of a map, in leaf order. Most keys have exactly one (one
 /// automation per event name or resource): those hold it inline, so 100 000 such automations
