@@ -329,56 +329,292 @@ fn websocket_in_band_auth_follows_scopes() {
     assert_eq!(first_answer("/api/events/out", Some("wrong")), "close 1008");
 }
 
-/// The stock Prefect client with `PREFECT_API_AUTH_STRING`: `emit_event` (websocket) and
-/// `read_events` (REST, HTTP Basic) work with auth on; without it, reading is refused.
+/// An API key for `--api-key` (Prefect's `PREFECT_API_KEY`, sent as a bearer).
+const API_KEY: &str = "pnu_spur-test-api-key";
+
+/// How a Prefect client process authenticates: its `PREFECT_API_AUTH_STRING` or
+/// `PREFECT_API_KEY`, or neither.
+#[derive(Clone, Copy)]
+enum PrefectAuth<'a> {
+    AuthString(&'a str),
+    ApiKey(&'a str),
+    None,
+}
+
+/// A Prefect client process (the provisioned `python`, or `prefect` beside it) pointed at
+/// `daemon` with `auth`, in a `PREFECT_HOME` of its own under `dir`.
+fn prefect_command(
+    program: &std::path::Path,
+    daemon: &SpurDaemon,
+    dir: &std::path::Path,
+    auth: PrefectAuth<'_>,
+) -> std::process::Command {
+    let mut command = std::process::Command::new(program);
+    command
+        .env("PREFECT_API_URL", format!("{}/api", daemon.url))
+        .env("PREFECT_HOME", dir.join("prefect-home"))
+        .env("DO_NOT_TRACK", "1")
+        .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        .env("PREFECT_CLI_WRAP_LINES", "false")
+        .env("COLUMNS", "200")
+        .env_remove("PREFECT_API_AUTH_STRING")
+        .env_remove("PREFECT_API_KEY")
+        .env_remove("PREFECT_PROFILE");
+    match auth {
+        PrefectAuth::AuthString(a) => {
+            command.env("PREFECT_API_AUTH_STRING", a);
+        }
+        PrefectAuth::ApiKey(k) => {
+            command.env("PREFECT_API_KEY", k);
+        }
+        PrefectAuth::None => {}
+    }
+    command
+}
+
+/// The `prefect` command of the provisioned virtualenv (beside its `python`).
+fn prefect_cli(python: &str) -> std::path::PathBuf {
+    let cli = std::path::Path::new(python).with_file_name("prefect");
+    assert!(cli.exists(), "no prefect CLI beside {python}");
+    cli
+}
+
+/// The stock Prefect client with auth on. `emit_event` (the `/api/events/in` websocket) and
+/// `read_events` (REST) work with `PREFECT_API_AUTH_STRING` — the auth string, or a scoped
+/// token in its place (a publisher's `events:write` token emits, a dashboard's
+/// `events:read` token reads). `PREFECT_API_KEY` (the daemon's `--api-key`, or a token) works
+/// for REST: Prefect's clients send it as a bearer there, and never on the websockets of a
+/// server that is not Prefect Cloud. Without credentials, or with the wrong scope, reading
+/// is refused.
 #[test]
 fn the_stock_prefect_client_works_with_the_auth_string() {
     let Some(python) = support::require_prefect_python() else {
         return;
     };
     let dir = tempfile::tempdir().expect("temp dir");
-    let daemon = start_with_auth(dir.path());
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations_folder(dir.path(), &[]),
+        &["--auth-string", ADMIN, "--api-key", API_KEY],
+    );
+    let write = create_token(&daemon, "publisher", "events:write");
+    let read = create_token(&daemon, "dashboard", "events:read");
+    // `emit TAG`: two events on resource TAG, their ids printed; `read TAG`: the ids of the
+    // events stored on TAG and the total.
     let script = r#"
-import asyncio
+import asyncio, sys
 from prefect.events import emit_event
 from prefect.events.worker import EventsWorker
 from prefect.client.orchestration import get_client
-from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-ids = [str(emit_event(event="secure.ping", resource={"prefect.resource.id": "r"}).id) for _ in range(2)]
-EventsWorker.drain_all()
-
-async def main():
-    async with get_client() as client:
-        page = await client.read_events(filter=EventFilter(event=EventNameFilter(name=["secure.ping"])), limit=10)
-        print(sorted(str(e.id) for e in page.events) == sorted(ids), page.total)
-
-asyncio.run(main())
+mode, tag = sys.argv[1], sys.argv[2]
+if mode == "emit":
+    ids = [str(emit_event(event="secure.ping", resource={"prefect.resource.id": tag}).id) for _ in range(2)]
+    EventsWorker.drain_all()
+    print(" ".join(sorted(ids)))
+else:
+    async def main():
+        async with get_client() as client:
+            page = await client.read_events(filter=EventFilter(event=EventNameFilter(name=["secure.ping"]), resource=EventResourceFilter(id=[tag])), limit=10)
+            print(" ".join(sorted(str(e.id) for e in page.events)), page.total)
+    asyncio.run(main())
 "#;
-    let run = |auth: Option<&str>| {
-        let mut command = std::process::Command::new(&python);
-        command
-            .args(["-c", script])
-            .env("PREFECT_API_URL", format!("{}/api", daemon.url))
-            .env("PREFECT_HOME", dir.path().join("prefect-home"))
-            .env("DO_NOT_TRACK", "1")
-            .env("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            .env_remove("PREFECT_API_AUTH_STRING")
-            .env_remove("PREFECT_API_KEY");
-        if let Some(a) = auth {
-            command.env("PREFECT_API_AUTH_STRING", a);
-        }
-        command.output().expect("python runs")
+    let run = |auth: PrefectAuth<'_>, mode: &str, tag: &str| {
+        let output = prefect_command(python.as_ref(), &daemon, dir.path(), auth)
+            .args(["-c", script, mode, tag])
+            .output()
+            .expect("python runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
-    let output = run(Some(ADMIN));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success() && stdout.contains("True 2"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let emit = |auth: PrefectAuth<'_>, tag: &str| {
+        let (ok, ids, stderr) = run(auth, "emit", tag);
+        assert!(ok && ids.len() > 70, "emit {tag}: {ids}{stderr}");
+        ids
+    };
+    let read_back = |auth: PrefectAuth<'_>, tag: &str, ids: &str| {
+        let (ok, stdout, stderr) = run(auth, "read", tag);
+        assert!(ok, "read {tag}: {stdout}{stderr}");
+        assert_eq!(stdout, format!("{ids} 2"), "read {tag}: {stderr}");
+    };
+
+    let ids = emit(PrefectAuth::AuthString(ADMIN), "by-auth-string");
+    read_back(PrefectAuth::AuthString(ADMIN), "by-auth-string", &ids);
+
+    let ids = emit(PrefectAuth::AuthString(&write), "by-publisher-token");
+    read_back(PrefectAuth::AuthString(&read), "by-publisher-token", &ids);
+    read_back(PrefectAuth::ApiKey(API_KEY), "by-publisher-token", &ids);
+    read_back(PrefectAuth::ApiKey(&read), "by-publisher-token", &ids);
+
+    // A read-only token cannot publish: nothing it emitted is stored.
+    let _ = run(PrefectAuth::AuthString(&read), "emit", "by-dashboard-token");
+    let (ok, stdout, _) = run(PrefectAuth::AuthString(ADMIN), "read", "by-dashboard-token");
+    assert!(ok && stdout == "0", "{stdout}");
+
+    for (who, auth) in [
+        ("no credentials", PrefectAuth::None),
+        ("a wrong API key", PrefectAuth::ApiKey("pnu_wrong")),
+        ("a write-only token", PrefectAuth::ApiKey(&write)),
+        (
+            "a wrong auth string",
+            PrefectAuth::AuthString("admin:wrong"),
+        ),
+    ] {
+        let (ok, stdout, _) = run(auth, "read", "by-auth-string");
+        assert!(!ok, "read with {who}: {stdout}");
+    }
+}
+
+/// The stock `prefect` CLI with auth on: `prefect automation ls` lists the daemon's
+/// automations and `prefect events stream` (the `/api/events/out` websocket) prints events
+/// as they arrive, with `PREFECT_API_AUTH_STRING` set to the auth string or to a read-only
+/// token (`automation ls` also with the token as `PREFECT_API_KEY`); without credentials
+/// both fail with 401.
+#[test]
+fn the_prefect_cli_lists_automations_and_streams_events_with_auth() {
+    use std::io::BufRead;
+    let Some(python) = support::require_prefect_python() else {
+        return;
+    };
+    let prefect = prefect_cli(&python);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(
+        dir.path(),
+        &[(
+            "watch.yaml",
+            "name: watch-secure-pings\ntrigger:\n  type: event\n  posture: Reactive\n  expect: [\"secure.streamed\"]\nactions:\n  - type: do-nothing\n",
+        )],
     );
-    let output = run(None);
-    assert!(!output.status.success(), "read without the auth string");
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--auth-string", ADMIN],
+    );
+    let read = create_token(&daemon, "dashboard", "events:read");
+    let cases = [
+        ("auth string", PrefectAuth::AuthString(ADMIN)),
+        ("events:read token", PrefectAuth::AuthString(&read)),
+    ];
+    let bounded = |mut command: std::process::Command| {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("prefect runs");
+        let status = eventually(Duration::from_secs(60), "prefect to exit", || {
+            child.try_wait().expect("wait")
+        });
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        if let Some(mut out) = child.stdout.take() {
+            let _ = std::io::Read::read_to_string(&mut out, &mut stdout);
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+        }
+        (status.success(), stdout, stderr)
+    };
+
+    for (who, auth) in cases {
+        let mut command = prefect_command(&prefect, &daemon, dir.path(), auth);
+        command.args(["automation", "ls"]);
+        let (ok, stdout, stderr) = bounded(command);
+        assert!(ok, "automation ls with the {who}: {stdout}{stderr}");
+        assert!(
+            stdout.contains("watch-secure-pings"),
+            "automation ls with the {who}: {stdout}"
+        );
+    }
+    // `PREFECT_API_KEY` is sent on REST (not on the websockets, see above).
+    let mut command = prefect_command(&prefect, &daemon, dir.path(), PrefectAuth::ApiKey(&read));
+    command.args(["automation", "ls"]);
+    let (ok, stdout, stderr) = bounded(command);
+    assert!(
+        ok && stdout.contains("watch-secure-pings"),
+        "automation ls with a token as PREFECT_API_KEY: {stdout}{stderr}"
+    );
+    let mut command = prefect_command(&prefect, &daemon, dir.path(), PrefectAuth::None);
+    command.args(["automation", "ls"]);
+    let (ok, stdout, stderr) = bounded(command);
+    assert!(!ok, "automation ls without credentials: {stdout}");
+    assert!(
+        stderr.contains("401") || stdout.contains("401"),
+        "{stdout}{stderr}"
+    );
+
+    for (who, auth) in cases {
+        // A long-running command: its lines are read on a thread, it is killed at the end.
+        let mut child = prefect_command(&prefect, &daemon, dir.path(), auth)
+            .args(["events", "stream", "--format", "json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("prefect events stream starts");
+        let (lines, received) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let resource = format!("secure.stream.{}", who.replace(' ', "-"));
+        let started = std::time::Instant::now();
+        let mut streamed = None;
+        let mut seen = Vec::new();
+        // The subscription opens some time after the process starts: send an event every
+        // half second until one comes out of the stream (bounded).
+        while streamed.is_none() && started.elapsed() < Duration::from_secs(45) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("prefect events stream with the {who} exited with {status}: {seen:?}");
+            }
+            let (status, text) = request(
+                "POST",
+                &format!("{}/api/events", daemon.url),
+                &with_auth(&basic(ADMIN)),
+                json!([{"event": "secure.streamed", "resource": {"prefect.resource.id": resource}}])
+                    .to_string()
+                    .into_bytes(),
+            );
+            assert_eq!(status, 204, "{text}");
+            let until = std::time::Instant::now() + Duration::from_millis(500);
+            while let Some(left) = until.checked_duration_since(std::time::Instant::now()) {
+                let Ok(line) = received.recv_timeout(left) else {
+                    break;
+                };
+                let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if event["event"] == "secure.streamed"
+                    && event["resource"]["prefect.resource.id"] == resource.as_str()
+                {
+                    streamed = Some(event);
+                    break;
+                }
+                seen.push(line);
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let event = streamed.unwrap_or_else(|| {
+            panic!("prefect events stream with the {who} printed no event: {seen:?}")
+        });
+        assert!(event["id"].is_string(), "{event}");
+    }
+    let mut command = prefect_command(&prefect, &daemon, dir.path(), PrefectAuth::None);
+    command.args(["events", "stream"]);
+    let (ok, stdout, stderr) = bounded(command);
+    assert!(!ok, "events stream without credentials: {stdout}");
+    assert!(
+        stderr.contains("401") || stdout.contains("401"),
+        "{stdout}{stderr}"
+    );
 }
 
 /// Signed Standard Webhooks, GitHub and Stripe requests replayed after a restart are refused
