@@ -22,6 +22,7 @@ mod context;
 pub mod humanize;
 mod jinja;
 mod methods;
+mod ordering;
 mod python;
 
 use std::borrow::Cow;
@@ -447,6 +448,7 @@ impl TemplateEngine {
         env.add_function("range", capped_range);
         env.add_filter("fromjson", fromjson);
         env.add_filter("tojson", tojson);
+        env.add_filter(ordering::FILTER, ordering::ordered);
         humanize::register(&mut env);
         env.add_filter("from_cloud_event", cloud_event::from_cloud_event);
         TemplateEngine { env }
@@ -488,6 +490,8 @@ impl TemplateEngine {
     pub fn render(&self, source: &str, context: &Value) -> Result<String, TemplateError> {
         let source = rewrite_angle_syntax(source);
         check_loop_limits(&source)?;
+        // `<`, `>` and the ordering tests fail on an undefined value, as in Prefect.
+        let source = ordering::guard(&source);
         let template = self
             .env
             .template_from_str(&source)
