@@ -385,6 +385,85 @@ fn prefect_websocket_protocol_delivers_events() {
     assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(21).to_string());
 }
 
+/// The websocket reads ahead and stores in batches, but a pong still means "everything before
+/// the ping is durable": a burst sent without waiting, then one ping, and the moment the pong
+/// arrives every event of the burst can be read back (no waiting, no retry).
+#[test]
+fn a_websocket_burst_is_all_stored_when_its_ping_is_answered() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+
+    const BURST: u128 = 3000;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let ws_url = format!("{}/api/events/in", daemon.url.replacen("http", "ws", 1));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let count_stored = || {
+        let (_, text) = http(
+            "POST",
+            &format!("{}/api/events/filter", daemon.url),
+            Some(json!({"filter": {"resource": {"id": ["job.burst"]}}, "limit": 1})),
+        );
+        serde_json::from_str::<Value>(&text).expect("JSON")["total"].clone()
+    };
+    let still_open = runtime.block_on(async {
+        let mut request = ws_url.into_client_request().expect("request");
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", "prefect".parse().expect("header"));
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("connects");
+        let (mut sink, mut stream) = socket.split();
+        sink.send(Message::Text(
+            json!({"type": "auth", "token": null}).to_string().into(),
+        ))
+        .await
+        .expect("send auth");
+        let reply = stream.next().await.expect("reply").expect("frame");
+        assert!(reply.into_text().expect("text").contains("auth_success"));
+        for id in 0..BURST {
+            // Buffered, not flushed one by one: the server sees frames arrive together.
+            sink.feed(Message::Text(
+                event("job.burst.seen", "job.burst", 100_000 + id)
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .expect("feed");
+            if id == BURST / 2 {
+                sink.feed(Message::Text("{not json".into()))
+                    .await
+                    .expect("feed bad frame");
+            }
+        }
+        sink.send(Message::Ping(b"all".to_vec().into()))
+            .await
+            .expect("ping");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            assert!(std::time::Instant::now() < deadline, "no pong within 60 s");
+            match tokio::time::timeout(Duration::from_secs(60), stream.next()).await {
+                Ok(Some(Ok(Message::Pong(_)))) => break,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no pong: {other:?}"),
+            }
+        }
+        (sink, stream)
+    });
+    // Read while the socket is still open: the pong alone must be enough.
+    assert_eq!(
+        count_stored(),
+        json!(BURST as u64),
+        "every event before the ping was durable when the pong came"
+    );
+    drop(still_open);
+}
+
 #[test]
 fn nats_jetstream_ingest_survives_a_server_restart() {
     let Some(bin) = require_nats_server() else {

@@ -5,9 +5,11 @@
 //!   reason per refused event. 400 for a body that is not JSON, 413 over the body limit, 429
 //!   when the pipeline is saturated (with `Retry-After`).
 //! * `GET /api/events/in` — the websocket `emit_event` streams to: subprotocol `prefect`, an
-//!   `auth` message answered with `auth_success`, then one event per text frame. Each frame is
-//!   made durable before the next is read, so by the time the client's ping is answered every
-//!   earlier event is stored (that ping/pong is how the client confirms delivery). A malformed
+//!   `auth` message answered with `auth_success`, then one event per text frame. Frames are
+//!   read ahead and handed to the pipeline in batches (up to [`WS_BATCH_EVENTS`] of what has
+//!   already arrived, several batches in flight), but a ping is answered only once every
+//!   earlier event is durable, so by the time the client sees its pong every event before it
+//!   is stored (that ping/pong is how the client confirms delivery). A malformed
 //!   frame is logged and skipped instead of killing the socket (Prefect closes it, and the
 //!   client then re-sends the bad event forever).
 //!
@@ -24,6 +26,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
+use futures_util::FutureExt;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
@@ -363,39 +366,154 @@ async fn stream_events_in(mut socket: WebSocket, handshake: bool, state: HttpIng
         close(socket, 1002, "Authentication required").await;
         return;
     }
-    while let Some(message) = socket.recv().await {
-        let text = match message {
-            Ok(Message::Text(t)) => t.to_string(),
-            Ok(Message::Binary(b)) => match String::from_utf8(b.to_vec()) {
-                Ok(t) => t,
-                Err(_) => {
-                    state.intake.count_rejected(1);
-                    warn!("events/in: refused a binary frame that is not UTF-8");
-                    continue;
-                }
-            },
-            Err(e) if is_too_big(&e) => {
-                state.intake.count_rejected(1);
-                too_big(&mut socket, "/api/events/in", MAX_WS_MESSAGE_BYTES).await;
-                return;
-            }
-            Ok(Message::Close(_)) | Err(_) => break,
-            Ok(_) => continue, // pings are answered by the websocket layer
+    let mut unconfirmed = Unconfirmed::default();
+    // Read ahead: frames that are already here join one batch, each batch is handed to the
+    // pipeline at once (its durability awaited later, in order), and reading goes on while
+    // earlier batches are made durable. Only a ping waits: tungstenite sends the pong on the
+    // next read, and that pong is the client's proof that everything before it is stored.
+    let mut open = true;
+    while open {
+        let Some(first) = socket.recv().await else {
+            break;
         };
-        let now = Utc::now();
-        let event = normalize_slice(text.as_bytes(), now, state.intake.limits());
-        match event {
-            Ok(event) => {
-                if let Err(e) = state.intake.submit(vec![event]).await {
-                    warn!(error = %e, "events/in: could not store an event; closing so the client re-sends");
-                    close(socket, 1011, "could not store event").await;
+        let mut batch: Vec<Event> = Vec::new();
+        let mut must_confirm = false;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match read_frame(message, &state) {
+                Frame::Event(event) => batch.push(*event),
+                Frame::Skip => {}
+                Frame::Ping => must_confirm = true,
+                Frame::TooBig => {
+                    // What came before the oversized message is stored (best effort: the
+                    // socket closes either way, and the client re-sends what it had not
+                    // seen confirmed).
+                    let _ = unconfirmed.push(&state, std::mem::take(&mut batch)).await;
+                    let _ = unconfirmed.confirm_all().await;
+                    too_big(&mut socket, "/api/events/in", MAX_WS_MESSAGE_BYTES).await;
                     return;
                 }
+                Frame::End => {
+                    open = false;
+                    must_confirm = true;
+                }
             }
-            Err(reason) => {
+            if must_confirm || batch.len() >= WS_BATCH_EVENTS {
+                break;
+            }
+            // Only what is already buffered: never wait here for the client's next frame.
+            next = socket.recv().now_or_never().flatten();
+        }
+        let stored = match unconfirmed.push(&state, batch).await {
+            Ok(()) if must_confirm => unconfirmed.confirm_all().await,
+            Ok(()) => unconfirmed.confirm_ready(WS_BATCHES_IN_FLIGHT).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            warn!(error = %e, "events/in: could not store an event; closing so the client re-sends");
+            close(socket, 1011, "could not store event").await;
+            return;
+        }
+    }
+}
+
+/// Most events read ahead into one batch on `/api/events/in`.
+const WS_BATCH_EVENTS: usize = 512;
+/// Most batches of one socket handed to the pipeline and not yet confirmed durable.
+const WS_BATCHES_IN_FLIGHT: usize = 8;
+
+/// What one websocket message on `/api/events/in` is to the reader.
+enum Frame {
+    /// A valid event.
+    Event(Box<Event>),
+    /// Nothing to store (a refused frame, already counted and logged; a pong).
+    Skip,
+    /// A ping: everything before it must be durable before the next read answers it.
+    Ping,
+    /// A message over the size limit.
+    TooBig,
+    /// The socket closed or failed.
+    End,
+}
+
+fn read_frame(message: Result<Message, axum::Error>, state: &HttpIngest) -> Frame {
+    let text = match message {
+        Ok(Message::Text(t)) => t.to_string(),
+        Ok(Message::Binary(b)) => match String::from_utf8(b.to_vec()) {
+            Ok(t) => t,
+            Err(_) => {
                 state.intake.count_rejected(1);
-                warn!(%reason, "events/in: refused a malformed event");
+                warn!("events/in: refused a binary frame that is not UTF-8");
+                return Frame::Skip;
+            }
+        },
+        Err(e) if is_too_big(&e) => {
+            state.intake.count_rejected(1);
+            return Frame::TooBig;
+        }
+        Ok(Message::Close(_)) | Err(_) => return Frame::End,
+        Ok(Message::Ping(_)) => return Frame::Ping,
+        Ok(_) => return Frame::Skip,
+    };
+    match normalize_slice(text.as_bytes(), Utc::now(), state.intake.limits()) {
+        Ok(event) => Frame::Event(Box::new(event)),
+        Err(reason) => {
+            state.intake.count_rejected(1);
+            warn!(%reason, "events/in: refused a malformed event");
+            Frame::Skip
+        }
+    }
+}
+
+/// What resolves once a batch handed to the pipeline is durable.
+type Durable = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<crate::Receipt, SubmitError>> + Send>,
+>;
+
+/// Batches of one socket handed to the pipeline, oldest first, each with what resolves once
+/// it is durable.
+#[derive(Default)]
+struct Unconfirmed {
+    batches: std::collections::VecDeque<Durable>,
+}
+
+impl Unconfirmed {
+    /// Hands `batch` to the pipeline (waiting for room, as every door does).
+    async fn push(&mut self, state: &HttpIngest, batch: Vec<Event>) -> Result<(), SubmitError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let durable = state.intake.enqueue(batch).await?;
+        self.batches.push_back(Box::pin(durable));
+        Ok(())
+    }
+
+    /// Collects the batches already durable, and waits for the oldest ones while more than
+    /// `limit` are in flight. The first failure is returned.
+    async fn confirm_ready(&mut self, limit: usize) -> Result<(), SubmitError> {
+        loop {
+            let over = self.batches.len() > limit;
+            let Some(oldest) = self.batches.front_mut() else {
+                break;
+            };
+            let outcome = if over {
+                Some(oldest.await)
+            } else {
+                oldest.now_or_never()
+            };
+            match outcome {
+                Some(result) => {
+                    self.batches.pop_front();
+                    result?;
+                }
+                None => break,
             }
         }
+        Ok(())
+    }
+
+    /// Waits until every batch handed over is durable.
+    async fn confirm_all(&mut self) -> Result<(), SubmitError> {
+        self.confirm_ready(0).await
     }
 }
