@@ -1699,3 +1699,130 @@ fn spur_emit_and_spur_worker_reach_nats_with_credentials() {
         "{downstream}"
     );
 }
+
+/// A NATS JWT (`header.claims.signature`, base64url without padding, ed25519 by `issuer`)
+/// for `subject` with the `nats` claims given: what `nsc` writes for operators, accounts and
+/// users.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: Value) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": chrono::Utc::now().timestamp(),
+        "iss": issuer.public_key(),
+        "sub": subject,
+        "name": name,
+        "nats": nats,
+    });
+    let signed = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// `--nats-creds`: against a nats-server in operator (JWT) mode, where a client gets in only
+/// with a user JWT its account signed and that user's seed (a `.creds` file, as `nsc`
+/// writes them), the daemon consumes JetStream and `spur emit --nats` publishes to it; without
+/// the file the server refuses the client.
+#[test]
+fn the_daemon_and_spur_emit_reach_nats_with_a_creds_file() {
+    let Some(bin) = support::require_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        "spur-test",
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        "events",
+        json!({"type": "account", "version": 2, "limits": {
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+            "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        }}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        "spur",
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
+    );
+    // JetStream needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2}),
+    );
+    let config = format!(
+        "operator: {operator_jwt}\nsystem_account: {system}\nresolver: MEMORY\n\
+         resolver_preload: {{\n  {system}: {system_jwt}\n  {account}: {account_jwt}\n}}\n",
+        system = system.public_key(),
+        account = account.public_key(),
+    );
+    let nats = support::NatsServer::start_with_config(&bin, &dir.path().join("nats"), &config);
+    let creds = dir.path().join("spur.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().expect("seed")
+        ),
+    )
+    .expect("write creds");
+    let creds_arg = creds.to_str().expect("utf-8 path");
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations_folder(dir.path(), &[]),
+        &["--nats", &nats.url, "--nats-creds", creds_arg],
+    );
+    daemon.wait_for_jetstream();
+    let bound = Duration::from_secs(20);
+    let (ok, stdout, stderr) = spur_bounded(
+        &[
+            "emit",
+            "cli.with-creds",
+            "--resource",
+            "cli.creds",
+            "--nats",
+            &nats.url,
+            "--nats-creds",
+            creds_arg,
+        ],
+        &[],
+        bound,
+    );
+    assert!(ok, "{stdout}{stderr}");
+    let id = stdout.trim().to_owned();
+    eventually(
+        Duration::from_secs(15),
+        "the event sent with creds stored",
+        || (stored(&daemon, &id) == Some(1)).then_some(()),
+    );
+    let (ok, _, stderr) = spur_bounded(
+        &[
+            "emit",
+            "cli.without-creds",
+            "--resource",
+            "r",
+            "--nats",
+            &nats.url,
+        ],
+        &[],
+        bound,
+    );
+    assert!(
+        !ok && stderr.contains("cannot connect to NATS"),
+        "the server must refuse a client without the creds file: {stderr}"
+    );
+}
