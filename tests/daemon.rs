@@ -464,6 +464,73 @@ fn a_websocket_burst_is_all_stored_when_its_ping_is_answered() {
     drop(still_open);
 }
 
+/// `config/nats-server.conf` (JetStream with every write synced before it is acknowledged)
+/// is a configuration nats-server accepts, and Spur runs on it: an event published to NATS
+/// fires. The test's own port overrides the file's, as the flag does.
+#[test]
+fn spur_runs_on_the_shipped_nats_server_config() {
+    let Some(bin) = require_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shipped = std::fs::read_to_string(support::root().join("config/nats-server.conf"))
+        .expect("config/nats-server.conf");
+    assert!(shipped.contains("sync_interval: always"), "{shipped}");
+    // The harness gives every server its own store with `-sd`, which nats-server refuses
+    // beside a `store_dir` in the file: that one line goes, everything else is as shipped.
+    let without_store: String = shipped
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("store_dir"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let nats = NatsServer::start_with_config(&bin, &dir.path().join("nats"), &without_store);
+    assert!(
+        dir.path().join("nats/js").is_dir(),
+        "the store lives where the flag says, not in the file's /var/lib/nats"
+    );
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--nats", &nats.url],
+    );
+    daemon.wait_for_jetstream();
+    emit_failure_via_nats(&nats.url, "job.s", 40);
+    emit_failure_via_nats(&nats.url, "job.s", 41);
+    let fired = eventually(Duration::from_secs(20), "a firing over NATS", || {
+        let f = firings(&daemon);
+        (!f.is_empty()).then_some(f)
+    });
+    assert_eq!(fired[0]["event"], uuid::Uuid::from_u128(41).to_string());
+}
+
+/// `--nats-replicas 3` against one nats-server: the server refuses a replicated stream, and
+/// Spur says why in its log instead of silently running with one copy.
+#[test]
+fn more_replicas_than_one_server_can_hold_is_reported_with_the_servers_reason() {
+    let Some(bin) = require_nats_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let nats = NatsServer::start(&bin, &dir.path().join("nats"));
+    let automations = automations_folder(dir.path(), &[("threshold.yaml", THRESHOLD)]);
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--nats", &nats.url, "--nats-replicas", "3"],
+    );
+    let line = eventually(Duration::from_secs(20), "the refusal in the log", || {
+        daemon
+            .log_lines("replicas")
+            .into_iter()
+            .find(|l| l.contains("non-clustered") || l.contains("not supported"))
+    });
+    assert!(line.to_lowercase().contains("replica"), "{line}");
+    // What cannot be set is refused at the command line.
+    let (ok, _, stderr) = support::spur(&["serve", "--nats", &nats.url, "--nats-replicas", "9"]);
+    assert!(!ok && stderr.contains("--nats-replicas"), "{stderr}");
+}
+
 #[test]
 fn nats_jetstream_ingest_survives_a_server_restart() {
     let Some(bin) = require_nats_server() else {

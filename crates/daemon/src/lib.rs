@@ -195,7 +195,7 @@ impl Daemon {
             {
                 Ok(client) => {
                     if nats.jetstream {
-                        match shared_state::SharedState::connect(&client).await {
+                        match shared_state::SharedState::connect(&client, nats.replicas).await {
                             Ok(state) => {
                                 if store.load_checkpoint()?.is_none() {
                                     restore_from = state

@@ -45,8 +45,12 @@ pub type StoredCheckpoint = Option<(u64, Arc<Vec<u8>>)>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl SharedState {
-    /// Opens (creating if needed) the state object store and the claims bucket.
-    pub async fn connect(client: &async_nats::Client) -> Result<SharedState, BoxError> {
+    /// Opens (creating if needed, with `replicas` copies each) the state object store and the
+    /// claims bucket.
+    pub async fn connect(
+        client: &async_nats::Client,
+        replicas: usize,
+    ) -> Result<SharedState, BoxError> {
         let js = jetstream::new(client.clone());
         let objects = match js.get_object_store(STATE_BUCKET).await {
             Ok(o) => o,
@@ -54,6 +58,7 @@ impl SharedState {
                 js.create_object_store(object_store::Config {
                     bucket: STATE_BUCKET.to_owned(),
                     description: Some("Spur trigger-state checkpoints".to_owned()),
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await?
@@ -67,6 +72,7 @@ impl SharedState {
                     description: "Spur firings whose actions were dispatched".to_owned(),
                     history: 1,
                     max_age: Duration::from_secs(7 * 24 * 3600),
+                    num_replicas: replicas,
                     ..Default::default()
                 })
                 .await?

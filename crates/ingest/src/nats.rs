@@ -45,6 +45,11 @@ pub struct NatsConfig {
     pub templates: Vec<SubjectTemplate>,
     /// How the daemon authenticates to NATS and which TLS it trusts.
     pub auth: NatsAuth,
+    /// Copies JetStream keeps of Spur's stream, checkpoint store and claims bucket: 1 on a
+    /// single nats-server, 3 on a cluster (so a node's loss loses nothing acknowledged).
+    /// Applies when Spur creates them; an existing stream keeps its own (a difference is
+    /// logged).
+    pub replicas: usize,
 }
 
 /// NATS credentials and TLS, the way every NATS client takes them (user and password go in
@@ -128,6 +133,7 @@ impl NatsConfig {
             max_age: Duration::from_secs(7 * 24 * 3600),
             templates: Vec::new(),
             auth: NatsAuth::default(),
+            replicas: 1,
         }
     }
 }
@@ -531,15 +537,25 @@ async fn consume(
         return Err("NATS subscription ended".into());
     }
     let js = jetstream::new(client.clone());
-    let stream = js
+    let mut stream = js
         .get_or_create_stream(jetstream::stream::Config {
             name: config.stream.clone(),
             subjects: config.subjects.clone(),
             max_age: config.max_age,
             duplicate_window: Duration::from_secs(120),
+            num_replicas: config.replicas,
             ..Default::default()
         })
         .await?;
+    let kept = stream.info().await?.config.num_replicas;
+    if kept != config.replicas {
+        warn!(
+            stream = %config.stream,
+            replicas = kept,
+            wanted = config.replicas,
+            "the JetStream stream exists with another replica count; it keeps its own (change it with `nats stream edit`)"
+        );
+    }
     let mut consumer: jetstream::consumer::PullConsumer = stream
         .get_or_create_consumer(
             &config.consumer,

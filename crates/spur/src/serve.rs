@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// Use core NATS subscriptions instead of a JetStream durable consumer (lossy).
     #[arg(long, env = "SPUR_NATS_CORE")]
     pub nats_core: bool,
+    /// Copies JetStream keeps of Spur's stream and buckets when Spur creates them: 1 on one
+    /// nats-server, 3 on a cluster [default: 1].
+    #[arg(long, env = "SPUR_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: Option<u8>,
     /// How Spur authenticates to NATS and which TLS it trusts.
     #[command(flatten)]
     pub nats_connection: NatsConnectArgs,
@@ -359,6 +363,17 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             .map(|js| !js)
             .unwrap_or(false);
         nats.jetstream = !(args.nats_core || core_in_file);
+        nats.replicas = match (
+            args.nats_replicas,
+            nats_file.and_then(|n| n.get("replicas")),
+        ) {
+            (Some(n), _) => usize::from(n),
+            (None, None) => 1,
+            (None, Some(v)) => match v.as_u64() {
+                Some(n @ 1..=5) => n as usize,
+                _ => bail!("nats.replicas: a number from 1 to 5 (JetStream's limit), got {v}"),
+            },
+        };
         nats.auth = args.nats_connection.auth(nats_file)?;
         if let Some(list) = nats_file.and_then(|n| n.get("templates")) {
             let Value::Array(items) = list else {
