@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::event::json_type_name;
+use crate::problem::json_type_name;
 use crate::problem::{FieldPath, Problems};
 use crate::time::parse_duration;
 use crate::trigger::{Dialect, Trigger, is_flow_run_loop_risk, matches_every_flow_run};

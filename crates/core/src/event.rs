@@ -643,17 +643,9 @@ fn parse_uuid(value: &Value, field: &str) -> Result<Uuid, EventError> {
     }
 }
 
-/// A JSON type's name for error messages.
-pub fn json_type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
+/// A JSON type's name for error messages (it lives with the other problem-reporting helpers;
+/// re-exported here for callers that know it from this module).
+pub use crate::problem::json_type_name;
 
 #[cfg(test)]
 mod tests {

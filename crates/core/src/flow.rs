@@ -308,7 +308,7 @@ fn settings<'a>(
             format!(
                 "must be a mapping ({}), got {}",
                 known.join(", "),
-                crate::event::json_type_name(value)
+                crate::problem::json_type_name(value)
             ),
         );
         return None;

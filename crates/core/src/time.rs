@@ -46,7 +46,7 @@ fn parse_timestamp_any(value: &Value) -> Result<DateTime<Utc>, String> {
         }
         other => Err(format!(
             "must be an RFC 3339 timestamp, got {}",
-            crate::event::json_type_name(other)
+            crate::problem::json_type_name(other)
         )),
     }
 }
@@ -210,7 +210,7 @@ pub fn parse_duration(value: &Value) -> Result<TimeDelta, String> {
         Value::Null => Err("should be a valid timedelta".to_owned()),
         other => Err(format!(
             "should be a valid timedelta (seconds or an ISO-8601 duration), got {}",
-            crate::event::json_type_name(other)
+            crate::problem::json_type_name(other)
         )),
     }
 }

@@ -15,8 +15,9 @@ use serde::ser::{SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::event::{Event, Resource, json_type_name};
+use crate::event::{Event, Resource};
 use crate::glob::{Glob, LabelPattern, PrefixRegex};
+use crate::problem::json_type_name;
 use crate::problem::{FieldPath, Problems};
 use crate::time::{delta_seconds, parse_duration};
 
