@@ -291,7 +291,9 @@ impl Daemon {
                 instance.to_string(),
                 nats_counters.clone(),
             ) {
-                Some(forwarder) => external_intake = intake.forwarding_to(forwarder),
+                Some(forwarder) => {
+                    external_intake = intake.forwarding_to(std::sync::Arc::new(forwarder));
+                }
                 None => warn!(
                     subjects = ?nats.subjects,
                     "events received over HTTP are not forwarded to JetStream: no consumed subject has the form `prefix.>`"

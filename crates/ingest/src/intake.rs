@@ -99,7 +99,17 @@ pub struct Intake {
     limits: EventLimits,
     counters: Arc<IngestCounters>,
     /// For the doors other than NATS: also put what becomes durable into the stream.
-    forwarder: Option<crate::nats::Forwarder>,
+    forwarder: Option<Arc<dyn Forward>>,
+}
+
+/// Where a door's events also go once they are durable: the JetStream forwarder
+/// (the NATS source's `Forwarder`). A trait, so the intake, which every source depends on,
+/// depends on none of them.
+pub trait Forward: std::fmt::Debug + Send + Sync {
+    /// Before `events` are submitted (the forwarder notes they may be processed elsewhere).
+    fn note(&self, events: &[Event]);
+    /// Once `events` are durable: send them on. Never waits.
+    fn forward(&self, events: Vec<Event>);
 }
 
 impl Intake {
@@ -114,9 +124,9 @@ impl Intake {
     }
 
     /// This intake, also forwarding every event it makes durable to the JetStream stream
-    /// (see [`crate::nats::Forwarder`]). For the HTTP, websocket and webhook doors; the NATS
+    /// (the NATS source's `Forwarder`). For the HTTP, websocket and webhook doors; the NATS
     /// source and Spur's own events use the plain intake.
-    pub fn forwarding_to(&self, forwarder: crate::nats::Forwarder) -> Intake {
+    pub fn forwarding_to(&self, forwarder: Arc<dyn Forward>) -> Intake {
         Intake {
             forwarder: Some(forwarder),
             ..self.clone()
@@ -177,7 +187,7 @@ impl Intake {
     }
 
     /// With a forwarder: notes `events` and keeps a copy to forward once they are durable.
-    fn forwarding(&self, events: &[Event]) -> Option<(crate::nats::Forwarder, Vec<Event>)> {
+    fn forwarding(&self, events: &[Event]) -> Option<(Arc<dyn Forward>, Vec<Event>)> {
         let forwarder = self.forwarder.as_ref()?;
         forwarder.note(events);
         Some((forwarder.clone(), events.to_vec()))
@@ -203,7 +213,7 @@ impl Intake {
     async fn finish(
         &self,
         wait: oneshot::Receiver<Result<Receipt, String>>,
-        forwarded: Option<(crate::nats::Forwarder, Vec<Event>)>,
+        forwarded: Option<(Arc<dyn Forward>, Vec<Event>)>,
     ) -> Result<Receipt, SubmitError> {
         match wait.await {
             Ok(Ok(receipt)) => {

@@ -216,15 +216,17 @@ impl Forwarder {
         ));
         Some(Forwarder { tx, counters })
     }
+}
 
+impl crate::intake::Forward for Forwarder {
     /// Before `events` are submitted: they may be processed by another instance too, so
     /// their firings are claimed (see [`Redeliveries`]).
-    pub fn note(&self, events: &[spur_core::Event]) {
+    fn note(&self, events: &[spur_core::Event]) {
         self.counters.redeliveries.note(events.iter().map(|e| e.id));
     }
 
     /// Once `events` are durable: queue them for the stream.
-    pub fn forward(&self, events: Vec<spur_core::Event>) {
+    fn forward(&self, events: Vec<spur_core::Event>) {
         let count = events.len() as u64;
         if self.tx.try_send(events).is_err() {
             self.counters
