@@ -1403,6 +1403,107 @@ fn jetstream_acks_leave_nothing_pending_with_either_ack_policy() {
     }
 }
 
+/// `--nats-log`: the stream is the log. An event posted over HTTP is in JetStream by the time
+/// the 204 comes (read back at once, no retry), it is stored locally once, when Spur's
+/// consumer reads it (no duplicate from a second write), and it fires from there. With
+/// nats-server gone the door answers 503 with a reason, and accepts again once it is back.
+#[test]
+fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
+    use async_nats::jetstream;
+    let Some(bin) = require_nats_server() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut nats = NatsServer::start(&bin, &dir.path().join("nats"));
+    let automations = automations_folder(
+        dir.path(),
+        &[(
+            "logged.yaml",
+            "name: on-logged\ntrigger: {type: event, posture: Reactive, expect: [http.logged]}\nactions: [{type: do-nothing}]\n",
+        )],
+    );
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--nats", &nats.url, "--nats-log"],
+    );
+    daemon.wait_for_jetstream();
+    let (status, text) = post_events(
+        &daemon,
+        json!([
+            event("http.logged", "door.log", 800),
+            event("http.logged", "door.log", 801)
+        ]),
+    );
+    assert_eq!(status, 204, "{text}");
+    let in_stream = runtime.block_on(async {
+        let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+        let mut stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
+        let count = stream.info().await.expect("info").state.messages;
+        let last = stream
+            .get_last_raw_message_by_subject("events.http.logged")
+            .await
+            .expect("the event is in the stream as soon as the door answered");
+        (count, last)
+    });
+    assert_eq!(in_stream.0, 2, "both events, once each");
+    let body: Value = serde_json::from_slice(&in_stream.1.payload).expect("JSON");
+    assert_eq!(body["id"], uuid::Uuid::from_u128(801).to_string());
+    assert!(
+        in_stream
+            .1
+            .headers
+            .get(spur_ingest::nats::PUBLISHED_HEADER)
+            .is_some()
+            && in_stream
+                .1
+                .headers
+                .get(spur_ingest::nats::FORWARDED_HEADER)
+                .is_none(),
+        "{:?}",
+        in_stream.1.headers
+    );
+    // Read back by the consumer: stored once, fired.
+    let fired = eventually(Duration::from_secs(10), "both firings", || {
+        let f = firings(&daemon);
+        (f.len() == 2).then_some(f)
+    });
+    assert_eq!(fired.len(), 2);
+    let (_, metrics) = http("GET", &format!("{}/metrics", daemon.url), None);
+    assert!(
+        metrics.contains("spur_events_duplicate_total 0")
+            && metrics.contains("spur_nats_forwarded_total 0"),
+        "one write each, no echo: {metrics}"
+    );
+    let (_, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(json!({"filter": {"resource": {"id": ["door.log"]}}})),
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("JSON")["total"],
+        2
+    );
+
+    // No stream, no acceptance.
+    nats.stop();
+    let (status, text) = post_events(&daemon, json!([event("http.logged", "door.log", 802)]));
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("stream"), "{text}");
+    nats.restart();
+    eventually(Duration::from_secs(20), "the door accepting again", || {
+        let (status, _) = post_events(&daemon, json!([event("http.logged", "door.log", 802)]));
+        (status == 204).then_some(())
+    });
+    eventually(Duration::from_secs(20), "the third firing", || {
+        (firings(&daemon).len() == 3).then_some(())
+    });
+}
+
 /// With JetStream, an event posted over HTTP is forwarded into the stream (so the stream
 /// holds every event Spur received), comes back to Spur's own consumer and is kept once; its
 /// firing is claimed in the shared KV bucket, since another instance could meet it there.

@@ -284,7 +284,27 @@ impl Daemon {
             None => None,
         };
         let mut external_intake = intake.clone();
-        if let (Some(nats), Some(client), Some(instance)) = (&config.nats, nats_client, instance) {
+        let stream_log = config
+            .nats
+            .as_ref()
+            .is_some_and(|n| n.jetstream && n.stream_log);
+        if let (true, Some(nats), Some(client)) = (stream_log, &config.nats, nats_client.clone()) {
+            // The stream is the log: the doors publish there and nothing else (see
+            // `spur_ingest::nats::StreamPublisher`).
+            let name = instance_id(&store)?.to_string();
+            match spur_ingest::nats::StreamPublisher::new(client, nats, name) {
+                Some(publisher) => {
+                    info!(stream = %nats.stream, "the stream is the log: events received over HTTP, the websocket and webhooks are answered once JetStream has them");
+                    external_intake = intake.publishing_to(std::sync::Arc::new(publisher));
+                }
+                None => warn!(
+                    subjects = ?nats.subjects,
+                    "--nats-log needs a consumed subject of the form `prefix.>`; events received over HTTP are stored locally"
+                ),
+            }
+        } else if let (Some(nats), Some(client), Some(instance)) =
+            (&config.nats, nats_client, instance)
+        {
             match spur_ingest::nats::Forwarder::start(
                 client,
                 nats,

@@ -176,7 +176,7 @@ async fn submit_events(state: &HttpIngest, results: Vec<Result<Event, EventError
             )
                 .into_response();
         }
-        Err(e @ SubmitError::Closed) => {
+        Err(e @ (SubmitError::Closed | SubmitError::Unavailable(_))) => {
             return detail(
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"detail": e.to_string()}),

@@ -77,6 +77,10 @@ pub enum SubmitError {
     /// The pipeline could not store the events.
     #[error("the events could not be stored: {0}")]
     Failed(String),
+    /// The store the events go to first (the JetStream stream, with `--nats-log`) did not
+    /// take them: nothing was accepted, the caller may retry.
+    #[error("the event stream is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Counters every source updates (exported on `/metrics`).
@@ -100,6 +104,21 @@ pub struct Intake {
     counters: Arc<IngestCounters>,
     /// For the doors other than NATS: also put what becomes durable into the stream.
     forwarder: Option<Arc<dyn Forward>>,
+    /// For the doors other than NATS, with the stream as the log: publish there instead of
+    /// submitting here (the events reach the pipeline through the stream's consumer).
+    publisher: Option<Arc<dyn Publish>>,
+}
+
+/// What resolves once a [`Publish`] holds the events durably.
+pub type Published =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Receipt, SubmitError>> + Send>>;
+
+/// Where a door's events go *instead of* the pipeline when a log outside Spur comes first (the
+/// JetStream stream, `crate::nats::StreamPublisher`): the caller is answered once that log
+/// has them, and Spur stores and evaluates them when it reads them back, in the log's order.
+pub trait Publish: std::fmt::Debug + Send + Sync {
+    /// Publishes `events` (in order); the future resolves once every one is acknowledged.
+    fn publish(&self, events: Vec<Event>) -> Published;
 }
 
 /// Where a door's events also go once they are durable: the JetStream forwarder
@@ -120,6 +139,17 @@ impl Intake {
             limits,
             counters: Arc::new(IngestCounters::default()),
             forwarder: None,
+            publisher: None,
+        }
+    }
+
+    /// This intake, publishing every event to `publisher` instead of submitting it (see
+    /// [`Publish`]). For the HTTP, websocket and webhook doors with the stream as the log.
+    pub fn publishing_to(&self, publisher: Arc<dyn Publish>) -> Intake {
+        Intake {
+            forwarder: None,
+            publisher: Some(publisher),
+            ..self.clone()
         }
     }
 
@@ -175,15 +205,40 @@ impl Intake {
             e.occurred = chrono::SubsecRound::trunc_subsecs(e.occurred, 6);
             e.received = chrono::SubsecRound::trunc_subsecs(e.received, 6);
         }
+        if let Some(publisher) = &self.publisher {
+            return Ok(futures_util::future::Either::Right(
+                futures_util::future::Either::Left(self.published(publisher.publish(events))),
+            ));
+        }
         let forwarded = self.forwarding(&events);
         let (done, wait) = oneshot::channel();
         self.tx
             .send(Submission::new(events, done)?)
             .await
             .map_err(|_| SubmitError::Closed)?;
-        Ok(futures_util::future::Either::Right(async move {
-            intake.finish(wait, forwarded).await
-        }))
+        Ok(futures_util::future::Either::Right(
+            futures_util::future::Either::Right(
+                async move { intake.finish(wait, forwarded).await },
+            ),
+        ))
+    }
+
+    /// Counts what a [`Publish`] acknowledged.
+    fn published(
+        &self,
+        published: Published,
+    ) -> impl std::future::Future<Output = Result<Receipt, SubmitError>> + Send + 'static {
+        let counters = self.counters.clone();
+        async move {
+            let receipt = published.await?;
+            counters
+                .accepted
+                .fetch_add(receipt.accepted as u64, Ordering::Relaxed);
+            counters
+                .duplicates
+                .fetch_add(receipt.duplicates as u64, Ordering::Relaxed);
+            Ok(receipt)
+        }
     }
 
     /// With a forwarder: notes `events` and keeps a copy to forward once they are durable.
@@ -197,6 +252,10 @@ impl Intake {
     pub async fn try_submit(&self, events: Vec<Event>) -> Result<Receipt, SubmitError> {
         if events.is_empty() {
             return Ok(Receipt::default());
+        }
+        if let Some(publisher) = &self.publisher {
+            // The stream applies its own back-pressure: a publish it cannot take fails.
+            return self.published(publisher.publish(events)).await;
         }
         let forwarded = self.forwarding(&events);
         let (done, wait) = oneshot::channel();

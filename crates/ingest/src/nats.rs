@@ -50,6 +50,10 @@ pub struct NatsConfig {
     /// Applies when Spur creates them; an existing stream keeps its own (a difference is
     /// logged).
     pub replicas: usize,
+    /// The stream is the log (`--nats-log`): the other doors publish their events to the
+    /// stream and answer once JetStream has them, instead of storing them here first and
+    /// forwarding them (see [`StreamPublisher`]). JetStream only.
+    pub stream_log: bool,
 }
 
 /// NATS credentials and TLS, the way every NATS client takes them (user and password go in
@@ -134,6 +138,7 @@ impl NatsConfig {
             templates: Vec::new(),
             auth: NatsAuth::default(),
             replicas: 1,
+            stream_log: false,
         }
     }
 }
@@ -167,6 +172,89 @@ pub const FORWARDED_HEADER: &str = "Spur-Forwarded";
 /// True if a message carries [`FORWARDED_HEADER`].
 fn is_forwarded(headers: Option<&async_nats::HeaderMap>) -> bool {
     headers.is_some_and(|h| h.get(FORWARDED_HEADER).is_some())
+}
+
+/// The header on messages a Spur door published with the stream as the log (see
+/// [`StreamPublisher`]); its value is the door's instance name. Such a message is a Prefect
+/// event as Spur accepted it: no subject template applies, and no instance has seen it.
+pub const PUBLISHED_HEADER: &str = "Spur-Published";
+
+/// True if a message carries [`PUBLISHED_HEADER`].
+fn is_published_by_spur(headers: Option<&async_nats::HeaderMap>) -> bool {
+    headers.is_some_and(|h| h.get(PUBLISHED_HEADER).is_some())
+}
+
+/// The doors' events into the stream, first (`--nats-log`): the stream is the log.
+///
+/// An event that arrives over HTTP, the websocket or a webhook is published to
+/// `<prefix>.<event name>` with `Nats-Msg-Id` = its id and the caller is answered once
+/// JetStream has acknowledged it; nothing is written locally on the way in. Spur's own
+/// consumer then reads it like any NATS event, stores it and evaluates it in stream order,
+/// so every event costs one write to JetStream and one to the local store (an index, as
+/// the stream holds them all), and the "stored here, forwarded later" gap of
+/// [`Forwarder`] is gone. A publish JetStream refuses or cannot take is an error to the
+/// caller ([`crate::SubmitError::Unavailable`]: HTTP 503), never an event accepted and lost.
+#[derive(Clone, Debug)]
+pub struct StreamPublisher {
+    js: jetstream::Context,
+    prefix: String,
+    instance: String,
+}
+
+impl StreamPublisher {
+    /// A publisher through `client`, or `None` when no consumed subject has the form
+    /// `prefix.>` (a published event would land on no subject the stream stores).
+    pub fn new(
+        client: async_nats::Client,
+        config: &NatsConfig,
+        instance: String,
+    ) -> Option<StreamPublisher> {
+        let prefix = config.subjects.iter().find_map(|s| {
+            s.strip_suffix(".>")
+                .filter(|p| !p.is_empty() && !p.contains(['*', '>']))
+        })?;
+        Some(StreamPublisher {
+            js: jetstream::new(client),
+            prefix: prefix.to_owned(),
+            instance,
+        })
+    }
+}
+
+impl crate::intake::Publish for StreamPublisher {
+    fn publish(&self, events: Vec<spur_core::Event>) -> crate::intake::Published {
+        let this = self.clone();
+        Box::pin(async move {
+            use crate::SubmitError::Unavailable;
+            let unavailable = |e: &dyn std::fmt::Display| Unavailable(e.to_string());
+            // Every publish is sent before any acknowledgement is awaited: one round trip
+            // for the batch, not one per event.
+            let mut acks = Vec::with_capacity(events.len());
+            for event in &events {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", event.id.to_string().as_str());
+                headers.insert(PUBLISHED_HEADER, this.instance.as_str());
+                let body = event.to_json_bytes().map_err(|e| unavailable(&e))?;
+                let subject = subject_for(&this.prefix, &event.event);
+                let ack = this
+                    .js
+                    .publish_with_headers(subject, headers, body.into())
+                    .await
+                    .map_err(|e| unavailable(&e))?;
+                acks.push(ack);
+            }
+            let mut receipt = crate::Receipt::default();
+            for ack in acks {
+                let ack = ack.await.map_err(|e| unavailable(&e))?;
+                if ack.duplicate {
+                    receipt.duplicates += 1;
+                } else {
+                    receipt.accepted += 1;
+                }
+            }
+            Ok(receipt)
+        })
+    }
 }
 
 /// Puts events that arrived over HTTP, the Prefect websocket or webhooks into the JetStream
@@ -777,8 +865,9 @@ fn parse(
                 .collect()
         })
         .unwrap_or_default();
-    let result = if is_forwarded(headers) {
-        // Spur's own publish of a Prefect event (see `Forwarder`): no template applies.
+    let result = if is_forwarded(headers) || is_published_by_spur(headers) {
+        // Spur's own publish of a Prefect event (see `Forwarder`, `StreamPublisher`): no
+        // template applies.
         normalize_slice(payload, now, intake.limits())
     } else if let Some(t) = templates
         .iter()

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// nats-server, 3 on a cluster [default: 1].
     #[arg(long, env = "SPUR_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_replicas: Option<u8>,
+    /// The JetStream stream is the log: events received over HTTP, the websocket and
+    /// webhooks are published there and answered once JetStream has them (docs/nats.md).
+    #[arg(long, env = "SPUR_NATS_LOG")]
+    pub nats_log: bool,
     /// How Spur authenticates to NATS and which TLS it trusts.
     #[command(flatten)]
     pub nats_connection: NatsConnectArgs,
@@ -363,6 +367,14 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             .map(|js| !js)
             .unwrap_or(false);
         nats.jetstream = !(args.nats_core || core_in_file);
+        nats.stream_log = args.nats_log
+            || nats_file
+                .and_then(|n| n.get("log"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+        if nats.stream_log && !nats.jetstream {
+            bail!("--nats-log needs JetStream (it cannot be combined with --nats-core)");
+        }
         nats.replicas = match (
             args.nats_replicas,
             nats_file.and_then(|n| n.get("replicas")),
