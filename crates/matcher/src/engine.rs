@@ -11,6 +11,10 @@
 //! else follows Prefect's server (`triggers.py`), step for step; the comments cite the steps of
 //! prefect-semantics.md §4. Where Prefect polls every 5 s, the engine keeps exact deadlines
 //! (a min-heap), so a proactive window ending at `D` is evaluated at exactly `D`.
+//!
+//! Split by job: `plan.rs` builds what is loaded (triggers flattened, the index, state
+//! carried over on reload), `checkpoint.rs` turns the state into an [`EngineSnapshot`] and
+//! back; this file evaluates events and time.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -21,6 +25,12 @@ use spur_core::{
     Automation, CompositeKind, CompositeTrigger, Event, EventTrigger, Posture, Trigger,
 };
 use uuid::Uuid;
+
+mod checkpoint;
+mod plan;
+
+use plan::Plan;
+pub use plan::{RetiredPlan, fingerprint};
 
 use crate::explain::{Decision, EventFate, Outcome};
 use crate::firing::{Firing, FiringState};
@@ -85,70 +95,6 @@ pub struct Bucket {
     pub count: i64,
     /// The most recent event that touched the bucket.
     pub last_event: Option<Arc<Event>>,
-}
-
-/// A leaf event trigger in the loaded plan.
-#[derive(Debug)]
-struct Leaf {
-    trigger: Arc<EventTrigger>,
-    automation: usize,
-    parent: Option<(usize, usize)>,
-}
-
-/// A composite trigger in the loaded plan.
-#[derive(Debug)]
-struct Composite {
-    id: Uuid,
-    kind: CompositeKind,
-    within: Option<TimeDelta>,
-    expected: usize,
-    children: usize,
-    automation: usize,
-    parent: Option<(usize, usize)>,
-}
-
-/// The immutable part: automations, their triggers flattened, and the index.
-#[derive(Debug, Default)]
-struct Plan {
-    automations: Vec<Arc<Automation>>,
-    /// Each automation's [`fingerprint`], computed the first time it is needed: only state
-    /// that is kept across a reload or saved in a checkpoint needs one, so loading 100 000
-    /// stateless automations never serializes them.
-    fingerprints: Vec<OnceLock<u64>>,
-    leaves: Vec<Leaf>,
-    composites: Vec<Composite>,
-    index: TriggerIndex,
-    proactive: Vec<usize>,
-    /// Each automation's first leaf (leaves are contiguous per automation), plus one past
-    /// the last: automation `i` owns leaves `first_leaf[i]..first_leaf[i + 1]`. Lets the
-    /// per-automation reads (`buckets_of`, `next_deadline_of`) touch only its own leaves.
-    first_leaf: Vec<u32>,
-    /// Automation id → its position in `automations`.
-    by_id: FxHashMap<Uuid, u32>,
-}
-
-/// The plan an [`Engine::load_keeping_old`] replaced, to be dropped where it costs nothing.
-#[derive(Debug)]
-pub struct RetiredPlan {
-    _plan: Plan,
-}
-
-impl Plan {
-    /// The fingerprint of the automation at `index`.
-    fn fingerprint_of(&self, index: usize) -> u64 {
-        *self.fingerprints[index].get_or_init(|| fingerprint(&self.automations[index]))
-    }
-
-    /// The leaves of the automation `id`, if it is loaded.
-    fn leaves_of(&self, id: Uuid) -> std::ops::Range<usize> {
-        match self.by_id.get(&id) {
-            Some(&i) => {
-                let i = i as usize;
-                self.first_leaf[i] as usize..self.first_leaf[i + 1] as usize
-            }
-            None => 0..0,
-        }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -368,114 +314,6 @@ impl Engine {
         }
     }
 
-    /// Replaces the loaded automations. Disabled automations are kept but never evaluated.
-    ///
-    /// An automation that is unchanged (same id and same definition) keeps its trigger state;
-    /// a changed or new one starts fresh (as Prefect resets state on every update).
-    pub fn load(&mut self, automations: Vec<Arc<Automation>>) {
-        drop(self.load_keeping_old(automations));
-    }
-
-    /// [`Engine::load`], handing back what the engine no longer needs instead of dropping it
-    /// here. Freeing the previous plan of 100 000 automations is a good part of a reload's
-    /// time; a caller with events waiting (the daemon's pipeline) drops it elsewhere.
-    #[must_use = "dropping the retired plan here is what `load` does"]
-    pub fn load_keeping_old(&mut self, automations: Vec<Arc<Automation>>) -> RetiredPlan {
-        let old_plan = std::mem::take(&mut self.plan);
-        let mut old_leaf_states: HashMap<(Uuid, Uuid), LeafState> = HashMap::new();
-        let mut old_composite_states: HashMap<(Uuid, Uuid), CompositeState> = HashMap::new();
-        let mut plan = Plan::default();
-        // Sized once: one leaf per automation is the common shape.
-        let count = automations.len();
-        plan.automations.reserve_exact(count);
-        plan.fingerprints.reserve_exact(count);
-        plan.first_leaf.reserve_exact(count + 1);
-        plan.leaves.reserve(count);
-        plan.by_id.reserve(count);
-        for automation in automations {
-            let index = plan.automations.len();
-            plan.first_leaf.push(plan.leaves.len() as u32);
-            plan.by_id.insert(automation.id, index as u32);
-            if automation.enabled {
-                flatten(&mut plan, index, &automation.trigger, None);
-            }
-            plan.fingerprints.push(OnceLock::new());
-            plan.automations.push(automation);
-        }
-        plan.first_leaf.push(plan.leaves.len() as u32);
-        // Carry state over for unchanged automations. Only state that exists is looked at
-        // (a fresh state is what a changed automation gets anyway), so a reload costs
-        // fingerprints in proportion to the live state, not to the automations loaded.
-        let leaf_states = std::mem::take(&mut self.leaf_states);
-        for (leaf, state) in old_plan.leaves.iter().zip(leaf_states) {
-            if !state.is_fresh() {
-                let automation = &old_plan.automations[leaf.automation];
-                old_leaf_states.insert((automation.id, leaf.trigger.id), state);
-            }
-        }
-        let composite_states = std::mem::take(&mut self.composite_states);
-        for (composite, state) in old_plan.composites.iter().zip(composite_states) {
-            if !state.is_fresh() {
-                let automation = &old_plan.automations[composite.automation];
-                old_composite_states.insert((automation.id, composite.id), state);
-            }
-        }
-        // The same automation (the same `Arc`, or an equal definition) as before?
-        let unchanged = |plan: &Plan, automation: usize| {
-            let a = &plan.automations[automation];
-            old_plan.by_id.get(&a.id).is_some_and(|&old| {
-                let old = old as usize;
-                Arc::ptr_eq(&old_plan.automations[old], a)
-                    || old_plan.fingerprint_of(old) == plan.fingerprint_of(automation)
-            })
-        };
-        self.leaf_states = plan
-            .leaves
-            .iter()
-            .map(|leaf| {
-                if old_leaf_states.is_empty() {
-                    // Nothing (left) to carry over: no lookup per leaf.
-                    return LeafState::default();
-                }
-                let id = plan.automations[leaf.automation].id;
-                match old_leaf_states.remove(&(id, leaf.trigger.id)) {
-                    Some(state) if unchanged(&plan, leaf.automation) => state,
-                    _ => LeafState::default(),
-                }
-            })
-            .collect();
-        self.composite_states = plan
-            .composites
-            .iter()
-            .map(|c| {
-                let id = plan.automations[c.automation].id;
-                let kept = old_composite_states
-                    .remove(&(id, c.id))
-                    .filter(|_| unchanged(&plan, c.automation));
-                kept.unwrap_or_else(|| CompositeState {
-                    children: (0..c.children).map(|_| None).collect(),
-                })
-            })
-            .collect();
-        plan.index = TriggerIndex::build(plan.leaves.iter().map(|l| &*l.trigger));
-        plan.proactive = (0..plan.leaves.len())
-            .filter(|&i| plan.leaves[i].trigger.posture == Posture::Proactive)
-            .collect();
-        // Rebuild the proactive schedule: kept leaves keep their next run, new ones run at once.
-        self.timers.clear();
-        self.first_pass_pending.clear();
-        for &leaf in &plan.proactive {
-            match self.leaf_states[leaf].next_run {
-                Some(at) => self.timers.push(Reverse((at, leaf))),
-                None => self.first_pass_pending.push(leaf),
-            }
-        }
-        self.plan = plan;
-        let current = self.flow_automations();
-        self.flow.retain(&current);
-        RetiredPlan { _plan: old_plan }
-    }
-
     /// The loaded automations, in load order.
     pub fn automations(&self) -> &[Arc<Automation>] {
         &self.plan.automations
@@ -540,202 +378,6 @@ impl Engine {
         }
         out.sort_by(|a, b| (a.2.start, &a.1).cmp(&(b.2.start, &b.1)));
         out
-    }
-
-    /// The complete trigger state, for a checkpoint.
-    pub fn snapshot(&self) -> EngineSnapshot {
-        let leaves = self
-            .plan
-            .leaves
-            .iter()
-            .zip(&self.leaf_states)
-            // A leaf with no state is restored as fresh anyway: leaving it out keeps the
-            // checkpoint proportional to live state, not to the number of automations.
-            .filter(|(_, state)| !state.is_fresh())
-            .map(|(leaf, state)| LeafSnapshot {
-                automation: self.plan.automations[leaf.automation].id,
-                fingerprint: self.plan.fingerprint_of(leaf.automation),
-                trigger: leaf.trigger.id,
-                buckets: state
-                    .buckets
-                    .iter()
-                    .map(|(key, b)| BucketSnapshot {
-                        key: key.iter().map(|k| k.to_string()).collect(),
-                        start: b.start,
-                        end: b.end,
-                        count: b.count,
-                        last_event: b.last_event.as_ref().map(|e| e.to_json()),
-                    })
-                    .collect(),
-                next_run: state.next_run,
-                unresolved: state
-                    .unresolved
-                    .iter()
-                    .map(|(key, id)| (key.iter().map(|k| k.to_string()).collect(), *id))
-                    .collect(),
-            })
-            .collect();
-        let composites = self
-            .plan
-            .composites
-            .iter()
-            .zip(&self.composite_states)
-            .filter(|(_, state)| !state.is_fresh())
-            .map(|(c, state)| CompositeSnapshot {
-                automation: self.plan.automations[c.automation].id,
-                fingerprint: self.plan.fingerprint_of(c.automation),
-                trigger: c.id,
-                children: state
-                    .children
-                    .iter()
-                    .map(|slot| {
-                        slot.as_ref().map(|child| ChildSnapshot {
-                            firing: firing_snapshot(&child.firing),
-                            at: child.at,
-                            sequence: child.sequence,
-                        })
-                    })
-                    .collect(),
-            })
-            .collect();
-        let seen = if self.seen_order.is_empty() && !self.seen.is_empty() {
-            let at = self.now();
-            self.seen.iter().map(|id| (at, *id)).collect()
-        } else {
-            self.seen_order.iter().copied().collect()
-        };
-        EngineSnapshot {
-            clock: self.clock,
-            leaves,
-            composites,
-            seen,
-            held: {
-                let mut held: Vec<&HeldEvent> = self.held.values().collect();
-                held.sort_by_key(|h| h.event.id);
-                held.iter().map(|h| h.event.to_json()).collect()
-            },
-            next_sweep: self.next_sweep,
-            sequence: self.sequence,
-            flow: self.flow.snapshot(firing_snapshot),
-        }
-    }
-
-    /// Restores a checkpoint into the currently loaded automations of a fresh engine (triggers
-    /// the snapshot leaves out had no state). State of automations that changed (or no longer
-    /// exist) is dropped; everything else resumes where it was.
-    pub fn restore(&mut self, snapshot: &EngineSnapshot) {
-        self.clock = snapshot.clock;
-        self.next_sweep = snapshot.next_sweep;
-        self.sequence = snapshot.sequence;
-        let current = self.flow_automations();
-        self.flow.restore(&snapshot.flow, &current, restore_firing);
-        // Saved states by (automation, trigger): restoring is proportional to what was saved.
-        let saved_leaves: HashMap<(Uuid, Uuid), &LeafSnapshot> = snapshot
-            .leaves
-            .iter()
-            .map(|s| ((s.automation, s.trigger), s))
-            .collect();
-        let saved_composites: HashMap<(Uuid, Uuid), &CompositeSnapshot> = snapshot
-            .composites
-            .iter()
-            .map(|s| ((s.automation, s.trigger), s))
-            .collect();
-        for (leaf, state) in self.plan.leaves.iter().zip(self.leaf_states.iter_mut()) {
-            let automation = &self.plan.automations[leaf.automation];
-            let Some(saved) = saved_leaves
-                .get(&(automation.id, leaf.trigger.id))
-                .filter(|s| s.fingerprint == self.plan.fingerprint_of(leaf.automation))
-            else {
-                continue;
-            };
-            state.buckets = saved
-                .buckets
-                .iter()
-                .map(|b| {
-                    let key: BucketKey = b.key.iter().map(|k| k.clone().into_boxed_str()).collect();
-                    let bucket = Bucket {
-                        start: b.start,
-                        end: b.end,
-                        count: b.count,
-                        last_event: b
-                            .last_event
-                            .as_ref()
-                            .and_then(|v| Event::from_stored_json(v).ok())
-                            .map(Arc::new),
-                    };
-                    (key, bucket)
-                })
-                .collect();
-            state.next_run = saved.next_run;
-            state.unresolved = saved
-                .unresolved
-                .iter()
-                .map(|(key, id)| {
-                    (
-                        key.iter().map(|k| k.clone().into_boxed_str()).collect(),
-                        *id,
-                    )
-                })
-                .collect();
-        }
-        for (c, state) in self
-            .plan
-            .composites
-            .iter()
-            .zip(self.composite_states.iter_mut())
-        {
-            let automation = &self.plan.automations[c.automation];
-            let Some(saved) = saved_composites
-                .get(&(automation.id, c.id))
-                .filter(|s| s.fingerprint == self.plan.fingerprint_of(c.automation))
-            else {
-                continue;
-            };
-            if saved.children.len() != state.children.len() {
-                continue;
-            }
-            state.children = saved
-                .children
-                .iter()
-                .map(|slot| {
-                    slot.as_ref().map(|child| ChildFiring {
-                        firing: Arc::new(restore_firing(&child.firing, automation)),
-                        at: child.at,
-                        sequence: child.sequence,
-                    })
-                })
-                .collect();
-        }
-        self.seen.clear();
-        self.seen_order.clear();
-        for (at, id) in &snapshot.seen {
-            if self.seen.insert(*id) {
-                self.seen_order.push_back((*at, *id));
-            }
-        }
-        self.held.clear();
-        self.waiting.clear();
-        self.release_timers.clear();
-        // Each parked event waits under its own leader again (an id that also waited under a
-        // leader named by an earlier copy no longer does: only bare replays have such copies,
-        // the daemon's log keeps an id once).
-        for value in &snapshot.held {
-            let Ok(event) = Event::from_stored_json(value) else {
-                continue;
-            };
-            let Some(leader) = event.follows else {
-                continue;
-            };
-            self.record_follower(Arc::new(event), leader);
-        }
-        self.timers.clear();
-        self.first_pass_pending.clear();
-        for &leaf in &self.plan.proactive {
-            match self.leaf_states[leaf].next_run {
-                Some(at) => self.timers.push(Reverse((at, leaf))),
-                None => self.first_pass_pending.push(leaf),
-            }
-        }
     }
 
     /// Processes everything due up to `now`: proactive deadlines (each at its exact time),
@@ -1427,67 +1069,6 @@ impl Engine {
     }
 }
 
-fn firing_snapshot(f: &Firing) -> FiringSnapshot {
-    FiringSnapshot {
-        id: f.id,
-        trigger_id: f.trigger_id,
-        state: f.state.as_str().to_owned(),
-        at: f.at,
-        event: f.event.as_ref().map(|e| e.to_json()),
-        labels: f.labels.clone(),
-        children: f.children.iter().map(|c| firing_snapshot(c)).collect(),
-        flow: f.flow.as_deref().cloned(),
-    }
-}
-
-fn restore_firing(f: &FiringSnapshot, automation: &Arc<Automation>) -> Firing {
-    Firing {
-        id: f.id,
-        automation: automation.clone(),
-        trigger_id: f.trigger_id,
-        state: if f.state == "resolved" {
-            FiringState::Resolved
-        } else {
-            FiringState::Triggered
-        },
-        at: f.at,
-        event: f
-            .event
-            .as_ref()
-            .and_then(|v| Event::from_stored_json(v).ok())
-            .map(Arc::new),
-        labels: f.labels.clone(),
-        children: f
-            .children
-            .iter()
-            .map(|c| Arc::new(restore_firing(c, automation)))
-            .collect(),
-        flow: f.flow.clone().map(Arc::new),
-    }
-}
-
-/// A stable hash of an automation's definition (its canonical JSON).
-pub fn fingerprint(automation: &Automation) -> u64 {
-    use std::hash::Hasher;
-    /// Keys in sorted order everywhere: writing a file's keys in another order is not a
-    /// change (JSON objects keep their document order in memory).
-    fn canonical(value: &mut serde_json::Value) {
-        match value {
-            serde_json::Value::Object(map) => {
-                map.sort_keys();
-                map.values_mut().for_each(canonical);
-            }
-            serde_json::Value::Array(items) => items.iter_mut().for_each(canonical),
-            _ => {}
-        }
-    }
-    let mut value = serde_json::to_value(automation).unwrap_or_default();
-    canonical(&mut value);
-    let mut hasher = crate::index::FxHasher::default();
-    hasher.write(value.to_string().as_bytes());
-    hasher.finish()
-}
-
 /// `ensure_bucket`: insert if absent; if present only refresh `last_event` (when given).
 fn ensure_bucket(
     state: &mut LeafState,
@@ -1538,38 +1119,4 @@ fn leaf_firing_id(
     // Time-ordered at the window start, which is part of the seed (so a replay derives the
     // same id even if it fires at a slightly different moment).
     spur_core::time_ordered_id(start.timestamp_millis(), &seed)
-}
-
-/// Flattens an automation's trigger tree into leaves and composites.
-fn flatten(plan: &mut Plan, automation: usize, trigger: &Trigger, parent: Option<(usize, usize)>) {
-    match trigger {
-        Trigger::Event(t) => plan.leaves.push(Leaf {
-            trigger: t.clone(),
-            automation,
-            parent,
-        }),
-        Trigger::Composite(c) => {
-            let index = plan.composites.len();
-            plan.composites.push(composite_info(c, automation, parent));
-            for (position, child) in c.triggers.iter().enumerate() {
-                flatten(plan, automation, child, Some((index, position)));
-            }
-        }
-    }
-}
-
-fn composite_info(
-    c: &CompositeTrigger,
-    automation: usize,
-    parent: Option<(usize, usize)>,
-) -> Composite {
-    Composite {
-        id: c.id,
-        kind: c.kind,
-        within: c.within,
-        expected: c.expected_firings(),
-        children: c.triggers.len(),
-        automation,
-        parent,
-    }
 }
