@@ -22,6 +22,21 @@ pub fn to_event(
     received: DateTime<Utc>,
     limits: &EventLimits,
 ) -> Result<Event, EventError> {
+    let prefect = to_prefect_json(value)?;
+    Event::from_json(&prefect, received, limits).map_err(|e| {
+        let field = match e.field.as_str() {
+            "occurred" => "time".to_owned(),
+            "event" => "type".to_owned(),
+            other => other.to_owned(),
+        };
+        EventError { field, ..e }
+    })
+}
+
+/// The CloudEvent rewritten as a (partial) Prefect event document, not yet validated: for
+/// callers that add to it before it becomes an [`Event`] (a webhook adds itself as a related
+/// resource). Errors name the missing CloudEvents attribute.
+pub fn to_prefect_json(value: &Value) -> Result<Value, EventError> {
     let field = |name: &str| value.get(name).and_then(Value::as_str);
     let missing = |name: &str| EventError {
         field: name.to_owned(),
@@ -62,14 +77,7 @@ pub fn to_event(
     if let (Some(time), Some(map)) = (value.get("time"), prefect.as_object_mut()) {
         map.insert("occurred".into(), time.clone());
     }
-    Event::from_json(&prefect, received, limits).map_err(|e| {
-        let field = match e.field.as_str() {
-            "occurred" => "time".to_owned(),
-            "event" => "type".to_owned(),
-            other => other.to_owned(),
-        };
-        EventError { field, ..e }
-    })
+    Ok(prefect)
 }
 
 #[cfg(test)]

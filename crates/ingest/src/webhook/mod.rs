@@ -419,6 +419,12 @@ pub fn map_request(
             Some(rendered.clone()),
         )
     })?;
+    // A template may render a CloudEvent (`{{ body | tojson }}` of a CloudEvents sender):
+    // it becomes a Prefect event document first, so the webhook is added to what is kept.
+    if crate::cloudevents::is_cloud_event(&value) {
+        value = crate::cloudevents::to_prefect_json(&value)
+            .map_err(|e| (e.to_string(), Some(rendered.clone())))?;
+    }
     let Value::Object(map) = &mut value else {
         return Err((
             "the template must render a JSON object".into(),
@@ -517,6 +523,43 @@ mod tests {
         assert_eq!(form_decode("%"), "%");
         assert_eq!(form_decode("%4"), "%4");
         assert_eq!(form_decode("a%20b"), "a b");
+    }
+
+    /// Found by the `webhook_mapping` fuzz target: a template that renders a CloudEvent
+    /// (here Prefect's pass-through of a CloudEvents body) lost the webhook's related resource
+    /// when the CloudEvent was mapped.
+    #[test]
+    fn a_rendered_cloud_event_keeps_the_webhook_as_a_related_resource() {
+        let hook = Webhook {
+            id: Uuid::nil(),
+            name: "ce".into(),
+            description: String::new(),
+            template: "{{ body | tojson }}".into(),
+            enabled: true,
+            slug: "ce".into(),
+            auth: None,
+            rate_limit: 100,
+            created: chrono::DateTime::UNIX_EPOCH,
+        };
+        let body =
+            br#"{"specversion": "2.0", "type": "t", "source": "/s", "id": "1", "data": {"k": 1}}"#;
+        let context = request_context(&Method::POST, &HeaderMap::new(), body);
+        let event = map_request(
+            &TemplateEngine::new(),
+            &EventLimits::default(),
+            &hook,
+            &context,
+        )
+        .expect("a CloudEvent maps");
+        assert_eq!(event.event, "t");
+        assert_eq!(event.resource.id(), "/s");
+        assert!(
+            event.related.iter().any(|r| r.id()
+                == format!("prefect-cloud.webhook.{}", Uuid::nil())
+                && r.role() == Some("webhook")),
+            "{:?}",
+            event.related
+        );
     }
 
     #[test]
