@@ -975,3 +975,257 @@ impl Drop for WorkerGuard {
         let _ = self.0.wait();
     }
 }
+
+/// The requests a [`loopback_receiver`] got: each one's head and body.
+type ReceivedRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// A loopback HTTP receiver that answers 200 to everything; its URL and the requests it got.
+fn loopback_receiver() -> (String, ReceivedRequests) {
+    use std::io::Write as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(100) {
+            let Ok(mut stream) = stream else { continue };
+            let (head, body) = support::read_request(&stream);
+            log.lock()
+                .expect("lock")
+                .push((head, String::from_utf8_lossy(&body).into_owned()));
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+            );
+        }
+    });
+    (url, requests)
+}
+
+/// The flow-run actions and the block actions of server automations act on the server as
+/// Prefect's actions service does: `call-webhook` and `send-notification` read their block
+/// document (webhook, Slack, custom webhook) from the server and send to its URL, with
+/// templates that name `flow_run`, `deployment`, `flow` and `work_pool` read from the server;
+/// a block that cannot notify fails with Prefect's reason; `suspend-flow-run` suspends the
+/// running flow run, `resume-flow-run` resumes it, `delete-flow-run` deletes it.
+#[test]
+fn prefect_flow_run_and_block_actions_act_on_the_server_with_its_objects_in_templates() {
+    let Some(cli) = require_prefect_cli() else {
+        return;
+    };
+    let python = cli.with_file_name("python");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefect_dir = dir.path().join("prefect");
+    std::fs::create_dir_all(&prefect_dir).expect("prefect dir");
+    let server = PrefectServer::start(&cli, &prefect_dir);
+    let id_of = |v: Value| v["id"].as_str().expect("an id").to_owned();
+    let flow = id_of(server.call("POST", "/flows/", Some(json!({"name": "ops"}))));
+    server.call(
+        "POST",
+        "/work_pools/",
+        Some(json!({"name": "ops-pool", "type": "process"})),
+    );
+    let deployment = id_of(server.call(
+        "POST",
+        "/deployments/",
+        Some(json!({"name": "nightly", "flow_id": flow, "work_pool_name": "ops-pool"})),
+    ));
+    let run = server.call(
+        "POST",
+        &format!("/deployments/{deployment}/create_flow_run"),
+        Some(json!({})),
+    );
+    let (run, run_name) = (
+        id_of(run.clone()),
+        run["name"].as_str().unwrap_or("?").to_owned(),
+    );
+    let pool = server.call("GET", "/work_pools/ops-pool", None);
+    let running = json!({"state": {"type": "RUNNING", "name": "Running"}, "force": true});
+    server.call(
+        "POST",
+        &format!("/flow_runs/{run}/set_state"),
+        Some(running),
+    );
+
+    // Blocks as users save them, through Prefect's own client.
+    let (receiver, requests) = loopback_receiver();
+    let home = dir.path().join("client-home");
+    std::fs::create_dir_all(&home).expect("client home");
+    let script = format!(
+        r#"
+from prefect.blocks.webhook import Webhook
+from prefect.blocks.notifications import SlackWebhook, CustomWebhookNotificationBlock
+from prefect.blocks.system import Secret
+print(Webhook(url="{receiver}/hook", method="PUT", headers={{"X-Spur": "yes"}}).save("wh"))
+print(SlackWebhook(url="{receiver}/slack").save("sl"))
+print(CustomWebhookNotificationBlock(name="cw", url="{receiver}/custom/{{{{token}}}}",
+      json_data={{"text": "{{{{subject}}}}|{{{{body}}}}"}}, secrets={{"token": "t0k"}}).save("cw"))
+print(Secret(value="x").save("not-a-notifier"))
+"#
+    );
+    let out = Command::new(&python)
+        .args(["-c", &script])
+        .env("PREFECT_API_URL", &server.api)
+        .env("PREFECT_HOME", &home)
+        .env("DO_NOT_TRACK", "1")
+        .env_remove("PREFECT_PROFILE")
+        .output()
+        .expect("python runs");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blocks: Vec<&str> = printed.lines().map(str::trim).collect();
+    let [webhook, slack, custom, secret] = blocks[..] else {
+        panic!("four block ids: {printed}");
+    };
+
+    let automation = |name: &str, expect: &str, actions: Value| {
+        server.call(
+            "POST",
+            "/automations/",
+            Some(json!({
+                "name": name,
+                "trigger": {"type": "event", "expect": [expect], "posture": "Reactive",
+                            "threshold": 1, "within": 0},
+                "actions": actions,
+            })),
+        );
+    };
+    automation(
+        "tell",
+        "ops.tell",
+        json!([
+            {"type": "call-webhook", "block_document_id": webhook,
+             "payload": "{{ flow_run.name }}|{{ deployment.name }}|{{ flow.name }}|{{ work_pool.name }}|{{ event.event }}"},
+            {"type": "send-notification", "block_document_id": slack,
+             "subject": "run {{ flow_run.name }}", "body": "in {{ flow_run.state.name }}"},
+            {"type": "send-notification", "block_document_id": custom,
+             "subject": "S", "body": "{{ deployment.name }}"},
+            {"type": "send-notification", "block_document_id": secret, "body": "never"},
+        ]),
+    );
+    automation(
+        "suspend-it",
+        "ops.suspend",
+        json!([{"type": "suspend-flow-run"}]),
+    );
+    automation(
+        "resume-it",
+        "ops.resume",
+        json!([{"type": "resume-flow-run"}]),
+    );
+    automation(
+        "delete-it",
+        "ops.delete",
+        json!([{"type": "delete-flow-run"}]),
+    );
+
+    let data = dir.path().join("data");
+    let folder = support::automations_folder(dir.path(), &[]);
+    let flags = ["--prefect-api", server.api.as_str()];
+    let spur = SpurDaemon::start(&data, &folder, &flags);
+    eventually(
+        Duration::from_secs(20),
+        "the automations and the live stream",
+        || {
+            let live = !spur.log_lines("Prefect event stream live").is_empty();
+            let loaded = ["tell", "suspend-it", "resume-it", "delete-it"]
+                .iter()
+                .all(|n| spur_automation_named(&spur, n));
+            (live && loaded).then_some(())
+        },
+    );
+    let emit = |name: &str| {
+        server.call(
+            "POST",
+            "/events",
+            Some(json!([{
+                "id": uuid::Uuid::new_v4(),
+                "occurred": spur_core::time::format_timestamp(Utc::now()),
+                "event": name,
+                "resource": {"prefect.resource.id": format!("prefect.flow-run.{run}")},
+                "related": [
+                    {"prefect.resource.id": format!("prefect.deployment.{deployment}"),
+                     "prefect.resource.role": "deployment"},
+                    {"prefect.resource.id": format!("prefect.flow.{flow}"),
+                     "prefect.resource.role": "flow"},
+                    {"prefect.resource.id": format!("prefect.work-pool.{}", pool["id"].as_str().unwrap_or_default()),
+                     "prefect.resource.role": "work-pool"},
+                ],
+            }])),
+        );
+    };
+
+    emit("ops.tell");
+    let got = eventually(Duration::from_secs(30), "three requests", || {
+        let got = requests.lock().expect("lock").clone();
+        (got.len() >= 3).then_some(got)
+    });
+    let find = |path: &str| {
+        got.iter()
+            .find(|(head, _)| head.contains(path))
+            .cloned()
+            .unwrap_or_else(|| panic!("no request to {path}: {got:#?}"))
+    };
+    let (head, body) = find(" /hook ");
+    assert!(head.starts_with("PUT "), "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-spur: yes"), "{head}");
+    assert_eq!(body, format!("{run_name}|nightly|ops|ops-pool|ops.tell"));
+    let (_, body) = find(" /slack ");
+    let body: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body, json!({"text": format!("run {run_name}\nin Running")}));
+    let (_, body) = find(" /custom/t0k ");
+    let body: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body, json!({"text": "S|nightly"}));
+    let failed = eventually(
+        Duration::from_secs(10),
+        "the secret block's failure",
+        || {
+            let lines = spur.log_lines("action failed");
+            (!lines.is_empty()).then_some(lines)
+        },
+    );
+    assert!(
+        failed.len() == 1
+            && failed[0].contains("The referenced block was not a notification block"),
+        "{failed:?}"
+    );
+
+    let state = || {
+        let r = server.call("GET", &format!("/flow_runs/{run}"), None);
+        (
+            r["state_type"].as_str().unwrap_or_default().to_owned(),
+            r["state_name"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    emit("ops.suspend");
+    eventually(Duration::from_secs(30), "the run suspended", || {
+        (state() == ("PAUSED".to_owned(), "Suspended".to_owned())).then_some(())
+    });
+    let r = server.call("GET", &format!("/flow_runs/{run}"), None);
+    assert_eq!(
+        r["state"]["state_details"]["pause_reschedule"], true,
+        "{r:#}"
+    );
+    assert!(
+        r["state"]["state_details"]["pause_timeout"].is_string(),
+        "{r:#}"
+    );
+    emit("ops.resume");
+    eventually(Duration::from_secs(30), "the run resumed", || {
+        (state().0 == "SCHEDULED").then_some(())
+    });
+    emit("ops.delete");
+    eventually(Duration::from_secs(30), "the run deleted", || {
+        let url = format!("{}/flow_runs/{run}", server.api);
+        matches!(try_http("GET", &url, None, None), Some((404, _))).then_some(())
+    });
+    assert_eq!(
+        spur.log_lines("action failed").len(),
+        1,
+        "only the secret block failed"
+    );
+}

@@ -155,6 +155,43 @@ pub enum Prepared {
         /// Why.
         message: String,
     },
+    /// Suspend a Prefect server's flow run (Prefect's `Suspended` state: `PAUSED` that
+    /// reschedules, timing out after an hour).
+    SuspendRun {
+        /// The flow run.
+        run: Uuid,
+        /// Why.
+        message: String,
+    },
+    /// Resume a Prefect server's paused or suspended flow run.
+    ResumeRun {
+        /// The flow run.
+        run: Uuid,
+    },
+    /// Delete a Prefect server's flow run.
+    DeleteRun {
+        /// The flow run.
+        run: Uuid,
+    },
+    /// `call-webhook` / `send-notification` through a block document of the Prefect server:
+    /// the block is read when the action is performed (so a retry sees a changed block).
+    PrefectBlock {
+        /// The block document.
+        block_document_id: Uuid,
+        /// `call-webhook` or `send-notification`.
+        action: String,
+        /// call-webhook's rendered `payload`.
+        #[serde(default)]
+        payload: String,
+        /// send-notification's rendered `subject`.
+        #[serde(default)]
+        subject: String,
+        /// send-notification's rendered `body`.
+        #[serde(default)]
+        body: String,
+        /// Sent as `Idempotency-Key`.
+        key: String,
+    },
     /// An HTTP request (call-webhook, send-notification).
     Http {
         /// Method.
@@ -356,7 +393,18 @@ impl Executor {
         message: &str,
         action: &str,
     ) -> Result<Outcome, Failure> {
-        let body = json!({"state": {"type": state_type, "message": message}, "force": false});
+        let state = json!({"type": state_type, "message": message});
+        self.set_server_state_to(run, state, action).await
+    }
+
+    /// Sets a server flow run to `state` (a `StateCreate` body), not forced.
+    async fn set_server_state_to(
+        &self,
+        run: Uuid,
+        state: Value,
+        action: &str,
+    ) -> Result<Outcome, Failure> {
+        let body = json!({"state": state, "force": false});
         let answer = self
             .prefect_call(
                 "POST",
@@ -373,12 +421,22 @@ impl Executor {
                     .unwrap_or("not accepted")
             )));
         }
-        let mut outcome = Outcome::default();
-        outcome.related.push(Resource::from_pairs([
-            ("prefect.resource.id", format!("prefect.flow-run.{run}")),
-            ("prefect.resource.role", "target".to_owned()),
-        ]));
-        Ok(outcome)
+        Ok(target_run(run))
+    }
+
+    /// Fails an action Spur performs only on a Prefect server's flow runs when `run` is one
+    /// of Spur's own (or there is no server).
+    async fn server_run_only(&self, run: Uuid, action: &str) -> Result<(), Failure> {
+        if self.is_server_flow_run(run).await {
+            return Ok(());
+        }
+        Err(Failure::Permanent(if self.inner.prefect.get().is_none() {
+            format!(
+                "{action} acts on a Prefect server's flow runs, and none is configured (--prefect-api)"
+            )
+        } else {
+            format!("{action}: flow run {run} is Spur's own, and Spur's launchers cannot do that")
+        }))
     }
 
     /// One call to the Prefect server's API; its JSON answer. 5xx and connection failures
@@ -397,11 +455,10 @@ impl Executor {
         };
         let method = reqwest::Method::from_bytes(method.as_bytes())
             .map_err(|_| Failure::Permanent(format!("bad HTTP method {method:?}")))?;
-        let mut request = self
-            .inner
-            .http
-            .request(method, format!("{api}{path}"))
-            .json(body);
+        let mut request = self.inner.http.request(method, format!("{api}{path}"));
+        if !body.is_null() {
+            request = request.json(body);
+        }
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
@@ -431,6 +488,239 @@ impl Executor {
             ));
         }
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// The objects of the Prefect server that `action`'s templates name, as Prefect's actions
+    /// service puts them in the template context: `flow_run`, `deployment`, `flow`,
+    /// `task_run`, `work_pool`, `work_queue`, `concurrency_limit` (each the first resource
+    /// of its kind the event involves, read from the server) and `variables` (the server's
+    /// variables by name). Like Prefect, only with an event, and an object that cannot be
+    /// read is `None`; without a Prefect server there are none.
+    async fn server_objects(
+        &self,
+        action: &Action,
+        event: Option<&Event>,
+    ) -> Vec<(&'static str, Value)> {
+        let (Some(event), Some(_)) = (event, self.inner.prefect.get()) else {
+            return Vec::new();
+        };
+        let mut wanted = Vec::new();
+        for value in action.fields.values() {
+            names_in_templates(value, &mut wanted);
+        }
+        let mut objects = Vec::new();
+        for name in wanted {
+            let object = if name == "variables" {
+                self.server_variables().await
+            } else {
+                self.server_object(name, event).await
+            };
+            objects.push((name, object.unwrap_or(Value::Null)));
+        }
+        objects
+    }
+
+    /// The first resource of the kind of context object `name` that `event` involves, read
+    /// from the server.
+    async fn server_object(&self, name: &'static str, event: &Event) -> Option<Value> {
+        let kind = SERVER_OBJECTS.iter().find(|(n, _)| *n == name)?.1;
+        let resource = event
+            .involved_resources()
+            .find(|r| r.id().rsplit_once('.').is_some_and(|(k, _)| k == kind))?;
+        let id = Uuid::parse_str(resource.id().rsplit_once('.')?.1).ok()?;
+        let read = |path: String| async move {
+            let answer = self.prefect_call("GET", &path, &Value::Null, name).await;
+            match answer {
+                Ok(value) => Some(value),
+                Err(Failure::Transient(why) | Failure::Permanent(why)) => {
+                    warn!(object = name, %id, reason = %why, "cannot read a template context object from the Prefect server");
+                    None
+                }
+            }
+        };
+        let mut object = match name {
+            "deployment" => read(format!("/deployments/{id}")).await?,
+            "flow" => read(format!("/flows/{id}")).await?,
+            "flow_run" => read(format!("/flow_runs/{id}")).await?,
+            "task_run" => read(format!("/task_runs/{id}")).await?,
+            "concurrency_limit" => read(format!("/v2/concurrency_limits/{id}")).await?,
+            "work_queue" => {
+                let mut queue = read(format!("/work_queues/{id}")).await?;
+                let status = read(format!("/work_queues/{id}/status")).await?;
+                if let (Some(queue), Value::Object(status)) = (queue.as_object_mut(), status) {
+                    queue.extend(status);
+                }
+                queue
+            }
+            "work_pool" => {
+                let body = json!({"work_pools": {"id": {"any_": [id]}}});
+                let found = self
+                    .prefect_call("POST", "/work_pools/filter", &body, name)
+                    .await
+                    .ok()?;
+                found.get(0)?.clone()
+            }
+            _ => return None,
+        };
+        // As Prefect does: the state the event reports, not the one the run has moved on to
+        // since.
+        if matches!(name, "flow_run" | "task_run") {
+            let label = |k: &str| resource.get(k).map(str::to_owned);
+            if let (Some(message), Some(state_name), Some(timestamp), Some(state_type)) = (
+                label("prefect.state-message"),
+                label("prefect.state-name"),
+                label("prefect.state-timestamp"),
+                label("prefect.state-type"),
+            ) && let Some(map) = object.as_object_mut()
+            {
+                let state = map.entry("state").or_insert_with(|| json!({}));
+                if let Some(state) = state.as_object_mut() {
+                    state.insert("message".into(), json!(message));
+                    state.insert("name".into(), json!(state_name));
+                    state.insert("timestamp".into(), json!(timestamp));
+                    state.insert("type".into(), json!(state_type));
+                }
+            }
+        }
+        Some(object)
+    }
+
+    /// The server's variables, name → value (at most 1 000, as Prefect reads them).
+    async fn server_variables(&self) -> Option<Value> {
+        let mut all = Map::new();
+        while all.len() < 1000 {
+            let body = json!({"limit": 200, "offset": all.len()});
+            let page = self
+                .prefect_call("POST", "/variables/filter", &body, "variables")
+                .await
+                .ok()?;
+            let page = page.as_array()?.clone();
+            for variable in &page {
+                if let Some(name) = variable["name"].as_str() {
+                    all.insert(name.to_owned(), variable["value"].clone());
+                }
+            }
+            if page.len() < 200 {
+                break;
+            }
+        }
+        Some(Value::Object(all))
+    }
+
+    /// Performs `call-webhook` or `send-notification` through the server's block document
+    /// (read with its secrets, as Prefect's actions service reads it).
+    async fn perform_block(
+        &self,
+        block_document_id: Uuid,
+        action: &str,
+        texts: (&str, &str, &str),
+        key: &str,
+    ) -> Result<Outcome, Failure> {
+        let (payload, subject, body) = texts;
+        let document = self
+            .prefect_call(
+                "GET",
+                &format!("/block_documents/{block_document_id}?include_secrets=true"),
+                &Value::Null,
+                action,
+            )
+            .await?;
+        let slug = document["block_type"]["slug"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let data = &document["data"];
+        let related = [
+            Resource::from_pairs([
+                (
+                    "prefect.resource.id",
+                    format!("prefect.block-document.{block_document_id}"),
+                ),
+                ("prefect.resource.role", "block".to_owned()),
+                (
+                    "prefect.resource.name",
+                    document["name"].as_str().unwrap_or_default().to_owned(),
+                ),
+            ]),
+            Resource::from_pairs([
+                ("prefect.resource.id", format!("prefect.block-type.{slug}")),
+                ("prefect.resource.role", "block-type".to_owned()),
+            ]),
+        ];
+        let request = if action == "call-webhook" {
+            if slug != "webhook" {
+                return Err(Failure::Permanent(
+                    "The referenced block was not a webhook block".to_owned(),
+                ));
+            }
+            webhook_block_request(data, payload)
+        } else {
+            let capabilities = &document["block_schema"]["capabilities"];
+            let notifies = capabilities
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c == "notify"));
+            if !notifies {
+                return Err(Failure::Permanent(
+                    "The referenced block was not a notification block".to_owned(),
+                ));
+            }
+            notification_block_request(&slug, data, subject, body)
+        }
+        .map_err(Failure::Permanent)?;
+        let mut outcome = self
+            .send_http(&request, action == "send-notification", key)
+            .await?;
+        outcome.related.extend(related);
+        Ok(outcome)
+    }
+
+    /// Sends one prepared HTTP request; `require_success` fails the action on a non-2xx
+    /// answer (5xx retried).
+    async fn send_http(
+        &self,
+        request: &HttpRequest,
+        require_success: bool,
+        key: &str,
+    ) -> Result<Outcome, Failure> {
+        let method = reqwest::Method::from_bytes(request.method.as_bytes())
+            .map_err(|_| Failure::Permanent(format!("bad HTTP method {:?}", request.method)))?;
+        let url = &request.url;
+        let mut builder = self
+            .inner
+            .http
+            .request(method, url)
+            .header("Idempotency-Key", key);
+        for (k, v) in &request.headers {
+            builder = builder.header(k, v);
+        }
+        let response = builder
+            .body(request.body.clone())
+            .send()
+            .await
+            .map_err(|e| Failure::Transient(format!("request to {url} failed: {e}")))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let mut outcome = Outcome::default();
+        outcome
+            .details
+            .insert("status_code".into(), json!(status.as_u16()));
+        outcome.details.insert(
+            "response_body".into(),
+            json!(text.chars().take(RESPONSE_BODY_LIMIT).collect::<String>()),
+        );
+        if require_success && status.is_server_error() {
+            return Err(Failure::Transient(format!(
+                "Unexpected status from notification: {}",
+                status.as_u16()
+            )));
+        }
+        if require_success && !status.is_success() {
+            return Err(Failure::Permanent(format!(
+                "Unexpected status from notification: {}",
+                status.as_u16()
+            )));
+        }
+        Ok(outcome)
     }
 
     /// The daemon URL given to launched processes as `SPUR_API_URL`.
@@ -1066,12 +1356,20 @@ impl Executor {
             .cloned()
             .unwrap_or_default();
         for (index, action) in list.iter().enumerate() {
+            let state_event = uses_state_event[index];
+            let objects = if state_event {
+                let event = firing.state_change_event();
+                self.server_objects(action, Some(&event)).await
+            } else {
+                self.server_objects(action, firing.event.as_deref()).await
+            };
             let mut prepared = self.prepare(
                 firing,
                 action,
                 index,
-                uses_state_event[index],
+                state_event,
                 rendered.get(index),
+                &objects,
             );
             if let (
                 Some((_, key)),
@@ -1191,9 +1489,14 @@ impl Executor {
         index: usize,
         state_event: bool,
         rendered: Option<&Value>,
+        objects: &[(&'static str, Value)],
     ) -> Result<Prepared, String> {
         let key = format!("{}:{index}", firing.id);
-        let context = || firing_context(firing, state_event).to_value();
+        let context = || {
+            let mut context = firing_context(firing, state_event);
+            context.extra.extend(objects.iter().cloned());
+            context.to_value()
+        };
         let text = |field: &str, default: &str| -> Result<String, String> {
             let source = action
                 .field(field)
@@ -1218,10 +1521,21 @@ impl Executor {
                 {
                     return Err(error.to_owned());
                 }
-                let parameters = rendered
-                    .and_then(|r| r.get("parameters"))
-                    .cloned()
-                    .unwrap_or(json!({}));
+                let parameters = if objects.is_empty() {
+                    rendered
+                        .and_then(|r| r.get("parameters"))
+                        .cloned()
+                        .unwrap_or(json!({}))
+                } else {
+                    // The pipeline rendered them without the server's objects; these
+                    // templates name some, read now.
+                    spur_template::render_parameters(
+                        &self.inner.templates,
+                        action.parameters(),
+                        &context(),
+                    )
+                    .map_err(|e| format!("Unable to create flow run from deployment: {e}"))?
+                };
                 // The loader checked it (a duration ≥ 0); an older dead letter may lack it.
                 let schedule_after = action
                     .field("schedule_after")
@@ -1378,9 +1692,51 @@ impl Executor {
                     message,
                 })
             }
+            "suspend-flow-run" => Ok(Prepared::SuspendRun {
+                run: infer_flow_run(firing, event.as_deref())?,
+                message: format!("Suspended by Automation {}", firing.automation.id),
+            }),
+            "resume-flow-run" => Ok(Prepared::ResumeRun {
+                run: infer_flow_run(firing, event.as_deref())?,
+            }),
+            "delete-flow-run" => Ok(Prepared::DeleteRun {
+                run: infer_flow_run(firing, event.as_deref())?,
+            }),
+            "call-webhook" | "send-notification"
+                if action.field("url").is_none() && action.field("block_document_id").is_some() =>
+            {
+                let kind = action.action_type.as_str();
+                let block_document_id = action
+                    .field("block_document_id")
+                    .and_then(Value::as_str)
+                    .and_then(|s| Uuid::parse_str(s).ok())
+                    .ok_or("block_document_id is not a UUID")?;
+                if self.inner.prefect.get().is_none() {
+                    return Err(format!(
+                        "{kind} sends through Prefect block {block_document_id}, and no Prefect server is configured (--prefect-api) to read it from"
+                    ));
+                }
+                let (payload, subject, body) = if kind == "call-webhook" {
+                    (text("payload", "")?, String::new(), String::new())
+                } else {
+                    (
+                        String::new(),
+                        text("subject", "Prefect automated notification")?,
+                        text("body", "")?,
+                    )
+                };
+                Ok(Prepared::PrefectBlock {
+                    block_document_id,
+                    action: kind.to_owned(),
+                    payload,
+                    subject,
+                    body,
+                    key,
+                })
+            }
             "call-webhook" | "send-notification" => {
                 let url = action.field("url").and_then(Value::as_str).ok_or(
-                    "Spur calls webhooks by `url` (Prefect block documents are not available)",
+                    "Spur calls webhooks by `url`, or through a Prefect server's block (`block_document_id` with --prefect-api)",
                 )?;
                 let url = text("url", url)?;
                 let (body, require_success, content_type) = if action.action_type == "call-webhook"
@@ -1802,43 +2158,73 @@ impl Executor {
                 require_success,
                 key,
             } => {
-                let method = reqwest::Method::from_bytes(method.as_bytes())
-                    .map_err(|_| Failure::Permanent(format!("bad HTTP method {method:?}")))?;
-                let mut request = self
-                    .inner
-                    .http
-                    .request(method, url)
-                    .header("Idempotency-Key", key);
-                for (k, v) in headers {
-                    request = request.header(k, v);
-                }
-                let response = request
-                    .body(body.clone())
-                    .send()
+                let request = HttpRequest {
+                    method: method.clone(),
+                    url: url.clone(),
+                    headers: headers.clone(),
+                    body: body.clone(),
+                };
+                self.send_http(&request, *require_success, key).await
+            }
+            Prepared::PrefectBlock {
+                block_document_id,
+                action,
+                payload,
+                subject,
+                body,
+                key,
+            } => {
+                self.perform_block(*block_document_id, action, (payload, subject, body), key)
                     .await
-                    .map_err(|e| Failure::Transient(format!("request to {url} failed: {e}")))?;
-                let status = response.status();
-                let text = response.text().await.unwrap_or_default();
-                let mut outcome = Outcome::default();
-                outcome
-                    .details
-                    .insert("status_code".into(), json!(status.as_u16()));
-                outcome.details.insert(
-                    "response_body".into(),
-                    json!(text.chars().take(RESPONSE_BODY_LIMIT).collect::<String>()),
-                );
-                if *require_success && status.is_server_error() {
-                    return Err(Failure::Transient(format!(
-                        "Unexpected status from notification: {}",
-                        status.as_u16()
-                    )));
-                }
-                if *require_success && !status.is_success() {
+            }
+            Prepared::SuspendRun { run, message } => {
+                self.server_run_only(*run, "suspend-flow-run").await?;
+                // Prefect's `Suspended(timeout_seconds=3600)`: the hour counts from now.
+                let timeout = Utc::now() + TimeDelta::seconds(3600);
+                let state = json!({
+                    "type": "PAUSED",
+                    "name": "Suspended",
+                    "message": message,
+                    "state_details": {
+                        "pause_timeout": spur_core::time::format_timestamp(timeout),
+                        "pause_reschedule": true,
+                        "pause_key": null,
+                    },
+                });
+                self.set_server_state_to(*run, state, "suspend-flow-run")
+                    .await
+            }
+            Prepared::ResumeRun { run } => {
+                self.server_run_only(*run, "resume-flow-run").await?;
+                let answer = self
+                    .prefect_call(
+                        "POST",
+                        &format!("/flow_runs/{run}/resume"),
+                        &Value::Null,
+                        "resume-flow-run",
+                    )
+                    .await?;
+                if answer["status"] != "ACCEPT" {
                     return Err(Failure::Permanent(format!(
-                        "Unexpected status from notification: {}",
-                        status.as_u16()
+                        "Failed to resume flow run: {}",
+                        answer["details"]["reason"]
+                            .as_str()
+                            .unwrap_or("not accepted")
                     )));
                 }
+                Ok(target_run(*run))
+            }
+            Prepared::DeleteRun { run } => {
+                self.server_run_only(*run, "delete-flow-run").await?;
+                self.prefect_call(
+                    "DELETE",
+                    &format!("/flow_runs/{run}"),
+                    &Value::Null,
+                    "delete-flow-run",
+                )
+                .await?;
+                let mut outcome = target_run(*run);
+                outcome.details.insert("status_code".into(), json!(204));
                 Ok(outcome)
             }
             Prepared::EmitEvent { event } => {
@@ -2391,4 +2777,332 @@ fn render_strings(
         ),
         other => other.clone(),
     })
+}
+
+/// Prefect's template context objects read from its server: the variable and the resource
+/// kind it is the first involved resource of.
+const SERVER_OBJECTS: &[(&str, &str)] = &[
+    ("deployment", "prefect.deployment"),
+    ("flow", "prefect.flow"),
+    ("flow_run", "prefect.flow-run"),
+    ("task_run", "prefect.task-run"),
+    ("work_pool", "prefect.work-pool"),
+    ("work_queue", "prefect.work-queue"),
+    ("concurrency_limit", "prefect.concurrency-limit"),
+];
+
+/// The server context objects (and `variables`) the templates in `value` name as variables
+/// (an identifier not after a `.`, as Prefect finds the names a template loads); each once.
+fn names_in_templates(value: &Value, found: &mut Vec<&'static str>) {
+    match value {
+        Value::String(s) if spur_template::maybe_template(s) => {
+            let bytes = s.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() {
+                let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+                if !is_ident(bytes[i]) {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < bytes.len() && is_ident(bytes[i]) {
+                    i += 1;
+                }
+                let before = s[..start].trim_end().as_bytes().last().copied();
+                if before == Some(b'.') {
+                    continue;
+                }
+                let word = &s[start..i];
+                let name = SERVER_OBJECTS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .chain(["variables"])
+                    .find(|n| *n == word);
+                if let Some(name) = name
+                    && !found.contains(&name)
+                {
+                    found.push(name);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| names_in_templates(v, found)),
+        Value::Object(map) => map.values().for_each(|v| names_in_templates(v, found)),
+        _ => {}
+    }
+}
+
+/// An HTTP request built from a block document.
+#[derive(Debug, PartialEq)]
+struct HttpRequest {
+    method: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+/// A string field of a block's data (secrets arrive in clear with `include_secrets`).
+fn block_string(data: &Value, field: &str) -> Option<String> {
+    data.get(field)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// The headers of a block's data (a mapping of strings).
+fn block_headers(data: &Value, field: &str) -> Vec<(String, String)> {
+    data.get(field)
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = v
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| v.to_string());
+                    (k.clone(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Prefect's `Webhook` block: its method, URL and headers, the rendered payload as the body.
+fn webhook_block_request(data: &Value, payload: &str) -> Result<HttpRequest, String> {
+    let url = block_string(data, "url").ok_or("The webhook block was invalid: it has no url")?;
+    Ok(HttpRequest {
+        method: block_string(data, "method")
+            .unwrap_or_else(|| "POST".to_owned())
+            .to_uppercase(),
+        url,
+        headers: block_headers(data, "headers"),
+        body: payload.to_owned(),
+    })
+}
+
+/// A notification block as a request to its URL: `custom-webhook` as Prefect builds it (its
+/// `{{subject}}`, `{{body}}`, `{{name}}` and secrets put into URL, query, JSON or form data,
+/// headers and cookies); Slack and Mattermost webhooks as `{"text": …}`; any other block
+/// with a `url` gets `{"subject": …, "body": …}` as JSON. A block without a URL (e-mail,
+/// SMS, Apprise services named by keys) cannot be sent by Spur, and says so.
+fn notification_block_request(
+    slug: &str,
+    data: &Value,
+    subject: &str,
+    body: &str,
+) -> Result<HttpRequest, String> {
+    let json_request = |url: String, value: Value| HttpRequest {
+        method: "POST".to_owned(),
+        url,
+        headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+        body: value.to_string(),
+    };
+    match slug {
+        "custom-webhook" => {
+            let mut values = data
+                .get("secrets")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            values.insert("subject".into(), json!(subject));
+            values.insert("body".into(), json!(body));
+            values.insert("name".into(), data.get("name").cloned().unwrap_or_default());
+            let get = |field: &str| apply_values(data.get(field).unwrap_or(&Value::Null), &values);
+            let mut url = match get("url") {
+                Value::String(url) if !url.is_empty() => url,
+                _ => return Err("The notification block was invalid: it has no url".to_owned()),
+            };
+            if let Value::Object(params) = get("params") {
+                let query: Vec<(String, String)> = params
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            v.as_str()
+                                .map(str::to_owned)
+                                .unwrap_or_else(|| v.to_string()),
+                        )
+                    })
+                    .collect();
+                if let Ok(mut parsed) = reqwest::Url::parse(&url) {
+                    parsed.query_pairs_mut().extend_pairs(query);
+                    url = parsed.to_string();
+                }
+            }
+            let mut headers = block_headers(&json!({"h": get("headers")}), "h");
+            if let Value::Object(cookies) = get("cookies") {
+                let cookie: Vec<String> = cookies
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect();
+                headers.push(("cookie".to_owned(), cookie.join("; ")));
+            }
+            let body = match (get("json_data"), get("form_data")) {
+                (json @ (Value::Object(_) | Value::Array(_)), _) => {
+                    headers.push(("content-type".to_owned(), "application/json".to_owned()));
+                    json.to_string()
+                }
+                (_, Value::String(raw)) => raw,
+                (_, Value::Object(form)) => {
+                    headers.push((
+                        "content-type".to_owned(),
+                        "application/x-www-form-urlencoded".to_owned(),
+                    ));
+                    let mut encoded =
+                        reqwest::Url::parse("http://x/").map_err(|e| e.to_string())?;
+                    encoded
+                        .query_pairs_mut()
+                        .extend_pairs(form.iter().map(|(k, v)| {
+                            (
+                                k.clone(),
+                                v.as_str()
+                                    .map(str::to_owned)
+                                    .unwrap_or_else(|| v.to_string()),
+                            )
+                        }));
+                    encoded.query().unwrap_or_default().to_owned()
+                }
+                _ => String::new(),
+            };
+            Ok(HttpRequest {
+                method: block_string(data, "method")
+                    .unwrap_or_else(|| "POST".to_owned())
+                    .to_uppercase(),
+                url,
+                headers,
+                body,
+            })
+        }
+        "slack-webhook" | "mattermost-webhook" => {
+            let url = block_string(data, "url")
+                .ok_or("The notification block was invalid: it has no url")?;
+            let text = if subject.is_empty() {
+                body.to_owned()
+            } else {
+                format!("{subject}\n{body}")
+            };
+            Ok(json_request(url, json!({"text": text})))
+        }
+        _ => match block_string(data, "url") {
+            Some(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                Ok(json_request(url, json!({"subject": subject, "body": body})))
+            }
+            _ => Err(format!(
+                "Spur sends notifications to a block's URL, and the {slug} block has none"
+            )),
+        },
+    }
+}
+
+/// Prefect's `apply_values` for custom-webhook blocks: a string that is one `{{ key }}`
+/// becomes that value; other strings get each known `{{ key }}` replaced by its text.
+fn apply_values(template: &Value, values: &Map<String, Value>) -> Value {
+    match template {
+        Value::String(s) => {
+            let trimmed = s.trim();
+            if let Some(inner) = trimmed
+                .strip_prefix("{{")
+                .and_then(|t| t.strip_suffix("}}"))
+                && !inner.contains("{{")
+                && let Some(value) = values.get(inner.trim())
+            {
+                return value.clone();
+            }
+            let mut out = s.clone();
+            for (key, value) in values {
+                let text = value
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| value.to_string());
+                for placeholder in [format!("{{{{{key}}}}}"), format!("{{{{ {key} }}}}")] {
+                    out = out.replace(&placeholder, &text);
+                }
+            }
+            Value::String(out)
+        }
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|v| apply_values(v, values)).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), apply_values(v, values)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// An outcome whose related resource is the flow run acted on (role `target`).
+fn target_run(run: Uuid) -> Outcome {
+    let mut outcome = Outcome::default();
+    outcome.related.push(Resource::from_pairs([
+        ("prefect.resource.id", format!("prefect.flow-run.{run}")),
+        ("prefect.resource.role", "target".to_owned()),
+    ]));
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_objects_a_template_names_are_found_as_prefect_finds_them() {
+        let mut found = Vec::new();
+        names_in_templates(
+            &json!({"a": "{{ flow_run.name }} of {{ deployment['name'] }}",
+                    "b": ["{% if event.flow %}{{ variables.x }}{% endif %}"],
+                    "c": "flow_run is plain text", "d": "{{ flow_run.id }}"}),
+            &mut found,
+        );
+        // `event.flow` is an attribute, not the variable `flow`; text outside templates and
+        // repeats do not count.
+        assert_eq!(found, ["flow_run", "deployment", "variables"]);
+    }
+
+    #[test]
+    fn notification_blocks_become_requests_to_their_url() {
+        let custom = json!({"name": "cw", "url": "http://h/{{token}}", "method": "put",
+                            "params": {"q": "{{subject}}"}, "json_data": {"t": "{{subject}}: {{body}}", "n": "{{ name }}"},
+                            "headers": {"X-Key": "{{token}}"}, "secrets": {"token": "s3"}});
+        let request = notification_block_request("custom-webhook", &custom, "Hi", "there").unwrap();
+        assert_eq!(request.method, "PUT");
+        assert_eq!(request.url, "http://h/s3?q=Hi");
+        assert!(
+            request
+                .headers
+                .contains(&("X-Key".to_owned(), "s3".to_owned()))
+        );
+        let body: Value = serde_json::from_str(&request.body).unwrap();
+        assert_eq!(body, json!({"t": "Hi: there", "n": "cw"}));
+        let slack =
+            notification_block_request("slack-webhook", &json!({"url": "http://s/"}), "S", "B")
+                .unwrap();
+        assert_eq!(slack.body, json!({"text": "S\nB"}).to_string());
+        let other =
+            notification_block_request("ms-teams-webhook", &json!({"url": "https://t/"}), "S", "B")
+                .unwrap();
+        assert_eq!(other.body, json!({"subject": "S", "body": "B"}).to_string());
+        let email =
+            notification_block_request("sendgrid-email", &json!({"api_key": "k"}), "S", "B");
+        assert!(
+            email
+                .unwrap_err()
+                .contains("the sendgrid-email block has none")
+        );
+        let hook = webhook_block_request(
+            &json!({"url": "http://w/", "method": "PATCH",
+                                                 "headers": {"A": "b"}}),
+            "{}",
+        )
+        .unwrap();
+        assert_eq!(
+            hook,
+            HttpRequest {
+                method: "PATCH".into(),
+                url: "http://w/".into(),
+                headers: vec![("A".into(), "b".into())],
+                body: "{}".into()
+            }
+        );
+    }
 }

@@ -140,22 +140,23 @@ pub fn parse(raw: &[Value], api_url: &str) -> PrefectPart {
     part
 }
 
-/// Why an action of a server automation will not act on that server yet, if it will not
-/// (issue 14: actions on the server come in a later phase).
+/// Why an action of a server automation will not act on that server as Prefect's would, if
+/// it will not. Every action type acts on the server (actions.rs): `run-deployment` of a
+/// deployment Spur does not declare creates the flow run there, the pause/resume actions,
+/// `cancel-`, `suspend-`, `resume-`, `delete-flow-run` and `change-flow-run-state` act on
+/// its objects, and `call-webhook` / `send-notification` read their block from it.
 fn not_on_the_server(action: &spur_core::Action) -> Option<String> {
     let kind = action.action_type.as_str();
     match kind {
-        // A deployment the automations folder does not declare is created as a flow run on
-        // the server (`Prepared::PrefectFlowRun` in actions.rs).
-        "run-deployment" => None,
-        // Pausing the server's deployments, work pools and queues, and cancelling or
-        // changing the state of its flow runs, act on the server (actions.rs).
-        "suspend-flow-run" | "resume-flow-run" | "delete-flow-run" => Some(format!(
-            "{kind} acts on Spur's own runs, not yet on the Prefect server's"
-        )),
-        "send-notification" if action.field("block_document_id").is_some() => Some(
-            "send-notification to a Prefect block is not sent yet (Spur cannot read the server's blocks)".to_owned(),
-        ),
+        // Spur's flow runs have no Paused state, and the server's are set unforced.
+        "change-flow-run-state"
+            if action.field("state").and_then(Value::as_str) == Some("PAUSED")
+                || action.field("force").and_then(Value::as_bool) == Some(true) =>
+        {
+            Some(format!(
+                "{kind} to PAUSED or with force: true is not performed by Spur (the state is set unforced, and PAUSED fails)"
+            ))
+        }
         _ => None,
     }
 }
@@ -540,14 +541,18 @@ mod tests {
                      "actions": [{"type": "run-deployment", "source": "selected",
                                   "deployment_id": "853499d2-ab38-4332-981e-2022e382fcdc",
                                   "parameters": {}, "job_variables": null},
-                                 {"type": "suspend-flow-run"}]}),
+                                 {"type": "suspend-flow-run"},
+                                 {"type": "send-notification", "block_document_id":
+                                  "953499d2-ab38-4332-981e-2022e382fcdc", "body": "x"},
+                                 {"type": "change-flow-run-state", "state": "PAUSED"}]}),
             ],
             "http://p/api",
         );
         assert_eq!(runs.automations.len(), 1, "{runs:#?}");
-        // run-deployment runs on the server; suspending its flow runs does not yet.
+        // Every action acts on the server; what Spur does otherwise is named.
         assert!(
-            runs.warnings.len() == 1 && runs.warnings[0].contains("actions[1]: suspend-flow-run"),
+            runs.warnings.len() == 1
+                && runs.warnings[0].contains("actions[3]: change-flow-run-state"),
             "{:?}",
             runs.warnings
         );
