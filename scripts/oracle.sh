@@ -63,10 +63,10 @@ if [ $# -ge 2 ] && [ $# -le 3 ]; then
     for ((k = 0; k < jobs; k++)); do shards+=("$1.$k:$per:$with"); done
   fi
 elif [ $# -eq 0 ]; then
-  # Fixed seeds for CI: fuzz.py's own generator, then the trigger switches. `templates` is
-  # off here while template rendering still differs from Prefect's (issue #21; the oracle
-  # section of docs/prefect-differences.md), so that the suite fails only on trigger ones.
-  shards=(ci-1:60:none ci-2:60:roles ci-3:60:match-related,roles ci-4:4:long,roles,match-related)
+  # Fixed seeds for CI: fuzz.py's own generator, then the switches, alone and together
+  # (`long` with everything else). About two minutes with the default two processes.
+  shards=(ci-1:60:none ci-2:60:roles ci-3:60:match-related,roles ci-4:4:long,roles,match-related,templates
+    ci-5:60:templates ci-6:40:templates,roles,match-related)
 else
   echo "usage: scripts/oracle.sh [SEED COUNT [SWITCHES]]" >&2
   exit 2
@@ -102,7 +102,7 @@ wait
 
 failed=0
 found=()
-printf '%-12s %-26s %6s %6s %9s %6s %12s\n' seed switches run agree ambiguous kept oracle-error
+printf '%-12s %-34s %6s %6s %9s %6s %12s\n' seed switches run agree ambiguous kept oracle-error
 for shard in "${shards[@]}"; do
   IFS=: read -r seed _ with <<<"$shard"
   out="$out_root/$seed"
@@ -113,7 +113,7 @@ for shard in "${shards[@]}"; do
     failed=1
     continue
   fi
-  "$python" -c 'import json,sys; s=json.loads(sys.argv[3]); print("%-12s %-26s %6d %6d %9d %6d %12d" % (sys.argv[1], sys.argv[2], s["run"], s["agree"], s["ambiguous"], s["kept"], s["oracle_error"]))' "$seed" "$with" "$summary"
+  "$python" -c 'import json,sys; s=json.loads(sys.argv[3]); print("%-12s %-34s %6d %6d %9d %6d %12d" % (sys.argv[1], sys.argv[2], s["run"], s["agree"], s["ambiguous"], s["kept"], s["oracle_error"]))' "$seed" "$with" "$summary"
   if [ -d "$out/found" ]; then
     while IFS= read -r f; do found+=("$f"); done < <(find "$out/found" -name '*.json' | sort)
   fi
