@@ -1405,8 +1405,10 @@ fn jetstream_acks_leave_nothing_pending_with_either_ack_policy() {
 
 /// `--nats-log`: the stream is the log. An event posted over HTTP is in JetStream by the time
 /// the 204 comes (read back at once, no retry), it is stored locally once, when Spur's
-/// consumer reads it (no duplicate from a second write), and it fires from there. With
-/// nats-server gone the door answers 503 with a reason, and accepts again once it is back.
+/// consumer reads it (no duplicate from a second write), and it fires from there; the
+/// firing's own events (`prefect.automation.triggered`, the action's pair) go through the
+/// stream too, once each, in order. With nats-server gone the door answers 503 with a
+/// reason, and accepts again once it is back.
 #[test]
 fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
     use async_nats::jetstream;
@@ -1442,8 +1444,8 @@ fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
     assert_eq!(status, 204, "{text}");
     let in_stream = runtime.block_on(async {
         let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
-        let mut stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
-        let count = stream.info().await.expect("info").state.messages;
+        let stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
+        let count = subject_count(&stream, "events.http.logged").await;
         let last = stream
             .get_last_raw_message_by_subject("events.http.logged")
             .await
@@ -1473,6 +1475,60 @@ fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
         (f.len() == 2).then_some(f)
     });
     assert_eq!(fired.len(), 2);
+    // The firings' own events are in the stream (published by Spur, once each), and in the
+    // local store through the consumer, in the order they were made.
+    let own = [
+        "prefect.automation.triggered",
+        "prefect.automation.action.triggered",
+        "prefect.automation.action.executed",
+    ];
+    eventually(
+        Duration::from_secs(10),
+        "the firings' own events in the stream",
+        || {
+            let counts = runtime.block_on(async {
+                let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+                let stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
+                let mut counts = Vec::new();
+                for name in own {
+                    counts.push(subject_count(&stream, &format!("events.{name}")).await);
+                }
+                counts
+            });
+            (counts == [2, 2, 2]).then_some(())
+        },
+    );
+    let (_, text) = http(
+        "POST",
+        &format!("{}/api/events/filter", daemon.url),
+        Some(json!({"filter": {"event": {"prefix": ["prefect.automation."]}}, "limit": 50})),
+    );
+    let page: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(
+        page["total"], 6,
+        "the own events stored once each: {page:#}"
+    );
+    // In the stream in the order they were made: a firing's `triggered` before its action's.
+    let subjects = runtime.block_on(async {
+        let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
+        let mut stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
+        let last = stream.info().await.expect("info").state.last_sequence;
+        let mut subjects = Vec::new();
+        for seq in 1..=last {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                subjects.push(message.subject.to_string());
+            }
+        }
+        subjects
+    });
+    let first = |name: &str| subjects.iter().position(|s| s == name);
+    assert!(
+        first("events.prefect.automation.triggered")
+            < first("events.prefect.automation.action.triggered")
+            && first("events.prefect.automation.action.triggered")
+                < first("events.prefect.automation.action.executed"),
+        "{subjects:?}"
+    );
     let (_, metrics) = http("GET", &format!("{}/metrics", daemon.url), None);
     assert!(
         metrics.contains("spur_events_duplicate_total 0")
@@ -1502,6 +1558,20 @@ fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
     eventually(Duration::from_secs(20), "the third firing", || {
         (firings(&daemon).len() == 3).then_some(())
     });
+}
+
+/// How many messages `stream` holds on `subject`.
+async fn subject_count(stream: &async_nats::jetstream::stream::Stream, subject: &str) -> u64 {
+    use futures_util::TryStreamExt;
+    let mut info = stream
+        .info_with_subjects(subject)
+        .await
+        .expect("stream info");
+    let mut count = 0;
+    while let Some((_, n)) = info.try_next().await.expect("subjects") {
+        count += n as u64;
+    }
+    count
 }
 
 /// With JetStream, an event posted over HTTP is forwarded into the stream (so the stream

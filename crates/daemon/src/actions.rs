@@ -40,7 +40,7 @@ use spur_store::Store;
 use spur_template::TemplateEngine;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::pipeline::{Control, Dispatch};
@@ -239,7 +239,8 @@ pub struct Executor {
 #[derive(Debug)]
 struct Inner {
     store: Arc<Store>,
-    intake: Intake,
+    /// Where the executor's own events go (the local intake, or the stream first).
+    own_events: crate::own_events::OwnEvents,
     templates: TemplateEngine,
     http: reqwest::Client,
     deployments: RwLock<Vec<Deployment>>,
@@ -264,6 +265,8 @@ struct Inner {
     /// The Prefect server that runs deployments Spur does not declare (`--prefect-api`):
     /// its API URL and the `Authorization` header value, if any.
     prefect: OnceLock<(String, Option<String>)>,
+    /// Bounds the requests in flight to that server (see [`PREFECT_IN_FLIGHT`]).
+    prefect_in_flight: tokio::sync::Semaphore,
     /// Renders `concurrency` keys (as the matcher's flow stage renders its own).
     flow_keys: spur_replay::TemplateFlowKeys,
     /// Concurrency slots (see [`Slots`]).
@@ -316,6 +319,14 @@ enum Gate {
 /// Bound on Prefect's `response_body` detail.
 const RESPONSE_BODY_LIMIT: usize = 1000;
 
+/// Requests the actions send to the Prefect server at once. A burst of firings must queue
+/// here, not at the server: Prefect's server (one process, SQLite by default) answers 503
+/// when too many writes contend for its database, and 500 `create_flow_run`s at once made
+/// most of them fail until their retries ran out (measured with
+/// `scripts/bench_prefect_bridge.py`). Prefect's own actions service sends them one
+/// consumer at a time; a few in flight keep the server busy without overrunning it.
+const PREFECT_IN_FLIGHT: usize = 4;
+
 impl Executor {
     /// An executor emitting through `intake`.
     pub fn new(store: Arc<Store>, intake: Intake) -> Executor {
@@ -333,7 +344,7 @@ impl Executor {
         Executor {
             inner: Arc::new(Inner {
                 store,
-                intake,
+                own_events: crate::own_events::OwnEvents::new(intake),
                 templates: TemplateEngine::new(),
                 http,
                 deployments: RwLock::new(Vec::new()),
@@ -349,6 +360,7 @@ impl Executor {
                 retry_base: Duration::from_millis(500),
                 max_attempts: 5,
                 prefect: OnceLock::new(),
+                prefect_in_flight: tokio::sync::Semaphore::new(PREFECT_IN_FLIGHT),
                 flow_keys: spur_replay::TemplateFlowKeys(TemplateEngine::new()),
                 slots: Mutex::new(Slots::default()),
             }),
@@ -439,6 +451,74 @@ impl Executor {
         }))
     }
 
+    /// Sends one request to the Prefect server, at most [`PREFECT_IN_FLIGHT`] at once; its
+    /// status and body. Like Prefect's own client, a busy server (429, 502, 503, or a
+    /// connection that failed) is asked again after about 1, 2, 4, 8 and 16 s (with jitter),
+    /// so a burst that overruns the server's database waits
+    /// instead of failing; what then still fails is transient (the action's own retries).
+    /// Every request Spur sends there is safe to repeat (`create_flow_run` carries its
+    /// idempotency key).
+    async fn send_to_prefect(
+        &self,
+        request: reqwest::RequestBuilder,
+        api: &str,
+    ) -> Result<(reqwest::StatusCode, String), Failure> {
+        const ATTEMPTS: u32 = 6;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let this_try = match request.try_clone() {
+                Some(r) if attempt < ATTEMPTS => r,
+                // A body that cannot be cloned (none here) or the last try: send as is.
+                _ => {
+                    let _slot = self.prefect_slot().await?;
+                    return Self::read_answer(request.send().await, api).await;
+                }
+            };
+            let answer = {
+                let _slot = self.prefect_slot().await?;
+                Self::read_answer(this_try.send().await, api).await
+            };
+            let busy = match &answer {
+                Ok((status, _)) => matches!(status.as_u16(), 429 | 502 | 503),
+                Err(_) => true,
+            };
+            if !busy {
+                return answer;
+            }
+            let base = Duration::from_secs(1 << (attempt - 1).min(4));
+            let jitter = (Uuid::new_v4().as_u128() % 1000) as f64 / 1000.0;
+            let wait = base.mul_f64(0.75 + jitter / 2.0);
+            debug!(
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "the Prefect server is busy; asking again"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// A slot among the [`PREFECT_IN_FLIGHT`] requests to the Prefect server.
+    async fn prefect_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Failure> {
+        self.inner
+            .prefect_in_flight
+            .acquire()
+            .await
+            .map_err(|_| Failure::Transient("the executor is stopping".to_owned()))
+    }
+
+    /// The status and body of an answer from the Prefect server.
+    async fn read_answer(
+        sent: Result<reqwest::Response, reqwest::Error>,
+        api: &str,
+    ) -> Result<(reqwest::StatusCode, String), Failure> {
+        let response =
+            sent.map_err(|e| Failure::Transient(format!("Prefect server {api} unreachable: {e}")))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        Ok((status, text))
+    }
+
     /// One call to the Prefect server's API; its JSON answer. 5xx and connection failures
     /// are transient (retried), other failures permanent with Prefect's reason wording.
     async fn prefect_call(
@@ -462,12 +542,7 @@ impl Executor {
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| Failure::Transient(format!("Prefect server {api} unreachable: {e}")))?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
+        let (status, text) = self.send_to_prefect(request, api).await?;
         if status.is_server_error() {
             return Err(Failure::Transient(format!(
                 "Unexpected status from '{action}' action: {}",
@@ -769,6 +844,12 @@ impl Executor {
         let _ = self.inner.shared.set((shared, owner, nats));
     }
 
+    /// With the stream as the log (`--nats-log`): publish the executor's own events to the
+    /// stream first through `stream` (see `own_events`).
+    pub fn publish_own_events_first(&self, stream: Intake) {
+        self.inner.own_events.publish_first(stream);
+    }
+
     /// The pipeline's control channel (for pausing automations).
     pub fn set_control(&self, control: mpsc::Sender<Control>) {
         let _ = self.inner.control.set(control);
@@ -990,7 +1071,7 @@ impl Executor {
             return;
         }
         info!(run = %run.id, events = events.len(), "emitting run state events a crash cut off");
-        if let Err(e) = self.inner.intake.submit(events).await {
+        if let Err(e) = self.inner.own_events.submit(events).await {
             warn!(run = %run.id, error = %e, "cannot emit a run's missing state events");
         }
     }
@@ -1952,11 +2033,7 @@ impl Executor {
                 if let Some(value) = authorization {
                     request = request.header(reqwest::header::AUTHORIZATION, value);
                 }
-                let response = request.send().await.map_err(|e| {
-                    Failure::Transient(format!("Prefect server {api} unreachable: {e}"))
-                })?;
-                let status = response.status();
-                let text = response.text().await.unwrap_or_default();
+                let (status, text) = self.send_to_prefect(request, api).await?;
                 if status.is_server_error() {
                     return Err(Failure::Transient(format!(
                         "Unexpected status from 'run-deployment' action: {}",
@@ -2240,7 +2317,7 @@ impl Executor {
                 resource.insert("prefect.resource.role".into(), "target".into());
                 outcome.related.push(resource);
                 self.inner
-                    .intake
+                    .own_events
                     .submit(vec![event])
                     .await
                     .map_err(|e| Failure::Transient(e.to_string()))?;
@@ -2655,7 +2732,7 @@ impl Executor {
 
     /// Emits one event and waits until it is durable; false if it could not be.
     async fn emit(&self, event: Event) -> bool {
-        match self.inner.intake.submit(vec![event]).await {
+        match self.inner.own_events.submit(vec![event]).await {
             Ok(_) => true,
             Err(e) => {
                 warn!(error = %e, "cannot emit an event");
@@ -2673,17 +2750,7 @@ impl Executor {
     /// needs them durable first: their ids are derived from the firing's, so a firing
     /// dispatched again after a crash emits the same ids, which the log keeps once.
     async fn record(&self, events: Vec<Event>) {
-        match self.inner.intake.enqueue(events).await {
-            Ok(durable) => {
-                // Awaited elsewhere, so that failures are still logged (and counted).
-                tokio::spawn(async move {
-                    if let Err(e) = durable.await {
-                        warn!(error = %e, "cannot record a firing's events");
-                    }
-                });
-            }
-            Err(e) => warn!(error = %e, "cannot record a firing's events"),
-        }
+        self.inner.own_events.record(events).await;
     }
 }
 
@@ -3044,6 +3111,81 @@ fn target_run(run: Uuid) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Prefect server that answers 503 to the first two requests (its database busy),
+    /// then 201, and counts how many it holds at once: every request still succeeds, and no
+    /// more than [`PREFECT_IN_FLIGHT`] are ever sent together.
+    #[tokio::test]
+    async fn a_busy_prefect_server_is_asked_again_with_a_few_requests_in_flight() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        #[derive(Default)]
+        struct Seen {
+            requests: AtomicUsize,
+            in_flight: AtomicUsize,
+            most: AtomicUsize,
+        }
+        let seen = Arc::new(Seen::default());
+        let state = seen.clone();
+        let app = axum::Router::new().route(
+            "/api/deployments/{id}/create_flow_run",
+            axum::routing::post(move || {
+                let seen = state.clone();
+                async move {
+                    let n = seen.requests.fetch_add(1, SeqCst);
+                    let now = seen.in_flight.fetch_add(1, SeqCst) + 1;
+                    seen.most.fetch_max(now, SeqCst);
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    seen.in_flight.fetch_sub(1, SeqCst);
+                    if n < 2 {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "busy".to_owned(),
+                        )
+                    } else {
+                        (axum::http::StatusCode::CREATED, format!("{{\"n\": {n}}}"))
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        // As the daemon does at start: reqwest's rustls needs a crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("spur.redb")).unwrap());
+        let (tx, _rx) = mpsc::channel(8);
+        let executor = Executor::new(store, Intake::new(tx, Default::default()));
+        executor.set_prefect_server(&format!("http://{address}/api"), None, None);
+        let calls = (0..12).map(|_| {
+            let executor = executor.clone();
+            tokio::spawn(async move {
+                executor
+                    .prefect_call(
+                        "POST",
+                        "/deployments/d/create_flow_run",
+                        &json!({}),
+                        "run-deployment",
+                    )
+                    .await
+            })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            let answer = call.await.unwrap();
+            assert!(answer.is_ok(), "{:?}", answer.err());
+        }
+        assert_eq!(
+            seen.requests.load(SeqCst),
+            14,
+            "12 calls, two of them asked twice"
+        );
+        let most = seen.most.load(SeqCst);
+        assert!(
+            (1..=PREFECT_IN_FLIGHT).contains(&most),
+            "{most} requests at once"
+        );
+    }
 
     #[test]
     fn the_server_objects_a_template_names_are_found_as_prefect_finds_them() {

@@ -33,6 +33,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod own_events;
 pub mod pipeline;
 pub mod prefect_bridge;
 pub mod process;
@@ -294,8 +295,9 @@ impl Daemon {
             let name = instance_id(&store)?.to_string();
             match spur_ingest::nats::StreamPublisher::new(client, nats, name) {
                 Some(publisher) => {
-                    info!(stream = %nats.stream, "the stream is the log: events received over HTTP, the websocket and webhooks are answered once JetStream has them");
+                    info!(stream = %nats.stream, "the stream is the log: events received over HTTP, the websocket and webhooks, and Spur's own, go to JetStream first");
                     external_intake = intake.publishing_to(std::sync::Arc::new(publisher));
+                    executor.publish_own_events_first(external_intake.clone());
                 }
                 None => warn!(
                     subjects = ?nats.subjects,

@@ -66,7 +66,7 @@ impl Submission {
 }
 
 /// Why a submission failed.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum SubmitError {
     /// The pipeline is at capacity (back-pressure): retry later.
     #[error("the event pipeline is busy; retry shortly")]
