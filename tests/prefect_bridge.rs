@@ -197,6 +197,112 @@ impl PrefectServer {
         ids
     }
 
+    /// Emits `n` events named `name` as one burst over the server's `/api/events/in`
+    /// websocket (as Prefect's client does: subprotocol `prefect`, an `auth` message, one
+    /// text frame per event, a ping answered once the server has read them all); their ids.
+    fn emit_burst(&self, name: &str, n: usize) -> Vec<String> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+        let url = format!("{}/events/in", self.api.replacen("http://", "ws://", 1));
+        let mut ids = Vec::new();
+        let frames: Vec<String> = (0..n)
+            .map(|i| {
+                let id = uuid::Uuid::new_v4().to_string();
+                ids.push(id.clone());
+                json!({
+                    "id": id,
+                    "occurred": spur_core::time::format_timestamp(Utc::now()),
+                    "event": name,
+                    "resource": {"prefect.resource.id": format!("bridge.res.{}", i % 5)},
+                    "payload": {"n": i},
+                })
+                .to_string()
+            })
+            .collect();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let mut request = url.as_str().into_client_request().expect("ws request");
+            request
+                .headers_mut()
+                .insert("Sec-WebSocket-Protocol", "prefect".parse().expect("header"));
+            let (mut socket, _) = tokio_tungstenite::connect_async(request)
+                .await
+                .expect("the server's events websocket");
+            let auth = json!({"type": "auth", "token": null}).to_string();
+            socket.send(Message::text(auth)).await.expect("auth sent");
+            let reply = socket
+                .next()
+                .await
+                .expect("an auth answer")
+                .expect("a frame");
+            assert!(
+                reply.to_text().unwrap_or_default().contains("auth_success"),
+                "{reply:?}"
+            );
+            for frame in frames {
+                socket.feed(Message::text(frame)).await.expect("event sent");
+            }
+            socket.flush().await.expect("flushed");
+            socket
+                .send(Message::Ping(Default::default()))
+                .await
+                .expect("ping sent");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let frame = tokio::time::timeout_at(deadline, socket.next())
+                    .await
+                    .expect("a pong within 60 s")
+                    .expect("the socket open")
+                    .expect("a frame");
+                if matches!(frame, Message::Pong(_)) {
+                    break;
+                }
+            }
+            let _ = socket.close(None).await;
+        });
+        ids
+    }
+
+    /// The ids of the events named `name` the server has stored, once that number has
+    /// stopped changing for 6 s (its persister writes in batches), read page by page.
+    fn stored_ids(&self, name: &str) -> HashSet<String> {
+        let total = |s: &Self| {
+            let filter = json!({"filter": {"event": {"name": [name]}}, "limit": 1});
+            s.call("POST", "/events/filter", Some(filter))["total"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let (mut last, mut since) = (total(self), Instant::now());
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while since.elapsed() < Duration::from_secs(6) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = total(self);
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        let mut ids = HashSet::new();
+        let mut page = self.call(
+            "POST",
+            "/events/filter",
+            Some(json!({"filter": {"event": {"name": [name]}}, "limit": 50})),
+        );
+        for _ in 0..10_000 {
+            for event in page["events"].as_array().into_iter().flatten() {
+                ids.insert(event["id"].as_str().unwrap_or_default().to_owned());
+            }
+            let Some(next) = page["next_page"].as_str().map(str::to_owned) else {
+                break;
+            };
+            let path = next.strip_prefix(&self.api).unwrap_or(&next).to_owned();
+            page = self.call("GET", &path, None);
+        }
+        ids
+    }
+
     /// How many events named `name` about `resource` the server has stored.
     fn count(&self, name: &str, resource: &str) -> u64 {
         let filter = json!({"filter": {"event": {"name": [name]}, "resource": {"id": [resource]}},
@@ -431,6 +537,20 @@ fn spur_takes_a_real_prefect_servers_events_and_automations() {
     // And live again after the fill.
     expected.extend(server.emit("bridge.tick", 5));
     wait_for_events(&spur, "bridge.tick", &expected, Duration::from_secs(30));
+    // A burst while live: the server's stream gives a subscriber a queue of 256 events and
+    // drops what does not fit, so some of these never come live; the reconcile passes read
+    // them from its events API, and each is stored once. (The server's own websocket ingest
+    // may drop some of a burst too: what counts is every event the server stored.)
+    let burst = server.emit_burst("bridge.tick", 1000);
+    let stored = server.stored_ids("bridge.tick");
+    let kept: Vec<String> = burst.into_iter().filter(|id| stored.contains(id)).collect();
+    assert!(
+        kept.len() > 300,
+        "the server kept only {} of the burst",
+        kept.len()
+    );
+    expected.extend(kept);
+    wait_for_events(&spur, "bridge.tick", &expected, Duration::from_secs(90));
     let (_, metrics) = http("GET", &format!("{}/metrics", spur.url), None);
     assert!(
         metrics.contains("spur_prefect_connected{part=\"events\"} 1"),

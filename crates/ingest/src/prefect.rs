@@ -14,6 +14,15 @@
 //! (up to ~5 s late), so an event emitted just before the subscription started may be neither
 //! in the first pass nor in the live stream.
 //!
+//! The live stream also drops events while connected: the server gives each subscriber a
+//! queue of 256 events and discards what does not fit (`prefect.server.events.stream`,
+//! `QueueFull`), so a burst of a few hundred events loses some without a word (measured:
+//! about half of a 500-event burst, `scripts/bench_prefect_bridge.py`). So while live, every
+//! [`PrefectConfig::reconcile_interval`] Spur reads `/events/filter` again, from
+//! [`PrefectConfig::reconcile_lag`] before the previous pass began up to now, and submits what
+//! it finds; the id index keeps each event once, so what the stream did deliver costs a
+//! duplicate, and what it dropped arrives a few seconds late instead of never.
+//!
 //! "The last event seen" is the newest `occurred` (never later than the wall clock) among the
 //! events made durable, kept through a [`Cursor`] (the daemon keeps it in its store), so a
 //! restart of Spur resumes where it stopped. The first start ever reads from now minus the
@@ -59,6 +68,12 @@ pub struct PrefectConfig {
     pub overlap: Duration,
     /// When the second fill pass runs after going live (see the module docs).
     pub settle: Duration,
+    /// How often, while live, the server's events API is read again for what the live
+    /// stream dropped (see the module docs).
+    pub reconcile_interval: Duration,
+    /// How far before the previous reconcile pass's start the next one reads: covers the
+    /// server's persister being that late under load.
+    pub reconcile_lag: Duration,
     /// How often the server's automations are read in full (a safety net: changes are
     /// noticed sooner by the probe).
     pub automations_interval: Duration,
@@ -72,7 +87,8 @@ pub struct PrefectConfig {
 }
 
 impl PrefectConfig {
-    /// Defaults for `api_url`: 60 s overlap, settle pass after 6 s, automations probed every
+    /// Defaults for `api_url`: 60 s overlap, settle pass after 6 s, a reconcile pass every
+    /// 10 s reading from 20 s before the previous one began, automations probed every
     /// 500 ms and read in full every 15 s, backoff up to 30 s.
     pub fn new(api_url: impl Into<String>) -> PrefectConfig {
         PrefectConfig {
@@ -81,6 +97,8 @@ impl PrefectConfig {
             api_key: None,
             overlap: Duration::from_secs(60),
             settle: Duration::from_secs(6),
+            reconcile_interval: Duration::from_secs(10),
+            reconcile_lag: Duration::from_secs(20),
             automations_interval: Duration::from_secs(15),
             automations_probe_interval: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
@@ -463,6 +481,13 @@ impl Source {
         let settle = tokio::time::sleep(self.config.settle);
         tokio::pin!(settle);
         let mut settled = false;
+        let lag = TimeDelta::from_std(self.config.reconcile_lag).unwrap_or(TimeDelta::seconds(20));
+        let mut reconciled_from = subscribed - lag;
+        let mut reconcile = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.config.reconcile_interval,
+            self.config.reconcile_interval,
+        );
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -484,6 +509,12 @@ impl Source {
                     settled = true;
                     self.fill_while_streaming(&mut socket, since, &mut buffered, &mut last_frame).await?;
                     self.submit_live(std::mem::take(&mut buffered)).await?;
+                }
+                _ = reconcile.tick() => {
+                    let started = Utc::now();
+                    self.fill_while_streaming(&mut socket, reconciled_from.min(started - lag), &mut buffered, &mut last_frame).await?;
+                    self.submit_live(std::mem::take(&mut buffered)).await?;
+                    reconciled_from = started - lag;
                 }
                 _ = ping.tick() => {
                     if last_frame.elapsed() > SILENCE {
