@@ -47,3 +47,9 @@ fuzz SEED COUNT SWITCHES="none":
 bench-automations COUNTS="1000,10000,100000":
     cargo build --release -p spur
     python3 scripts/bench_automations.py --counts {{COUNTS}}
+
+# Issue 14's side-by-side figures: Prefect's automations evaluated by Prefect, then by Spur
+# beside the same kind of server (docs/benchmarks.md, "Beside a Prefect server").
+bench-prefect-bridge:
+    cargo build --release -p spur
+    python3 scripts/bench_prefect_bridge.py
