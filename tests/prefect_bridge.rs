@@ -177,20 +177,7 @@ impl PrefectServer {
 
     /// Emits `n` events named `name` (ids returned), in batches, through `POST /events`.
     fn emit(&self, name: &str, n: usize) -> Vec<String> {
-        let mut ids = Vec::new();
-        let events: Vec<Value> = (0..n)
-            .map(|i| {
-                let id = uuid::Uuid::new_v4().to_string();
-                ids.push(id.clone());
-                json!({
-                    "id": id,
-                    "occurred": spur_core::time::format_timestamp(Utc::now()),
-                    "event": name,
-                    "resource": {"prefect.resource.id": format!("bridge.res.{}", i % 5)},
-                    "payload": {"n": i},
-                })
-            })
-            .collect();
+        let (ids, events) = tick_events(name, n);
         for chunk in events.chunks(100) {
             self.call("POST", "/events", Some(Value::Array(chunk.to_vec())));
         }
@@ -204,21 +191,8 @@ impl PrefectServer {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
         let url = format!("{}/events/in", self.api.replacen("http://", "ws://", 1));
-        let mut ids = Vec::new();
-        let frames: Vec<String> = (0..n)
-            .map(|i| {
-                let id = uuid::Uuid::new_v4().to_string();
-                ids.push(id.clone());
-                json!({
-                    "id": id,
-                    "occurred": spur_core::time::format_timestamp(Utc::now()),
-                    "event": name,
-                    "resource": {"prefect.resource.id": format!("bridge.res.{}", i % 5)},
-                    "payload": {"n": i},
-                })
-                .to_string()
-            })
-            .collect();
+        let (ids, events) = tick_events(name, n);
+        let frames: Vec<String> = events.iter().map(Value::to_string).collect();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -317,6 +291,25 @@ impl Drop for PrefectServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `n` events named `name` about five resources, with fresh ids (returned first).
+fn tick_events(name: &str, n: usize) -> (Vec<String>, Vec<Value>) {
+    let ids: Vec<String> = (0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let events = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            json!({
+                "id": id,
+                "occurred": spur_core::time::format_timestamp(Utc::now()),
+                "event": name,
+                "resource": {"prefect.resource.id": format!("bridge.res.{}", i % 5)},
+                "payload": {"n": i},
+            })
+        })
+        .collect();
+    (ids, events)
 }
 
 /// One HTTP request: (status, JSON body), or `None` when nothing answers.
