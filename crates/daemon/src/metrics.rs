@@ -80,6 +80,9 @@ pub struct Metrics {
     pub nats: Arc<NatsCounters>,
     /// Events the engine evaluated.
     pub evaluated: AtomicU64,
+    /// With JetStream: the stream sequence of the last batch the pipeline applied (gauge;
+    /// a cluster member's lag is the stream's last sequence minus this).
+    pub stream_seq: AtomicU64,
     /// Triggered firings.
     pub triggered: AtomicU64,
     /// Resolved firings.

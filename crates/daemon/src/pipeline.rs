@@ -129,6 +129,9 @@ struct Pipeline {
     mirror: Option<watch::Sender<crate::shared_state::StoredCheckpoint>>,
     config: PipelineConfig,
     applied: u64,
+    /// The greatest JetStream stream sequence among the batches applied (see
+    /// [`Submission::stream_seq`]); carried by checkpoints.
+    stream_seq: Option<u64>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
     /// A checkpoint being encoded off this thread, to be written with the next commit.
@@ -242,6 +245,7 @@ pub fn start(
         mirror,
         config,
         applied: 0,
+        stream_seq: None,
         since_checkpoint: 0,
         last_checkpoint: Instant::now(),
         encoding: None,
@@ -285,6 +289,7 @@ impl Pipeline {
         if let Some(checkpoint) = self.store.load_checkpoint()? {
             self.engine.restore(&checkpoint.snapshot);
             self.applied = checkpoint.seq;
+            self.stream_seq = checkpoint.stream_seq;
         }
         let mut replayed = 0usize;
         loop {
@@ -584,6 +589,11 @@ impl Pipeline {
         };
         self.announce(&firings, &records, &fresh);
         self.since_checkpoint += stored_count as u64;
+        if let Some(last) = batch.iter().filter_map(|s| s.stream_seq).max() {
+            let seq = self.stream_seq.map_or(last, |seen| seen.max(last));
+            self.stream_seq = Some(seq);
+            self.metrics.stream_seq.store(seq, Ordering::Relaxed);
+        }
         if let Some((job, bytes)) = checkpoint {
             // Its share of the commit is not told apart: count the snapshot.
             self.checkpoint_stored(job.seq, bytes, job.spent);
@@ -754,6 +764,7 @@ impl Pipeline {
     fn snapshot(&self) -> Checkpoint {
         Checkpoint {
             seq: self.applied,
+            stream_seq: self.stream_seq,
             snapshot: self.engine.snapshot(),
         }
     }

@@ -44,6 +44,10 @@ pub struct Submission {
     pub encoded: Vec<Vec<u8>>,
     /// Resolved once the events are durable.
     pub done: oneshot::Sender<Result<Receipt, String>>,
+    /// When the batch was read from a JetStream stream: the stream sequence of its last
+    /// message. A checkpoint names the greatest one it covers, so an instance that starts
+    /// from the checkpoint knows where in the stream to begin.
+    pub stream_seq: Option<u64>,
 }
 
 impl Submission {
@@ -61,6 +65,7 @@ impl Submission {
             events,
             encoded,
             done,
+            stream_seq: None,
         })
     }
 }
@@ -188,7 +193,20 @@ impl Intake {
     /// enqueued, so a source that enqueues in its own order sees them become durable in it.
     pub async fn enqueue(
         &self,
+        events: Vec<Event>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Receipt, SubmitError>> + Send + 'static,
+        SubmitError,
+    > {
+        self.enqueue_at(events, None).await
+    }
+
+    /// [`Intake::enqueue`] for a batch read from a JetStream stream, whose last message has
+    /// the stream sequence `stream_seq` (see [`Submission::stream_seq`]).
+    pub async fn enqueue_at(
+        &self,
         mut events: Vec<Event>,
+        stream_seq: Option<u64>,
     ) -> Result<
         impl std::future::Future<Output = Result<Receipt, SubmitError>> + Send + 'static,
         SubmitError,
@@ -212,8 +230,10 @@ impl Intake {
         }
         let forwarded = self.forwarding(&events);
         let (done, wait) = oneshot::channel();
+        let mut submission = Submission::new(events, done)?;
+        submission.stream_seq = stream_seq;
         self.tx
-            .send(Submission::new(events, done)?)
+            .send(submission)
             .await
             .map_err(|_| SubmitError::Closed)?;
         Ok(futures_util::future::Either::Right(

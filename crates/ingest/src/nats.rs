@@ -54,6 +54,9 @@ pub struct NatsConfig {
     /// stream and answer once JetStream has them, instead of storing them here first and
     /// forwarding them (see [`StreamPublisher`]). JetStream only.
     pub stream_log: bool,
+    /// When the durable consumer does not exist yet: begin after this stream sequence (a
+    /// new cluster member that restored a checkpoint covering it) rather than at the start.
+    pub start_after: Option<u64>,
 }
 
 /// NATS credentials and TLS, the way every NATS client takes them (user and password go in
@@ -139,6 +142,7 @@ impl NatsConfig {
             auth: NatsAuth::default(),
             replicas: 1,
             stream_log: false,
+            start_after: None,
         }
     }
 }
@@ -431,8 +435,17 @@ pub async fn connect(
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     base_options(counters)
         .retry_on_initial_connect()
-        .connect(url)
+        .connect(servers(url))
         .await
+}
+
+/// The servers of a URL setting: one URL, or several separated by commas
+/// (`nats://n1:4222,nats://n2:4222,nats://n3:4222`: the client picks one and fails over).
+pub fn servers(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// Checks the files of `auth` (readable, an nkey seed where one is expected) and turns them
@@ -501,7 +514,10 @@ pub async fn connect_with(
     counters: Arc<NatsCounters>,
 ) -> Result<async_nats::Client, NatsConnectError> {
     let options = auth_options(auth, base_options(counters)).await?;
-    Ok(options.retry_on_initial_connect().connect(url).await?)
+    Ok(options
+        .retry_on_initial_connect()
+        .connect(servers(url))
+        .await?)
 }
 
 /// Connects with `auth`'s credentials and TLS for a command line: the first connection is
@@ -514,7 +530,7 @@ pub async fn connect_once(
     counters: Arc<NatsCounters>,
 ) -> Result<async_nats::Client, NatsConnectError> {
     let options = auth_options(auth, base_options(counters)).await?;
-    Ok(options.connect(url).await?)
+    Ok(options.connect(servers(url)).await?)
 }
 
 fn base_options(counters: Arc<NatsCounters>) -> async_nats::ConnectOptions {
@@ -658,6 +674,12 @@ async fn consume(
                 // Acknowledgements wait for durability (and, with shared state, for a stored
                 // checkpoint, up to about a second under load): room for ~100 k events/s.
                 max_ack_pending: 200_000,
+                deliver_policy: match config.start_after {
+                    Some(seq) => jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: seq + 1,
+                    },
+                    None => jetstream::consumer::DeliverPolicy::All,
+                },
                 ..Default::default()
             },
         )
@@ -716,11 +738,22 @@ async fn consume(
                 let mut events = Vec::with_capacity(batch.len());
                 let mut redelivered = Vec::new();
                 let mut elsewhere = Vec::new();
+                let mut last_stream_seq = None;
                 for message in batch {
                     let message = message?;
+                    let info = message.info().ok();
+                    if let Some(info) = &info {
+                        last_stream_seq = Some(info.stream_sequence);
+                    }
                     match parse(&message.subject, message.headers.as_ref(), &message.payload, intake, &config.templates, &engine) {
-                        Ok(event) => {
-                            if message.info().is_ok_and(|info| info.delivered > 1) {
+                        Ok(mut event) => {
+                            // Evaluated at the stream's timestamp, not at when this instance
+                            // read it: every instance (and a replay elsewhere) reading the
+                            // stream evaluates the same event at the same time.
+                            if let Some(at) = info.as_ref().map(|i| stream_time(i.published)) {
+                                event.received = at;
+                            }
+                            if info.as_ref().is_some_and(|info| info.delivered > 1) {
                                 redelivered.push(event.id);
                             } else if is_forwarded(message.headers.as_ref()) {
                                 // Another instance received it first (see `Forwarder`).
@@ -751,7 +784,7 @@ async fn consume(
                     counters.redeliveries.note(redelivered.into_iter().chain(elsewhere));
                 }
                 // Handed over now, in stream order; durable when `durable` resolves.
-                let durable = intake.enqueue(events).await?;
+                let durable = intake.enqueue_at(events, last_stream_seq).await?;
                 let delivered = &counters.delivered;
                 in_flight.push_back(async move {
                     // Durable first (log + trigger state), then acknowledge (see ack_covered).
@@ -792,6 +825,12 @@ async fn consume(
         return Ok(());
     }
     Err("JetStream consumer stream ended".into())
+}
+
+/// A JetStream message's stream timestamp as the engine's time, to the microsecond (like
+/// every other timestamp Spur stores).
+fn stream_time(published: chrono::DateTime<Utc>) -> chrono::DateTime<Utc> {
+    chrono::SubsecRound::trunc_subsecs(published, 6)
 }
 
 /// A durable batch waiting for its acknowledgement.
@@ -968,6 +1007,15 @@ pub async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_setting_may_name_several_servers() {
+        assert_eq!(servers("nats://a:4222"), vec!["nats://a:4222"]);
+        assert_eq!(
+            servers("nats://a:4222, nats://b:4222,"),
+            vec!["nats://a:4222", "nats://b:4222"]
+        );
+    }
 
     #[test]
     fn nats_wildcards() {

@@ -144,6 +144,11 @@ pub enum Appended {
 pub struct Checkpoint {
     /// The last log sequence whose effects the snapshot contains.
     pub seq: u64,
+    /// With NATS JetStream: a stream sequence no greater than the last one whose events the
+    /// snapshot contains (conservative after a restart; the engine drops an event it has
+    /// already seen). An instance that starts from this checkpoint reads the stream after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_seq: Option<u64>,
     /// The engine state.
     pub snapshot: EngineSnapshot,
 }
