@@ -121,6 +121,7 @@ pub const ROUTES: &[(&str, &str, Scope)] = &[
     ("POST", "/api/runs/{id}/cancel", Scope::Admin),
     ("POST", "/api/runs/{id}/rerun", Scope::Admin),
     ("GET", "/api/deployments", Scope::EventsRead),
+    ("GET", "/api/cluster", Scope::EventsRead),
     ("GET", "/api/actions/failed", Scope::EventsRead),
     ("POST", "/api/actions/failed/{id}/retry", Scope::Admin),
     ("GET", "/api/webhooks", Scope::Admin),
@@ -207,9 +208,45 @@ pub fn routes(state: ApiState) -> Router {
         .route("/api/runs/{id}/cancel", post(cancel_run))
         .route("/api/runs/{id}/rerun", post(rerun_run))
         .route("/api/deployments", get(list_deployments))
+        .route("/api/cluster", get(cluster_status))
         .route("/api/actions/failed", get(failed_actions))
         .route("/api/actions/failed/{id}/retry", post(retry_failed_action))
         .with_state(state)
+}
+
+/// `/api/cluster`: the members, who holds which partition, how many automations each
+/// member acts on and how far each is behind the stream (`cluster::ClusterStatus`), plus
+/// how many firings this member holds parked for others. 404 when not in cluster mode.
+async fn cluster_status(State(state): State<ApiState>) -> Response {
+    let Some(cluster) = state.executor.cluster().cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not in cluster mode (start with --cluster NAME and --nats)",
+        );
+    };
+    let automations = match inspect(&state, |engine| {
+        engine
+            .automations()
+            .iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    })
+    .await
+    {
+        Ok(ids) => ids,
+        Err(response) => return response,
+    };
+    match cluster.status(&automations).await {
+        Ok(status) => {
+            let mut body = serde_json::to_value(&status).unwrap_or_default();
+            body["parked_here"] = json!(state.executor.parked_count());
+            axum::Json(body).into_response()
+        }
+        Err(reason) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the cluster bucket: {reason}"),
+        ),
+    }
 }
 
 /// The web UI: one page, compiled into the binary (no CDN, works offline).

@@ -51,6 +51,9 @@ pub struct DaemonConfig {
     pub websocket_auth_timeout: Duration,
     /// A Prefect server whose events and automations Spur takes (`--prefect-api`).
     pub prefect: Option<spur_ingest::prefect::PrefectConfig>,
+    /// Cluster mode (`--cluster NAME`): share the automations with the other members
+    /// (needs `nats` with JetStream; see `cluster.rs`).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -74,6 +77,7 @@ impl Default for DaemonConfig {
             server: ServerLimits::default(),
             websocket_auth_timeout: Duration::from_secs(10),
             prefect: None,
+            cluster: None,
         }
     }
 }

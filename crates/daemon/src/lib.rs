@@ -31,6 +31,7 @@
 pub mod actions;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod own_events;
@@ -70,6 +71,9 @@ pub enum StartError {
     /// The TLS certificate or key cannot be served (the error names the file).
     #[error("{0}")]
     Tls(#[from] server::TlsError),
+    /// Cluster mode cannot start: needs JetStream, or its bucket is unusable.
+    #[error("{0}")]
+    Cluster(String),
     /// The HTTP address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -98,12 +102,30 @@ pub struct Daemon {
 
 impl Daemon {
     /// Opens the store, recovers state, loads automations and starts every part.
-    pub async fn start(config: DaemonConfig) -> Result<Daemon, StartError> {
+    pub async fn start(mut config: DaemonConfig) -> Result<Daemon, StartError> {
         // One TLS crypto provider for the process (webhooks over https); ignore "already set".
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Bad TLS files stop the start before anything else happens.
         let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
         let store = Arc::new(Store::open(&config.data.join("spur.redb"))?);
+        if let Some(cluster) = &config.cluster {
+            // A member reads the whole stream through a consumer of its own (every member
+            // evaluates every event) and every door publishes there first (see `cluster`).
+            let instance = instance_id(&store)?;
+            match config.nats.as_mut() {
+                Some(nats) if nats.jetstream => {
+                    nats.stream_log = true;
+                    nats.consumer = format!("spur-{}-{instance}", cluster.name);
+                }
+                _ => {
+                    return Err(StartError::Cluster(
+                        "--cluster needs --nats with JetStream (the stream is what members share)"
+                            .to_owned(),
+                    ));
+                }
+            }
+            cluster.validate().map_err(StartError::Cluster)?;
+        }
         let templates = TemplateEngine::new();
         let mut file_cache = spur_core::load::FileCache::default();
         let mut initial = reload::load(&config.automations, &templates, &[], &mut file_cache);
@@ -190,19 +212,28 @@ impl Daemon {
         let mut shared = None;
         let mut restore_from = None;
         let mut nats_client = None;
+        let mut cluster_client = None;
+        let store_for_cluster = store.clone();
         if let Some(nats) = &config.nats {
             match spur_ingest::nats::connect_with(&nats.url, &nats.auth, nats_counters.clone())
                 .await
             {
                 Ok(client) => {
                     if nats.jetstream {
-                        match shared_state::SharedState::connect(&client, nats.replicas).await {
+                        match shared_state::SharedState::connect(
+                            &client,
+                            nats.replicas,
+                            config.cluster.as_ref().map(|c| c.name.as_str()),
+                        )
+                        .await
+                        {
                             Ok(state) => {
                                 if store.load_checkpoint()?.is_none() {
-                                    restore_from = state
-                                        .load_checkpoint()
-                                        .await
-                                        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+                                    restore_from =
+                                        state.load_checkpoint().await.and_then(|bytes| {
+                                            serde_json::from_slice::<spur_store::Checkpoint>(&bytes)
+                                                .ok()
+                                        });
                                 }
                                 shared = Some(state);
                             }
@@ -212,12 +243,26 @@ impl Daemon {
                         }
                     }
                     nats_client = Some(client.clone());
+                    cluster_client = Some(client.clone());
                     executor.set_nats(client);
                 }
                 Err(e) => {
                     warn!(error = %e, "no worker launchers or shared state: cannot connect to NATS")
                 }
             }
+        }
+        // A new member (empty data folder) starts from the cluster's checkpoint and reads
+        // the stream after the sequence it covers; its own consumer does not exist yet.
+        if let (Some(_), Some(nats), Some(checkpoint)) =
+            (&config.cluster, config.nats.as_mut(), restore_from.as_ref())
+        {
+            nats.start_after = checkpoint.stream_seq;
+        }
+        if config.cluster.is_some() && shared.is_none() {
+            return Err(StartError::Cluster(
+                "cluster mode needs JetStream's claims bucket and checkpoint store, and they cannot be opened (is JetStream enabled and reachable?)"
+                    .to_owned(),
+            ));
         }
         let (mirror_tx, mirror_rx) = watch::channel(None);
         let (covered_tx, covered_rx) = watch::channel(0u64);
@@ -325,7 +370,13 @@ impl Daemon {
         if let (Some(state), Some(instance)) = (shared, instance) {
             executor.set_shared(state.clone(), instance, nats_counters.clone());
             mirror_task = Some(tokio::spawn(state.mirror(mirror_rx, covered_tx)));
-            covered = Some(covered_rx);
+            // Alone, an instance's consumer acknowledges what a stored checkpoint covers, so
+            // a successor reading the same consumer gets the rest redelivered. A cluster
+            // member has a consumer of its own and the stream keeps every message for the
+            // others: it acknowledges once its own store has the batch.
+            if config.cluster.is_none() {
+                covered = Some(covered_rx);
+            }
         }
         if let (Some(prefect), Some(health)) = (config.prefect.clone(), prefect_health) {
             info!(api = %prefect.api_url, "Prefect server bridge enabled: its events and automations");
@@ -441,6 +492,25 @@ impl Daemon {
         executor.set_api_url(format!("{scheme}://{addr}"));
         if let Ok(mut base) = webhook_service.base_url.write() {
             *base = format!("{scheme}://{addr}");
+        }
+        if let (Some(cluster), Some(client)) = (config.cluster.clone(), cluster_client) {
+            let nats = config.nats.as_ref();
+            let member = cluster::Cluster::join(
+                &client,
+                cluster,
+                instance_id(&store_for_cluster)?,
+                nats.map_or("SPUR_EVENTS", |n| n.stream.as_str()),
+                nats.map_or(1, |n| n.replicas),
+                format!("{scheme}://{addr}"),
+                metrics.clone(),
+            )
+            .await
+            .map_err(|e| StartError::Cluster(e.to_string()))?;
+            executor.set_cluster(member.clone());
+            tasks.push(tokio::spawn(member.run(shutdown_rx.clone())));
+            tasks.push(tokio::spawn(
+                executor.clone().review_parked(shutdown_rx.clone()),
+            ));
         }
         executor.recover().await;
         {

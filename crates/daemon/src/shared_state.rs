@@ -31,6 +31,8 @@ pub const MIRROR_INTERVAL: Duration = Duration::from_millis(500);
 pub struct SharedState {
     objects: object_store::ObjectStore,
     claims: kv::Store,
+    /// The checkpoint object's name: `checkpoint`, or `checkpoint-<cluster>` in cluster mode.
+    checkpoint: String,
 }
 
 impl std::fmt::Debug for SharedState {
@@ -46,11 +48,22 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl SharedState {
     /// Opens (creating if needed, with `replicas` copies each) the state object store and the
-    /// claims bucket.
+    /// claims bucket. A cluster (`cluster`: its name) has claims and a checkpoint of its own,
+    /// so two clusters reading the same stream (production and a staging copy) never
+    /// suppress each other's actions.
     pub async fn connect(
         client: &async_nats::Client,
         replicas: usize,
+        cluster: Option<&str>,
     ) -> Result<SharedState, BoxError> {
+        let claims_bucket = match cluster {
+            Some(name) => format!("{CLAIMS_BUCKET}_{name}"),
+            None => CLAIMS_BUCKET.to_owned(),
+        };
+        let checkpoint = match cluster {
+            Some(name) => format!("{CHECKPOINT}-{name}"),
+            None => CHECKPOINT.to_owned(),
+        };
         let js = jetstream::new(client.clone());
         let objects = match js.get_object_store(STATE_BUCKET).await {
             Ok(o) => o,
@@ -64,11 +77,11 @@ impl SharedState {
                 .await?
             }
         };
-        let claims = match js.get_key_value(CLAIMS_BUCKET).await {
+        let claims = match js.get_key_value(&claims_bucket).await {
             Ok(k) => k,
             Err(_) => {
                 js.create_key_value(kv::Config {
-                    bucket: CLAIMS_BUCKET.to_owned(),
+                    bucket: claims_bucket.clone(),
                     description: "Spur firings whose actions were dispatched".to_owned(),
                     history: 1,
                     max_age: Duration::from_secs(7 * 24 * 3600),
@@ -78,12 +91,16 @@ impl SharedState {
                 .await?
             }
         };
-        Ok(SharedState { objects, claims })
+        Ok(SharedState {
+            objects,
+            claims,
+            checkpoint,
+        })
     }
 
     /// The stored checkpoint (JSON), if any.
     pub async fn load_checkpoint(&self) -> Option<Vec<u8>> {
-        let mut object = self.objects.get(CHECKPOINT).await.ok()?;
+        let mut object = self.objects.get(&self.checkpoint).await.ok()?;
         let mut bytes = Vec::new();
         object.read_to_end(&mut bytes).await.ok()?;
         Some(bytes)
@@ -91,7 +108,9 @@ impl SharedState {
 
     async fn save_checkpoint(&self, bytes: &[u8]) -> Result<(), BoxError> {
         let mut reader = bytes;
-        self.objects.put(CHECKPOINT, &mut reader).await?;
+        self.objects
+            .put(self.checkpoint.as_str(), &mut reader)
+            .await?;
         Ok(())
     }
 
@@ -119,6 +138,12 @@ impl SharedState {
         // At-least-once: running the actions again beats never running them.
         warn!(%firing, "claiming failed; dispatching anyway");
         true
+    }
+
+    /// The instance that claimed `firing`, if any has.
+    pub async fn holder(&self, firing: Uuid) -> Option<Uuid> {
+        let bytes = self.claims.get(firing.to_string()).await.ok()??;
+        std::str::from_utf8(&bytes).ok()?.parse().ok()
     }
 
     /// Stores each new checkpoint the pipeline publishes, then announces the log position it

@@ -701,6 +701,59 @@ pub fn runs_cancel(api: Option<&str>, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// `spur cluster status`: one line per member (its share of partitions and automations,
+/// its lag behind the stream), then the partitions nobody holds, if any.
+pub fn cluster_status(api: Option<&str>, as_json: bool) -> Result<()> {
+    let body = get_json(api, "/api/cluster")?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let name = body["name"].as_str().unwrap_or("?");
+    let here = body["instance"].as_str().unwrap_or("");
+    let members = body["members"].as_array().cloned().unwrap_or_default();
+    println!(
+        "cluster {name}: {} member(s), lease {}s, stream at {}",
+        members.len(),
+        body["lease_seconds"],
+        body["stream_last_seq"]
+    );
+    println!(
+        "{:<38} {:>10} {:>11} {:>8}  api",
+        "member", "partitions", "automations", "lag"
+    );
+    for m in &members {
+        let id = m["instance"].as_str().unwrap_or("?");
+        let marker = if id == here { " *" } else { "" };
+        println!(
+            "{:<38} {:>10} {:>11} {:>8}  {}{marker}",
+            id,
+            m["partitions"].as_array().map_or(0, Vec::len),
+            m["automations"],
+            m["lag"],
+            m["api"].as_str().unwrap_or(""),
+        );
+    }
+    let unowned: Vec<usize> = body["partitions"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .enumerate()
+                .filter(|(_, o)| o.is_null())
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .unwrap_or_default();
+    if !unowned.is_empty() {
+        println!("unowned partitions (a takeover in progress): {unowned:?}");
+    }
+    println!(
+        "(* answered; {} firing(s) parked here for other members)",
+        body["parked_here"]
+    );
+    Ok(())
+}
+
 /// `spur actions failed`.
 pub fn actions_failed(api: Option<&str>) -> Result<()> {
     let body = get_json(api, "/api/actions/failed")?;

@@ -110,6 +110,11 @@ enum Command {
         #[command(subcommand)]
         command: RunsCommand,
     },
+    /// Cluster mode (`spur serve --cluster NAME`): members, who acts on which automations.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Actions that failed for good (the dead-letter list), and retrying them.
     Actions {
         #[command(subcommand)]
@@ -195,6 +200,21 @@ enum Command {
         /// Print every firing of every scenario, not just failures.
         #[arg(long, short)]
         verbose: bool,
+    },
+}
+
+/// `spur cluster …`.
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Members, their share of the partitions and automations, and their lag behind the
+    /// stream (`/api/cluster`).
+    Status {
+        /// Print the JSON as the API returns it.
+        #[arg(long)]
+        json: bool,
+        /// Daemon URL (any member).
+        #[arg(long, env = "SPUR_API_URL")]
+        api: Option<String>,
     },
 }
 
@@ -568,6 +588,10 @@ fn main() -> ExitCode {
                 api,
             } => client::runs_start(api.as_deref(), &deployment, &params, params_json.as_deref()),
             RunsCommand::Cancel { id, api } => client::runs_cancel(api.as_deref(), &id),
+        }
+        .map(|()| ExitCode::SUCCESS),
+        Command::Cluster { command } => match command {
+            ClusterCommand::Status { json, api } => client::cluster_status(api.as_deref(), json),
         }
         .map(|()| ExitCode::SUCCESS),
         Command::Actions { command } => match command {

@@ -44,6 +44,15 @@ pub struct ServeArgs {
     /// webhooks are published there and answered once JetStream has them (docs/nats.md).
     #[arg(long, env = "SPUR_NATS_LOG")]
     pub nats_log: bool,
+    /// Join the cluster NAME: instances with the same name (and the same NATS JetStream)
+    /// divide the automations and take over each other's when one stops (implies
+    /// --nats-log; docs/cluster.md).
+    #[arg(long, env = "SPUR_CLUSTER")]
+    pub cluster: Option<String>,
+    /// How long a cluster lease lasts unrenewed: a dead member's automations move within
+    /// about this much [default: 3s].
+    #[arg(long, env = "SPUR_CLUSTER_LEASE")]
+    pub cluster_lease: Option<String>,
     /// How Spur authenticates to NATS and which TLS it trusts.
     #[command(flatten)]
     pub nats_connection: NatsConnectArgs,
@@ -409,6 +418,32 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             }
         }
         config.nats = Some(nats);
+    }
+    // `cluster: NAME` or `cluster: {name, lease}`; flags win.
+    let cluster_file = file.get("cluster");
+    let cluster_name = args.cluster.clone().or_else(|| match cluster_file {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Object(m)) => m.get("name").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    });
+    if let Some(name) = cluster_name {
+        let mut cluster = spur_daemon::cluster::ClusterConfig::new(name);
+        let lease = args.cluster_lease.clone().or_else(|| {
+            cluster_file
+                .and_then(|c| c.get("lease"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
+        if let Some(lease) = lease {
+            cluster.lease =
+                parse_duration(&lease).with_context(|| format!("cluster lease: {lease:?}"))?;
+        }
+        cluster.validate().map_err(anyhow::Error::msg)?;
+        match &config.nats {
+            Some(nats) if nats.jetstream => {}
+            _ => bail!("--cluster needs --nats with JetStream: the stream is what members share"),
+        }
+        config.cluster = Some(cluster);
     }
     // `prefect: URL` or `prefect: {api, auth_string, api_key}`; flags win.
     let prefect_file = file.get("prefect");
