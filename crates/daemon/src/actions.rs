@@ -236,6 +236,9 @@ pub struct Executor {
     inner: Arc<Inner>,
 }
 
+/// Runs recovered at once after a restart (see [`Executor::recover`]).
+const RECOVERY_IN_FLIGHT: usize = 64;
+
 /// A firing parked in cluster mode, and since when it was last looked at.
 #[derive(Debug)]
 struct Parked {
@@ -954,8 +957,10 @@ impl Executor {
 
     /// With the stream as the log (`--nats-log`): publish the executor's own events to the
     /// stream first through `stream` (see `own_events`).
-    pub fn publish_own_events_first(&self, stream: Intake) {
-        self.inner.own_events.publish_first(stream);
+    /// `patience`: how long a batch the stream refuses is published again before it is
+    /// stored locally (see `OwnEvents::publish_first`).
+    pub fn publish_own_events_first(&self, stream: Intake, patience: Duration) {
+        self.inner.own_events.publish_first(stream, patience);
     }
 
     /// The pipeline's control channel (for pausing automations).
@@ -1114,39 +1119,20 @@ impl Executor {
                 return Recovered::default();
             }
         };
-        let mut recovered = Recovered::default();
-        for value in runs {
-            let Ok(mut run) = serde_json::from_value::<Run>(value) else {
-                continue;
-            };
-            self.complete_log(&run).await;
-            if run.state.is_final() {
-                self.settle(&run).await;
-                continue;
-            }
-            let deployment = self.find(Some(run.deployment_id), Some(&run.deployment));
-            match self.verdict(&run, deployment.as_ref()) {
-                RecoveryVerdict::Continue => {
-                    recovered.continued += 1;
-                    info!(run = %run.id, deployment = %run.deployment, state = run.state.name(), "continuing a run the daemon's restart interrupted");
-                    let launcher = deployment.and_then(|d| d.launcher);
-                    self.spawn_drive(run, launcher, true);
-                }
-                RecoveryVerdict::Crashed(message) => {
-                    recovered.crashed += 1;
-                    warn!(run = %run.id, deployment = %run.deployment, %message, "run crashed by the daemon's restart");
-                    let event = run.transition(RunState::Crashed, Some(message), Utc::now());
-                    self.store_and_emit(&run, event).await;
-                    if deployment.is_some_and(|d| d.on_crash == OnCrash::Rerun) {
-                        let key = format!("rerun:{}", run.id);
-                        match self.rerun_with_key(run.id, Some(key)).await {
-                            Ok(_) => recovered.rerun += 1,
-                            Err(e) => warn!(run = %run.id, error = %e, "on_crash: rerun failed"),
-                        }
-                    }
-                }
-            }
-        }
+        // Each run's recovery waits for its events to be durable (through the stream, with
+        // --nats-log): many at once, or a restart under load recovers hundreds of runs one
+        // round trip at a time before it listens.
+        use futures_util::StreamExt;
+        let recovered = futures_util::stream::iter(runs)
+            .map(|value| self.recover_one(value))
+            .buffer_unordered(RECOVERY_IN_FLIGHT)
+            .fold(Recovered::default(), |mut total, one| async move {
+                total.continued += one.continued;
+                total.crashed += one.crashed;
+                total.rerun += one.rerun;
+                total
+            })
+            .await;
         if recovered != Recovered::default() {
             info!(
                 continued = recovered.continued,
@@ -1154,6 +1140,42 @@ impl Executor {
                 rerun = recovered.rerun,
                 "runs recovered after a restart"
             );
+        }
+        recovered
+    }
+
+    /// Recovers one unsettled run (see [`Executor::recover`]).
+    async fn recover_one(&self, value: Value) -> Recovered {
+        let mut recovered = Recovered::default();
+        let Ok(mut run) = serde_json::from_value::<Run>(value) else {
+            return recovered;
+        };
+        self.complete_log(&run).await;
+        if run.state.is_final() {
+            self.settle(&run).await;
+            return recovered;
+        }
+        let deployment = self.find(Some(run.deployment_id), Some(&run.deployment));
+        match self.verdict(&run, deployment.as_ref()) {
+            RecoveryVerdict::Continue => {
+                recovered.continued += 1;
+                info!(run = %run.id, deployment = %run.deployment, state = run.state.name(), "continuing a run the daemon's restart interrupted");
+                let launcher = deployment.and_then(|d| d.launcher);
+                self.spawn_drive(run, launcher, true);
+            }
+            RecoveryVerdict::Crashed(message) => {
+                recovered.crashed += 1;
+                warn!(run = %run.id, deployment = %run.deployment, %message, "run crashed by the daemon's restart");
+                let event = run.transition(RunState::Crashed, Some(message), Utc::now());
+                self.store_and_emit(&run, event).await;
+                if deployment.is_some_and(|d| d.on_crash == OnCrash::Rerun) {
+                    let key = format!("rerun:{}", run.id);
+                    match self.rerun_with_key(run.id, Some(key)).await {
+                        Ok(_) => recovered.rerun += 1,
+                        Err(e) => warn!(run = %run.id, error = %e, "on_crash: rerun failed"),
+                    }
+                }
+            }
         }
         recovered
     }
@@ -1312,12 +1334,22 @@ impl Executor {
                 self.park(d);
                 return;
             }
-            if let Some((shared, owner, _)) = self.inner.shared.get()
-                && !shared.claim(firing.id, *owner).await
-            {
-                debug!(firing = %firing.id, automation = %firing.automation.name, "another member already acted on this firing");
-                self.mark_dispatched(firing.id);
-                return;
+            if let Some((shared, owner, _)) = self.inner.shared.get() {
+                match shared.try_claim(firing.id, *owner).await {
+                    crate::shared_state::Claim::Ours => {}
+                    crate::shared_state::Claim::Theirs => {
+                        debug!(firing = %firing.id, automation = %firing.automation.name, "another member already acted on this firing");
+                        self.mark_dispatched(firing.id);
+                        return;
+                    }
+                    // Never act without the claim (another member may hold it): parked,
+                    // the firing is claimed again on the next round.
+                    crate::shared_state::Claim::Unknown => {
+                        warn!(firing = %firing.id, "cluster: cannot claim a firing now; trying again shortly");
+                        self.park(d);
+                        return;
+                    }
+                }
             }
             cluster.note_acted(firing.automation.id);
         } else if let Some((shared, owner, nats)) = self.inner.shared.get()
@@ -2710,8 +2742,13 @@ impl Executor {
                 Ok(process) => {
                     run.process = Some(process.process.clone());
                     let running = run.transition(RunState::Running, None, Utc::now());
-                    self.store_and_emit(&run, running).await;
-                    process.wait().await
+                    // Reaped while its Running event is on its way: under load that event
+                    // waits for a commit (or the stream's round trip), and a process that
+                    // ended meanwhile sat as a zombie — thousands of them made every
+                    // SIGCHLD cost a scan of all (most of the CPU, in the kernel).
+                    let ((), outcome) =
+                        tokio::join!(self.store_and_emit(&run, running), process.wait());
+                    outcome
                 }
             },
             Launcher::Http(http) => {

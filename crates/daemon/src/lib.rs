@@ -342,7 +342,14 @@ impl Daemon {
                 Some(publisher) => {
                     info!(stream = %nats.stream, "the stream is the log: events received over HTTP, the websocket and webhooks, and Spur's own, go to JetStream first");
                     external_intake = intake.publishing_to(std::sync::Arc::new(publisher));
-                    executor.publish_own_events_first(external_intake.clone());
+                    // In a cluster the stream is the only log the other members read:
+                    // wait out a nats-server node's restart rather than keep events local.
+                    let patience = if config.cluster.is_some() {
+                        std::time::Duration::from_secs(60)
+                    } else {
+                        std::time::Duration::ZERO
+                    };
+                    executor.publish_own_events_first(external_intake.clone(), patience);
                 }
                 None => warn!(
                     subjects = ?nats.subjects,

@@ -53,11 +53,15 @@ impl OwnEvents {
     }
 
     /// From now on, publish to the stream first through `stream` (an intake made with
-    /// `Intake::publishing_to`). Called once, at start; needs a tokio runtime.
-    pub fn publish_first(&self, stream: Intake) {
+    /// `Intake::publishing_to`). A batch the stream refuses is published again for up to
+    /// `patience` before it is stored locally: in cluster mode the other members see only
+    /// what is in the stream, so a nats-server node's restart (the client reconnecting to
+    /// another) must not send events to one member's log alone. Called once, at start;
+    /// needs a tokio runtime.
+    pub fn publish_first(&self, stream: Intake, patience: std::time::Duration) {
         let (tx, rx) = mpsc::unbounded_channel();
         if self.stream.set(tx).is_ok() {
-            tokio::spawn(publish_in_order(stream, self.local.clone(), rx));
+            tokio::spawn(publish_in_order(stream, self.local.clone(), rx, patience));
         }
     }
 
@@ -111,6 +115,7 @@ async fn publish_in_order(
     stream: Intake,
     local: Intake,
     mut queue: mpsc::UnboundedReceiver<HandOver>,
+    patience: std::time::Duration,
 ) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
@@ -125,7 +130,17 @@ async fn publish_in_order(
             .flat_map(|h| h.events.iter().cloned())
             .collect();
         let count = events.len();
-        let outcome = match stream.submit(events.clone()).await {
+        let give_up = tokio::time::Instant::now() + patience;
+        let mut pause = std::time::Duration::from_millis(250);
+        let mut outcome = stream.submit(events.clone()).await;
+        while matches!(outcome, Err(SubmitError::Unavailable(_)))
+            && tokio::time::Instant::now() + pause < give_up
+        {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            outcome = stream.submit(events.clone()).await;
+        }
+        let outcome = match outcome {
             Err(SubmitError::Unavailable(reason)) => {
                 warn!(%reason, events = count, "the event stream did not take Spur's own events; storing them locally only");
                 local.submit(events).await

@@ -41,6 +41,17 @@ impl std::fmt::Debug for SharedState {
     }
 }
 
+/// What claiming a firing found (see [`SharedState::try_claim`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This instance holds the claim: it acts.
+    Ours,
+    /// Another instance does: it acts, this one does not.
+    Theirs,
+    /// JetStream could not say (unreachable, a leader election): ask again later.
+    Unknown,
+}
+
 /// The latest checkpoint for the mirror: the local log position it covers and its JSON.
 pub type StoredCheckpoint = Option<(u64, Arc<Vec<u8>>)>;
 
@@ -116,17 +127,34 @@ impl SharedState {
 
     /// Claims a firing for `owner` (the instance's id); false if another instance already
     /// did. A claim this instance made before a restart still counts as its own, so a crash
-    /// in the middle of dispatching is finished on restart rather than dropped.
+    /// in the middle of dispatching is finished on restart rather than dropped. When
+    /// JetStream cannot say, the firing is dispatched anyway: alone, running the actions
+    /// again beats never running them. (Cluster mode uses [`SharedState::try_claim`] and
+    /// waits instead: there another member is there to act.)
     pub async fn claim(&self, firing: Uuid, owner: Uuid) -> bool {
+        match self.try_claim(firing, owner).await {
+            Claim::Ours => true,
+            Claim::Theirs => false,
+            Claim::Unknown => {
+                warn!(%firing, "claiming failed; dispatching anyway");
+                true
+            }
+        }
+    }
+
+    /// Claims a firing for `owner`, saying whether it is this instance's, another's, or
+    /// cannot be told now (JetStream unreachable after a few tries).
+    pub async fn try_claim(&self, firing: Uuid, owner: Uuid) -> Claim {
         let key = firing.to_string();
         let value: Vec<u8> = owner.to_string().into_bytes();
         for _ in 0..3 {
             match self.claims.create(&key, value.clone().into()).await {
-                Ok(_) => return true,
+                Ok(_) => return Claim::Ours,
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                     return match self.claims.get(&key).await {
-                        Ok(Some(holder)) => holder.as_ref() == value.as_slice(),
-                        _ => false,
+                        Ok(Some(holder)) if holder.as_ref() == value.as_slice() => Claim::Ours,
+                        Ok(Some(_)) => Claim::Theirs,
+                        _ => Claim::Unknown,
                     };
                 }
                 Err(e) => {
@@ -135,9 +163,7 @@ impl SharedState {
                 }
             }
         }
-        // At-least-once: running the actions again beats never running them.
-        warn!(%firing, "claiming failed; dispatching anyway");
-        true
+        Claim::Unknown
     }
 
     /// The instance that claimed `firing`, if any has.
