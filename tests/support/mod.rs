@@ -88,6 +88,21 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The `spur` binary daemons are started from: `SPUR_TEST_BIN` when set (scripts/test.sh
+/// points it at the release build it makes anyway, so load-heavy tests such as the cluster
+/// chaos test measure Spur rather than unoptimised code), else this test build's own.
+pub fn spur_bin() -> PathBuf {
+    std::env::var_os("SPUR_TEST_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_spur")))
+}
+
+/// Is [`spur_bin`] an optimised build (`SPUR_TEST_BIN` set)?
+pub fn optimised_spur() -> bool {
+    spur_bin() != Path::new(env!("CARGO_BIN_EXE_spur"))
+}
+
 /// A running `spur serve`.
 pub struct SpurDaemon {
     child: Option<Child>,
@@ -100,7 +115,7 @@ pub struct SpurDaemon {
 impl SpurDaemon {
     /// Starts `spur serve` with `--data data --automations automations` plus `extra` flags.
     pub fn start(data: &Path, automations: &Path, extra: &[&str]) -> SpurDaemon {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_spur"));
+        let mut command = Command::new(spur_bin());
         command
             .args(["serve", "--http", "127.0.0.1:0", "--log-format", "json"])
             .arg("--data")
@@ -122,7 +137,8 @@ impl SpurDaemon {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Generous: a restart under load recovers its unfinished runs before it listens.
+        let deadline = Instant::now() + Duration::from_secs(90);
         let url = loop {
             let found = logs.lock().expect("log lock").iter().find_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
@@ -157,6 +173,11 @@ impl SpurDaemon {
         eventually(Duration::from_secs(10), "the JetStream consumer", || {
             (!self.log_lines("consuming NATS JetStream").is_empty()).then_some(())
         });
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// SIGKILL: a crash, no shutdown work.
