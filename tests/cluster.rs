@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{NatsServer, SpurDaemon, eventually, require_nats_server, write};
+use support::{NatsServer, SpurDaemon, all_runs, eventually, require_nats_server, write};
 
 /// The tests here start several daemons and nats-servers each: one at a time, so the chaos
 /// test's load does not slow the others past their bounds (or they it).
@@ -38,17 +38,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn get(url: &str) -> Value {
-    runtime().block_on(async {
-        reqwest::get(url)
-            .await
-            .expect("daemon answers")
-            .json::<Value>()
-            .await
-            .expect("JSON")
-    })
-}
-
 /// `/api/cluster` of a member, or `None` while it cannot answer.
 fn cluster_status(base: &str) -> Option<Value> {
     runtime().block_on(async {
@@ -58,21 +47,6 @@ fn cluster_status(base: &str) -> Option<Value> {
         }
         response.json::<Value>().await.ok()
     })
-}
-
-/// Every run a member holds, paging through `/api/runs`.
-fn all_runs(base: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    for _ in 0..200 {
-        let page = get(&format!("{base}/api/runs?limit=1000{cursor}"));
-        out.extend(page["runs"].as_array().cloned().unwrap_or_default());
-        match page["next"].as_str() {
-            Some(next) => cursor = format!("&cursor={next}"),
-            None => return out,
-        }
-    }
-    panic!("paging /api/runs does not end");
 }
 
 /// A deployment that appends its parameters to `launches`, and automations using it: one

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{SpurDaemon, eventually, write};
+use support::{SpurDaemon, all_runs, eventually, write};
 
 /// Events per round, posted in batches of [`BATCH`]; one kill per round.
 const EVENTS: usize = 500;
@@ -77,33 +77,6 @@ fn post_until_acknowledged(url: &Mutex<String>, body: &Value) {
         assert!(Instant::now() < deadline, "a batch was never acknowledged");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn get(url: &str) -> Value {
-    let rt = runtime();
-    rt.block_on(async {
-        reqwest::get(url)
-            .await
-            .expect("daemon answers")
-            .json::<Value>()
-            .await
-            .expect("JSON")
-    })
-}
-
-/// Every run, paging through `/api/runs`.
-fn all_runs(base: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor = String::new();
-    for _ in 0..100 {
-        let page = get(&format!("{base}/api/runs?limit=1000{cursor}"));
-        out.extend(page["runs"].as_array().cloned().unwrap_or_default());
-        match page["next"].as_str() {
-            Some(next) => cursor = format!("&cursor={next}"),
-            None => return out,
-        }
-    }
-    panic!("paging /api/runs does not end");
 }
 
 /// The ids of every stored event whose name starts with `prefix`.

@@ -58,6 +58,23 @@ pub fn http(method: &str, url: &str, body: Option<serde_json::Value>) -> (u16, S
     }
 }
 
+/// Every run a daemon holds, paging through `/api/runs`.
+pub fn all_runs(base: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..200 {
+        let (status, text) = http("GET", &format!("{base}/api/runs?limit=1000{cursor}"), None);
+        assert_eq!(status, 200, "/api/runs: {text}");
+        let page: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        out.extend(page["runs"].as_array().cloned().unwrap_or_default());
+        match page["next"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => return out,
+        }
+    }
+    panic!("paging /api/runs does not end");
+}
+
 /// One HTTP request over loopback with these headers and raw body: (status, body text).
 pub fn request(
     method: &str,
