@@ -519,13 +519,23 @@ impl Daemon {
                 executor.clone().review_parked(shutdown_rx.clone()),
             ));
         }
-        executor.recover().await;
-        {
-            let executor = executor.clone();
-            let automations = initial_runnable;
-            tokio::spawn(async move { executor.redispatch(leftovers, &automations).await });
-        }
-        let executor_task = tokio::spawn(executor.run(dispatch_rx, shutdown_rx.clone()));
+        // Runs a restart interrupted are recovered before any firing is dispatched (a firing
+        // left undispatched must find its run, if it has one, already settled), but after
+        // the listener is up: recovering thousands of runs takes a store write (and with the
+        // stream as the log, a round trip) each, and meanwhile the API, health checks and
+        // intake answer. New firings queue in the dispatch channel until recovery is done.
+        let executor_task = {
+            let shutdown = shutdown_rx.clone();
+            tokio::spawn(async move {
+                executor.recover().await;
+                {
+                    let executor = executor.clone();
+                    let automations = initial_runnable;
+                    tokio::spawn(async move { executor.redispatch(leftovers, &automations).await });
+                }
+                executor.run(dispatch_rx, shutdown).await
+            })
+        };
         info!(%addr, "spur listening on http://{addr}");
         Ok(Daemon {
             addr,
