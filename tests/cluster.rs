@@ -54,35 +54,10 @@ fn cluster_status(base: &str) -> Option<Value> {
 /// tick of a resource within a second, so state and windows take part too.
 fn automations(dir: &Path, launches: &Path, windowed: bool) -> PathBuf {
     let folder = dir.join("automations");
-    std::fs::create_dir_all(&folder).expect("dir");
-    write(
+    support::every_tick_launches_a_run(
         &folder,
-        "deployments.yaml",
-        &format!(
-            r#"deployments:
-  - name: record
-    launcher:
-      command: ["sh", "-c", "printf '%s\n' \"$SPUR_PARAMETERS\" >> \"$OUT\""]
-      env: {{OUT: "{}"}}
-"#,
-            launches.display()
-        ),
-    );
-    write(
-        &folder,
-        "every-tick.yaml",
-        r#"name: every-tick
-trigger:
-  type: event
-  posture: Reactive
-  expect: ["test.tick"]
-  threshold: 1
-  within: 0
-actions:
-  - type: run-deployment
-    deployment: record
-    parameters: {event: "{{ event.id }}", kind: every}
-"#,
+        launches,
+        r#"{event: "{{ event.id }}", kind: every}"#,
     );
     if windowed {
         write(
@@ -218,18 +193,9 @@ async fn make_stream(urls: &str, replicas: usize) {
 }
 
 async fn subject_count(urls: &str, subject: &str) -> u64 {
-    use futures_util::TryStreamExt;
     let js = async_nats::jetstream::new(connect(urls).await);
     let stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
-    let mut info = stream
-        .info_with_subjects(subject)
-        .await
-        .expect("stream info");
-    let mut count = 0;
-    while let Some((_, n)) = info.try_next().await.expect("subjects") {
-        count += n;
-    }
-    count as u64
+    support::subject_count(&stream, subject).await
 }
 
 fn member(data: &Path, folder: &Path, urls: &str, cluster: &str, replicas: &str) -> SpurDaemon {

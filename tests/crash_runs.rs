@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{SpurDaemon, all_runs, eventually, write};
+use support::{SpurDaemon, all_runs, eventually};
 
 /// Events per round, posted in batches of [`BATCH`]; one kill per round.
 const EVENTS: usize = 500;
@@ -123,37 +123,8 @@ fn event_ids(base: &str, prefix: &str) -> HashSet<String> {
 
 fn setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let automations = dir.join("automations");
-    std::fs::create_dir_all(&automations).expect("dir");
     let launches = dir.join("launches.txt");
-    write(
-        &automations,
-        "deployments.yaml",
-        &format!(
-            r#"deployments:
-  - name: record
-    launcher:
-      command: ["sh", "-c", "printf '%s\n' \"$SPUR_PARAMETERS\" >> \"$OUT\""]
-      env: {{OUT: "{}"}}
-"#,
-            launches.display()
-        ),
-    );
-    write(
-        &automations,
-        "every-tick.yaml",
-        r#"name: every-tick
-trigger:
-  type: event
-  posture: Reactive
-  expect: ["test.tick"]
-  threshold: 1
-  within: 0
-actions:
-  - type: run-deployment
-    deployment: record
-    parameters: {event: "{{ event.id }}"}
-"#,
-    );
+    support::every_tick_launches_a_run(&automations, &launches, r#"{event: "{{ event.id }}"}"#);
     (automations, launches)
 }
 

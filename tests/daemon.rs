@@ -1445,7 +1445,7 @@ fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
     let in_stream = runtime.block_on(async {
         let js = jetstream::new(async_nats::connect(&nats.url).await.expect("connects"));
         let stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
-        let count = subject_count(&stream, "events.http.logged").await;
+        let count = support::subject_count(&stream, "events.http.logged").await;
         let last = stream
             .get_last_raw_message_by_subject("events.http.logged")
             .await
@@ -1491,7 +1491,7 @@ fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
                 let stream = js.get_stream("SPUR_EVENTS").await.expect("stream");
                 let mut counts = Vec::new();
                 for name in own {
-                    counts.push(subject_count(&stream, &format!("events.{name}")).await);
+                    counts.push(support::subject_count(&stream, &format!("events.{name}")).await);
                 }
                 counts
             });
@@ -1561,19 +1561,6 @@ fn with_the_stream_as_the_log_http_events_are_in_jetstream_when_answered() {
 }
 
 /// How many messages `stream` holds on `subject`.
-async fn subject_count(stream: &async_nats::jetstream::stream::Stream, subject: &str) -> u64 {
-    use futures_util::TryStreamExt;
-    let mut info = stream
-        .info_with_subjects(subject)
-        .await
-        .expect("stream info");
-    let mut count = 0;
-    while let Some((_, n)) = info.try_next().await.expect("subjects") {
-        count += n as u64;
-    }
-    count
-}
-
 /// With JetStream, an event posted over HTTP is forwarded into the stream (so the stream
 /// holds every event Spur received), comes back to Spur's own consumer and is kept once; its
 /// firing is claimed in the shared KV bucket, since another instance could meet it there.

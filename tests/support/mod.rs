@@ -75,6 +75,59 @@ pub fn all_runs(base: &str) -> Vec<serde_json::Value> {
     panic!("paging /api/runs does not end");
 }
 
+/// Writes into `folder` a deployment `record`, whose `command` run appends its parameters (one
+/// JSON object per line) to `launches`, and an automation `every-tick` that launches it for
+/// every `test.tick` event with `parameters` (a YAML flow mapping, rendered per event). The
+/// launches file is the outside world's record of what ran, and how often.
+pub fn every_tick_launches_a_run(folder: &Path, launches: &Path, parameters: &str) {
+    std::fs::create_dir_all(folder).expect("automations folder");
+    write(
+        folder,
+        "deployments.yaml",
+        &format!(
+            r#"deployments:
+  - name: record
+    launcher:
+      command: ["sh", "-c", "printf '%s\n' \"$SPUR_PARAMETERS\" >> \"$OUT\""]
+      env: {{OUT: "{}"}}
+"#,
+            launches.display()
+        ),
+    );
+    write(
+        folder,
+        "every-tick.yaml",
+        &format!(
+            r#"name: every-tick
+trigger:
+  type: event
+  posture: Reactive
+  expect: ["test.tick"]
+  threshold: 1
+  within: 0
+actions:
+  - type: run-deployment
+    deployment: record
+    parameters: {parameters}
+"#
+        ),
+    );
+}
+
+/// How many messages of `subject` a JetStream stream holds.
+pub async fn subject_count(stream: &async_nats::jetstream::stream::Stream, subject: &str) -> u64 {
+    use futures_util::TryStreamExt;
+    let mut info = stream
+        .info_with_subjects(subject)
+        .await
+        .expect("stream info");
+    let mut count = 0;
+    while let Some((_, n)) = info.try_next().await.expect("subjects") {
+        count += n as u64;
+    }
+    count
+}
+
 /// One HTTP request over loopback with these headers and raw body: (status, body text).
 pub fn request(
     method: &str,
