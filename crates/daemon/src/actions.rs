@@ -45,6 +45,9 @@ use uuid::Uuid;
 
 use crate::pipeline::{Control, Dispatch};
 
+mod parked;
+use parked::Parked;
+
 /// How a run is to be started, beyond its deployment and parameters.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunOptions {
@@ -239,13 +242,6 @@ pub struct Executor {
 /// Runs recovered at once after a restart (see [`Executor::recover`]).
 const RECOVERY_IN_FLIGHT: usize = 64;
 
-/// A firing parked in cluster mode, and since when it was last looked at.
-#[derive(Debug)]
-struct Parked {
-    dispatch: Dispatch,
-    since: std::time::Instant,
-}
-
 #[derive(Debug)]
 struct Inner {
     store: Arc<Store>,
@@ -269,6 +265,8 @@ struct Inner {
     /// Cluster mode: firings of partitions this member does not hold, waiting until someone
     /// claims them (or this member takes the partition); see [`Executor::review_parked`].
     parked: Mutex<HashMap<Uuid, Parked>>,
+    /// Firings whose actions this instance performed (in cluster mode: its share).
+    acted: std::sync::atomic::AtomicU64,
     /// The batching writer of dispatched marks (see `mark_dispatched`).
     marks: OnceLock<mpsc::UnboundedSender<Uuid>>,
     /// Where run processes leave their start markers (`launcher` module docs).
@@ -371,6 +369,7 @@ impl Executor {
                 shared: OnceLock::new(),
                 cluster: OnceLock::new(),
                 parked: Mutex::new(HashMap::new()),
+                acted: std::sync::atomic::AtomicU64::new(0),
                 marks: OnceLock::new(),
                 marker_dir: OnceLock::new(),
                 api_token: OnceLock::new(),
@@ -861,100 +860,6 @@ impl Executor {
         let _ = self.inner.shared.set((shared, owner, nats));
     }
 
-    /// Cluster mode: act only on the firings of partitions `cluster` holds; park the others
-    /// (see [`Executor::review_parked`]). Needs [`Executor::set_shared`] for the claims.
-    pub fn set_cluster(&self, cluster: crate::cluster::Cluster) {
-        let _ = self.inner.cluster.set(cluster);
-    }
-
-    /// This member's cluster, in cluster mode.
-    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
-        self.inner.cluster.get()
-    }
-
-    /// How many firings wait for another member's claim (cluster mode).
-    pub fn parked_count(&self) -> usize {
-        self.inner.parked.lock().map_or(0, |p| p.len())
-    }
-
-    /// Cluster mode: every renewal round, looks at the parked firings. One whose partition
-    /// this member now holds is claimed and acted on here (its old holder died before
-    /// claiming it). One parked for a lease or longer is looked up in the claims: claimed by
-    /// another member → done with (marked dispatched here); claimed by this member (before a
-    /// restart) → finished here; unclaimed → looked at again a lease later. Ends with
-    /// `shutdown`; what is still parked stays undispatched in the store for the next start.
-    pub async fn review_parked(self, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        use futures_util::StreamExt;
-        let (Some(cluster), Some((shared, me, _))) =
-            (self.inner.cluster.get(), self.inner.shared.get())
-        else {
-            return;
-        };
-        let lease = cluster.config().lease;
-        let mut ticker = tokio::time::interval(cluster.config().renew_every());
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let (ours, due): (Vec<Dispatch>, Vec<Uuid>) = {
-                let Ok(mut parked) = self.inner.parked.lock() else {
-                    return;
-                };
-                let ours: Vec<Uuid> = parked
-                    .iter()
-                    .filter(|(_, p)| cluster.owns(p.dispatch.firing.automation.id))
-                    .map(|(id, _)| *id)
-                    .collect();
-                let ours = ours
-                    .into_iter()
-                    .filter_map(|id| parked.remove(&id).map(|p| p.dispatch))
-                    .collect();
-                let due = parked
-                    .iter()
-                    .filter(|(_, p)| p.since.elapsed() >= lease)
-                    .map(|(id, _)| *id)
-                    .collect();
-                (ours, due)
-            };
-            for d in ours {
-                let executor = self.clone();
-                tokio::spawn(async move { executor.dispatch_claiming(d, true).await });
-            }
-            let holders: Vec<(Uuid, Option<Uuid>)> = futures_util::stream::iter(due)
-                .map(|firing| async move { (firing, shared.holder(firing).await) })
-                .buffer_unordered(64)
-                .collect()
-                .await;
-            for (firing, holder) in holders {
-                let Ok(mut parked) = self.inner.parked.lock() else {
-                    return;
-                };
-                match holder {
-                    None => {
-                        if let Some(p) = parked.get_mut(&firing) {
-                            p.since = std::time::Instant::now();
-                        }
-                    }
-                    Some(holder) => {
-                        let Some(p) = parked.remove(&firing) else {
-                            continue;
-                        };
-                        drop(parked);
-                        if holder == *me {
-                            // Claimed here before a restart: finish what was started.
-                            let executor = self.clone();
-                            tokio::spawn(async move { executor.act_on(p.dispatch).await });
-                        } else {
-                            debug!(%firing, %holder, "cluster: another member acted on this firing");
-                            self.mark_dispatched(firing);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// With the stream as the log (`--nats-log`): publish the executor's own events to the
     /// stream first through `stream` (see `own_events`).
     /// `patience`: how long a batch the stream refuses is published again before it is
@@ -1370,6 +1275,9 @@ impl Executor {
     /// Performs a firing's actions (through its concurrency gate), once it is this
     /// instance's to act on.
     async fn act_on(&self, d: Dispatch) {
+        self.inner
+            .acted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let slot = match self.enter_gate(d) {
             Ok((d, slot)) => (d, slot),
             Err(()) => return,
@@ -1377,17 +1285,10 @@ impl Executor {
         self.run_actions(slot.0, slot.1).await;
     }
 
-    /// Cluster mode: keeps a firing of a partition this member does not hold.
-    fn park(&self, d: Dispatch) {
-        if let Ok(mut parked) = self.inner.parked.lock() {
-            parked.insert(
-                d.firing.id,
-                Parked {
-                    dispatch: d,
-                    since: std::time::Instant::now(),
-                },
-            );
-        }
+    /// How many firings this instance has acted on since it started (in cluster mode, its
+    /// share of the cluster's firings).
+    pub fn acted_count(&self) -> u64 {
+        self.inner.acted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The concurrency gate: `Err` when the firing waits (queued) or was skipped; otherwise

@@ -291,6 +291,14 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .store(waiting as u64, std::sync::atomic::Ordering::Relaxed);
     m.concurrency_running
         .store(running as u64, std::sync::atomic::Ordering::Relaxed);
+    m.acted.store(
+        state.executor.acted_count(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    m.parked.store(
+        state.executor.parked_count() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -87,6 +87,12 @@ pub struct Metrics {
     pub triggered: AtomicU64,
     /// Resolved firings.
     pub resolved: AtomicU64,
+    /// Firings whose actions this instance performed (set when rendered; in cluster mode
+    /// the member's share of the firings every member derives).
+    pub acted: AtomicU64,
+    /// Cluster mode: firings of partitions this member does not hold, waiting for their
+    /// holder's claim (gauge; set when rendered).
+    pub parked: AtomicU64,
     /// Live buckets (gauge).
     pub buckets: AtomicU64,
     /// Firings waiting in the flow stage: open debounces and batches, throttled ones queued
@@ -201,6 +207,18 @@ impl Metrics {
             "spur_firings_resolved_total",
             "Automation firings (resolved).",
             load(&self.resolved),
+        );
+        counter(
+            &mut out,
+            "spur_firings_acted_total",
+            "Firings whose actions this instance performed (cluster mode: this member's share).",
+            load(&self.acted),
+        );
+        gauge(
+            &mut out,
+            "spur_cluster_parked",
+            "Firings of partitions another member holds, waiting for its claim (cluster mode).",
+            load(&self.parked),
         );
         counter(
             &mut out,
