@@ -1222,6 +1222,53 @@ fn explain_says_why_each_automation_did_or_did_not_react() {
     assert!(text.contains("no event"), "{text}");
 }
 
+/// An event that many automations expect by name but whose filters rule it out keeps the
+/// first 32 such mismatches and counts the rest; what fired or counted is always kept.
+#[test]
+fn explain_keeps_the_first_filter_mismatches_and_counts_the_rest() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    let mut many = String::from("automations:\n");
+    for i in 0..40 {
+        many.push_str(&format!(
+            "  - name: tenant-{i}\n    trigger: {{type: event, posture: Reactive, expect: [\"job.failed\"], match: {{\"prefect.resource.id\": \"tenant.{i}\"}}}}\n    actions: [{{type: do-nothing}}]\n"
+        ));
+    }
+    many.push_str("  - name: any-failure\n    trigger: {type: event, posture: Reactive, expect: [\"job.*\"]}\n    actions: [{type: do-nothing}]\n");
+    write(&automations, "many.yaml", &many);
+    let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
+    let id = uuid::Uuid::from_u128(7).to_string();
+    let event =
+        json!({"id": id, "event": "job.failed", "resource": {"prefect.resource.id": "job.1"}});
+    assert_eq!(post_events(&daemon, json!([event])).0, 204);
+    let (status, text) = http(
+        "GET",
+        &format!("{}/api/events/{id}/explain", daemon.url),
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    let decisions = body["decisions"].as_array().expect("decisions");
+    let mismatches = decisions
+        .iter()
+        .filter(|d| d["outcome"] == "match_failed")
+        .count();
+    assert_eq!(mismatches, 32, "{text}");
+    assert_eq!(body["mismatches_omitted"], 8, "{text}");
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d["automation"] == "any-failure" && d["outcome"] == "fired"),
+        "{text}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(["explain", &id, "--api", &daemon.url])
+        .output()
+        .expect("spur explain runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("… and 8 more automation(s)"), "{text}");
+}
+
 #[test]
 fn a_second_instance_takes_over_trigger_state_kept_in_jetstream() {
     let Some(bin) = require_nats_server() else {

@@ -949,6 +949,7 @@ async fn explain_event(
                 "event": event.to_json(),
                 "fate": explanation["fate"],
                 "decisions": explanation["decisions"],
+                "mismatches_omitted": explanation["mismatches_omitted"].as_u64().unwrap_or(0),
             }))
             .into_response()
         }

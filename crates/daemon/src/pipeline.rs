@@ -26,6 +26,27 @@ use serde_json::{Value, json};
 use spur_core::{Automation, Event};
 use spur_ingest::{Receipt, Submission};
 use spur_matcher::{Bucket, Engine, EngineConfig, EventFate, Firing, FiringState};
+
+/// What `explain` reads back for an event: its fate and every candidate trigger's decision
+/// (stored as JSON, see `StoreWriter::put_explanations`).
+#[derive(serde::Serialize)]
+struct Explanation<'a> {
+    fate: &'a EventFate,
+    decisions: &'a [spur_matcher::explain::Decision],
+    /// Filter mismatches beyond [`MISMATCHES_KEPT`], counted but not kept.
+    #[serde(skip_serializing_if = "is_zero")]
+    mismatches_omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Filter mismatches (`Outcome::is_filter_mismatch`) kept per event for `explain`. An event
+/// that 640 automations expect by name but whose resource only one matches met 639 of them:
+/// storing each (~200 bytes) cost more than everything else the pipeline did with the event.
+/// Every decision that involved state (counted, fired, late, ...) is always kept.
+const MISMATCHES_KEPT: usize = 32;
 use spur_replay::render_firing;
 use spur_store::{Appended, Checkpoint, Store, StoreError};
 use spur_template::TemplateEngine;
@@ -535,13 +556,33 @@ impl Pipeline {
         let stored = || receipts.iter().flat_map(|r: &Receipt| r.stored.iter());
         let stored_count = stored().count();
         let new_ids: std::collections::HashSet<Uuid> = stored().map(|e| e.id).collect();
-        let explanations: Vec<(Uuid, Option<Value>)> = self
+        let explanations: Vec<(Uuid, Option<Vec<u8>>)> = self
             .engine
             .take_explanations()
             .into_iter()
-            .filter_map(|(id, fate, decisions)| {
+            .filter_map(|(id, fate, mut decisions)| {
                 if !decisions.is_empty() || fate != EventFate::Evaluated {
-                    Some((id, Some(json!({"fate": fate, "decisions": decisions}))))
+                    let mut mismatches = 0;
+                    decisions.retain(|d| {
+                        if !d.outcome.is_filter_mismatch() {
+                            return true;
+                        }
+                        mismatches += 1;
+                        mismatches <= MISMATCHES_KEPT
+                    });
+                    // Straight to bytes: `{"fate": …, "decisions": […]}`.
+                    let explanation = Explanation {
+                        fate: &fate,
+                        decisions: &decisions,
+                        mismatches_omitted: mismatches.saturating_sub(MISMATCHES_KEPT),
+                    };
+                    match serde_json::to_vec(&explanation) {
+                        Ok(bytes) => Some((id, Some(bytes))),
+                        Err(e) => {
+                            warn!(event = %id, error = %e, "cannot encode an event's explanation; explain will not show it");
+                            None
+                        }
+                    }
                 } else if new_ids.contains(&id) {
                     None
                 } else {

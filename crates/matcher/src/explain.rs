@@ -128,6 +128,22 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// Whether this is a filter mismatch: the trigger's names, `match`, `match_related` or
+    /// loop guard ruled the event out before any state was looked at. Such a decision
+    /// follows from the event and the trigger alone, and an event can meet one per loaded
+    /// automation, so the daemon keeps only the first few per event (see its pipeline).
+    pub fn is_filter_mismatch(&self) -> bool {
+        matches!(
+            self,
+            Outcome::NameMismatch { .. }
+                | Outcome::MatchFailed { .. }
+                | Outcome::MatchRelatedFailed { .. }
+                | Outcome::OwnEvent
+        )
+    }
+}
+
 /// Which clause of `covers` failed, for the explanation.
 pub(crate) fn mismatch(trigger: &EventTrigger, event: &Event) -> Outcome {
     let name = event.event.as_str();

@@ -933,6 +933,11 @@ pub fn explain(api: Option<&str>, id: &str, as_json: bool) -> Result<()> {
         };
         println!("  {name}: {line}");
     }
+    if let Some(omitted) = body["mismatches_omitted"].as_u64().filter(|n| *n > 0) {
+        println!(
+            "  … and {omitted} more automation(s) whose names or filters ruled the event out (not recorded: only the first few per event are kept)"
+        );
+    }
     Ok(())
 }
 

@@ -730,12 +730,15 @@ impl StoreWriter {
         put_checkpoint(&self.txn, bytes)
     }
 
-    /// Stores why each candidate trigger did (not) react to an event already in the log.
-    /// `None` records that no trigger considered it, which is stored as no record at all
-    /// (most events in a busy log; an earlier record, e.g. "held", is removed).
+    /// Stores why each candidate trigger did (not) react to an event already in the log, as
+    /// the explanation's JSON bytes (the pipeline encodes its decisions straight to bytes:
+    /// an event that hundreds of triggers consider has hundreds of decisions, and a
+    /// `Value` in between cost more than the rest of the batch). `None` records that no
+    /// trigger considered it, which is stored as no record at all (most events in a busy
+    /// log; an earlier record, e.g. "held", is removed).
     pub fn put_explanations(
         &self,
-        explanations: &[(Uuid, Option<Value>)],
+        explanations: &[(Uuid, Option<Vec<u8>>)],
     ) -> Result<(), StoreError> {
         let ids = self.txn.open_table(EVENT_IDS)?;
         let mut table = self.txn.open_table(EXPLANATIONS)?;
@@ -753,8 +756,7 @@ impl StoreWriter {
                 continue;
             };
             match value {
-                Some(value) => {
-                    let bytes = serde_json::to_vec(value).map_err(corrupt)?;
+                Some(bytes) => {
                     table.insert(seq, bytes.as_slice())?;
                 }
                 None => {
@@ -1402,12 +1404,12 @@ mod tests {
             .expect("append");
         writer
             .put_explanations(&[
-                (held, Some(json!({"fate": {"kind": "held"}}))),
+                (held, Some(br#"{"fate":{"kind":"held"}}"#.to_vec())),
                 (plain, None),
                 // Not in the log: ignored rather than stored under no sequence.
                 (
                     Uuid::from_u128(99),
-                    Some(json!({"fate": {"kind": "evaluated"}})),
+                    Some(br#"{"fate":{"kind":"evaluated"}}"#.to_vec()),
                 ),
             ])
             .expect("explain");
@@ -1429,7 +1431,7 @@ mod tests {
         // Pruning removes an event's explanation with it.
         let writer = store.writer().expect("writer");
         writer
-            .put_explanations(&[(plain, Some(json!({"decisions": []})))])
+            .put_explanations(&[(plain, Some(br#"{"decisions":[]}"#.to_vec()))])
             .expect("explain");
         writer.commit().expect("commit");
         let cutoff: DateTime<Utc> = "2025-01-01T00:00:00Z".parse().expect("valid");
