@@ -33,7 +33,7 @@ use spur_matcher::{Bucket, Engine, EngineConfig, EventFate, Firing, FiringState}
 struct Explanation<'a> {
     fate: &'a EventFate,
     decisions: &'a [spur_matcher::explain::Decision],
-    /// Filter mismatches beyond [`MISMATCHES_KEPT`], counted but not kept.
+    /// Filter mismatches beyond `spur_matcher::explain::MISMATCHES_KEPT`, counted only.
     #[serde(skip_serializing_if = "is_zero")]
     mismatches_omitted: usize,
 }
@@ -42,11 +42,6 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// Filter mismatches (`Outcome::is_filter_mismatch`) kept per event for `explain`. An event
-/// that 640 automations expect by name but whose resource only one matches met 639 of them:
-/// storing each (~200 bytes) cost more than everything else the pipeline did with the event.
-/// Every decision that involved state (counted, fired, late, ...) is always kept.
-const MISMATCHES_KEPT: usize = 32;
 use spur_replay::render_firing;
 use spur_store::{Appended, Checkpoint, Store, StoreError};
 use spur_template::TemplateEngine;
@@ -560,21 +555,13 @@ impl Pipeline {
             .engine
             .take_explanations()
             .into_iter()
-            .filter_map(|(id, fate, mut decisions)| {
+            .filter_map(|(id, fate, decisions, mismatches_omitted)| {
                 if !decisions.is_empty() || fate != EventFate::Evaluated {
-                    let mut mismatches = 0;
-                    decisions.retain(|d| {
-                        if !d.outcome.is_filter_mismatch() {
-                            return true;
-                        }
-                        mismatches += 1;
-                        mismatches <= MISMATCHES_KEPT
-                    });
                     // Straight to bytes: `{"fate": …, "decisions": […]}`.
                     let explanation = Explanation {
                         fate: &fate,
                         decisions: &decisions,
-                        mismatches_omitted: mismatches.saturating_sub(MISMATCHES_KEPT),
+                        mismatches_omitted,
                     };
                     match serde_json::to_vec(&explanation) {
                         Ok(bytes) => Some((id, Some(bytes))),

@@ -196,6 +196,23 @@ enum Halt {
 #[derive(Debug, Default)]
 struct Explanations {
     by_event: Vec<(Uuid, EventFate, Vec<Decision>)>,
+    /// Per event: filter mismatches kept, and those beyond [`crate::explain::MISMATCHES_KEPT`]
+    /// only counted (not even worked out).
+    mismatches: HashMap<Uuid, (usize, usize)>,
+}
+
+impl Explanations {
+    /// Whether another filter mismatch of `event` is kept; counts it either way.
+    fn keeps_mismatch(&mut self, event: Uuid) -> bool {
+        let (kept, omitted) = self.mismatches.entry(event).or_default();
+        if *kept < crate::explain::MISMATCHES_KEPT {
+            *kept += 1;
+            true
+        } else {
+            *omitted += 1;
+            false
+        }
+    }
 }
 
 impl Engine {
@@ -254,12 +271,22 @@ impl Engine {
         self.explain = on.then(Explanations::default);
     }
 
-    /// The decisions recorded since the last call: `(event id, fate, decisions)`.
-    pub fn take_explanations(&mut self) -> Vec<(Uuid, EventFate, Vec<Decision>)> {
-        self.explain
-            .as_mut()
-            .map(|e| std::mem::take(&mut e.by_event))
-            .unwrap_or_default()
+    /// The decisions recorded since the last call: `(event id, fate, decisions, filter
+    /// mismatches omitted)`. Of the filter mismatches (`Outcome::is_filter_mismatch`) only
+    /// the first [`crate::explain::MISMATCHES_KEPT`] per event are kept; every decision that
+    /// involved state is.
+    pub fn take_explanations(&mut self) -> Vec<(Uuid, EventFate, Vec<Decision>, usize)> {
+        let Some(e) = self.explain.as_mut() else {
+            return Vec::new();
+        };
+        let mut mismatches = std::mem::take(&mut e.mismatches);
+        std::mem::take(&mut e.by_event)
+            .into_iter()
+            .map(|(id, fate, decisions)| {
+                let omitted = mismatches.remove(&id).map_or(0, |(_, omitted)| omitted);
+                (id, fate, decisions, omitted)
+            })
+            .collect()
     }
 
     fn note_fate(&mut self, event: Uuid, fate: EventFate) {
@@ -294,7 +321,9 @@ impl Engine {
         }
     }
 
-    fn note(&mut self, event: Uuid, leaf: usize, outcome: Outcome) {
+    /// Records a decision of one leaf about `event` ([`Engine::note`] minus the mismatch
+    /// cap: for a filter mismatch already counted as kept).
+    fn note_kept(&mut self, event: Uuid, leaf: usize, outcome: Outcome) {
         let Some(e) = self.explain.as_mut() else {
             return;
         };
@@ -312,6 +341,16 @@ impl Engine {
                 .by_event
                 .push((event, EventFate::Evaluated, vec![decision])),
         }
+    }
+
+    fn note(&mut self, event: Uuid, leaf: usize, outcome: Outcome) {
+        let Some(e) = self.explain.as_mut() else {
+            return;
+        };
+        if outcome.is_filter_mismatch() && !e.keeps_mismatch(event) {
+            return;
+        }
+        self.note_kept(event, leaf, outcome);
     }
 
     /// The loaded automations, in load order.
@@ -657,9 +696,11 @@ impl Engine {
             let leaf = leaf as usize;
             let trigger = &self.plan.leaves[leaf].trigger;
             if !trigger.prefilter(name) || !trigger.covers(event) {
-                if self.explain.is_some() {
+                if let Some(e) = self.explain.as_mut()
+                    && e.keeps_mismatch(event.id)
+                {
                     let outcome = crate::explain::mismatch(trigger, event);
-                    self.note(event.id, leaf, outcome);
+                    self.note_kept(event.id, leaf, outcome);
                 }
                 continue;
             }

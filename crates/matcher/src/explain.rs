@@ -128,11 +128,17 @@ pub enum Outcome {
     },
 }
 
+/// Filter mismatches ([`Outcome::is_filter_mismatch`]) the engine keeps per event; the rest
+/// are only counted. An event that 640 automations expect by name but whose resource only one
+/// matches meets 639 of them: recording and storing each (~200 bytes) cost more than
+/// everything else the daemon did with the event.
+pub const MISMATCHES_KEPT: usize = 32;
+
 impl Outcome {
     /// Whether this is a filter mismatch: the trigger's names, `match`, `match_related` or
     /// loop guard ruled the event out before any state was looked at. Such a decision
     /// follows from the event and the trigger alone, and an event can meet one per loaded
-    /// automation, so the daemon keeps only the first few per event (see its pipeline).
+    /// automation, so the engine keeps only the first [`MISMATCHES_KEPT`] per event.
     pub fn is_filter_mismatch(&self) -> bool {
         matches!(
             self,
