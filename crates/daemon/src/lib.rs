@@ -228,7 +228,13 @@ impl Daemon {
                         .await
                         {
                             Ok(state) => {
-                                if store.load_checkpoint()?.is_none() {
+                                // Only a store that has never logged an event starts from
+                                // the shared checkpoint. One killed before its first local
+                                // checkpoint still has its log (replayed from the start) and
+                                // its consumer (which resumes at its own acknowledgements):
+                                // another instance's checkpoint would mark events it never
+                                // evaluated as seen, and it would never derive their firings.
+                                if store.load_checkpoint()?.is_none() && store.last_seq()? == 0 {
                                     restore_from =
                                         state.load_checkpoint().await.and_then(|bytes| {
                                             serde_json::from_slice::<spur_store::Checkpoint>(&bytes)
@@ -251,8 +257,9 @@ impl Daemon {
                 }
             }
         }
-        // A new member (empty data folder) starts from the cluster's checkpoint and reads
-        // the stream after the sequence it covers; its own consumer does not exist yet.
+        // A new member (a store that never logged an event) starts from the cluster's
+        // checkpoint and reads the stream after the sequence it covers; its own consumer does
+        // not exist yet.
         if let (Some(_), Some(nats), Some(checkpoint)) =
             (&config.cluster, config.nats.as_mut(), restore_from.as_ref())
         {
