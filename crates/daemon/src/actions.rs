@@ -2829,6 +2829,22 @@ impl Executor {
     /// needs them durable first: their ids are derived from the firing's, so a firing
     /// dispatched again after a crash emits the same ids, which the log keeps once.
     async fn record(&self, events: Vec<Event>) {
+        // A firing dispatched again after a crash (its dispatched mark was not durable yet)
+        // emits the same events again, with the same ids. Those already in the log are not
+        // handed on: with the stream as the log, a repeat published after JetStream's
+        // duplicate window would be a second copy in the stream.
+        let store = self.inner.store.clone();
+        let events = tokio::task::spawn_blocking(move || {
+            events
+                .into_iter()
+                .filter(|e| !matches!(store.get_event(e.id), Ok(Some(_))))
+                .collect::<Vec<Event>>()
+        })
+        .await
+        .unwrap_or_default();
+        if events.is_empty() {
+            return;
+        }
         self.inner.own_events.record(events).await;
     }
 }
