@@ -358,9 +358,22 @@ fn three_members_divide_the_partitions_and_take_over_from_a_killed_one() {
         .expect("a survivor")
         .url
         .clone();
-    let status = settled(&survivor, 2);
-    let new_owner = automation_owner(&status).expect("taken over");
-    assert_ne!(new_owner, owner);
+    // The dead member's own lease entries age out a moment after its member record: wait
+    // until the automation's partition is held by a live member.
+    settled(&survivor, 2);
+    eventually(
+        Duration::from_secs(30),
+        "the automation's partition taken over by a live member",
+        || {
+            let status = cluster_status(&survivor)?;
+            let new_owner = automation_owner(&status)?;
+            let live = status["members"]
+                .as_array()?
+                .iter()
+                .any(|m| m["instance"].as_str() == Some(new_owner.as_str()));
+            (new_owner != owner && live).then_some(())
+        },
+    );
     let moved = killed_at.elapsed();
     runtime().block_on(publish(&nats.url, 10..20, 1, Duration::ZERO));
     eventually(Duration::from_secs(30), "the next ten launches", || {
