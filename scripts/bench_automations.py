@@ -49,6 +49,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def stop_process(proc):
+    """SIGTERM, then SIGKILL if it has not ended within 30 s (the other drivers use it too)."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def write_automations(path, n, prefix="tenant"):
     with open(path, "w") as f:
         f.write("automations:\n")
@@ -131,11 +140,7 @@ class Spur:
         return None
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def ingest(spur, n, events):

@@ -2830,9 +2830,14 @@ impl Executor {
     /// dispatched again after a crash emits the same ids, which the log keeps once.
     async fn record(&self, events: Vec<Event>) {
         // A firing dispatched again after a crash (its dispatched mark was not durable yet)
-        // emits the same events again, with the same ids. Those already in the log are not
-        // handed on: with the stream as the log, a repeat published after JetStream's
-        // duplicate window would be a second copy in the stream.
+        // emits the same events again, with the same ids. With the stream as the log, those
+        // already in the log are not handed on: a repeat published after JetStream's
+        // duplicate window would be a second copy in the stream. (The local intake drops a
+        // known id itself, so without the stream there is nothing to look up.)
+        if !self.inner.own_events.to_the_stream() {
+            self.inner.own_events.record(events).await;
+            return;
+        }
         let store = self.inner.store.clone();
         let events = tokio::task::spawn_blocking(move || {
             events
