@@ -565,3 +565,58 @@ fn prefect_runs_carry_schedule_after_and_job_variables_to_prefect() {
     });
     assert_eq!(done[0]["state"], "Completed", "{}", done[0]);
 }
+
+#[test]
+fn max_processes_bounds_the_command_runs_alive_at_once_and_every_run_still_ends() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let automations = automations_folder(dir.path(), &[]);
+    let journal = dir.path().join("journal");
+    // Each process notes its start and its end (one short append each, so lines never
+    // interleave): the journal's running count is how many were alive at once.
+    write(
+        &automations,
+        "deployments.yaml",
+        &format!(
+            r#"
+deployments:
+  - name: slow
+    launcher:
+      command: ["sh", "-c", "echo + >> \"$J\"; sleep 0.4; echo - >> \"$J\""]
+      env: {{J: "{}"}}
+"#,
+            journal.display()
+        ),
+    );
+    let daemon = SpurDaemon::start(
+        &dir.path().join("data"),
+        &automations,
+        &["--max-processes", "2"],
+    );
+    const RUNS: usize = 6;
+    for _ in 0..RUNS {
+        let (ok, out, err) = spur(&["runs", "start", "slow", "--api", &daemon.url]);
+        assert!(ok, "{out}{err}");
+    }
+    let done = eventually(Duration::from_secs(30), "every run finished", || {
+        let done = finished(&daemon, "slow");
+        (done.len() == RUNS).then_some(done)
+    });
+    assert!(done.iter().all(|r| r["state"] == "Completed"), "{done:?}");
+    let text = std::fs::read_to_string(&journal).expect("journal");
+    let (mut alive, mut most) = (0i32, 0i32);
+    for line in text.lines() {
+        alive += if line == "+" { 1 } else { -1 };
+        most = most.max(alive);
+    }
+    assert_eq!(text.lines().count(), 2 * RUNS, "{text}");
+    assert_eq!(
+        most, 2,
+        "at most two processes at once, and the bound is used: {text}"
+    );
+    let (status, metrics) = support::http("GET", &format!("{}/metrics", daemon.url), None);
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("spur_processes_alive 0"),
+        "no process is left once every run ended: {metrics}"
+    );
+}

@@ -295,6 +295,10 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         state.executor.acted_count(),
         std::sync::atomic::Ordering::Relaxed,
     );
+    m.processes.store(
+        state.executor.processes_alive() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     m.parked.store(
         state.executor.parked_count() as u64,
         std::sync::atomic::Ordering::Relaxed,

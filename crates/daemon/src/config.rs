@@ -44,6 +44,9 @@ pub struct DaemonConfig {
     pub webhooks_require_auth: bool,
     /// Serve the HTTP API over TLS with these PEM files (`--tls-cert/--tls-key`).
     pub tls: Option<TlsFiles>,
+    /// `command` runs whose processes may be alive at once (`--max-processes`; see
+    /// [`crate::actions::MAX_PROCESSES`]).
+    pub max_processes: usize,
     /// Connection timeouts and limit (see `server.rs` and docs/limits.md).
     pub server: ServerLimits,
     /// A websocket client using the `prefect` subprotocol must send its `auth` message (and
@@ -75,6 +78,7 @@ impl Default for DaemonConfig {
             webhooks_require_auth: false,
             tls: None,
             server: ServerLimits::default(),
+            max_processes: crate::actions::MAX_PROCESSES,
             websocket_auth_timeout: Duration::from_secs(10),
             prefect: None,
             cluster: None,

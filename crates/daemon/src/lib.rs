@@ -153,6 +153,7 @@ impl Daemon {
                 prefect.api_key.as_deref(),
             );
         }
+        executor.set_max_processes(config.max_processes);
         if let Err(e) = executor.set_marker_dir(config.data.join("run-markers")) {
             warn!(error = %e, "cannot create the run marker folder: runs a crash interrupts will be marked Crashed");
         }

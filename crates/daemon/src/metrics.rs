@@ -93,6 +93,8 @@ pub struct Metrics {
     /// Cluster mode: firings of partitions this member does not hold, waiting for their
     /// holder's claim (gauge; set when rendered).
     pub parked: AtomicU64,
+    /// Processes of `command` runs alive now (gauge; set when rendered).
+    pub processes: AtomicU64,
     /// Live buckets (gauge).
     pub buckets: AtomicU64,
     /// Firings waiting in the flow stage: open debounces and batches, throttled ones queued
@@ -213,6 +215,12 @@ impl Metrics {
             "spur_firings_acted_total",
             "Firings whose actions this instance performed (cluster mode: this member's share).",
             load(&self.acted),
+        );
+        gauge(
+            &mut out,
+            "spur_processes_alive",
+            "Processes of command runs alive now (at most --max-processes; more runs wait in Pending).",
+            load(&self.processes),
         );
         gauge(
             &mut out,

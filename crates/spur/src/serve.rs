@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// Open connections (websockets included) beyond which new ones get 503 [default: 1024].
     #[arg(long, env = "SPUR_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// `command` runs whose processes may be alive at once; more wait in Pending for a slot
+    /// [default: 256].
+    #[arg(long, env = "SPUR_MAX_PROCESSES")]
+    pub max_processes: Option<usize>,
     /// A Prefect server's API URL (`http://127.0.0.1:4200/api`): Spur takes its events and
     /// its automations (turn the server's own triggers service off; see the README).
     #[arg(long, env = "SPUR_PREFECT_API")]
@@ -243,6 +247,7 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         "idle_timeout",
         "websocket_auth_timeout",
         "max_connections",
+        "max_processes",
         "tls_cert",
         "tls_key",
         "prefect",
@@ -327,6 +332,16 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
             bail!("max_connections: must be at least 1");
         }
         config.server.max_connections = n;
+    }
+    if let Some(n) = args.max_processes.or_else(|| {
+        file.get("max_processes")
+            .and_then(Value::as_u64)
+            .map(|n| n as usize)
+    }) {
+        if n == 0 {
+            bail!("max_processes: must be at least 1");
+        }
+        config.max_processes = n;
     }
     config.auth_string = args.auth_string.clone().or_else(|| text("auth_string"));
     config.api_key = args.api_key.clone().or_else(|| text("api_key"));
@@ -589,7 +604,7 @@ mod tests {
         let file = dir.path().join("spur.yaml");
         std::fs::write(
             &file,
-            "idle_timeout: 30s\nmax_connections: 200\nbody_read_timeout: 5\n",
+            "idle_timeout: 30s\nmax_connections: 200\nbody_read_timeout: 5\nmax_processes: 8\n",
         )
         .expect("config file");
         let args = ServeArgs {
@@ -603,6 +618,7 @@ mod tests {
         assert_eq!(config.server.idle_timeout, Duration::from_secs(30));
         assert_eq!(config.server.body_read_timeout, Duration::from_secs(5));
         assert_eq!(config.server.max_connections, 200);
+        assert_eq!(config.max_processes, 8);
         assert_eq!(config.websocket_auth_timeout, Duration::from_secs(3));
         let defaults = resolve(&ServeArgs {
             config: Some(dir.path().join("missing-is-not-read.yaml")),
