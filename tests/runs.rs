@@ -115,34 +115,53 @@ fn the_quickstart_chain_passes_the_upstream_result_downstream() {
 fn launcher_failures_end_runs_as_failed_or_crashed_and_bad_parameters_never_launch() {
     let dir = tempfile::tempdir().expect("temp dir");
     let automations = automations_folder(dir.path(), &[]);
+    // Found and executable, but its interpreter is not there: the exec itself fails.
+    let broken = dir.path().join("broken-script");
+    std::fs::write(&broken, "#!/nonexistent/interpreter\n").expect("script");
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("mode");
     write(
         &automations,
         "deployments.yaml",
-        r#"
+        &format!(
+            r#"
 deployments:
   - name: exits-2
-    launcher: {command: ["sh", "-c", "echo oops >&2; exit 2"]}
+    launcher: {{command: ["sh", "-c", "echo oops >&2; exit 2"]}}
   - name: missing
-    launcher: {command: ["/nonexistent/program"]}
+    launcher: {{command: ["/nonexistent/program"]}}
+  - name: not-on-path
+    launcher: {{command: ["no-such-program-anywhere"]}}
+  - name: bad-interpreter
+    launcher: {{command: ["{}"]}}
   - name: hangs
-    launcher: {command: ["sleep", "30"], timeout: 1}
+    launcher: {{command: ["sleep", "30"], timeout: 1}}
   - name: strict
-    parameter_schema: {type: object, required: [n], properties: {n: {type: integer}}}
-    launcher: {command: ["sh", "-c", "cat"]}
+    parameter_schema: {{type: object, required: [n], properties: {{n: {{type: integer}}}}}}
+    launcher: {{command: ["sh", "-c", "cat"]}}
 "#,
+            broken.display()
+        ),
     );
     let daemon = SpurDaemon::start(&dir.path().join("data"), &automations, &[]);
-    for name in ["exits-2", "missing", "hangs"] {
+    let failing = [
+        "exits-2",
+        "missing",
+        "not-on-path",
+        "bad-interpreter",
+        "hangs",
+    ];
+    for name in failing {
         let (ok, out, err) = spur(&["runs", "start", name, "--api", &daemon.url]);
         assert!(ok, "{name}: {out}{err}");
     }
-    let done = eventually(Duration::from_secs(15), "three finished runs", || {
+    let done = eventually(Duration::from_secs(15), "the failing runs finished", || {
         let all = runs(&daemon);
         (all.iter()
             .filter(|r| ["Failed", "Crashed"].contains(&r["state"].as_str().unwrap_or("")))
             .count()
-            == 3)
-            .then_some(all)
+            == failing.len())
+        .then_some(all)
     });
     let by = |name: &str| {
         done.iter()
@@ -159,8 +178,12 @@ deployments:
     };
     assert_eq!(by("exits-2")["state"], "Failed");
     assert!(last_message(&by("exits-2")).contains("exited with status 2: oops"));
-    assert_eq!(by("missing")["state"], "Crashed");
-    assert!(last_message(&by("missing")).contains("cannot start"));
+    // A program that never ran Crashes, whether the launch or the exec found it wrong.
+    for name in ["missing", "not-on-path", "bad-interpreter"] {
+        assert_eq!(by(name)["state"], "Crashed", "{name}");
+        let message = last_message(&by(name));
+        assert!(message.contains("cannot start"), "{name}: {message}");
+    }
     assert_eq!(by("hangs")["state"], "Crashed");
     assert!(last_message(&by("hangs")).contains("timed out"));
 

@@ -18,6 +18,23 @@
 //! program, the child creates a *start marker* (`<marker dir>/<run id>`, holding its pid):
 //! a restarted daemon that finds no marker for an unfinished run knows, for certain, that
 //! the program never started, and may launch it without repeating any work.
+//!
+//! **How the process starts.** That child-side work (group, death signal, marker) needs
+//! code between `fork` and `exec`, and such a `pre_exec` hook makes the standard library
+//! `fork` the daemon instead of using `posix_spawn` (a `vfork`-style clone that shares the
+//! parent's memory until `exec`). A fork copies the page tables of the whole daemon: with a
+//! few hundred megabytes resident and hundreds of runs a second, the machine spent most of
+//! its time in the kernel's `copy_page_range` and `unmap_page_range` (measured in the
+//! cluster chaos test). So the `spur` binary registers itself ([`use_launch_helper`]) and
+//! runs are started as `spur __launch <daemon pid> <marker> <program> <args…>` through
+//! `posix_spawn` (the process group is a spawn attribute): the helper, a fresh and tiny
+//! process with the run's pid, arms the death signal, writes the marker and `exec`s the
+//! program, which keeps the pid, the group, the pipes and the environment. The program is
+//! looked up on the run's `PATH` before the spawn, so a missing one is still a launch
+//! error; an `exec` that fails later (not executable, a bad interpreter line) removes the
+//! marker and exits [`HELPER_EXEC_FAILED`], which [`RunningProcess::wait`] reports as a
+//! launch failure. Without a registered helper (a library user, the crate's tests) the
+//! daemon forks with the same steps in a `pre_exec` hook.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -94,6 +111,115 @@ pub struct RunningProcess {
     parameters: String,
     timeout: Duration,
     reaped: bool,
+    /// Started through the helper, with this start marker: an exit with
+    /// [`HELPER_EXEC_FAILED`] and no marker means the program never ran.
+    helper_marker: Option<PathBuf>,
+}
+
+/// The first argument that makes the `spur` binary act as the launch helper (see the module
+/// docs): `spur __launch <daemon pid> <marker path, or empty> <program> <args…>`.
+pub const HELPER_ARG: &str = "__launch";
+
+/// The helper's exit status when the program could not be executed (the marker is removed
+/// first, so the run is known never to have started).
+pub const HELPER_EXEC_FAILED: i32 = 127;
+
+/// The binary that starts run processes through `posix_spawn` (set once per process).
+static HELPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Starts every run of this process through `binary` acting as the launch helper (the
+/// `spur` binary registers itself at start; its `main` hands [`HELPER_ARG`] to
+/// [`helper_main`]). Later calls change nothing.
+pub fn use_launch_helper(binary: PathBuf) {
+    let _ = HELPER.set(binary);
+}
+
+/// The launch helper itself: `args` are what follows [`HELPER_ARG`]. Arms the death signal
+/// (the parent is the daemon that spawned it), checks the daemon is still there, writes the
+/// start marker with its own pid, and becomes the program. Returns only by exiting.
+pub fn helper_main(mut args: impl Iterator<Item = std::ffi::OsString>) -> ! {
+    use std::os::unix::process::CommandExt;
+    let fail = |message: String| -> ! {
+        eprintln!("spur: {message}");
+        std::process::exit(HELPER_EXEC_FAILED)
+    };
+    let daemon: Option<u32> = args.next().and_then(|a| a.to_str()?.parse().ok());
+    let marker = args.next().filter(|m| !m.is_empty()).map(PathBuf::from);
+    let Some(program) = args.next() else {
+        fail("the launch helper was given no program".into())
+    };
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl and getppid only read and set this process's own attributes.
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                fail(format!(
+                    "cannot arm the death signal: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // The daemon died before the signal was armed: do not start at all.
+            if daemon != Some(libc::getppid() as u32) {
+                std::process::exit(125);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = daemon;
+    if let Some(path) = &marker
+        && let Err(e) = std::fs::write(path, std::process::id().to_string())
+    {
+        fail(format!(
+            "cannot write the start marker {}: {e}",
+            path.display()
+        ));
+    }
+    let error = std::process::Command::new(&program).args(args).exec();
+    if let Some(path) = &marker {
+        let _ = std::fs::remove_file(path);
+    }
+    fail(format!("cannot start {program:?}: {error}"))
+}
+
+/// Finds `program` as `execvp` would in the child: a name with a `/` is used as it is
+/// (relative to the child's working directory), any other is looked up on `path` (the
+/// child's `PATH`). The answer always holds a `/`, so the helper runs it without a search.
+fn resolve_program(
+    program: &str,
+    path: Option<&std::ffi::OsStr>,
+    cwd: Option<&Path>,
+) -> Result<PathBuf, SpawnError> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let search = path.unwrap_or(std::ffi::OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(search) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let candidate = dir.join(program);
+        let on_disk = match cwd {
+            Some(cwd) if candidate.is_relative() => cwd.join(&candidate),
+            _ => candidate.clone(),
+        };
+        if let Ok(meta) = std::fs::metadata(&on_disk)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o111 != 0
+        {
+            return Ok(if candidate.is_relative() && !candidate.starts_with(".") {
+                Path::new(".").join(candidate)
+            } else {
+                candidate
+            });
+        }
+    }
+    Err(SpawnError(format!(
+        "cannot start {program:?}: not found on PATH ({})",
+        search.to_string_lossy()
+    )))
 }
 
 /// Why a run's program could not start (its run is Crashed with this reason).
@@ -117,11 +243,40 @@ pub fn spawn(
         return Err(SpawnError("the launcher has an empty command".into()));
     };
     let parameters = serde_json::to_string(&run.parameters).unwrap_or_else(|_| "{}".into());
-    let mut command = Command::new(program);
+    let job_environment = run.job_environment();
+    let helper = HELPER.get();
+    let mut command = match helper {
+        Some(helper) => {
+            // The program's PATH is the one its environment will have (the job's variables
+            // are set last, so they win).
+            let path = job_environment
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v)
+                .or_else(|| spec.env.get("PATH"))
+                .map(std::ffi::OsString::from)
+                .or_else(|| std::env::var_os("PATH"));
+            let resolved = resolve_program(program, path.as_deref(), spec.cwd.as_deref())?;
+            let marker = context
+                .marker_dir
+                .as_ref()
+                .map(|dir| marker_path(dir, run.id).into_os_string())
+                .unwrap_or_default();
+            let mut command = Command::new(helper);
+            command
+                .arg(HELPER_ARG)
+                .arg(std::process::id().to_string())
+                .arg(marker)
+                .arg(resolved);
+            command
+        }
+        None => Command::new(program),
+    };
     command
         .args(&spec.argv[1..])
         .envs(&spec.env)
-        .envs(run.job_environment())
+        .envs(job_environment)
         .env("SPUR_PARAMETERS", &parameters)
         .env("SPUR_RUN_ID", run.id.to_string())
         .env("SPUR_DEPLOYMENT", &run.deployment)
@@ -143,6 +298,7 @@ pub fn spawn(
         command.current_dir(dir);
     }
     let marker = match &context.marker_dir {
+        _ if helper.is_some() => None,
         Some(dir) => {
             let path = marker_path(dir, run.id);
             match CString::new(path.as_os_str().as_encoded_bytes()) {
@@ -152,7 +308,12 @@ pub fn spawn(
         }
         None => None,
     };
-    child_setup(&mut command, marker);
+    if helper.is_some() {
+        // The helper does the rest; with no `pre_exec` hook this is a `posix_spawn`.
+        command.process_group(0);
+    } else {
+        child_setup(&mut command, marker);
+    }
     let child = command
         .spawn()
         .map_err(|e| SpawnError(format!("cannot start {program:?}: {e}")))?;
@@ -166,6 +327,9 @@ pub fn spawn(
         parameters,
         timeout: spec.timeout,
         reaped: false,
+        helper_marker: helper
+            .and(context.marker_dir.as_ref())
+            .map(|d| marker_path(d, run.id)),
     })
 }
 
@@ -357,6 +521,11 @@ impl RunningProcess {
                 output,
             }
         } else if let Some(code) = status.code() {
+            if code == HELPER_EXEC_FAILED
+                && self.helper_marker.as_ref().is_some_and(|m| !m.exists())
+            {
+                return Outcome::crashed(last_words.trim().trim_start_matches("spur: ").to_owned());
+            }
             Outcome {
                 state: RunState::Failed,
                 result: None,
@@ -408,6 +577,39 @@ mod tests {
     use super::*;
     use crate::run::RunTarget;
     use serde_json::json;
+
+    #[test]
+    fn programs_are_found_on_the_run_s_path_as_execvp_would() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("bin");
+        let tool = bin.join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").expect("tool");
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        std::fs::write(bin.join("plain"), "not executable").expect("plain");
+        let path =
+            std::env::join_paths(["/nonexistent", bin.to_str().expect("utf-8")]).expect("PATH");
+        assert_eq!(
+            resolve_program("tool", Some(&path), None).expect("found"),
+            tool
+        );
+        // A relative PATH entry is the child's working directory's.
+        assert_eq!(
+            resolve_program("tool", Some(std::ffi::OsStr::new("bin")), Some(dir.path()))
+                .expect("found"),
+            Path::new("./bin/tool")
+        );
+        // A name with a slash is taken as it is; the child's exec reports what is wrong.
+        assert_eq!(
+            resolve_program("./anything", Some(&path), None).expect("a path"),
+            Path::new("./anything")
+        );
+        for missing in ["plain", "no-such-tool"] {
+            let error = resolve_program(missing, Some(&path), None).expect_err(missing);
+            assert!(error.to_string().contains("not found on PATH"), "{error}");
+        }
+    }
 
     #[test]
     fn result_rule() {

@@ -470,6 +470,16 @@ enum AutomationsCommand {
 }
 
 fn main() -> ExitCode {
+    // Started as a run's launch helper (`spur __launch …`): become the run's program before
+    // anything else is set up (spur_action::launcher's module docs).
+    let mut args = std::env::args_os();
+    if args.nth(1).as_deref() == Some(std::ffi::OsStr::new(spur_action::launcher::HELPER_ARG)) {
+        spur_action::launcher::helper_main(args);
+    }
+    // Runs this process starts go through that helper: posix_spawn, not a fork of the daemon.
+    if let Ok(exe) = std::env::current_exe() {
+        spur_action::launcher::use_launch_helper(exe);
+    }
     // One TLS crypto provider for the whole process (HTTP clients, webhooks over https).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
