@@ -2677,20 +2677,6 @@ impl Executor {
                 // Held until the process has ended (a cancel aborts this task, which frees
                 // it); the semaphore is never closed, so `acquire` cannot fail.
                 let _slot = self.process_slots().1.acquire().await;
-                // The run's record must be durable before its program can start: its
-                // records are written without an fsync, and with the stream as the log no
-                // local commit follows the Pending event's. A kill -9 in that gap rolled the
-                // record back, and the redispatched firing launched the program again
-                // (found by the 30 000-event chaos test: two runs launched twice).
-                if self.inner.own_events.to_the_stream() {
-                    let store = self.inner.store.clone();
-                    if !matches!(
-                        tokio::task::spawn_blocking(move || store.flush()).await,
-                        Ok(Ok(()))
-                    ) {
-                        warn!(run = %run.id, "cannot flush the run's record; launching anyway");
-                    }
-                }
                 match launcher::spawn(spec, &run, &context) {
                     Err(e) => e.into(),
                     Ok(process) => {

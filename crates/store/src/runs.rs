@@ -161,13 +161,6 @@ impl Store {
         Ok((stored, created))
     }
 
-    /// Makes every earlier commit durable (an empty commit with an fsync): the run records
-    /// written without one are then as safe as the log. See the module docs for when.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.begin_write()?.commit()?;
-        Ok(())
-    }
-
     /// Replaces a run's record (state changes). The run stays unsettled until
     /// [`Store::settle_run`]. Flushed only for a final state (see the module docs).
     pub fn update_run(&self, id: Uuid, run: &Value) -> Result<(), StoreError> {
