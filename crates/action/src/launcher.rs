@@ -245,6 +245,10 @@ pub fn spawn(
     let parameters = serde_json::to_string(&run.parameters).unwrap_or_else(|_| "{}".into());
     let job_environment = run.job_environment();
     let helper = HELPER.get();
+    let marker_file = context
+        .marker_dir
+        .as_ref()
+        .map(|dir| marker_path(dir, run.id));
     let mut command = match helper {
         Some(helper) => {
             // The program's PATH is the one its environment will have (the job's variables
@@ -258,16 +262,15 @@ pub fn spawn(
                 .map(std::ffi::OsString::from)
                 .or_else(|| std::env::var_os("PATH"));
             let resolved = resolve_program(program, path.as_deref(), spec.cwd.as_deref())?;
-            let marker = context
-                .marker_dir
-                .as_ref()
-                .map(|dir| marker_path(dir, run.id).into_os_string())
-                .unwrap_or_default();
             let mut command = Command::new(helper);
             command
                 .arg(HELPER_ARG)
                 .arg(std::process::id().to_string())
-                .arg(marker)
+                .arg(
+                    marker_file
+                        .as_deref()
+                        .map_or(std::ffi::OsStr::new(""), Path::as_os_str),
+                )
                 .arg(resolved);
             command
         }
@@ -291,27 +294,24 @@ pub fn spawn(
     if let Some(token) = &context.api_token {
         command.env("SPUR_API_TOKEN", token);
     }
-    if let Ok(exe) = std::env::current_exe() {
+    // The registered helper is this process's own binary: no need to look it up per run.
+    if let Some(exe) = helper.cloned().or_else(|| std::env::current_exe().ok()) {
         command.env("SPUR_BIN", exe);
     }
     if let Some(dir) = &spec.cwd {
         command.current_dir(dir);
     }
-    let marker = match &context.marker_dir {
-        _ if helper.is_some() => None,
-        Some(dir) => {
-            let path = marker_path(dir, run.id);
-            match CString::new(path.as_os_str().as_encoded_bytes()) {
-                Ok(c) => Some(c),
-                Err(_) => return Err(SpawnError("the start marker path holds a NUL byte".into())),
-            }
-        }
-        None => None,
-    };
     if helper.is_some() {
         // The helper does the rest; with no `pre_exec` hook this is a `posix_spawn`.
         command.process_group(0);
     } else {
+        let marker = match &marker_file {
+            Some(path) => Some(
+                CString::new(path.as_os_str().as_encoded_bytes())
+                    .map_err(|_| SpawnError("the start marker path holds a NUL byte".into()))?,
+            ),
+            None => None,
+        };
         child_setup(&mut command, marker);
     }
     let child = command
@@ -327,9 +327,7 @@ pub fn spawn(
         parameters,
         timeout: spec.timeout,
         reaped: false,
-        helper_marker: helper
-            .and(context.marker_dir.as_ref())
-            .map(|d| marker_path(d, run.id)),
+        helper_marker: helper.and(marker_file),
     })
 }
 

@@ -323,24 +323,21 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
     if let Some(d) = duration(&args.websocket_auth_timeout, "websocket_auth_timeout")? {
         config.websocket_auth_timeout = d;
     }
-    if let Some(n) = args.max_connections.or_else(|| {
-        file.get("max_connections")
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-    }) {
+    // A count flag or setting, at least 1.
+    let count = |flag: Option<usize>, key: &str| -> Result<Option<usize>> {
+        let Some(n) = flag.or_else(|| file.get(key).and_then(Value::as_u64).map(|n| n as usize))
+        else {
+            return Ok(None);
+        };
         if n == 0 {
-            bail!("max_connections: must be at least 1");
+            bail!("{key}: must be at least 1");
         }
+        Ok(Some(n))
+    };
+    if let Some(n) = count(args.max_connections, "max_connections")? {
         config.server.max_connections = n;
     }
-    if let Some(n) = args.max_processes.or_else(|| {
-        file.get("max_processes")
-            .and_then(Value::as_u64)
-            .map(|n| n as usize)
-    }) {
-        if n == 0 {
-            bail!("max_processes: must be at least 1");
-        }
+    if let Some(n) = count(args.max_processes, "max_processes")? {
         config.max_processes = n;
     }
     config.auth_string = args.auth_string.clone().or_else(|| text("auth_string"));
