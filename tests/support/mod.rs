@@ -168,9 +168,10 @@ pub fn spur_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_spur")))
 }
 
-/// Is [`spur_bin`] an optimised build (`SPUR_TEST_BIN` set)?
+/// Is [`spur_bin`] an optimised build (`SPUR_TEST_BIN` set, or the tests themselves built
+/// with `--release`, whose `spur` is then optimised too)?
 pub fn optimised_spur() -> bool {
-    spur_bin() != Path::new(env!("CARGO_BIN_EXE_spur"))
+    !cfg!(debug_assertions) || spur_bin() != Path::new(env!("CARGO_BIN_EXE_spur"))
 }
 
 /// A running `spur serve`.
@@ -180,6 +181,24 @@ pub struct SpurDaemon {
     pub url: String,
     /// Every log line so far (JSON).
     pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// Whether a test should keep its temp folder and daemon logs (`SPUR_TEST_KEEP` set).
+pub fn keep_test_dirs() -> bool {
+    std::env::var_os("SPUR_TEST_KEEP").is_some()
+}
+
+/// A temp folder that is kept (and its path printed) when `SPUR_TEST_KEEP` is set.
+pub fn test_dir(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(name)
+        .disable_cleanup(keep_test_dirs())
+        .tempdir()
+        .expect("temp dir");
+    if keep_test_dirs() {
+        println!("keeping {}", dir.path().display());
+    }
+    dir
 }
 
 impl SpurDaemon {
@@ -202,8 +221,17 @@ impl SpurDaemon {
         let stderr = child.stderr.take().expect("stderr is piped");
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = logs.clone();
+        // SPUR_TEST_KEEP=1: each daemon's log also goes to `<data>.<pid>.log`, beside its
+        // data folder, for a look after a failure (tests that honour it keep their folder).
+        let mut copy = keep_test_dirs()
+            .then(|| std::fs::File::create(data.with_extension(format!("{}.log", child.id()))).ok())
+            .flatten();
         std::thread::spawn(move || {
+            use std::io::Write;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(file) = copy.as_mut() {
+                    let _ = writeln!(file, "{line}");
+                }
                 sink.lock().expect("log lock").push(line);
             }
         });

@@ -249,6 +249,9 @@ pub fn spawn(
         .marker_dir
         .as_ref()
         .map(|dir| marker_path(dir, run.id));
+    if let Some(path) = &marker_file {
+        refuse_a_second_start(path)?;
+    }
     let mut command = match helper {
         Some(helper) => {
             // The program's PATH is the one its environment will have (the job's variables
@@ -331,6 +334,42 @@ pub fn spawn(
     })
 }
 
+/// A run's program starts at most once: a start marker that already exists means an
+/// earlier launch of this run got as far as the program. That happens when a daemon is
+/// killed right after the launch, before its record of the run reached the disk (run
+/// records are written without an fsync): the restarted daemon no longer knows the run and
+/// creates it afresh from its firing. The earlier process died with that daemon, so the run
+/// is Crashed, with the time the marker was written, instead of being started a second time.
+fn refuse_a_second_start(marker: &Path) -> Result<(), SpawnError> {
+    let Ok(meta) = std::fs::metadata(marker) else {
+        return Ok(());
+    };
+    let pid: Option<u32> = std::fs::read_to_string(marker)
+        .ok()
+        .and_then(|text| text.trim().parse().ok());
+    let modified = meta.modified().ok();
+    let written = modified
+        .map(|at| {
+            chrono::DateTime::<chrono::Utc>::from(at)
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        })
+        .unwrap_or_else(|| "an unknown time".into());
+    let stopped = match (pid, modified) {
+        (Some(pid), Some(at)) if started_after(pid, at) => {
+            format!("its process {pid} is gone (the pid now names a newer process)")
+        }
+        (Some(pid), _) => stop_leftover_group(&RunProcess {
+            pid,
+            start_ticks: None,
+        }),
+        (None, _) => "its pid is unknown".into(),
+    };
+    Err(SpawnError(format!(
+        "the run's program was started once already (its start marker, pid {}, was written at {written}) by a daemon that stopped before it recorded the start; a run's program never starts twice; {stopped}",
+        pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string())
+    )))
+}
+
 /// What the child does between `fork` and `exec`: its own process group, death with the
 /// daemon, and the start marker. Only async-signal-safe calls are allowed here.
 #[cfg(unix)]
@@ -398,6 +437,29 @@ pub fn process_start_ticks(pid: u32) -> Option<u64> {
     // last ')'. Field 22 (starttime) is the 20th after it.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether process `pid` exists and started more than a second after `at` (so it is not
+/// the process that wrote a marker at `at`: its pid was reused). Linux only; elsewhere
+/// `false`.
+fn started_after(pid: u32, at: std::time::SystemTime) -> bool {
+    let Some(ticks) = process_start_ticks(pid) else {
+        return false;
+    };
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+        stat.lines()
+            .find_map(|line| line.strip_prefix("btime "))
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    });
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let (Some(boot), true) = (boot, per_second > 0) else {
+        return false;
+    };
+    let started = std::time::UNIX_EPOCH
+        + Duration::from_secs(boot)
+        + Duration::from_millis(ticks * 1000 / per_second as u64);
+    started > at + Duration::from_secs(1)
 }
 
 /// Stops whatever is left of a run's process group after the daemon that started it died:
@@ -670,6 +732,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_run_whose_start_marker_exists_is_never_started_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let context = LaunchContext {
+            marker_dir: Some(dir.path().to_owned()),
+            ..LaunchContext::default()
+        };
+        let run = a_run();
+        let count = dir.path().join("starts");
+        let program = sh(&format!("echo started >> {}", count.display()));
+        let first = spawn(&program, &run, &context).expect("the first launch starts");
+        assert_eq!(first.wait().await.state, RunState::Completed);
+        // The marker stays until the daemon settles the run. A daemon that lost its record
+        // of the run and launches it again from its firing is refused.
+        let error = spawn(&program, &run, &context).expect_err("a second start is refused");
+        let message = error.to_string();
+        assert!(
+            message.contains("started once already") && message.contains("written at 20"),
+            "{message}"
+        );
+        let outcome = Outcome::from(error);
+        assert_eq!(outcome.state, RunState::Crashed);
+        let starts = std::fs::read_to_string(&count).expect("the program ran");
+        assert_eq!(
+            starts.lines().count(),
+            1,
+            "the program ran once: {starts:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_chatty_program_is_never_blocked_and_only_its_tail_is_kept() {
         let run = a_run();
         // 4 MiB on stdout, then the result line.
@@ -703,5 +795,11 @@ mod tests {
         let first = process_start_ticks(me);
         assert!(first.is_some());
         assert_eq!(first, process_start_ticks(me));
+        // This process started before now, and long after 1970: what tells a reused pid.
+        assert!(!started_after(me, std::time::SystemTime::now()));
+        assert!(started_after(
+            me,
+            std::time::UNIX_EPOCH + Duration::from_secs(1000)
+        ));
     }
 }
