@@ -47,6 +47,9 @@ pub struct DaemonConfig {
     /// `command` runs whose processes may be alive at once (`--max-processes`; see
     /// [`crate::actions::MAX_PROCESSES`]).
     pub max_processes: usize,
+    /// The store's page cache, in bytes (`--store-cache-mb`; see
+    /// [`spur_store::DEFAULT_CACHE_BYTES`]).
+    pub store_cache_bytes: usize,
     /// Connection timeouts and limit (see `server.rs` and docs/limits.md).
     pub server: ServerLimits,
     /// A websocket client using the `prefect` subprotocol must send its `auth` message (and
@@ -79,6 +82,7 @@ impl Default for DaemonConfig {
             tls: None,
             server: ServerLimits::default(),
             max_processes: crate::actions::MAX_PROCESSES,
+            store_cache_bytes: spur_store::DEFAULT_CACHE_BYTES,
             websocket_auth_timeout: Duration::from_secs(10),
             prefect: None,
             cluster: None,

@@ -107,7 +107,10 @@ impl Daemon {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // Bad TLS files stop the start before anything else happens.
         let tls = config.tls.as_ref().map(server::tls_acceptor).transpose()?;
-        let store = Arc::new(Store::open(&config.data.join("spur.redb"))?);
+        let store = Arc::new(Store::open_with_cache(
+            &config.data.join("spur.redb"),
+            config.store_cache_bytes,
+        )?);
         if let Some(cluster) = &config.cluster {
             // A member reads the whole stream through a consumer of its own (every member
             // evaluates every event) and every door publishes there first (see `cluster`).

@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// [default: 256].
     #[arg(long, env = "SPUR_MAX_PROCESSES")]
     pub max_processes: Option<usize>,
+    /// The store's page cache in MiB: memory the daemon may keep for pages of its database
+    /// [default: 256].
+    #[arg(long, env = "SPUR_STORE_CACHE_MB")]
+    pub store_cache_mb: Option<usize>,
     /// A Prefect server's API URL (`http://127.0.0.1:4200/api`): Spur takes its events and
     /// its automations (turn the server's own triggers service off; see the README).
     #[arg(long, env = "SPUR_PREFECT_API")]
@@ -248,6 +252,7 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
         "websocket_auth_timeout",
         "max_connections",
         "max_processes",
+        "store_cache_mb",
         "tls_cert",
         "tls_key",
         "prefect",
@@ -339,6 +344,9 @@ pub fn resolve(args: &ServeArgs) -> Result<(DaemonConfig, String)> {
     }
     if let Some(n) = count(args.max_processes, "max_processes")? {
         config.max_processes = n;
+    }
+    if let Some(mb) = count(args.store_cache_mb, "store_cache_mb")? {
+        config.store_cache_bytes = mb.saturating_mul(1 << 20);
     }
     config.auth_string = args.auth_string.clone().or_else(|| text("auth_string"));
     config.api_key = args.api_key.clone().or_else(|| text("api_key"));
@@ -601,7 +609,7 @@ mod tests {
         let file = dir.path().join("spur.yaml");
         std::fs::write(
             &file,
-            "idle_timeout: 30s\nmax_connections: 200\nbody_read_timeout: 5\nmax_processes: 8\n",
+            "idle_timeout: 30s\nmax_connections: 200\nbody_read_timeout: 5\nmax_processes: 8\nstore_cache_mb: 64\n",
         )
         .expect("config file");
         let args = ServeArgs {
@@ -616,6 +624,7 @@ mod tests {
         assert_eq!(config.server.body_read_timeout, Duration::from_secs(5));
         assert_eq!(config.server.max_connections, 200);
         assert_eq!(config.max_processes, 8);
+        assert_eq!(config.store_cache_bytes, 64 << 20);
         assert_eq!(config.websocket_auth_timeout, Duration::from_secs(3));
         let defaults = resolve(&ServeArgs {
             config: Some(dir.path().join("missing-is-not-read.yaml")),

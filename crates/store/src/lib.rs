@@ -170,9 +170,22 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
+/// The page cache a store keeps in memory unless told otherwise ([`Store::open_with_cache`]):
+/// 256 MiB. redb's own default is 1 GiB, which a busy daemon fills (its log is appended to
+/// all the time), so three cluster members on one machine held over a gigabyte each. The
+/// hot pages are few: the log's last leaves, the id index's newest slice, the runs being
+/// written.
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+
 impl Store {
-    /// Opens (or creates) the database file at `path`; creates the parent folder.
+    /// Opens (or creates) the database file at `path` with the [`DEFAULT_CACHE_BYTES`]
+    /// page cache; creates the parent folder.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`Store::open`], with a page cache of at most `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
         if let Some(parent) = path.parent()
             && !parent.as_os_str().is_empty()
         {
@@ -180,7 +193,9 @@ impl Store {
                 StoreError::Corrupt(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let db = Database::create(path)?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)?;
         let txn = db.begin_write()?;
         {
             // Every table exists from the first open on, so every read path finds its table
