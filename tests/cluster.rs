@@ -395,6 +395,82 @@ fn three_members_divide_the_partitions_and_take_over_from_a_killed_one() {
         .map(|p| p["event"].as_str().unwrap_or_default().to_owned())
         .collect();
     assert_eq!(events.len(), 20, "each event launched once");
+
+    // A pause asked of one member holds on every member (they follow the cluster's pauses
+    // bucket), so no holder acts on it; a resume asked of another member ends it everywhere.
+    let live: Vec<String> = members.iter().flatten().map(|m| m.url.clone()).collect();
+    let paused_on = |base: &str| -> Option<bool> {
+        let (code, body) = support::http("GET", &format!("{base}/api/automations"), None);
+        let list: Value = serde_json::from_str(&body).ok().filter(|_| code == 200)?;
+        let every = list["automations"]
+            .as_array()?
+            .iter()
+            .find(|a| a["name"] == "every-tick")?
+            .clone();
+        every["enabled"].as_bool().map(|enabled| !enabled)
+    };
+    let (code, body) = support::http(
+        "POST",
+        &format!("{}/api/automations/every-tick/pause", live[0]),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    for base in &live {
+        eventually(Duration::from_secs(10), "the pause on every member", || {
+            (paused_on(base) == Some(true)).then_some(())
+        });
+    }
+    runtime().block_on(publish(&nats.url, 20..25, 1, Duration::ZERO));
+    // Every member has evaluated the paused events (they are in its log) before the resume.
+    for base in &live {
+        eventually(
+            Duration::from_secs(30),
+            "the paused events evaluated",
+            || {
+                let (code, _) = support::http(
+                    "GET",
+                    &format!("{base}/api/events/00000000-0000-4000-8000-000000000018/explain"),
+                    None,
+                );
+                (code == 200).then_some(())
+            },
+        );
+    }
+    let (code, body) = support::http(
+        "POST",
+        &format!("{}/api/automations/every-tick/resume", live[1]),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    for base in &live {
+        eventually(
+            Duration::from_secs(10),
+            "the resume on every member",
+            || (paused_on(base) == Some(false)).then_some(()),
+        );
+    }
+    runtime().block_on(publish(&nats.url, 25..30, 1, Duration::ZERO));
+    eventually(
+        Duration::from_secs(30),
+        "the launches after the resume",
+        || (launches(&out).len() == 25).then_some(()),
+    );
+    let events: BTreeSet<String> = launches(&out)
+        .iter()
+        .map(|p| p["event"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for n in 20..25 {
+        let id = format!("00000000-0000-4000-8000-{n:012x}");
+        assert!(
+            !events.contains(&id),
+            "event {n} came while paused: {events:?}"
+        );
+    }
+    assert_eq!(
+        events.len(),
+        25,
+        "each event after the resume launched once"
+    );
 }
 
 #[test]

@@ -1039,6 +1039,33 @@ impl Executor {
         }
     }
 
+    /// Pauses (or resumes) an automation here and, in cluster mode, on every member (see
+    /// `crate::cluster`). The API's pause and resume and the `pause-automation` and
+    /// `resume-automation` actions all come here.
+    pub async fn set_automation_paused(
+        &self,
+        automation: Uuid,
+        paused: bool,
+    ) -> Result<(), String> {
+        let stopped = || "the pipeline is not running".to_owned();
+        let control = self.inner.control.get().ok_or_else(stopped)?;
+        let (tx, rx) = oneshot::channel();
+        control
+            .send(Control::SetPaused(automation, paused, tx))
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())??;
+        if let Some(cluster) = self.inner.cluster.get() {
+            cluster.share_pause(automation, paused).await.map_err(|e| {
+                format!(
+                    "{} here, but {e}",
+                    if paused { "paused" } else { "resumed" }
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Starts a new run with the parameters of run `id`, linked to it by `rerun_of`.
     pub async fn rerun(&self, id: Uuid) -> Result<Value, String> {
         self.rerun_with_key(id, None).await
@@ -2057,18 +2084,8 @@ impl Executor {
                 Ok(outcome)
             }
             Prepared::SetAutomationPaused { automation, paused } => {
-                let control = self
-                    .inner
-                    .control
-                    .get()
-                    .ok_or_else(|| Failure::Permanent("the pipeline is not running".into()))?;
-                let (tx, rx) = oneshot::channel();
-                control
-                    .send(Control::SetPaused(*automation, *paused, tx))
+                self.set_automation_paused(*automation, *paused)
                     .await
-                    .map_err(|_| Failure::Permanent("the pipeline is not running".into()))?;
-                rx.await
-                    .map_err(|_| Failure::Permanent("the pipeline is not running".into()))?
                     .map_err(Failure::Permanent)?;
                 let mut outcome = Outcome::default();
                 outcome.related.push(Resource::from_pairs([

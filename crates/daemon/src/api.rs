@@ -851,10 +851,22 @@ async fn set_paused(state: &ApiState, wanted: &str, paused: bool) -> Response {
         );
     }
     match rx.await {
-        Ok(Ok(())) => axum::Json(
-            json!({"id": found.automation.id, "name": found.automation.name, "paused": paused}),
-        )
-        .into_response(),
+        Ok(Ok(())) => {
+            // Cluster mode: every member pauses its copy too (see `crate::cluster`).
+            if let Some(cluster) = state.executor.cluster()
+                && let Err(e) = cluster.share_pause(found.automation.id, paused).await
+            {
+                let done = if paused { "paused" } else { "resumed" };
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{done} on this member, but {e}; ask again"),
+                );
+            }
+            axum::Json(
+                json!({"id": found.automation.id, "name": found.automation.name, "paused": paused}),
+            )
+            .into_response()
+        }
         Ok(Err(e)) => error(StatusCode::CONFLICT, e),
         Err(_) => error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -32,6 +32,12 @@
 //! actions run (`shared_state`), so even two members that both believed they held a lease
 //! would not both act.
 //!
+//! **Pauses are the cluster's.** An automation paused or resumed through any member's API
+//! (or by a `pause-automation` action) is written to the bucket `SPUR_PAUSES_<NAME>` (one
+//! key per paused automation, no expiry), and every member follows that bucket and pauses
+//! or resumes its own copy within moments ([`Cluster::follow_pauses`]): whoever holds the
+//! automation's partition, now or after a takeover, sees it paused.
+//!
 //! **Firings of partitions a member does not hold** are parked by the executor
 //! (`actions.rs`) until someone has claimed them; if this member gets the partition first
 //! (its holder died before claiming), it claims and acts on them itself. Nothing is lost
@@ -200,6 +206,8 @@ struct Inner {
     config: ClusterConfig,
     instance: Uuid,
     kv: kv::Store,
+    /// `SPUR_PAUSES_<NAME>`: a key per automation paused cluster-wide (see the module docs).
+    pauses: kv::Store,
     js: jetstream::Context,
     stream: String,
     api: String,
@@ -259,11 +267,29 @@ impl Cluster {
                     reason: e.to_string(),
                 })?,
         };
+        let pauses_bucket = format!("SPUR_PAUSES_{}", config.name);
+        let pauses = match js.get_key_value(&pauses_bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: pauses_bucket.clone(),
+                    description: format!("Spur cluster {}: paused automations", config.name),
+                    history: 1,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::Bucket {
+                    bucket: pauses_bucket.clone(),
+                    reason: e.to_string(),
+                })?,
+        };
         Ok(Cluster {
             inner: Arc::new(Inner {
                 config,
                 instance,
                 kv,
+                pauses,
                 js,
                 stream: stream.to_owned(),
                 api,
@@ -474,6 +500,75 @@ impl Cluster {
             .delete(format!("members.{}", self.inner.instance))
             .await;
         info!(cluster = %self.inner.config.name, "cluster: left");
+    }
+
+    /// Tells every member that `automation` is paused (or resumed): its key in the pauses
+    /// bucket is written (or deleted). Each member, this one too, applies it through
+    /// [`Cluster::follow_pauses`].
+    pub async fn share_pause(&self, automation: Uuid, paused: bool) -> Result<(), String> {
+        let key = automation.to_string();
+        let written = if paused {
+            self.inner
+                .pauses
+                .put(key, b"paused".to_vec().into())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            self.inner
+                .pauses
+                .delete(key)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        written.map_err(|e| format!("the other cluster members could not be told: {e}"))
+    }
+
+    /// Applies the cluster's pauses to this member's pipeline until `shutdown`: first the
+    /// bucket's current state (what changed while this member was away), then each change
+    /// as it is written. A watch that breaks (NATS away) is opened again, with its history,
+    /// after a short wait.
+    pub async fn follow_pauses(
+        self,
+        control: tokio::sync::mpsc::Sender<crate::pipeline::Control>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.inner.pauses.watch_with_history(">").await {
+                Ok(mut changes) => loop {
+                    let change = tokio::select! {
+                        _ = shutdown.changed() => return,
+                        change = changes.next() => change,
+                    };
+                    let Some(Ok(entry)) = change else { break };
+                    backoff = Duration::from_millis(200);
+                    let Ok(automation) = entry.key.parse::<Uuid>() else {
+                        continue;
+                    };
+                    let paused = matches!(entry.operation, kv::Operation::Put);
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let sent = control
+                        .send(crate::pipeline::Control::SetPaused(automation, paused, tx))
+                        .await;
+                    if sent.is_err() {
+                        return;
+                    }
+                    // An automation this member does not load (yet) is not an error here.
+                    if let Ok(Ok(())) = rx.await {
+                        tracing::debug!(%automation, paused, "cluster: pause applied");
+                    }
+                },
+                Err(e) => {
+                    warn!(error = %e, "cluster: cannot follow the paused automations; trying again")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// The live members' records.

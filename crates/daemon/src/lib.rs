@@ -525,6 +525,12 @@ impl Daemon {
             .await
             .map_err(|e| StartError::Cluster(e.to_string()))?;
             executor.set_cluster(member.clone());
+            // Pauses asked of any member hold on this one too (see `cluster`).
+            tasks.push(tokio::spawn(
+                member
+                    .clone()
+                    .follow_pauses(pipeline.control.clone(), shutdown_rx.clone()),
+            ));
             tasks.push(tokio::spawn(member.run(shutdown_rx.clone())));
             tasks.push(tokio::spawn(
                 executor.clone().review_parked(shutdown_rx.clone()),
