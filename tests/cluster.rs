@@ -409,17 +409,23 @@ fn three_members_divide_the_partitions_and_take_over_from_a_killed_one() {
             .clone();
         every["enabled"].as_bool().map(|enabled| !enabled)
     };
-    let (code, body) = support::http(
-        "POST",
-        &format!("{}/api/automations/every-tick/pause", live[0]),
-        None,
-    );
-    assert_eq!(code, 200, "{body}");
-    for base in &live {
-        eventually(Duration::from_secs(10), "the pause on every member", || {
-            (paused_on(base) == Some(true)).then_some(())
-        });
-    }
+    // Asks `base` to pause or resume, then waits until every member shows it.
+    let ask = |base: &str, verb: &str, paused: bool| {
+        let (code, body) = support::http(
+            "POST",
+            &format!("{base}/api/automations/every-tick/{verb}"),
+            None,
+        );
+        assert_eq!(code, 200, "{body}");
+        for member in &live {
+            eventually(
+                Duration::from_secs(10),
+                &format!("{verb} on every member"),
+                || (paused_on(member) == Some(paused)).then_some(()),
+            );
+        }
+    };
+    ask(&live[0], "pause", true);
     runtime().block_on(publish(&nats.url, 20..25, 1, Duration::ZERO));
     // Every member has evaluated the paused events (they are in its log) before the resume.
     for base in &live {
@@ -436,19 +442,7 @@ fn three_members_divide_the_partitions_and_take_over_from_a_killed_one() {
             },
         );
     }
-    let (code, body) = support::http(
-        "POST",
-        &format!("{}/api/automations/every-tick/resume", live[1]),
-        None,
-    );
-    assert_eq!(code, 200, "{body}");
-    for base in &live {
-        eventually(
-            Duration::from_secs(10),
-            "the resume on every member",
-            || (paused_on(base) == Some(false)).then_some(()),
-        );
-    }
+    ask(&live[1], "resume", false);
     runtime().block_on(publish(&nats.url, 25..30, 1, Duration::ZERO));
     eventually(
         Duration::from_secs(30),

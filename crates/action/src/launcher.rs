@@ -97,7 +97,12 @@ pub fn marker_path(dir: &Path, run: uuid::Uuid) -> PathBuf {
 
 /// The pid a start marker holds, if it exists (`Some(None)`: it exists but is unreadable).
 pub fn read_marker(dir: &Path, run: uuid::Uuid) -> Option<Option<u32>> {
-    let text = std::fs::read_to_string(marker_path(dir, run)).ok()?;
+    read_marker_file(&marker_path(dir, run))
+}
+
+/// The pid the start marker at `path` holds (see [`read_marker`]).
+fn read_marker_file(path: &Path) -> Option<Option<u32>> {
+    let text = std::fs::read_to_string(path).ok()?;
     Some(text.trim().parse().ok())
 }
 
@@ -341,12 +346,11 @@ pub fn spawn(
 /// creates it afresh from its firing. The earlier process died with that daemon, so the run
 /// is Crashed, with the time the marker was written, instead of being started a second time.
 fn refuse_a_second_start(marker: &Path) -> Result<(), SpawnError> {
+    // Its existence is what counts: an unreadable marker still refuses the start.
     let Ok(meta) = std::fs::metadata(marker) else {
         return Ok(());
     };
-    let pid: Option<u32> = std::fs::read_to_string(marker)
-        .ok()
-        .and_then(|text| text.trim().parse().ok());
+    let pid = read_marker_file(marker).flatten();
     let modified = meta.modified().ok();
     let written = modified
         .map(|at| {
@@ -709,13 +713,18 @@ mod tests {
         }
     }
 
+    /// A launch context that writes start markers into `dir`.
+    fn marking_into(dir: &Path) -> LaunchContext {
+        LaunchContext {
+            marker_dir: Some(dir.to_owned()),
+            ..LaunchContext::default()
+        }
+    }
+
     #[tokio::test]
     async fn output_keeps_both_streams_and_the_exit_code() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let context = LaunchContext {
-            marker_dir: Some(dir.path().to_owned()),
-            ..LaunchContext::default()
-        };
+        let context = marking_into(dir.path());
         let run = a_run();
         let process = spawn(&sh("cat; echo oops >&2; exit 3"), &run, &context).expect("spawned");
         let pid = process.process.pid;
@@ -734,10 +743,7 @@ mod tests {
     #[tokio::test]
     async fn a_run_whose_start_marker_exists_is_never_started_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let context = LaunchContext {
-            marker_dir: Some(dir.path().to_owned()),
-            ..LaunchContext::default()
-        };
+        let context = marking_into(dir.path());
         let run = a_run();
         let count = dir.path().join("starts");
         let program = sh(&format!("echo started >> {}", count.display()));

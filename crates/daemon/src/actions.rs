@@ -1046,22 +1046,24 @@ impl Executor {
         &self,
         automation: Uuid,
         paused: bool,
-    ) -> Result<(), String> {
-        let stopped = || "the pipeline is not running".to_owned();
-        let control = self.inner.control.get().ok_or_else(stopped)?;
+    ) -> Result<(), PauseError> {
+        let control = self.inner.control.get().ok_or(PauseError::Stopped)?;
         let (tx, rx) = oneshot::channel();
         control
             .send(Control::SetPaused(automation, paused, tx))
             .await
-            .map_err(|_| stopped())?;
-        rx.await.map_err(|_| stopped())??;
+            .map_err(|_| PauseError::Stopped)?;
+        rx.await
+            .map_err(|_| PauseError::Stopped)?
+            .map_err(PauseError::Refused)?;
         if let Some(cluster) = self.inner.cluster.get() {
-            cluster.share_pause(automation, paused).await.map_err(|e| {
-                format!(
-                    "{} here, but {e}",
-                    if paused { "paused" } else { "resumed" }
-                )
-            })?;
+            cluster
+                .share_pause(automation, paused)
+                .await
+                .map_err(|reason| PauseError::NotShared {
+                    done: if paused { "paused" } else { "resumed" },
+                    reason,
+                })?;
         }
         Ok(())
     }
@@ -2086,7 +2088,7 @@ impl Executor {
             Prepared::SetAutomationPaused { automation, paused } => {
                 self.set_automation_paused(*automation, *paused)
                     .await
-                    .map_err(Failure::Permanent)?;
+                    .map_err(|e| Failure::Permanent(e.to_string()))?;
                 let mut outcome = Outcome::default();
                 outcome.related.push(Resource::from_pairs([
                     (
@@ -2726,6 +2728,26 @@ impl Executor {
         }
         self.inner.own_events.record(events).await;
     }
+}
+
+/// Why [`Executor::set_automation_paused`] did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The pipeline has stopped (the daemon is shutting down).
+    #[error("the pipeline is not running")]
+    Stopped,
+    /// The pipeline refused it (no such automation).
+    #[error("{0}")]
+    Refused(String),
+    /// Done on this member (`done`: "paused" or "resumed"), but the other cluster members
+    /// could not be told.
+    #[error("{done} here, but {reason}")]
+    NotShared {
+        /// "paused" or "resumed".
+        done: &'static str,
+        /// Why the pauses bucket did not take it.
+        reason: String,
+    },
 }
 
 /// How long a stopping daemon waits for actions in flight (and then for their marks).

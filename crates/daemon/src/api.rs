@@ -838,40 +838,22 @@ async fn set_paused(state: &ApiState, wanted: &str, paused: bool) -> Response {
         Ok(None) => return error(StatusCode::NOT_FOUND, "Automation not found"),
         Err(unavailable) => return unavailable,
     };
-    let (tx, rx) = oneshot::channel();
-    if state
-        .control
-        .send(Control::SetPaused(found.automation.id, paused, tx))
+    use crate::actions::PauseError;
+    match state
+        .executor
+        .set_automation_paused(found.automation.id, paused)
         .await
-        .is_err()
     {
-        return error(
+        Ok(()) => axum::Json(
+            json!({"id": found.automation.id, "name": found.automation.name, "paused": paused}),
+        )
+        .into_response(),
+        Err(PauseError::Refused(e)) => error(StatusCode::CONFLICT, e),
+        Err(PauseError::NotShared { done, reason }) => error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the pipeline is not running",
-        );
-    }
-    match rx.await {
-        Ok(Ok(())) => {
-            // Cluster mode: every member pauses its copy too (see `crate::cluster`).
-            if let Some(cluster) = state.executor.cluster()
-                && let Err(e) = cluster.share_pause(found.automation.id, paused).await
-            {
-                let done = if paused { "paused" } else { "resumed" };
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{done} on this member, but {e}; ask again"),
-                );
-            }
-            axum::Json(
-                json!({"id": found.automation.id, "name": found.automation.name, "paused": paused}),
-            )
-            .into_response()
-        }
-        Ok(Err(e)) => error(StatusCode::CONFLICT, e),
-        Err(_) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the pipeline is not running",
+            format!("{done} on this member, but {reason}; ask again"),
         ),
+        Err(e @ PauseError::Stopped) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

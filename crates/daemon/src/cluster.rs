@@ -235,8 +235,25 @@ pub enum ClusterError {
     },
 }
 
+/// Opens the bucket `config.bucket`, creating it with `config` if it is not there.
+async fn open_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> Result<kv::Store, ClusterError> {
+    if let Ok(kv) = js.get_key_value(&config.bucket).await {
+        return Ok(kv);
+    }
+    let bucket = config.bucket.clone();
+    js.create_key_value(config)
+        .await
+        .map_err(|e| ClusterError::Bucket {
+            bucket,
+            reason: e.to_string(),
+        })
+}
+
 impl Cluster {
-    /// Opens (creating if needed) the cluster's bucket. The member takes no lease until
+    /// Opens (creating if needed) the cluster's buckets. The member takes no lease until
     /// [`Cluster::run`] runs.
     pub async fn join(
         client: &async_nats::Client,
@@ -249,41 +266,29 @@ impl Cluster {
     ) -> Result<Cluster, ClusterError> {
         config.validate().map_err(ClusterError::Config)?;
         let js = jetstream::new(client.clone());
-        let bucket = format!("SPUR_CLUSTER_{}", config.name);
-        let kv = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    description: format!("Spur cluster {}: members and leases", config.name),
-                    history: 1,
-                    max_age: config.lease,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::Bucket {
-                    bucket: bucket.clone(),
-                    reason: e.to_string(),
-                })?,
-        };
-        let pauses_bucket = format!("SPUR_PAUSES_{}", config.name);
-        let pauses = match js.get_key_value(&pauses_bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: pauses_bucket.clone(),
-                    description: format!("Spur cluster {}: paused automations", config.name),
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::Bucket {
-                    bucket: pauses_bucket.clone(),
-                    reason: e.to_string(),
-                })?,
-        };
+        let kv = open_bucket(
+            &js,
+            kv::Config {
+                bucket: format!("SPUR_CLUSTER_{}", config.name),
+                description: format!("Spur cluster {}: members and leases", config.name),
+                history: 1,
+                max_age: config.lease,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let pauses = open_bucket(
+            &js,
+            kv::Config {
+                bucket: format!("SPUR_PAUSES_{}", config.name),
+                description: format!("Spur cluster {}: paused automations", config.name),
+                history: 1,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(Cluster {
             inner: Arc::new(Inner {
                 config,
